@@ -1,0 +1,61 @@
+"""Image I/O and the reference's PIL bicubic resize, as small pure functions.
+
+Layout everywhere: HWC numpy arrays. ``uint8`` images hold 0..255; float images hold
+[0, 1] unless a docstring says "normalised", which means (x - 0.5) / 0.5 in [-1, 1].
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+from srno_jax.errors import DataError
+
+
+def to_rgb_uint8(img: Image.Image) -> np.ndarray:
+    """Converts any PIL image to an (H, W, 3) uint8 RGB array.
+
+    Grayscale, palette and RGBA images become RGB (alpha is dropped); 16-bit and 32-bit
+    integer images are scaled from their full range to 0..255 with rounding; float
+    images ('F') are taken as [0, 1].
+    """
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(img).astype(np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max(initial=0) <= 65535 else a.max()
+        a = np.clip(np.round(a / top * 255.0), 0, 255).astype(np.uint8)
+        return np.repeat(a[..., None], 3, axis=-1)
+    if img.mode == "F":
+        a = np.clip(np.round(np.asarray(img) * 255.0), 0, 255).astype(np.uint8)
+        return np.repeat(a[..., None], 3, axis=-1)
+    return np.asarray(img.convert("RGB"))
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """Reads an image file as (H, W, 3) uint8 RGB (see `to_rgb_uint8`).
+
+    Raises `DataError` naming the file when it is missing, truncated or not an image.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb_uint8(img)
+    except FileNotFoundError:
+        raise DataError(f"image not found: {path}") from None
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad files
+        raise DataError(f"cannot read image {path}: {e}; is it a complete image file?") from None
+
+
+def resize_bicubic(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """PIL bicubic resize of an (H, W, 3) uint8 image to size = (height, width), uint8.
+
+    This is the reference's degradation (torchvision ``Resize(size, BICUBIC)`` on a PIL
+    image), including PIL's antialiasing filter support when downsampling.
+    """
+    h, w = size
+    return np.asarray(Image.fromarray(img).resize((w, h), Image.BICUBIC))
+
+
+def normalise(img: np.ndarray) -> np.ndarray:
+    """uint8 (..., 3) -> float32 normalised (x / 255 - 0.5) / 0.5, in [-1, 1]."""
+    return (img.astype(np.float32) / 255.0 - 0.5) / 0.5

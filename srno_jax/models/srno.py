@@ -1,0 +1,173 @@
+"""SRNO: lifting, two Galerkin-type kernel integrals, projection (Wei & Zhang, CVPR 2023).
+
+Layouts: `inp` (B, h, w, 3) normalised to [-1, 1]; `coord` (B, H, W, 2) or (B, N, 2),
+(row, col) in [-1, 1]; `cell` (B, 2), the size of one output pixel in the same units.
+Inside, query points are flat: (B, N, channels).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from srno_jax.coords import make_coord, nearest_index, sample_bilinear
+from srno_jax.models.layers import dense
+
+_EPS_SHIFT = 1e-6  # the reference's nudge off exact pixel boundaries
+
+
+def lifting_inputs(feat, coord, cell):
+    """The 4 * (C + 2) + 2 channels the lifting layer sees at each query point.
+
+    For the four offsets (vx, vy) in {-1, 1}^2 (vx outer): the nearest LR feature f_i
+    to the shifted query, its offset rel_i = (coord - q_i) * (h, w) from that LR pixel
+    centre q_i, and the area |rel_y * rel_x| + 1e-9. Feature i is weighted by the area of
+    the diagonally opposite neighbour (3 - i) over the total, as bilinear weights are.
+    Channel order: [rel_0..rel_3, w_0 f_0..w_3 f_3, cell * (h, w)].
+
+    Args:
+      feat: (B, h, w, C) encoder features.
+      coord: (B, N, 2) float32 query points.
+      cell: (B, 2) float32.
+    Returns:
+      (B, N, 4 * (C + 2) + 2) array in feat's dtype.
+    """
+    b, h, w, c = feat.shape
+    feat = feat.reshape(b, h * w, c)
+    # LR pixel centres are read from make_coord's float32 table, not recomputed: at odd
+    # integer scales the output depends on their exact bits (see docs/numerics).
+    centres = jnp.asarray(make_coord((h, w)).reshape(h * w, 2))
+    size = np.array([h, w], np.float32)
+    rels, feats, areas = [], [], []
+    for vx in (-1, 1):
+        for vy in (-1, 1):
+            shift = np.array([vx / h + _EPS_SHIFT, vy / w + _EPS_SHIFT], np.float32)
+            shifted = jnp.clip(coord + shift, -1 + 1e-6, 1 - 1e-6)
+            idx = nearest_index(shifted[..., 0], h) * w + nearest_index(shifted[..., 1], w)
+            rel = (coord - centres[idx]) * size
+            rels.append(rel)
+            feats.append(jnp.take_along_axis(feat, idx[..., None], axis=1))
+            areas.append(jnp.abs(rel[..., 0] * rel[..., 1]) + 1e-9)
+    total = areas[0] + areas[1] + areas[2] + areas[3]
+    weighted = [f * (areas[3 - i] / total)[..., None].astype(f.dtype) for i, f in enumerate(feats)]
+    rel_cell = jnp.broadcast_to((cell * size)[:, None, :], coord.shape)
+    return jnp.concatenate([*(r.astype(feat.dtype) for r in rels), *weighted,
+                            rel_cell.astype(feat.dtype)], axis=-1)
+
+
+class HeadLayerNorm(nn.Module):
+    """The reference's per-head LayerNorm: (x - mean) / (unbiased std + eps) * scale + bias.
+
+    Note the *unbiased* std (n - 1) and eps added to the std, not the variance.
+    Input (..., heads, d); scale and bias have shape (heads, d).
+    """
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x):
+        heads, d = x.shape[-2:]
+        scale = self.param("scale", nn.initializers.ones, (heads, d))
+        bias = self.param("bias", nn.initializers.zeros, (heads, d))
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        std = jnp.sqrt(jnp.sum((x32 - mean) ** 2, -1, keepdims=True) / (d - 1))
+        return ((x32 - mean) / (std + self.eps) * scale + bias).astype(x.dtype)
+
+
+class GalerkinAttention(nn.Module):
+    """One kernel integral layer: Galerkin-type linear attention over all query points.
+
+    a = q (k^T v) / N + z per head, k and v layer-normed; out = W2 gelu(W1 a) + z.
+    Cost O(N width^2). `moments` and `mix` split the layer at the sum over points, so
+    inference can accumulate k^T v over chunks of queries and stay exact.
+    """
+    width: int
+    heads: int
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.qkv_proj = dense(3 * self.width, self.width, dtype=self.dtype)
+        self.k_norm = HeadLayerNorm()
+        self.v_norm = HeadLayerNorm()
+        self.o_proj1 = dense(self.width, self.width, dtype=self.dtype)
+        self.o_proj2 = dense(self.width, self.width, dtype=self.dtype)
+
+    def _qkv(self, z):
+        b, n, _ = z.shape
+        d = self.width // self.heads
+        # Per head the 3d channels are contiguous, q then k then v (the reference layout).
+        qkv = self.qkv_proj(z).reshape(b, n, self.heads, 3 * d)
+        q, k, v = jnp.split(qkv, 3, axis=-1)
+        return q, self.k_norm(k), self.v_norm(v)
+
+    def moments(self, z):
+        """Sum over the query points of k^T v: (B, N, width) -> (B, heads, d, d), float32."""
+        _, k, v = self._qkv(z)
+        return jnp.einsum("bnhd,bnhe->bhde", k, v, preferred_element_type=jnp.float32)
+
+    def mix(self, z, kv):
+        """The layer's output at points z given kv = (sum of k^T v) / N (B, heads, d, d)."""
+        q, _, _ = self._qkv(z)
+        a = jnp.einsum("bnhd,bhde->bnhe", q, kv.astype(q.dtype)).reshape(z.shape) + z
+        return self.o_proj2(nn.gelu(self.o_proj1(a), approximate=False)) + z
+
+    def __call__(self, z):
+        return self.mix(z, self.moments(z) / z.shape[1])
+
+
+class Projection(nn.Module):
+    """Q: width -> 256 -> 3 with an exact GELU between (the reference's fc1, fc2)."""
+    width: int
+    hidden: int = 256
+    out_channels: int = 3
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, z):
+        z = nn.gelu(dense(self.hidden, self.width, "fc1", self.dtype)(z), approximate=False)
+        return dense(self.out_channels, self.hidden, "fc2", self.dtype)(z)
+
+
+class SRNO(nn.Module):
+    """The Super-Resolution Neural Operator.
+
+    ``model.apply(variables, inp, coord, cell)`` -> prediction shaped like `coord` with 3
+    channels, normalised like `inp` (add 1, halve and clamp to [0, 1] for an image).
+    """
+    encoder: nn.Module
+    width: int = 256
+    heads: int = 16
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        self.lifting = dense(self.width, 4 * (self.encoder.out_dim + 2) + 2, dtype=self.dtype)
+        self.kernel_integrals = [GalerkinAttention(self.width, self.heads, self.dtype)
+                                 for _ in range(2)]
+        self.projection = Projection(self.width, dtype=self.dtype)
+
+    def encode(self, inp):
+        """E: (B, h, w, 3) normalised -> features (B, h, w, C)."""
+        return self.encoder(inp.astype(self.dtype))
+
+    def lift(self, feat, coord, cell):
+        """P: features and flat queries (B, N, 2) -> z (B, N, width)."""
+        return self.lifting(lifting_inputs(feat, coord, cell))
+
+    def project(self, z, inp, coord):
+        """Q plus the bilinear residual: z (B, N, width) -> (B, N, 3) float32."""
+        return self.projection(z).astype(jnp.float32) + sample_bilinear(inp, coord)
+
+    def query(self, inp, feat, coord, cell):
+        """The operator at a set of queries (all at once; see inference.py for chunks)."""
+        flat = coord.reshape(coord.shape[0], -1, 2)
+        z = self.lift(feat, flat, cell)
+        for layer in self.kernel_integrals:
+            z = layer(z)
+        return self.project(z, inp, flat).reshape(*coord.shape[:-1], 3)
+
+    def __call__(self, inp, coord, cell):
+        return self.query(inp, self.encode(inp), coord, cell)
