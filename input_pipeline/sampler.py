@@ -1,0 +1,107 @@
+"""The random-scale training sample: the reference's ``SRImplicitDownsampledFast``.
+
+One HR image (uint8, HWC) and a ``np.random.Generator`` give one sample; every random
+draw comes from that generator, in the reference's order (scale, crop corner, flips,
+query points).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+import numpy as np
+from PIL import Image
+
+from srno_jax.coords import make_coord
+from srno_jax.errors import ConfigError
+from srno_jax.images import normalise, resize_bicubic
+
+_warned_small: set = set()
+_warned_lock = threading.Lock()
+
+
+def check_config(inp_size: int, scale_min: float, scale_max: float, sample_q: int | None) -> int:
+    """Raises `ConfigError` for sampler settings that cannot work; returns sample_q.
+
+    Needs inp_size >= 1, 1 <= scale_min <= scale_max and 1 <= sample_q <= inp_size**2
+    (the smallest HR crop has inp_size**2 pixels); sample_q None means inp_size**2.
+    """
+    if inp_size < 1:
+        raise ConfigError(f"inp_size must be >= 1, got {inp_size}")
+    if not 1.0 <= scale_min <= scale_max:
+        raise ConfigError(f"need 1 <= scale_min <= scale_max, got {scale_min}, {scale_max}")
+    sample_q = inp_size**2 if sample_q is None else sample_q
+    if not 1 <= sample_q <= inp_size**2:
+        raise ConfigError(f"sample_q must be in [1, inp_size**2 = {inp_size**2}], got {sample_q}")
+    return sample_q
+
+
+def _upscale_to(hr: np.ndarray, short: int, name) -> np.ndarray:
+    """PIL bicubic upscale so the short side is `short` (long side rounded half-to-even)."""
+    h, w = hr.shape[:2]
+    with _warned_lock:
+        first = name not in _warned_small
+        _warned_small.add(name)
+    if first:
+        logging.warning("image %s is %dx%d, smaller than inp_size %d: upscaled (bicubic) "
+                        "for training", name, h, w, short)
+    f = short / min(h, w)
+    return np.asarray(Image.fromarray(hr).resize((round(w * f), round(h * f)), Image.BICUBIC))
+
+
+def sample_patch(hr: np.ndarray, rng: np.random.Generator, *, inp_size: int = 128,
+                 scale_min: float = 1.0, scale_max: float = 4.0, augment: bool = True,
+                 sample_q: int | None = None, name=None) -> dict:
+    """One training sample from an HR image, as the reference's ``__getitem__``.
+
+    s ~ U(scale_min, scale_max); the HR crop is w_hr x w_hr, w_hr = round(inp_size * s)
+    (Python round: half to even), its top-left (x0, y0) uniform in [0, H - w_hr] x
+    [0, W - w_hr] (inclusive); the LR input is the PIL bicubic resize of the uint8 crop
+    to inp_size x inp_size. With `augment`, three coin flips (flip rows, flip columns,
+    transpose, in that order) act alike on LR and HR. `sample_q` HR pixels, drawn
+    without replacement, give `coord` (their `make_coord` centres in the augmented crop,
+    (row, col) in [-1, 1]) and `gt`. Unlike the reference, which crashes there:
+    - a side shorter than w_hr lowers this sample's scale: w_hr = min(H, W);
+    - an image whose short side is below inp_size is first upscaled (PIL bicubic) so
+      its short side is inp_size, with one warning per `name`.
+
+    Args:
+      hr: (H, W, 3) uint8 HR image.
+      rng: the sample's generator; the sample is a function of it alone.
+      name: names the image in the small-image warning.
+    Returns:
+      float32 numpy arrays: ``inp`` (inp_size, inp_size, 3) and ``gt`` (sample_q, 3),
+      normalised to [-1, 1]; ``coord`` (sample_q, 2); ``cell`` (2,) = 2 / w_hr twice.
+    """
+    sample_q = check_config(inp_size, scale_min, scale_max, sample_q)
+    if min(hr.shape[:2]) < inp_size:
+        hr = _upscale_to(hr, inp_size, name)
+    h, w = hr.shape[:2]
+    s = rng.uniform(scale_min, scale_max)
+    w_hr = min(round(inp_size * s), h, w)
+    x0 = int(rng.integers(0, h - w_hr + 1))
+    y0 = int(rng.integers(0, w - w_hr + 1))
+    crop = hr[x0:x0 + w_hr, y0:y0 + w_hr]
+    lr = resize_bicubic(np.ascontiguousarray(crop), (inp_size, inp_size))
+    if augment:
+        flips = [rng.random() < 0.5 for _ in range(3)]
+        lr, crop = (_augment(x, *flips) for x in (lr, crop))
+    idx = rng.choice(w_hr * w_hr, sample_q, replace=False)
+    coord = make_coord((w_hr, w_hr)).reshape(-1, 2)[idx]
+    gt = crop.reshape(-1, 3)[idx]
+    return {
+        "inp": normalise(lr),
+        "coord": coord,
+        "cell": np.full((2,), 2 / w_hr, np.float32),
+        "gt": normalise(gt),
+    }
+
+
+def _augment(x: np.ndarray, flip_rows: bool, flip_cols: bool, transpose: bool) -> np.ndarray:
+    if flip_rows:
+        x = x[::-1]
+    if flip_cols:
+        x = x[:, ::-1]
+    if transpose:
+        x = x.transpose(1, 0, 2)
+    return x

@@ -1,0 +1,183 @@
+"""HR image sources: a folder, TFDS ``div2k`` and the demo photographs of scikit-image.
+
+Every source has ``name``, ``len(source)`` and ``source[i] -> (H, W, 3) uint8`` RGB, and
+is safe to read from several threads at once.
+"""
+from __future__ import annotations
+
+import importlib.resources
+import logging
+import os
+import threading
+
+import numpy as np
+from PIL import Image
+
+from srno_jax.errors import DataError
+from srno_jax.images import load_image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class FolderSource:
+    """The images directly inside a folder (not its subfolders), sorted by file name.
+
+    Files with an image extension (case-insensitive) are checked at construction with
+    PIL's ``verify`` (the header; for PNG also every chunk's CRC, so truncated files are
+    caught without decoding). Unreadable ones are skipped with one warning each and
+    counted in ``skipped``. A file that passes the check but fails to decode later is
+    warned about once, counted, and replaced by the next readable image (deterministic).
+    With ``cache``, decoded images stay in memory (DIV2K train: about 5 GB).
+
+    Raises `DataError` naming the path if it is not a folder or holds no readable image.
+    """
+
+    def __init__(self, path: str | os.PathLike, cache: bool = False):
+        self.path = os.fspath(path)
+        self.name = self.path
+        if not os.path.isdir(self.path):
+            raise DataError(f"image folder not found: {self.path}")
+        names = sorted(f for f in os.listdir(self.path)
+                       if f.lower().endswith(IMAGE_EXTENSIONS)
+                       and os.path.isfile(os.path.join(self.path, f)))
+        self.skipped = 0
+        self.files = []
+        for f in names:
+            full = os.path.join(self.path, f)
+            try:
+                with Image.open(full) as img:
+                    img.verify()
+                self.files.append(full)
+            except Exception as e:  # PIL raises many kinds for bad files
+                self.skipped += 1
+                logging.warning("skipping unreadable image %s: %s", full, e)
+        if not self.files:
+            raise DataError(f"no readable images ({', '.join(IMAGE_EXTENSIONS)}) in folder "
+                            f"{self.path}" + (f" ({self.skipped} skipped)" if self.skipped else ""))
+        self._cache = {} if cache else None
+        self._bad = set()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        i = int(i)
+        if self._cache is not None and i in self._cache:
+            return self._cache[i]
+        for j in range(i, i + len(self.files)):
+            j %= len(self.files)
+            if j in self._bad:
+                continue
+            try:
+                img = load_image(self.files[j])
+                break
+            except DataError as e:
+                with self._lock:
+                    if j not in self._bad:
+                        self._bad.add(j)
+                        self.skipped += 1
+                        logging.warning("skipping unreadable image %s: %s", self.files[j], e)
+        else:
+            raise DataError(f"no image in {self.path} could be decoded")
+        if self._cache is not None:
+            self._cache[i] = img
+        return img
+
+
+_TFDS_FIX = ("pip install tensorflow tensorflow-datasets && "
+             "tfds build {name} --file_format=array_record{dir_flag}")
+
+
+class TFDSSource:
+    """The HR images (feature ``hr``) of a TFDS data set, by default ``div2k``.
+
+    Reads through ``tfds.data_source`` (random access to an ``array_record`` build; no
+    TensorFlow needed to read, nothing downloaded). Raises `DataError` with the command
+    that fixes it when tensorflow-datasets is missing or the data is not prepared.
+    """
+
+    def __init__(self, name: str = "div2k", split: str = "train", data_dir: str | None = None):
+        self.name = f"tfds:{name}/{split}"
+        fix = _TFDS_FIX.format(name=name, dir_flag=f" --data_dir={data_dir}" if data_dir else "")
+        try:
+            import tensorflow_datasets as tfds
+        except ImportError as e:
+            raise DataError(f"TFDS source {name!r} needs tensorflow-datasets ({e}); "
+                            f"install and prepare it with: {fix}") from None
+        if not hasattr(tfds, "data_source"):
+            raise DataError(f"tensorflow-datasets {getattr(tfds, '__version__', '?')} has no "
+                            f"random-access data_source; upgrade: pip install -U "
+                            f"'tensorflow-datasets>=4.9'")
+        try:
+            self._ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        except Exception as e:  # TFDS raises various types for data that is not prepared
+            raise DataError(f"TFDS data set {name!r} split {split!r} is not prepared in "
+                            f"array_record format under {data_dir or 'the default TFDS data dir'}"
+                            f" ({type(e).__name__}: {e}); prepare it with: {fix}") from None
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return np.asarray(self._ds[int(i)]["hr"], np.uint8)
+
+
+# Photographs that ship inside the scikit-image wheel (skimage/data/), all with a short
+# side of at least 300 px; grayscale ones become RGB. The holdout ones never train.
+DEMO_FILES = {
+    "train": ("astronaut.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg",
+              "ihc.png", "retina.jpg", "camera.png", "moon.png", "coins.png", "grass.png",
+              "gravel.png", "brick.png"),
+    "holdout": ("chelsea.png", "coffee.png"),
+}
+
+
+class DemoSource:
+    """A few real photographs from scikit-image, split into 'train' and 'holdout'.
+
+    No download: the files are read from the installed ``skimage/data`` folder and kept
+    in memory. Files missing from the installed wheel are left out; none at all is a
+    `DataError`.
+    """
+
+    def __init__(self, split: str = "train"):
+        if split not in DEMO_FILES:
+            raise DataError(f"demo split must be one of {sorted(DEMO_FILES)}, got {split!r}")
+        self.name = f"demo/{split}"
+        try:
+            folder = importlib.resources.files("skimage.data")
+        except ModuleNotFoundError:
+            raise DataError("the demo data needs scikit-image: pip install scikit-image") from None
+        self.files = [str(folder / f) for f in DEMO_FILES[split] if (folder / f).is_file()]
+        if not self.files:
+            raise DataError(f"none of the demo photos {DEMO_FILES[split]} is in {folder}; "
+                            f"reinstall scikit-image: pip install --force-reinstall scikit-image")
+        self._images = [None] * len(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        i = int(i)
+        if self._images[i] is None:
+            self._images[i] = load_image(self.files[i])
+        return self._images[i]
+
+
+def make_source(spec: str, split: str = "train", data_dir: str | None = None):
+    """A source from a spec: 'demo', 'div2k' (TFDS, in `data_dir`) or a folder path.
+
+    `split` is 'train' or an evaluation split: for 'demo', 'validation' / 'valid' /
+    'test' mean 'holdout'; for 'div2k', 'holdout' / 'valid' mean 'validation'. A folder
+    is one split and ignores it.
+    """
+    if spec == "demo":
+        return DemoSource("holdout" if split in ("validation", "valid", "test") else split)
+    if spec == "div2k":
+        return TFDSSource("div2k", "validation" if split in ("holdout", "valid") else split,
+                          data_dir)
+    if not os.path.isdir(spec):
+        raise DataError(f"data source {spec!r} is neither 'demo', 'div2k' nor an existing "
+                        f"folder of images")
+    return FolderSource(spec)

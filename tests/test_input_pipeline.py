@@ -1,0 +1,275 @@
+"""Tests of input_pipeline: the sampler against the reference's rules, the sources and the
+deterministic loader. Small images only; nothing is downloaded."""
+import itertools
+import logging
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from input_pipeline import (DEMO_FILES, DemoSource, FolderSource, TFDSSource, TrainLoader,
+                            make_source, sample_patch, steps_per_epoch)
+from srno_jax.coords import make_coord
+from srno_jax.errors import ConfigError, DataError
+from srno_jax.images import resize_bicubic
+
+
+def positional_image(h, w):
+    """R = row, G = col, B = a hash: every pixel tells where it came from."""
+    r, c = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    return np.stack([r, c, (r * 31 + c * 17) % 256], -1).astype(np.uint8)
+
+
+def to_uint8(x):
+    return np.round((x * 0.5 + 0.5) * 255).astype(np.uint8)
+
+
+def augment(x, flip_rows, flip_cols, transpose):
+    x = x[::-1] if flip_rows else x
+    x = x[:, ::-1] if flip_cols else x
+    return x.transpose(1, 0, 2) if transpose else x
+
+
+def reconstruct(hr, out, inp_size):
+    """Finds the crop origin and flips that explain a sample; checks gt and coord on
+    the way. Returns (x0, y0, w_hr, flips)."""
+    w = round(2 / float(out["cell"][0]))
+    assert np.float32(2 / w) == out["cell"][0] == out["cell"][1]
+    idx = np.round((out["coord"].astype(np.float64) + 1) * w / 2 - 0.5).astype(int)
+    np.testing.assert_array_equal(out["coord"], make_coord((w, w))[idx[:, 0], idx[:, 1]])
+    gt = to_uint8(out["gt"]).astype(int)  # absolute (row, col) of each point in hr
+    grid = np.stack(np.meshgrid(np.arange(w), np.arange(w), indexing="ij"), -1)
+    found = []
+    for flips in itertools.product([False, True], repeat=3):
+        src = augment(grid, *flips)[idx[:, 0], idx[:, 1]]  # index in the un-augmented crop
+        x0, y0 = gt[:, 0] - src[:, 0], gt[:, 1] - src[:, 1]
+        if (x0 == x0[0]).all() and (y0 == y0[0]).all():
+            found.append((int(x0[0]), int(y0[0]), w, flips))
+    assert len(found) == 1, found
+    x0, y0, w, flips = found[0]
+    np.testing.assert_array_equal(to_uint8(out["gt"]), augment(hr[x0:x0 + w, y0:y0 + w], *flips)
+                                  [idx[:, 0], idx[:, 1]])
+    return found[0]
+
+
+@pytest.mark.parametrize("augment_on", [False, True])
+def test_sample_matches_reference_rules(augment_on):
+    hr = positional_image(90, 100)
+    inp_size, flips_seen = 16, set()
+    for seed in range(12):
+        out = sample_patch(hr, np.random.default_rng(seed), inp_size=inp_size, scale_min=1.0,
+                           scale_max=4.0, augment=augment_on)
+        assert {k: (v.shape, v.dtype) for k, v in out.items()} == {
+            "inp": ((16, 16, 3), np.float32), "coord": ((256, 2), np.float32),
+            "cell": ((2,), np.float32), "gt": ((256, 3), np.float32)}
+        for k in ("inp", "gt", "coord"):
+            assert -1 <= out[k].min() and out[k].max() <= 1
+        assert len(np.unique(out["coord"], axis=0)) == 256
+        x0, y0, w, flips = reconstruct(hr, out, inp_size)
+        assert 16 <= w <= 64 and x0 + w <= 90 and y0 + w <= 100
+        lr = resize_bicubic(np.ascontiguousarray(hr[x0:x0 + w, y0:y0 + w]), (16, 16))
+        np.testing.assert_array_equal(to_uint8(out["inp"]), augment(lr, *flips))
+        flips_seen.add(flips)
+    if augment_on:
+        assert len(flips_seen) > 3
+    else:
+        assert flips_seen == {(False, False, False)}
+
+
+def test_sample_replays_reference_draws():
+    """The reference's __getitem__, line by line on CHW arrays, with its draws in order."""
+    hr = positional_image(70, 100)
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        s = rng.uniform(1.0, 4.0)
+        w_hr = round(16 * s)
+        x0 = rng.integers(0, hr.shape[0] - w_hr + 1)
+        y0 = rng.integers(0, hr.shape[1] - w_hr + 1)
+        crop_hr = hr[x0:x0 + w_hr, y0:y0 + w_hr].transpose(2, 0, 1)
+        crop_lr = resize_bicubic(np.ascontiguousarray(crop_hr.transpose(1, 2, 0)), (16, 16))
+        crop_lr = crop_lr.transpose(2, 0, 1)
+        hflip, vflip, dflip = (rng.random() < 0.5 for _ in range(3))
+
+        def aug(x):
+            x = np.flip(x, -2) if hflip else x
+            x = np.flip(x, -1) if vflip else x
+            return np.swapaxes(x, -2, -1) if dflip else x
+
+        crop_lr, crop_hr = aug(crop_lr), aug(crop_hr)
+        idx = rng.choice(w_hr * w_hr, 16 * 16, replace=False)
+        out = sample_patch(hr, np.random.default_rng(seed), inp_size=16)
+        np.testing.assert_array_equal(to_uint8(out["inp"]), crop_lr.transpose(1, 2, 0))
+        np.testing.assert_array_equal(out["coord"], make_coord((w_hr, w_hr)).reshape(-1, 2)[idx])
+        np.testing.assert_array_equal(to_uint8(out["gt"]), crop_hr.reshape(3, -1)[:, idx].T)
+        np.testing.assert_array_equal(out["cell"], np.float32([2 / w_hr, 2 / w_hr]))
+
+
+def test_sample_q_and_scale_one():
+    hr = positional_image(40, 50)
+    out = sample_patch(hr, np.random.default_rng(0), inp_size=16, scale_max=1.0, sample_q=100)
+    assert out["coord"].shape == (100, 2) and out["cell"][0] == np.float32(2 / 16)
+    with pytest.raises(ConfigError):
+        sample_patch(hr, np.random.default_rng(0), inp_size=16, sample_q=257)
+    with pytest.raises(ConfigError):
+        sample_patch(hr, np.random.default_rng(0), inp_size=16, scale_min=0.5)
+
+
+def test_small_images(caplog, tmp_path):
+    hr = positional_image(30, 100)  # shorter than w_hr for most scales
+    for seed in range(5):
+        out = sample_patch(hr, np.random.default_rng(seed), inp_size=16, scale_min=3.0,
+                           scale_max=4.0, augment=False)
+        x0, y0, w, _ = reconstruct(hr, out, 16)
+        assert w == 30 and x0 == 0
+    tiny = positional_image(10, 30)  # shorter than inp_size: upscaled to 16 x 48
+    name = str(tmp_path / "tiny.png")  # unique: the warning comes once per name per process
+    with caplog.at_level(logging.WARNING):
+        for seed in range(3):
+            out = sample_patch(tiny, np.random.default_rng(seed), inp_size=16, name=name)
+            assert out["cell"][0] == np.float32(2 / 16) and out["inp"].shape == (16, 16, 3)
+    assert sum(name in r.getMessage() for r in caplog.records) == 1
+
+
+def write_images(folder, n, size=(64, 80), seed=0):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(exist_ok=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(
+            folder / f"img{i:02d}.png")
+    return folder
+
+
+LOADER_KW = dict(global_batch=4, seed=3, inp_size=8, scale_max=4.0, augment=True, repeat=2)
+
+
+def batches(source, n, **kw):
+    with TrainLoader(source, **{**LOADER_KW, **kw}) as loader:
+        out = [next(loader) for _ in range(n)]
+        assert loader.step == kw.get("start_step", 0) + n
+    return out
+
+
+def assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_loader_determinism(tmp_path):
+    source = FolderSource(write_images(tmp_path / "imgs", 5))
+    ref = batches(source, 4, workers=1)
+    assert ref[0]["inp"].shape == (4, 8, 8, 3) and ref[0]["gt"].shape == (4, 64, 3)
+    assert ref[0]["cell"].shape == (4, 2) and ref[0]["coord"].dtype == np.float32
+    assert_batches_equal(ref, batches(source, 4, workers=1))
+    assert_batches_equal(ref, batches(source, 4, workers=3, prefetch=0))
+    assert_batches_equal(ref[2:], batches(source, 2, start_step=2))
+    halves = [batches(source, 4, process_index=p, process_count=2) for p in range(2)]
+    merged = [{k: np.concatenate([h0[k], h1[k]]) for k in h0} for h0, h1 in zip(*halves)]
+    assert_batches_equal(ref, merged)
+    assert halves[0][0]["inp"].shape[0] == 2
+    assert not np.array_equal(ref[0]["inp"], batches(source, 1, seed=4)[0]["inp"])
+
+
+def test_loader_epochs_and_config(tmp_path):
+    source = FolderSource(write_images(tmp_path / "imgs", 5))
+    loader = TrainLoader(source, **LOADER_KW, workers=1, prefetch=0)
+    loader.close()
+    # An epoch (5 images * repeat 2 = 10 samples) shows each image exactly twice.
+    epoch = [loader.image_index(g // 4, g % 4) for g in range(10)]
+    assert sorted(epoch) == sorted(list(range(5)) * 2)
+    assert epoch != [loader.image_index(g // 4, g % 4) for g in range(10, 20)]
+    with pytest.raises(RuntimeError):
+        next(loader)
+    with pytest.raises(ConfigError):
+        TrainLoader(source, **{**LOADER_KW, "global_batch": 5}, process_count=2)
+    with pytest.raises(ConfigError):
+        TrainLoader(source, **LOADER_KW, sample_q=65)
+    assert steps_per_epoch(800, 20, 64) == 250 and steps_per_epoch(10, 1, 4) == 3
+
+
+def test_folder_bad_files_are_skipped(tmp_path, caplog):
+    folder = write_images(tmp_path / "imgs", 2)
+    good = (folder / "img00.png").read_bytes()
+    (folder / "a_truncated.png").write_bytes(good[:len(good) // 2])
+    (folder / "b_text.png").write_text("not an image")
+    (folder / "c_empty.png").write_bytes(b"")
+    (folder / "notes.txt").write_text("ignored: not an image extension")
+    with caplog.at_level(logging.WARNING):
+        source = FolderSource(folder)
+    assert len(source) == 2 and source.skipped == 3
+    for name in ("a_truncated.png", "b_text.png", "c_empty.png"):
+        assert sum(name in r.getMessage() for r in caplog.records) == 1
+    assert source[1].shape == (64, 80, 3)
+
+
+def test_folder_decode_failure_substitutes_next(tmp_path, caplog):
+    folder = write_images(tmp_path / "imgs", 3)
+    source = FolderSource(folder)
+    (folder / "img01.png").write_bytes(b"broken after the check")
+    with caplog.at_level(logging.WARNING):
+        np.testing.assert_array_equal(source[1], source[2])  # img01.png -> img02.png
+        source[1]
+    assert source.skipped == 1 and len(source) == 3
+    assert sum("img01.png" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="missing_dir"):
+        FolderSource(tmp_path / "missing_dir")
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(DataError, match="empty_dir"):
+        FolderSource(tmp_path / "empty_dir")
+    with pytest.raises(DataError, match="nowhere"):
+        make_source(str(tmp_path / "nowhere"))
+
+
+def test_folder_modes_load_as_rgb(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "a_gray.png")
+    Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(tmp_path / "b_rgba.png")
+    Image.fromarray(rgb).convert("P").save(tmp_path / "c_palette.png")
+    Image.fromarray(rng.integers(0, 65536, (20, 30)).astype(np.uint16)).save(tmp_path / "d16.png")
+    Image.fromarray(rgb).save(tmp_path / "e.bmp")
+    source = FolderSource(tmp_path, cache=True)
+    assert len(source) == 5
+    for i in range(5):
+        img = source[i]
+        assert img.shape == (20, 30, 3) and img.dtype == np.uint8
+    np.testing.assert_array_equal(source[0][..., 2], rgb[..., 0])
+    np.testing.assert_array_equal(source[1], rgb)
+    np.testing.assert_array_equal(source[4], rgb)
+    assert source[4] is source[4]  # cached
+
+
+def test_demo_source():
+    train, holdout = DemoSource("train"), DemoSource("holdout")
+    assert len(train) >= 8 and 2 <= len(holdout) <= 3
+    assert not set(train.files) & set(holdout.files)
+    for f in train.files + holdout.files:
+        with Image.open(f) as img:
+            assert min(img.size) >= 256
+    for img in (train[0], holdout[0]):
+        assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
+        assert img.std() > 20  # a real photo, not a flat placeholder
+    assert make_source("demo", "validation").files == holdout.files
+    assert set(DEMO_FILES) == {"train", "holdout"}
+    with pytest.raises(DataError):
+        DemoSource("test")
+
+
+def test_tfds_missing_gives_fix(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import now fails
+    with pytest.raises(DataError, match="tfds build div2k --file_format=array_record"):
+        TFDSSource()
+    with pytest.raises(DataError, match="pip install"):
+        make_source("div2k", "train")
+
+
+def test_tfds_unprepared_gives_fix(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    with pytest.raises(DataError, match=f"--data_dir={tmp_path}"):
+        TFDSSource("div2k", "train", data_dir=str(tmp_path))
