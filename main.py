@@ -1,0 +1,39 @@
+"""Trains SRNO: `python main.py --config configs/default.py --workdir runs/edsr`.
+
+Config values can be overridden on the command line, e.g. `--config.batch_size=32`.
+A rerun with the same --workdir resumes from its latest checkpoint.
+"""
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+flags.DEFINE_string("workdir", None, "Where checkpoints and TensorBoard logs go.", required=True)
+config_flags.DEFINE_config_file("config", "configs/default.py", "Training configuration.",
+                                lock_config=True)
+flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    from srno_jax import sharding, train
+    from srno_jax.errors import SRNOError
+
+    logging.getLogger("srno_jax").setLevel(logging.INFO)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                        FLAGS.process_id)
+        results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except SRNOError as e:
+        sys.exit(f"error: {e}")
+    if results:
+        print(train.format_results(results))
+
+
+if __name__ == "__main__":
+    app.run(main)
