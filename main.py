@@ -3,7 +3,6 @@
 Config values can be overridden on the command line, e.g. `--config.batch_size=32`.
 A rerun with the same --workdir resumes from its latest checkpoint.
 """
-import logging
 import sys
 
 from absl import app, flags
@@ -23,8 +22,7 @@ def main(argv):
     from srno_jax import sharding, train
     from srno_jax.errors import SRNOError
 
-    logging.getLogger("srno_jax").setLevel(logging.INFO)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    train.setup_logging()
     try:
         sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                         FLAGS.process_id)

@@ -123,14 +123,14 @@ def params_from_torch(state_dict: dict[str, np.ndarray], model: SRNO, source: st
     flat = {}
     for name, path in names.items():
         want = target[path].shape
+        # The reference's shape for this parameter, from a zero-stride view (no allocation).
+        torch_shape = to_torch_layout(np.broadcast_to(np.float32(0), want), path).shape
         value = np.asarray(sd[name])
-        got = from_torch_layout(value, path, len(want)) if value.ndim == len(
-            to_torch_layout(np.zeros(want), path).shape) else value
-        if got.shape != want:
+        if value.shape != torch_shape:
             raise CheckpointError(
                 f"{source}: parameter {name} has shape {tuple(value.shape)}, the model expects "
-                f"{to_torch_layout(np.zeros(want), path).shape}; the checkpoint's architecture "
-                "does not match its args")
+                f"{torch_shape}; the checkpoint's architecture does not match its args")
+        got = from_torch_layout(value, path, len(want))
         flat[path] = jnp.asarray(got, jnp.float32)
     return _unflatten(flat)
 

@@ -79,7 +79,7 @@ def l1_loss(params, model: SRNO, batch) -> jax.Array:
 def train_step(state: TrainState, batch, *, model: SRNO, tx, config, steps_per_epoch: int):
     """One step of L1 + Adam; a non-finite loss or gradient leaves the parameters as they were."""
     loss, grads = jax.value_and_grad(l1_loss)(state.params, model, batch)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     lr = learning_rate(state.step, config, steps_per_epoch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -330,6 +330,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if writer:
         writer.close()
     return results
+
+
+def setup_logging() -> None:
+    """Progress lines from this package on stderr; libraries (Orbax, absl) at WARNING."""
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 def _hms(seconds: float) -> str:

@@ -1,0 +1,33 @@
+"""Shared fixtures: where the golden vectors live, and the small golden model."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# CI lays shared/ beside the project; a copy of the small set ships in tests/golden.
+GOLDEN_DIRS = [ROOT.parent / "shared" / "golden", ROOT / "tests" / "golden"]
+
+
+def golden_dir(name: str) -> Path | None:
+    for d in GOLDEN_DIRS:
+        if (d / name / "cases.npz").exists():
+            return d / name
+    return None
+
+
+def require_golden(name: str) -> Path:
+    d = golden_dir(name)
+    if d is None:
+        pytest.skip(f"golden set {name} not found in {[str(g) for g in GOLDEN_DIRS]}")
+    return d
+
+
+@pytest.fixture(scope="session")
+def small_golden():
+    """(model, variables, cases) of the small golden EDSR-SRNO."""
+    from srno_jax import load_checkpoint
+
+    d = require_golden("small_edsr_srno")
+    model, variables = load_checkpoint(d / "checkpoint.pth")
+    return model, variables, dict(np.load(d / "cases.npz"))

@@ -1,0 +1,106 @@
+"""Importing reference checkpoints: architecture from args, every key and shape checked."""
+import jax
+import numpy as np
+import pytest
+
+from conftest import require_golden
+from srno_jax import CheckpointError, load_checkpoint, make_model
+from srno_jax.checkpoints import abstract_variables, params_from_torch, params_to_torch
+from srno_jax.torch_pickle import read_pth
+from test_torch_pickle import Storage, tensor, write_ckpt
+
+
+def save_pth(path, obj):
+    """Writes `obj` (numpy arrays as float32 tensors) in torch.save's zip format."""
+    storages = {}
+
+    def convert(x):
+        if isinstance(x, dict):
+            return {k: convert(v) for k, v in x.items()}
+        if isinstance(x, np.ndarray):
+            key = str(len(storages))
+            storages[key] = np.ascontiguousarray(x, np.float32).tobytes()
+            strides = tuple(int(s) for s in np.cumprod((1,) + x.shape[:0:-1])[::-1])
+            return tensor(Storage("FloatStorage", key, x.size), 0, tuple(x.shape), strides)
+        return x
+
+    return write_ckpt(path, convert(obj), storages)
+
+
+@pytest.fixture(scope="module")
+def small_ckpt():
+    return read_pth(require_golden("small_edsr_srno") / "checkpoint.pth")
+
+
+def with_model(ckpt, **changes):
+    model = dict(ckpt["model"], **changes)
+    return dict(ckpt, model=model)
+
+
+def test_architecture_comes_from_args(small_ckpt):
+    model, variables = load_checkpoint(require_golden("small_edsr_srno") / "checkpoint.pth")
+    assert (model.width, model.heads, model.encoder.n_resblocks) == (64, 4, 2)
+    assert variables["params"]["lifting"]["kernel"].shape == (266, 64)
+
+
+def test_rewritten_checkpoint_loads_the_same(tmp_path, small_ckpt):
+    path = save_pth(tmp_path / "same.pth", small_ckpt)
+    _, a = load_checkpoint(path)
+    _, b = load_checkpoint(require_golden("small_edsr_srno") / "checkpoint.pth")
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_shape_mismatch(tmp_path, small_ckpt):
+    args = dict(small_ckpt["model"]["args"], width=128, blocks=4)
+    path = save_pth(tmp_path / "wide.pth", with_model(small_ckpt, args=args))
+    with pytest.raises(CheckpointError, match=r"parameter conv\S+ has shape \(.*\), the model expects \(.*\); the checkpoint.s architecture"):
+        load_checkpoint(path)
+
+
+def test_other_architecture(tmp_path, small_ckpt):
+    args = dict(small_ckpt["model"]["args"], encoder_spec={"name": "rdn", "args": {"RDNconfig": "A"}})
+    path = save_pth(tmp_path / "rdn.pth", with_model(small_ckpt, args=args))
+    with pytest.raises(CheckpointError, match=r"unknown parameter\(s\) \['encoder\.body"):
+        load_checkpoint(path)
+
+
+def test_missing_key(tmp_path, small_ckpt):
+    sd = dict(small_ckpt["model"]["sd"])
+    del sd["conv1.vln.bias"]
+    path = save_pth(tmp_path / "missing.pth", with_model(small_ckpt, sd=sd))
+    with pytest.raises(CheckpointError, match=r"missing parameter\(s\) \['conv1\.vln\.bias'\]"):
+        load_checkpoint(path)
+
+
+def test_not_an_srno_checkpoint(tmp_path, small_ckpt):
+    with pytest.raises(CheckpointError, match="only 'sronet'"):
+        load_checkpoint(save_pth(tmp_path / "liif.pth", with_model(small_ckpt, name="liif")))
+    with pytest.raises(CheckpointError, match="not a reference SRNO checkpoint"):
+        load_checkpoint(save_pth(tmp_path / "other.pth", {"state_dict": {}}))
+    bad = dict(small_ckpt["model"]["args"], encoder_spec={"name": "swinir", "args": {}})
+    with pytest.raises(CheckpointError, match="unknown encoder 'swinir'"):
+        load_checkpoint(save_pth(tmp_path / "enc.pth", with_model(small_ckpt, args=bad)))
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "nope.pth")
+
+
+@pytest.mark.parametrize("encoder, args", [
+    ("edsr-baseline", {"n_resblocks": 3}),
+    ("edsr", {"n_resblocks": 2}),  # 256 features: a 4 * 258 + 2 = 1034-channel lifting
+    ("rdn", {"RDNconfig": "A"}),
+    ("rdn", {"RDNconfig": "B"}),
+])
+def test_torch_names_round_trip(encoder, args):
+    """Every parameter has one torch name with the reference's shape, and maps back."""
+    model = make_model(encoder, args, width=32, heads=4)
+    params = jax.tree.map(lambda s: np.random.default_rng(0).standard_normal(s.shape).astype(np.float32),
+                          abstract_variables(model)["params"])
+    sd = params_to_torch(params, model)
+    if encoder == "edsr":
+        assert sd["conv00.weight"].shape == (32, 1034, 1, 1)
+    assert all(v.ndim in (1, 3, 4) for v in sd.values())
+    sd_extra = dict(sd, **{"encoder.sub_mean.weight": np.eye(3)[:, :, None, None]})
+    if encoder == "rdn":  # some releases number the second GFF layer 2
+        sd_extra = {k.replace("GFF.1.", "GFF.2."): v for k, v in sd_extra.items()}
+    back = params_from_torch(sd_extra, model)
+    jax.tree.map(np.testing.assert_array_equal, back, params)

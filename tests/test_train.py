@@ -1,0 +1,111 @@
+"""Training: loss falls, 1 device == 8 devices, a resumed run == an uninterrupted one."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from srno_jax import train
+from srno_jax import sharding
+from configs import demo
+
+TESTS = Path(__file__).resolve().parent
+
+
+def tiny_config(image_dir, total_steps=6, **overrides):
+    """The demo config shrunk to a model and patches that train in seconds."""
+    c = demo.get_config()
+    c.batch_size = 8
+    c.model.encoder_args.n_resblocks = 1
+    c.model.encoder_args.n_feats = 8
+    c.model.width = 16
+    c.model.heads = 2
+    c.data.train = str(image_dir)
+    c.data.val = ""
+    c.data.repeat = 1
+    c.data.inp_size = 8
+    c.data.sample_q = 64
+    c.data.workers = 2
+    c.optim.lr = 1e-3
+    c.total_steps = total_steps
+    c.max_train_minutes = 0.0
+    c.log_every_steps = 1
+    c.checkpoint.every_steps = 1000
+    for k, v in overrides.items():
+        c[k] = v
+    return c
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    """Four smooth 40 x 48 photographs-to-be: easy to learn, so the loss falls fast."""
+    d = tmp_path_factory.mktemp("images")
+    yy, xx = np.mgrid[0:40, 0:48] / 48.0
+    for i in range(4):
+        img = np.stack([np.sin(3 * xx + i), np.cos(2 * yy - i), np.sin(xx * yy * 4 + i)], -1)
+        Image.fromarray(((img * 0.5 + 0.5) * 255).astype(np.uint8)).save(d / f"{i}.png")
+    return d
+
+
+def params_of(workdir):
+    return train.load_for_inference(workdir)[1]["params"]
+
+
+def test_loss_falls(image_dir):
+    config = tiny_config(image_dir)
+    model, tx = train.model_from_config(config), train.make_optimizer(config)
+    mesh = sharding.make_mesh()
+    state = train.init_state(model, tx, 0)
+    step = train.compile_step(model, tx, config, 100, mesh, state)
+    _, loader = train.make_loader(config, 0)
+    losses = []
+    with loader:
+        for _ in range(40):
+            state, m = step(state, sharding.to_global(next(loader), mesh))
+            losses.append(float(m["loss"]))
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5]), losses
+
+
+def test_resume_equals_uninterrupted(image_dir, tmp_path):
+    train.train_and_evaluate(tiny_config(image_dir, total_steps=6), tmp_path / "straight")
+    train.train_and_evaluate(tiny_config(image_dir, total_steps=3), tmp_path / "resumed")
+    assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["3"]
+    train.train_and_evaluate(tiny_config(image_dir, total_steps=6), tmp_path / "resumed")
+    a, b = params_of(tmp_path / "straight"), params_of(tmp_path / "resumed")
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-6), a, b)
+    # Training moved the parameters (so the comparison above means something).
+    init = train.init_state(train.model_from_config(tiny_config(image_dir)), train.make_optimizer(
+        tiny_config(image_dir)), 0).params
+    assert float(jnp.abs(a["lifting"]["kernel"] - init["lifting"]["kernel"]).max()) > 1e-4
+
+
+def test_one_device_equals_eight(image_dir, tmp_path):
+    """The same global batches on 1 and on 8 (fake CPU) devices give the same parameters."""
+    out = {}
+    for n in (1, 8):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+                   JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent)]))
+        subprocess.run([sys.executable, str(TESTS / "train_worker.py"), str(image_dir),
+                        str(tmp_path / f"w{n}"), str(tmp_path / f"p{n}.npz"), "3"],
+                       env=env, check=True, capture_output=True, timeout=300)
+        out[n] = np.load(tmp_path / f"p{n}.npz")
+    assert int(out[1]["devices"]) == 1 and int(out[8]["devices"]) == 8
+    for k in out[1].files:
+        if k != "devices":
+            np.testing.assert_allclose(out[8][k], out[1][k], rtol=0, atol=1e-6, err_msg=k)
+
+
+def test_batch_not_divisible_by_devices(image_dir):
+    from srno_jax.errors import ConfigError
+
+    class Mesh:  # 8 devices without starting 8 of them
+        devices = np.zeros(8)
+
+    with pytest.raises(ConfigError, match="batch_size 12 is not divisible by the 8 devices"):
+        sharding.check_batch_size(12, Mesh())

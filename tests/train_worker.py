@@ -1,0 +1,24 @@
+"""Runs a few training steps in a fresh process (device count set by XLA_FLAGS) and saves params.
+
+Usage: python tests/train_worker.py IMAGE_DIR WORKDIR OUT.npz STEPS
+"""
+import sys
+
+import jax
+import numpy as np
+
+from test_train import tiny_config
+from srno_jax import train
+
+
+def main(image_dir, workdir, out, steps):
+    config = tiny_config(image_dir, total_steps=int(steps))
+    train.train_and_evaluate(config, workdir)
+    model, variables = train.load_for_inference(workdir)
+    flat = jax.tree_util.tree_flatten_with_path(variables["params"])[0]
+    np.savez(out, devices=jax.device_count(),
+             **{"/".join(k.key for k in path): np.asarray(v) for path, v in flat})
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
