@@ -33,3 +33,14 @@ def dense(features: int, fan_in: int, name: str | None = None, dtype=jnp.float32
     """A 1x1 convolution of the reference, as a Dense layer over the last axis."""
     return nn.Dense(features, name=name, dtype=dtype, kernel_init=torch_kernel_init,
                     bias_init=torch_bias_init(fan_in))
+
+
+class LinearParams(nn.Module):
+    """The kernel (in, out) and bias of a 1x1 layer, for callers that fold it into others."""
+    features: int
+    fan_in: int
+
+    @nn.compact
+    def __call__(self):
+        return (self.param("kernel", torch_kernel_init, (self.fan_in, self.features)),
+                self.param("bias", torch_bias_init(self.fan_in), (self.features,)))

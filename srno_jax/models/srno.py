@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from srno_jax.coords import make_coord, nearest_index, sample_bilinear
-from srno_jax.models.layers import dense
+from srno_jax.models.layers import LinearParams, dense
 
 _EPS_SHIFT = 1e-6  # the reference's nudge off exact pixel boundaries
 
@@ -88,30 +88,42 @@ class GalerkinAttention(nn.Module):
     dtype: Any = jnp.float32
 
     def setup(self):
-        self.qkv_proj = dense(3 * self.width, self.width, dtype=self.dtype)
+        self.qkv_proj = LinearParams(3 * self.width, self.width)
         self.k_norm = HeadLayerNorm()
         self.v_norm = HeadLayerNorm()
-        self.o_proj1 = dense(self.width, self.width, dtype=self.dtype)
+        self.o_proj1 = LinearParams(self.width, self.width)
         self.o_proj2 = dense(self.width, self.width, dtype=self.dtype)
 
-    def _qkv(self, z):
-        b, n, _ = z.shape
+    def _qkv_params(self):
+        """((Wq, bq), (Wkv, bkv)): kernels (width, heads, d | 2d), biases (heads, d | 2d).
+
+        Per head the reference's 3d output channels are contiguous, q then k then v.
+        """
+        w, b = self.qkv_proj()
         d = self.width // self.heads
-        # Per head the 3d channels are contiguous, q then k then v (the reference layout).
-        qkv = self.qkv_proj(z).reshape(b, n, self.heads, 3 * d)
-        q, k, v = jnp.split(qkv, 3, axis=-1)
-        return q, self.k_norm(k), self.v_norm(v)
+        w, b = w.reshape(self.width, self.heads, 3 * d), b.reshape(self.heads, 3 * d)
+        return (w[..., :d], b[:, :d]), (w[..., d:], b[:, d:])
 
     def moments(self, z):
         """Sum over the query points of k^T v: (B, N, width) -> (B, heads, d, d), float32."""
-        _, k, v = self._qkv(z)
-        return jnp.einsum("bnhd,bnhe->bhde", k, v, preferred_element_type=jnp.float32)
+        _, (w, b) = self._qkv_params()
+        kv = jnp.einsum("bnc,chd->bnhd", z, w.astype(self.dtype)) + b.astype(self.dtype)
+        k, v = jnp.split(kv, 2, axis=-1)
+        return jnp.einsum("bnhd,bnhe->bhde", self.k_norm(k), self.v_norm(v),
+                          preferred_element_type=jnp.float32)
 
     def mix(self, z, kv):
         """The layer's output at points z given kv = (sum of k^T v) / N (B, heads, d, d)."""
-        q, _, _ = self._qkv(z)
-        a = jnp.einsum("bnhd,bhde->bnhe", q, kv.astype(q.dtype)).reshape(z.shape) + z
-        return self.o_proj2(nn.gelu(self.o_proj1(a), approximate=False)) + z
+        (wq, bq), _ = self._qkv_params()
+        w1, b1 = self.o_proj1()
+        b = z.shape[0]
+        # W1 (q kv + z) with q = z Wq + bq is z (Wq kv + I) W1 + bq kv W1: one width x width
+        # matrix per image instead of the q projection and o_proj1 at every point.
+        mixing = jnp.einsum("chd,bhde->bche", wq, kv).reshape(b, self.width, self.width)
+        fused = jnp.einsum("bcw,wo->bco", mixing + jnp.eye(self.width), w1)
+        shift = jnp.einsum("hd,bhde->bhe", bq, kv).reshape(b, self.width) @ w1 + b1
+        h = jnp.einsum("bnc,bco->bno", z, fused.astype(self.dtype)) + shift[:, None].astype(self.dtype)
+        return self.o_proj2(nn.gelu(h, approximate=False)) + z
 
     def __call__(self, z):
         return self.mix(z, self.moments(z) / z.shape[1])
