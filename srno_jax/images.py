@@ -36,14 +36,33 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
 
     Raises `DataError` naming the file when it is missing, truncated or not an image.
     """
+    return to_rgb_uint8(open_image(path))
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Reads an image file as a loaded PIL image in its own mode (alpha, 16-bit kept).
+
+    Raises `DataError` naming the file when it is missing, truncated or not an image.
+    """
     try:
         with Image.open(path) as img:
             img.load()
-            return to_rgb_uint8(img)
+            return img
     except FileNotFoundError:
         raise DataError(f"image not found: {path}") from None
     except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad files
         raise DataError(f"cannot read image {path}: {e}; is it a complete image file?") from None
+
+
+def save_png(path: str | os.PathLike, img: np.ndarray) -> None:
+    """Writes a uint8 (H, W), (H, W, 2|3|4) array (L, LA, RGB, RGBA) as an 8-bit PNG.
+
+    Raises `DataError` naming the file when it cannot be written.
+    """
+    try:
+        Image.fromarray(np.asarray(img, np.uint8)).save(path, format="PNG")
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot write {path}: {e}") from None
 
 
 def resize_bicubic(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:

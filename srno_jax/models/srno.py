@@ -104,13 +104,18 @@ class GalerkinAttention(nn.Module):
         w, b = w.reshape(self.width, self.heads, 3 * d), b.reshape(self.heads, 3 * d)
         return (w[..., :d], b[:, :d]), (w[..., d:], b[:, d:])
 
-    def moments(self, z):
-        """Sum over the query points of k^T v: (B, N, width) -> (B, heads, d, d), float32."""
+    def moments(self, z, mask=None):
+        """Sum over the query points of k^T v: (B, N, width) -> (B, heads, d, d), float32.
+
+        `mask` (broadcastable to (B, N), 1 or 0) leaves out padded points.
+        """
         _, (w, b) = self._qkv_params()
         kv = jnp.einsum("bnc,chd->bnhd", z, w.astype(self.dtype)) + b.astype(self.dtype)
         k, v = jnp.split(kv, 2, axis=-1)
-        return jnp.einsum("bnhd,bnhe->bhde", self.k_norm(k), self.v_norm(v),
-                          preferred_element_type=jnp.float32)
+        k = self.k_norm(k)
+        if mask is not None:
+            k = k * jnp.broadcast_to(mask, k.shape[:2])[..., None, None].astype(k.dtype)
+        return jnp.einsum("bnhd,bnhe->bhde", k, self.v_norm(v), preferred_element_type=jnp.float32)
 
     def mix(self, z, kv):
         """The layer's output at points z given kv = (sum of k^T v) / N (B, heads, d, d)."""

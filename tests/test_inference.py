@@ -1,0 +1,126 @@
+"""Tests of srno_jax.inference: exact chunked prediction, tiled encoding, upscale."""
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from srno_jax.checkpoints import load_checkpoint
+from srno_jax.coords import make_coord
+from srno_jax.errors import ConfigError, DataError
+from srno_jax.inference import _moments, _one_chunk, _project, encode, predict, upscale
+from srno_jax.models import make_model
+
+_HERE = Path(__file__).resolve().parent
+_GOLDEN = next((d / "small_edsr_srno" for d in (_HERE.parents[1] / "shared" / "golden", _HERE / "golden")
+                if (d / "small_edsr_srno" / "cases.npz").exists()), None)
+
+
+@pytest.fixture(scope="module")
+def small():
+    """(model, variables) of the golden small checkpoint, or a fresh model of its shape."""
+    if _GOLDEN is not None:
+        return load_checkpoint(_GOLDEN / "checkpoint.pth")
+    model = make_model(encoder_args={"n_resblocks": 2}, width=64, heads=4)
+    dummy = (np.zeros((1, 8, 8, 3), np.float32), np.zeros((1, 4, 2), np.float32),
+             np.zeros((1, 2), np.float32))
+    return model, model.init(jax.random.key(0), *dummy)
+
+
+def _case(name):
+    if _GOLDEN is None:
+        pytest.skip("golden cases.npz not found")
+    with np.load(_GOLDEN / "cases.npz") as z:
+        return (z[f"{name}/inp"].transpose(0, 2, 3, 1), z[f"{name}/coord"], z[f"{name}/cell"],
+                z[f"{name}/pred"].transpose(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("name,chunks", [("grid_x2.5", (1000, 10**6)), ("grid_x7_mcell", (777,))])
+def test_chunked_equals_one_pass_and_golden(small, name, chunks):
+    model, variables = small
+    inp, coord, cell, golden = _case(name)
+    one_pass = np.asarray(model.apply(variables, inp, coord, cell))
+    for chunk in chunks:  # N = 3000 and 5880: 1000 divides N, 777 does not, 10**6 > N
+        out = predict(model, variables, inp, coord, cell, chunk_size=chunk)
+        assert out.shape == one_pass.shape
+        np.testing.assert_allclose(out, one_pass, atol=1e-5, rtol=0, err_msg=f"chunk {chunk}")
+        np.testing.assert_allclose(out, golden, atol=1e-4, rtol=0, err_msg=f"chunk {chunk}")
+
+
+def test_tiled_encoder_equals_full(small):
+    model, variables = small  # receptive radius 2 * 2 + 2 = 6: tiles need > 12 pixels
+    inp = np.random.default_rng(0).uniform(-1, 1, (1, 40, 29, 3)).astype(np.float32)
+    full = np.asarray(encode(model, variables, inp, tile=64))
+    np.testing.assert_allclose(np.asarray(encode(model, variables, inp, tile=16)), full, atol=1e-5)
+    with pytest.raises(ConfigError, match="receptive"):
+        encode(model, variables, inp, tile=12)
+
+
+def test_compiles_once_per_lr_shape_and_chunk(small):
+    model, variables = small
+    inp = np.random.default_rng(1).uniform(-1, 1, (1, 9, 11, 3)).astype(np.float32)
+    cell = np.array([[0.05, 0.05]], np.float32)
+
+    def run(h, w):
+        predict(model, variables, inp, make_coord((h, w))[None], cell, chunk_size=256)
+
+    def sizes():
+        return _moments._cache_size(), _project._cache_size(), _one_chunk._cache_size()
+
+    run(30, 31)
+    before = sizes()
+    run(41, 23)  # another output size (and number of chunks) from the same LR shape
+    assert sizes() == before
+
+
+def test_upscale_scale_size_and_modes(small):
+    model, variables = small
+    rng = np.random.default_rng(2)
+    rgb = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    out = upscale(model, variables, rgb, scale=2.5)
+    assert out.shape == (30, 25, 3) and out.dtype == np.uint8
+    assert upscale(model, variables, rgb, size=(17, 40)).shape == (17, 40, 3)
+    assert upscale(model, variables, rgb[..., 0], scale=2.5).shape == (30, 25)
+    rgba = np.dstack([rgb, np.full((12, 10), 200, np.uint8)])
+    out4 = upscale(model, variables, rgba, scale=2.5)
+    assert out4.shape == (30, 25, 4)
+    np.testing.assert_array_equal(out4[..., :3], out)
+    assert np.all(out4[..., 3] == 200)
+    u16 = (rgb[..., 0].astype(np.uint16) * 257)
+    np.testing.assert_array_equal(upscale(model, variables, u16, scale=2.5),
+                                  upscale(model, variables, Image.fromarray(rgb[..., 0]), scale=2.5))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(scale=0), "scale"), (dict(scale=-2), "scale"), (dict(scale=float("nan")), "scale"),
+    (dict(size=(0, 5)), "at least"), (dict(size=(5,)), "height, width"),
+    (dict(scale=2, size=(4, 4)), "exactly one"), (dict(), "exactly one"),
+    (dict(size=(100000, 100000)), "limit"), (dict(scale=2, chunk_size=0), "chunk_size")])
+def test_upscale_bad_arguments(small, kwargs, match):
+    model, variables = small
+    with pytest.raises(ConfigError, match=match):
+        upscale(model, variables, np.zeros((4, 4, 3), np.uint8), **kwargs)
+
+
+def test_upscale_bad_image(small):
+    with pytest.raises(DataError, match="expected"):
+        upscale(*small, np.zeros((4, 4, 3), np.float32), scale=2)
+
+
+def test_upscale_cli(small, tmp_path, capsys):
+    from srno_jax.upscale_cli import main
+
+    if _GOLDEN is None:
+        pytest.skip("golden checkpoint not found")
+    rgb = np.random.default_rng(3).integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "in.png")
+    out = tmp_path / "out.png"
+    args = [str(tmp_path / "in.png"), str(out), "--checkpoint", str(_GOLDEN / "checkpoint.pth")]
+    assert main([*args, "--size", "25x30"]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), upscale(*small, rgb, scale=2.5))
+    assert main([*args, "--scale", "-1"]) == 2
+    assert main([str(tmp_path / "missing.png"), str(out), "--scale", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "scale must be a finite number > 0" in err and "image not found" in err
+    assert "Traceback" not in err
