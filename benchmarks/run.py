@@ -1,0 +1,364 @@
+"""Speed, FLOP rate and peak memory of SRNO inference, training and the input pipeline.
+
+  python benchmarks/run.py [--json OUT] [--only NAME,...] [--repeats 5] [--quick]
+
+Cases (the paper's EDSR-baseline SRNO, width 256, 16 heads, random weights):
+  inference_x4_128_to_512   one jitted ``model.apply``: LR 128 x 128 -> the whole
+                            512 x 512 grid, batch 1.
+  train_step_b4_48          main.py's jitted step (`train.compile_step`), batch 4,
+                            48 x 48 LR, 2,304 queries, on a fixed batch on device.
+  train_step_b64_128        the paper's step: batch 64, 128 x 128 LR, 16,384 queries
+  train_step_b64_128_bf16   (GPU/TPU only), in float32 and in bfloat16 compute.
+  input_pipeline_128        `TrainLoader` alone, the paper's patch (scale U(1, 4),
+                            augment), batch 64, one thread per core, over in-memory
+                            2040 x 1356 photographs.
+
+Each case runs in its own subprocess, so its peak memory is its own: the device's
+``peak_bytes_in_use`` on GPU/TPU, the process's peak RSS on CPU. A jitted case is
+compiled once (``compile_s``), run once to warm up, then timed `repeats` times
+(``block_until_ready``); ``median_s`` is the median. ``ceiling_gflops_per_s`` is a large
+XLA matmul measured in the same run (float32 on CPU, bfloat16 on GPU/TPU), the
+practical peak to read ``gflops_per_s`` against. ``--quick`` (2 repeats) is for
+developing the harness, not for numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+CASES = ("inference_x4_128_to_512", "train_step_b4_48", "train_step_b64_128",
+         "train_step_b64_128_bf16", "input_pipeline_128")
+ACCELERATOR_ONLY = ("train_step_b64_128", "train_step_b64_128_bf16")
+# Reference PyTorch on the 2-core CPU machine (shared/docs/reference.md), seconds.
+TORCH_CPU_S = {"inference_x4_128_to_512": 10.3, "train_step_b4_48": 0.50}
+MACHINE_KEYS = ("backend", "device_kind", "devices", "cpu", "cores", "jax_version", "date")
+RESULT_KEYS = ("name", "median_s", "gflop", "gflops_per_s", "ceiling_gflops_per_s",
+               "peak_memory_mb", "compile_s")
+
+
+# --- analytic FLOPs ------------------------------------------------------------------------
+
+def conv_flop(k: int, c_in: int, c_out: int, h: int, w: int) -> int:
+    """A k x k 'same' convolution on an h x w map: 2 k^2 c_in c_out h w."""
+    return 2 * k * k * c_in * c_out * h * w
+
+
+def edsr_flop(h: int, w: int, n_resblocks: int = 16, n_feats: int = 64) -> int:
+    """EDSR encoder on one h x w image: head conv 3 -> C, two C -> C convs per block and
+    the body conv, all 3 x 3. Biases, ReLUs and residual adds are left out."""
+    return (conv_flop(3, 3, n_feats, h, w)
+            + (2 * n_resblocks + 1) * conv_flop(3, n_feats, n_feats, h, w))
+
+
+def operator_flop(n: int, feat_dim: int = 64, width: int = 256, heads: int = 16) -> int:
+    """The neural operator at n query points (one image), matmuls only:
+
+    lifting         2 n (4 (C + 2) + 2) width           (266 inputs for C = 64)
+    per kernel integral (two of them), d = width / heads:
+      qkv           2 n width (3 width)
+      k^T v, q(kv)  2 n heads d^2, twice
+      o_proj1, 2    2 n width^2, twice
+    projection      2 n (width 256 + 256 * 3)
+    Gathers, layer norms, GELUs and the bilinear residual are left out.
+    """
+    d = width // heads
+    lifting = 2 * (4 * (feat_dim + 2) + 2) * width * n
+    integral = 2 * n * width * 3 * width + 2 * n * heads * d * d * 2 + 2 * 2 * n * width * width
+    projection = 2 * n * (width * 256 + 256 * 3)
+    return lifting + 2 * integral + projection
+
+
+def srno_forward_flop(batch: int, lr_size: int, queries: int, n_resblocks: int = 16,
+                      n_feats: int = 64, width: int = 256, heads: int = 16) -> int:
+    """One forward pass of EDSR-SRNO: `batch` lr_size^2 inputs, `queries` points each."""
+    return batch * (edsr_flop(lr_size, lr_size, n_resblocks, n_feats)
+                    + operator_flop(queries, n_feats, width, heads))
+
+
+def train_step_flop(batch: int, lr_size: int, queries: int, **model) -> int:
+    """A training step as 3 forward passes (forward, and backward at twice its cost)."""
+    return 3 * srno_forward_flop(batch, lr_size, queries, **model)
+
+
+# --- timing and records --------------------------------------------------------------------
+
+def time_fn(fn, repeats: int, warmup: int = 1) -> dict:
+    """Calls fn() `warmup` times, then times `repeats` calls, each until its result is ready.
+
+    Returns {'median_s', 'times_s'}.
+    """
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return {"median_s": statistics.median(times), "times_s": times}
+
+
+def compile_timed(jitted, *args):
+    """(compiled executable, seconds spent lowering and compiling)."""
+    t = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - t
+
+
+def peak_memory_mb(on_device: bool = True) -> tuple[float, str]:
+    """(peak MB, 'device' or 'host_rss') of this process: with `on_device`, the
+    accelerator's peak_bytes_in_use where the backend reports it; else getrusage's peak RSS."""
+    stats = (jax.local_devices()[0].memory_stats() or {}) if on_device else {}
+    if "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"] / 2**20, "device"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "host_rss"  # KiB on Linux
+
+
+def result_record(name: str, median_s: float, gflop: float, ceiling_gflops_per_s: float | None,
+                  peak_memory_mb: float, compile_s: float | None, backend: str, **extra) -> dict:
+    """One row of the JSON: the documented keys, then the case's extras; on CPU the
+    reference PyTorch time and our speed-up over it where the case has one."""
+    rec = {"name": name, "median_s": median_s, "gflop": gflop,
+           "gflops_per_s": gflop / median_s if gflop else None,
+           "ceiling_gflops_per_s": ceiling_gflops_per_s, "peak_memory_mb": peak_memory_mb,
+           "compile_s": compile_s, **extra}
+    if backend == "cpu" and name in TORCH_CPU_S:
+        rec["torch_cpu_s"] = TORCH_CPU_S[name]
+        rec["speedup_vs_torch"] = TORCH_CPU_S[name] / median_s
+    return rec
+
+
+def make_report(machine: dict, ceiling: dict, results: list[dict], quick: bool) -> dict:
+    """The JSON document: machine, the ceiling measurement, the results, the quick flag."""
+    return {"machine": {k: machine[k] for k in MACHINE_KEYS}, "ceiling": ceiling,
+            "quick": quick, "results": results}
+
+
+def write_json(path, report: dict) -> None:
+    Path(path).write_text(json.dumps(report, indent=1) + "\n")
+
+
+# --- the cases (each runs in a child process) ----------------------------------------------
+
+def machine_info() -> dict:
+    dev = jax.local_devices()[0]
+    cpu = platform.processor()
+    if Path("/proc/cpuinfo").exists():
+        names = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                 if l.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"backend": jax.default_backend(), "device_kind": dev.device_kind,
+            "devices": jax.device_count(), "cpu": cpu, "cores": os.cpu_count(),
+            "jax_version": jax.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def run_ceiling(repeats: int) -> dict:
+    """n x n @ n x n through XLA, median of at least 5: n = 4096 float32 on CPU; on an
+    accelerator n = 8192 bfloat16, 10 products queued per timed call, since one (about
+    1.4 ms on an H200) is too short to time against dispatch and sync overhead."""
+    cpu = jax.default_backend() == "cpu"
+    n, dtype, per_call = (4096, jnp.float32, 1) if cpu else (8192, jnp.bfloat16, 10)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    mm, _ = compile_timed(jax.jit(jnp.matmul), a, b)
+    t = time_fn(lambda: [mm(a, b) for _ in range(per_call)], max(repeats, 5))
+    return {"ceiling_gflops_per_s": per_call * 2 * n**3 / 1e9 / t["median_s"], "matmul_n": n,
+            "matmul_dtype": jnp.dtype(dtype).name, "machine": machine_info()}
+
+
+def _case_inference(repeats: int) -> dict:
+    from srno_jax.coords import make_coord
+    from srno_jax.models import make_model
+
+    lr, out = 128, 512
+    model = make_model()
+    z = np.zeros
+    variables = model.init(jax.random.key(0), z((1, 8, 8, 3)), z((1, 4, 2)), z((1, 2)))
+    inp = jax.random.uniform(jax.random.key(1), (1, lr, lr, 3), minval=-1, maxval=1)
+    coord = jnp.asarray(make_coord((out, out))[None])
+    cell = jnp.full((1, 2), 2 / out, jnp.float32)
+    fn, compile_s = compile_timed(jax.jit(model.apply), variables, inp, coord, cell)
+    t = time_fn(lambda: fn(variables, inp, coord, cell), repeats)
+    return {**t, "compile_s": compile_s, "gflop": srno_forward_flop(1, lr, out * out) / 1e9}
+
+
+def _case_train_step(repeats: int, batch: int, lr: int, queries: int,
+                     dtype: str = "float32") -> dict:
+    from configs import default
+    from srno_jax import sharding, train
+
+    config = default.get_config()
+    config.batch_size, config.data.inp_size, config.data.sample_q = batch, lr, queries
+    config.compute_dtype = dtype
+    mesh = sharding.make_mesh()
+    model, tx = train.model_from_config(config), train.make_optimizer(config)
+    state = train.init_state(model, tx, config.seed)
+    state = jax.device_put(state, train.state_shardings(state, mesh))
+    rng = np.random.default_rng(0)
+    u = lambda *shape: rng.uniform(-1, 1, shape).astype(np.float32)
+    data = sharding.to_global({"inp": u(batch, lr, lr, 3), "coord": u(batch, queries, 2),
+                               "cell": np.full((batch, 2), 1 / lr, np.float32),  # scale 2
+                               "gt": u(batch, queries, 3)}, mesh)
+    step, compile_s = compile_timed(train.compile_step(model, tx, config, 250, mesh, state),
+                                    state, data)
+
+    def run():  # the state is donated: carry the returned one forward
+        nonlocal state
+        state, metrics = step(state, data)
+        return metrics
+
+    t = time_fn(run, repeats)
+    return {**t, "compile_s": compile_s, "gflop": train_step_flop(batch, lr, queries) / 1e9,
+            "samples_per_s": batch / t["median_s"], "compute_dtype": dtype}
+
+
+class MemorySource:
+    """HR images held in memory, with the source interface (`name`, len, [i])."""
+
+    def __init__(self, images: list[np.ndarray], name: str = "memory"):
+        self.images, self.name = images, name
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.images[int(i)]
+
+
+def div2k_like_images(count: int = 4, size=(1356, 2040)) -> list[np.ndarray]:
+    """`count` scikit-image photographs resized (bicubic) to DIV2K's usual H x W."""
+    from input_pipeline import DemoSource
+    from srno_jax.images import resize_bicubic
+
+    demo = DemoSource("train")
+    return [resize_bicubic(demo[i % len(demo)], size) for i in range(count)]
+
+
+def _case_input_pipeline(repeats: int) -> dict:
+    from input_pipeline import TrainLoader
+
+    batch = 64
+    source = MemorySource(div2k_like_images(), "div2k-like")
+    with TrainLoader(source, global_batch=batch, seed=0, inp_size=128, scale_min=1.0,
+                     scale_max=4.0, augment=True, sample_q=128 * 128, repeat=20,
+                     workers=os.cpu_count(), prefetch=2) as loader:
+        # The pool never idles (the next batch is queued as one is taken), so the wait
+        # for each batch in turn is the time to build one.
+        t = time_fn(lambda: next(loader), repeats)
+    return {**t, "compile_s": None, "gflop": 0.0, "samples_per_s": batch / t["median_s"],
+            "workers": os.cpu_count()}
+
+
+def run_case(name: str, repeats: int, ceiling: float | None) -> dict:
+    """Runs one case in this process and returns its JSON record."""
+    runners = {
+        "inference_x4_128_to_512": lambda: _case_inference(repeats),
+        "train_step_b4_48": lambda: _case_train_step(repeats, 4, 48, 48 * 48),
+        "train_step_b64_128": lambda: _case_train_step(repeats, 64, 128, 128 * 128),
+        "train_step_b64_128_bf16": lambda: _case_train_step(repeats, 64, 128, 128 * 128,
+                                                            "bfloat16"),
+        "input_pipeline_128": lambda: _case_input_pipeline(repeats),
+    }
+    out = runners[name]()
+    mem, kind = peak_memory_mb(on_device=name != "input_pipeline_128")  # the loader is host-only
+    return result_record(name, out.pop("median_s"), out.pop("gflop"), ceiling, mem,
+                         out.pop("compile_s"), jax.default_backend(), peak_memory_kind=kind,
+                         repeats=repeats, **out)
+
+
+# --- the parent: one subprocess per case ---------------------------------------------------
+
+def _in_child(*args: str) -> dict:
+    cmd = [sys.executable, __file__, *args]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr passes through
+    if proc.returncode:
+        return {"error": f"exit status {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _fmt(x, width: int, spec: str = ".1f") -> str:
+    return f"{'-' if x is None else format(x, spec):>{width}}"
+
+
+def print_table(report: dict) -> None:
+    m = report["machine"]
+    print(f"\n{m['backend']} ({m['device_kind']} x{m['devices']}), {m['cpu']}, {m['cores']} cores, "
+          f"jax {m['jax_version']}, {m['date']}" + ("  [--quick]" if report["quick"] else ""))
+    head = (f"{'case':26} {'median s':>9} {'GFLOP':>8} {'GFLOP/s':>8} {'% ceil':>7} "
+            f"{'samples/s':>10} {'peak MB':>8} {'compile s':>9} {'torch s':>8} {'speed-up':>9}")
+    print(head + "\n" + "-" * len(head))
+    for r in report["results"]:
+        if "skipped" in r or "error" in r:
+            print(f"{r['name']:26} {r.get('skipped') or r.get('error')}")
+            continue
+        frac = (100 * r["gflops_per_s"] / r["ceiling_gflops_per_s"]
+                if r["gflops_per_s"] and r["ceiling_gflops_per_s"] else None)
+        print(f"{r['name']:26} {r['median_s']:9.3f} {_fmt(r['gflop'] or None, 8)} "
+              f"{_fmt(r['gflops_per_s'], 8)} {_fmt(frac, 7)} {_fmt(r.get('samples_per_s'), 10)} "
+              f"{r['peak_memory_mb']:8.0f} {_fmt(r['compile_s'], 9)} "
+              f"{_fmt(r.get('torch_cpu_s'), 8, '.2f')} "
+              f"{_fmt(r.get('speedup_vs_torch'), 8, '.2f')}" + ("x" if "torch_cpu_s" in r else ""))
+    c = report["ceiling"]
+    print(f"ceiling: {c['matmul_n']}^3 {c['matmul_dtype']} matmul through XLA, "
+          f"{c['ceiling_gflops_per_s']:.0f} GFLOP/s")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", default=None, help="write the report here")
+    p.add_argument("--only", default=",".join(CASES), help="comma-separated case names")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per case (median)")
+    p.add_argument("--quick", action="store_true", help="2 repeats; for developing the harness")
+    p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_ceiling", type=float, default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    repeats = 2 if a.quick else a.repeats
+    if a._child == "ceiling":
+        print(json.dumps(run_ceiling(repeats)))
+        return
+    if a._child:
+        print(json.dumps(run_case(a._child, repeats, a._ceiling)))
+        return
+    names = [n for n in a.only.split(",") if n]
+    unknown = set(names) - set(CASES)
+    if unknown:
+        p.error(f"unknown case(s) {sorted(unknown)}; choose from {', '.join(CASES)}")
+    base = ["--repeats", str(repeats)] + (["--quick"] if a.quick else [])
+    ceiling = _in_child("--_child", "ceiling", *base)
+    if "error" in ceiling:
+        raise SystemExit(f"the ceiling matmul failed ({ceiling['error']})")
+    machine = ceiling.pop("machine")
+    results = []
+    for name in names:
+        if name in ACCELERATOR_ONLY and machine["backend"] not in ("gpu", "tpu"):
+            results.append({"name": name, "skipped": f"needs a GPU or TPU; backend is "
+                                                     f"{machine['backend']}"})
+            continue
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        r = _in_child("--_child", name, "--_ceiling", str(ceiling["ceiling_gflops_per_s"]), *base)
+        results.append({"name": name, **r} if "error" in r else r)
+    for r in results:
+        r.setdefault("ceiling_gflops_per_s", ceiling["ceiling_gflops_per_s"])
+    report = make_report(machine, ceiling, results, a.quick)
+    print_table(report)
+    if a.json:
+        write_json(a.json, report)
+
+
+if __name__ == "__main__":
+    main()
