@@ -110,7 +110,10 @@ class GalerkinAttention(nn.Module):
         `mask` (broadcastable to (B, N), 1 or 0) leaves out padded points.
         """
         _, (w, b) = self._qkv_params()
-        kv = jnp.einsum("bnc,chd->bnhd", z, w.astype(self.dtype)) + b.astype(self.dtype)
+        # One 2-D (B N, width) x (width, 2 width) product: XLA differentiates it faster
+        # than the same contraction written with a per-head kernel.
+        kv = (z.reshape(-1, self.width) @ w.reshape(self.width, -1).astype(self.dtype)
+              ).reshape(*z.shape[:2], self.heads, -1) + b.astype(self.dtype)
         k, v = jnp.split(kv, 2, axis=-1)
         k = self.k_norm(k)
         if mask is not None:
