@@ -33,5 +33,18 @@ def main(argv):
         print(train.format_results(results))
 
 
+def parse_flags(argv):
+    """absl's parsing; an unknown --config.key gets a one-line error, not a traceback."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (KeyError, AttributeError) as e:  # raised by ml_collections for a misspelt key
+        while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError(..))
+            e = e.args[0]
+        msg = (e.args[0] if e.args and isinstance(e.args[0], str) else str(e)).replace("\n", " ")
+        bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        sys.exit(f"error: unknown config field {msg} (in {', '.join(bad)}); "
+                 "see the config file for the valid fields")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

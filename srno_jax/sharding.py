@@ -17,6 +17,10 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     """
     if coordinator_address is None and num_processes in (None, 1):
         return
+    # Collectives between CPU processes need an implementation: 'gloo' is this JAX's
+    # default; older versions defaulted to none, and the first all-reduce failed.
+    if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") in (None, "", "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
 

@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from flax import struct
 
 import input_pipeline
-from srno_jax import sharding
+from srno_jax import evaluation, sharding
 from srno_jax.errors import CheckpointError, SRNOError
 from srno_jax.models import SRNO, make_model
 from srno_jax.schedules import lr_at_epoch
@@ -204,53 +204,16 @@ def make_loader(config, start_step: int, source=None):
         prefetch=d.prefetch)
 
 
-def validate(model, params, images, scales, protocol: str = "benchmark", chunk_size=65536):
+def validate(model, params, images, scales, protocol: str = "benchmark"):
     """Mean PSNR of the model and of PIL bicubic over `images` at each scale.
 
     Returns {scale: (model_psnr, bicubic_psnr)} under the reference protocol.
     """
-    out = {}
-    for s in scales:
-        sr, bic = zip(*(evaluate_image(model, {"params": params}, hr, s, protocol)
-                        for hr in images))
-        out[s] = (float(np.mean(sr)), float(np.mean(bic)))
-    return out
-
-
-def super_resolve(model, variables, lr_uint8, hr_size, scale):
-    """The model's [0, 1] float image of size hr_size from an LR uint8 image."""
-    from srno_jax.coords import make_coord
-    from srno_jax.images import normalise
-    from srno_jax.metrics import eval_cell
-
-    coord = make_coord(hr_size)[None]
-    cell = eval_cell(hr_size, scale)[None]
-    pred = jax.jit(model.apply)(variables, normalise(lr_uint8)[None], coord, cell)[0]
-    return np.clip(np.asarray(pred) * 0.5 + 0.5, 0, 1)
-
-
-def evaluate_image(model, variables, hr_uint8, scale, protocol):
-    """(model PSNR, PIL bicubic PSNR) of one HR image at `scale` under `protocol`."""
-    from srno_jax.images import resize_bicubic
-    from srno_jax.metrics import make_eval_pair, psnr
-
-    lr, hr = make_eval_pair(hr_uint8, scale)
-    gt = hr.astype(np.float64) / 255
-    sr = super_resolve(model, variables, lr, hr.shape[:2], scale)
-    bic = resize_bicubic(lr, hr.shape[:2]).astype(np.float64) / 255
-    return psnr(sr, gt, protocol, scale), psnr(bic, gt, protocol, scale)
-
-
-def comparison_strip(model, variables, hr_uint8, scale, size=96):
-    """A (size, 3 * size, 3) uint8 strip: bicubic | SRNO | ground truth, centre crop."""
-    from srno_jax.images import resize_bicubic
-    from srno_jax.metrics import make_eval_pair
-
-    lr, hr = make_eval_pair(hr_uint8, scale)
-    sr = (super_resolve(model, variables, lr, hr.shape[:2], scale) * 255).round().astype(np.uint8)
-    bic = resize_bicubic(lr, hr.shape[:2])
-    y, x = (hr.shape[0] - size) // 2, (hr.shape[1] - size) // 2
-    return np.concatenate([im[y:y + size, x:x + size] for im in (bic, sr, hr)], axis=1)
+    sr = evaluation.model_upsampler(model, {"params": params})
+    return {s: tuple(float(np.mean([evaluation.score_image(up, hr, s, protocol)["psnr"]
+                                    for hr in images]))
+                     for up in (sr, evaluation.bicubic_upsampler))
+            for s in scales}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -274,11 +237,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = jax.device_put(state, shardings)
     mngr = checkpoint_manager(workdir, config)
     if mngr.latest_step() is not None:
-        state, meta = restore_checkpoint(mngr, mngr.latest_step(), state, shardings)
+        # The architecture is checked before the arrays are read: Orbax's own shape error
+        # would not say which setting differs.
+        meta = mngr.restore(mngr.latest_step(),
+                            args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         if meta["model"] != model_spec(config):
             raise CheckpointError(f"{workdir} holds a checkpoint of model {meta['model']}, "
                                   f"but the config asks for {model_spec(config)}; use another "
                                   "--workdir or the matching config")
+        state, meta = restore_checkpoint(mngr, mngr.latest_step(), state, shardings)
         log.info("resumed from step %d", int(state.step))
     step_fn = compile_step(model, tx, config, spe, mesh, state)
 
@@ -290,9 +257,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     start_step, t0, results = int(state.step), time.time(), {}
     _, loader = make_loader(config, start_step, source)
-    log.info("training %s on %d device(s) of %d host(s): batch %d, %d steps/epoch, steps %d..%d",
-             config.model.encoder, jax.device_count(), jax.process_count(), config.batch_size,
-             spe, start_step, total)
+    log.info("training %s on %d device(s) of %d host(s): batch %d (%d per host), %d steps/epoch, "
+             "steps %d..%d", config.model.encoder, jax.device_count(), jax.process_count(),
+             config.batch_size, loader.local, spe, start_step, total)
     with loader, _StopSignal() as stop:
         step, last_log, last_t = start_step, start_step, time.time()
         while step < total:
@@ -305,6 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if step % config.log_every_steps == 0 or step == total or stop_reason:
                 m = jax.device_get(metrics)
                 if int(state.nonfinite) >= config.max_nonfinite_steps:
+                    mngr.wait_until_finished()  # a save in flight completes; none is started
                     raise TrainingDiverged(
                         f"loss or gradient non-finite for {int(state.nonfinite)} steps in a row, "
                         f"up to step {step}; the last good checkpoint is kept in {workdir}. "
@@ -371,9 +339,10 @@ def _validate_and_log(writer, model, params, images, config, step):
         if writer:
             writer.add_scalar(f"val/psnr_x{s:g}", p, step)
     if writer:
+        sr = evaluation.model_upsampler(model, {"params": params})
         for s in config.eval.scales:
-            writer.add_image(f"val/x{s:g}_bicubic_sr_gt", comparison_strip(
-                model, {"params": params}, images[0], s), step, dataformats="HWC")
+            writer.add_image(f"val/x{s:g}_bicubic_sr_gt",
+                             evaluation.comparison_strip(sr, images[0], s), step, dataformats="HWC")
     return results
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from srno_jax import train
+from srno_jax import load_checkpoint, train
 from srno_jax import sharding
 from configs import demo
 
@@ -53,7 +53,7 @@ def image_dir(tmp_path_factory):
 
 
 def params_of(workdir):
-    return train.load_for_inference(workdir)[1]["params"]
+    return load_checkpoint(workdir)[1]["params"]
 
 
 def test_loss_falls(image_dir):

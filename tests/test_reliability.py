@@ -1,0 +1,338 @@
+"""Reliability: preemption, kill -9, divergence, bad data and bad arguments never cost a run.
+
+Most tests run `main.py` in a subprocess with the tiny model of `test_train.tiny_config`
+(through tests/tiny_main_config.py). The subprocesses share a persistent compilation
+cache, so only the first one pays XLA's compile time.
+"""
+import functools
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from srno_jax import train
+from test_train import image_dir, tiny_config  # noqa: F401  (image_dir is a fixture)
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
+STRAIGHT_STEPS = 60  # the uninterrupted run keeps a checkpoint of every step up to here
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("jax_cache")
+    e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT)]),
+             JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1", PYTHONUNBUFFERED="1")
+    e.pop("XLA_FLAGS", None)
+    return e
+
+
+def main_cmd(image_dir, workdir, *flags):
+    return [sys.executable, str(ROOT / "main.py"), f"--config={TESTS / 'tiny_main_config.py'}:"
+            f"{image_dir}", f"--workdir={workdir}", *flags]
+
+
+def run_main(env, image_dir, workdir, *flags, timeout=300, **extra_env):
+    return subprocess.run(main_cmd(image_dir, workdir, *flags), env=dict(env, **extra_env),
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def start_main(env, image_dir, workdir, *flags):
+    return subprocess.Popen(main_cmd(image_dir, workdir, *flags), env=env, cwd=ROOT, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def wait_for_step(proc, min_step, lines, timeout=240):
+    """Reads stderr into `lines` until the process logs step >= min_step; returns that step."""
+    t0 = time.time()
+    for line in proc.stderr:
+        lines.append(line)
+        m = re.search(r"step (\d+)/", line)
+        if m and int(m.group(1)) >= min_step:
+            return int(m.group(1))
+        assert time.time() - t0 < timeout, "".join(lines)
+    pytest.fail(f"process ended before step {min_step}:\n" + "".join(lines))
+
+
+def finish(proc, lines, timeout=120):
+    lines.append(proc.communicate(timeout=timeout)[1])
+    return proc.returncode, "".join(lines)
+
+
+def steps_in(workdir):
+    d = Path(workdir) / "checkpoints"
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if d.is_dir() else []
+
+
+def params_of(path):
+    return train.load_for_inference(str(path))[1]["params"]
+
+
+def assert_same_params(a, b, atol=1e-6):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0,
+                                                         atol=atol), a, b)
+
+
+def assert_clean_error(proc, *needles):
+    """A non-zero exit with a one-line `error: ...` naming each needle, and no traceback."""
+    assert proc.returncode != 0, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr
+    for n in needles:
+        assert n in errors[0], proc.stderr
+
+
+@pytest.fixture(scope="module")
+def straight(env, image_dir, tmp_path_factory):
+    """An uninterrupted run with a checkpoint at every step: the reference for any step."""
+    wd = tmp_path_factory.mktemp("straight")
+    p = run_main(env, image_dir, wd, f"--config.total_steps={STRAIGHT_STEPS}",
+                 "--config.checkpoint.every_steps=1", "--config.checkpoint.keep=1000",
+                 "--config.log_every_steps=20")
+    assert p.returncode == 0, p.stderr
+    assert steps_in(wd) == list(range(1, STRAIGHT_STEPS + 1))
+    return wd
+
+
+def straight_params(straight, step):
+    return params_of(Path(straight) / "checkpoints" / str(step))
+
+
+# --- 1. preemption -------------------------------------------------------------------------
+
+def test_sigterm_and_sigint_save_and_resume(env, image_dir, tmp_path, straight):
+    wd = tmp_path / "run"
+    long = "--config.total_steps=100000"
+    stopped = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        proc, lines = start_main(env, image_dir, wd, long), []
+        wait_for_step(proc, (stopped[-1] if stopped else 0) + 3, lines)
+        proc.send_signal(sig)
+        rc, log = finish(proc, lines)
+        assert rc == 0, log
+        assert "Traceback" not in log, log
+        m = re.search(rf"stopping at step (\d+) \({sig.name}\); checkpoint saved, rerun to resume",
+                      log)
+        assert m, log
+        stopped.append(int(m.group(1)))
+        assert steps_in(wd)[-1] == stopped[-1]
+        if len(stopped) > 1:
+            assert f"resumed from step {stopped[-2]}" in log, log
+    total = stopped[-1] + 3
+    assert total <= STRAIGHT_STEPS, f"stopped too late for the reference run: {stopped}"
+    p = run_main(env, image_dir, wd, f"--config.total_steps={total}")
+    assert p.returncode == 0 and f"resumed from step {stopped[-1]}" in p.stderr, p.stderr
+    assert_same_params(params_of(wd), straight_params(straight, total))
+
+
+def test_kill9_during_async_saves_keeps_last_complete_checkpoint(env, image_dir, tmp_path,
+                                                                 straight):
+    """kill -9 at random points of a run that saves (asynchronously) at every step."""
+    rng = random.Random(0)
+    wd, total, flags = tmp_path / "run", 24, ("--config.checkpoint.every_steps=1",)
+    resumed_from, seen_tmp = 0, []
+    for _ in range(3):
+        proc, lines = start_main(env, image_dir, wd, f"--config.total_steps={total}", *flags), []
+        wait_for_step(proc, resumed_from + rng.randint(1, 4), lines)
+        time.sleep(rng.uniform(0, 0.05))
+        proc.kill()
+        proc.wait()
+        if resumed_from:
+            assert f"resumed from step {resumed_from}" in "".join(lines), "".join(lines)
+        names = os.listdir(wd / "checkpoints")
+        seen_tmp += [n for n in names if TMP_SUFFIX in n]
+        assert all(n.isdigit() or TMP_SUFFIX in n for n in names), names
+        assert steps_in(wd), names
+        resumed_from = steps_in(wd)[-1]
+        # Every finalised step folder is complete: it restores and matches the reference.
+        assert_same_params(params_of(wd / "checkpoints" / str(resumed_from)),
+                           straight_params(straight, resumed_from))
+        assert resumed_from < total - 2, f"the run got too far before the kill: {names}"
+    # A leftover unfinished save, even of a later step, must not be taken for a checkpoint.
+    for junk in (f"{total - 1}{TMP_SUFFIX}", f"{total - 2}{TMP_SUFFIX}-1234567890"):
+        junk = wd / "checkpoints" / junk
+        (junk / "state").mkdir(parents=True, exist_ok=True)
+        (junk / "state" / "garbage").write_bytes(b"\0" * 100)
+    p = run_main(env, image_dir, wd, f"--config.total_steps={total}", *flags)
+    assert p.returncode == 0, p.stderr
+    assert f"resumed from step {resumed_from}" in p.stderr, p.stderr
+    assert steps_in(wd)[-1] == total
+    assert_same_params(params_of(wd), straight_params(straight, total))
+
+
+def test_orbax_saves_to_a_tmp_folder_then_renames(image_dir, tmp_path, monkeypatch):
+    """The atomicity that the kill -9 test relies on: write `N.orbax-checkpoint-tmp-*`, rename."""
+    from orbax.checkpoint._src.path import async_path
+
+    renames = []
+    original = async_path.rename
+
+    async def spy(src, dst):
+        renames.append((Path(src).name, Path(dst).name))
+        return await original(src, dst)
+
+    monkeypatch.setattr(async_path, "rename", spy)
+    state = train.TrainState(step=jnp.asarray(7, jnp.int32), params={"w": jnp.ones(3)},
+                             opt_state=(), nonfinite=jnp.zeros((), jnp.int32))
+    mngr = train.checkpoint_manager(tmp_path, tiny_config(image_dir))
+    train.save_checkpoint(mngr, state, tiny_config(image_dir))
+    mngr.wait_until_finished()
+    mngr.close()
+    assert any(re.fullmatch(rf"7{re.escape(TMP_SUFFIX)}(-\d+)?", s) and d == "7"
+               for s, d in renames), renames
+    assert os.listdir(tmp_path / "checkpoints") == ["7"]
+
+
+# --- 2. divergence -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_step(image_dir):
+    config = tiny_config(image_dir)
+    model, tx = train.model_from_config(config), train.make_optimizer(config)
+    state = jax.jit(lambda: train.init_state(model, tx, 0))()
+    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, config=config,
+                                     steps_per_epoch=10))
+    return state, step
+
+
+def _batch(seed, bad=False):
+    r = np.random.default_rng(seed)
+    b = {"inp": r.uniform(-1, 1, (2, 8, 8, 3)), "coord": r.uniform(-1, 1, (2, 16, 2)),
+         "cell": np.full((2, 2), 0.1), "gt": r.uniform(-1, 1, (2, 16, 3))}
+    if bad:
+        b["gt"][1, 3, 0] = np.nan
+    return {k: jnp.asarray(v, jnp.float32) for k, v in b.items()}
+
+
+def test_single_nonfinite_step_is_skipped(tiny_step):
+    state, step = tiny_step
+    s1, m1 = step(state, _batch(0, bad=True))
+    assert not bool(m1["finite"]) and int(s1.nonfinite) == 1 and int(s1.step) == 1
+    assert_same_params(s1.params, state.params, atol=0)
+    assert_same_params(s1.opt_state, state.opt_state, atol=0)
+    s2, m2 = step(s1, _batch(1))
+    assert bool(m2["finite"]) and int(s2.nonfinite) == 0 and int(s2.step) == 2
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), s2.params,
+                                         s1.params))
+    assert max(moved) > 0
+
+
+def test_divergence_stops_with_error_and_keeps_good_checkpoint(env, image_dir, tmp_path):
+    wd = tmp_path / "run"
+    p = run_main(env, image_dir, wd, "--config.total_steps=50", "--config.optim.lr=1e30",
+                 "--config.max_nonfinite_steps=3", "--config.checkpoint.every_steps=1")
+    assert_clean_error(p, "non-finite for 3 steps in a row", str(wd))
+    stopped = int(re.search(r"up to step (\d+)", p.stderr).group(1))
+    assert 3 <= stopped < 50
+    kept = steps_in(wd)
+    assert kept and kept[-1] == stopped - 1, (kept, p.stderr)
+    assert not [n for n in os.listdir(wd / "checkpoints") if TMP_SUFFIX in n]
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params_of(wd)))
+
+
+# --- 3. and 4. bad data and arguments: one clear line before any work --------------------
+
+@pytest.mark.parametrize("flags, extra_env, needles", [
+    (["--config.data.train=/missing/path"], {}, ["/missing/path", "neither"]),
+    (["--config.batch_size=12"], {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+     ["batch_size 12 is not divisible by the 8 devices", "--config.batch_size=16"]),
+    (["--config.modle.width=3"], {}, ["modle", 'Did you mean "model"']),
+    (["--config.data.scale_min=0.5"], {}, ["scale_min", "0.5"]),
+    (["--config.data.scale_min=3", "--config.data.scale_max=2"], {}, ["scale_max", "3", "2"]),
+], ids=["missing-data", "batch-vs-devices", "unknown-key", "scale-min", "scale-max"])
+def test_bad_arguments_fail_fast(env, image_dir, tmp_path, flags, extra_env, needles):
+    t0 = time.time()
+    p = run_main(env, image_dir, tmp_path / "run", *flags, timeout=120, **extra_env)
+    assert_clean_error(p, *needles)
+    assert "training " not in p.stderr  # it stopped before any work
+    assert not (tmp_path / "run" / "checkpoints").exists() or not steps_in(tmp_path / "run")
+    assert time.time() - t0 < 60
+
+
+def test_flag_value_error_is_clear(env, image_dir, tmp_path):
+    p = run_main(env, image_dir, tmp_path / "run", "--config.model.width=abc", timeout=120)
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
+    assert "--config.model.width=abc" in p.stderr, p.stderr
+
+
+def test_resume_of_another_architecture_is_refused(env, image_dir, straight):
+    p = run_main(env, image_dir, straight, f"--config.total_steps={STRAIGHT_STEPS + 5}",
+                 "--config.model.width=24", timeout=120)
+    assert_clean_error(p, "holds a checkpoint of model", "'width': 16", "'width': 24")
+    assert steps_in(straight)[-1] == STRAIGHT_STEPS
+
+
+# --- 5. several hosts ----------------------------------------------------------------------
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_two_hosts(env, image_dir, workdir, total):
+    port = _free_port()
+    e = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    procs = [subprocess.Popen(main_cmd(image_dir, workdir, f"--config.total_steps={total}",
+                                       f"--coordinator_address=127.0.0.1:{port}",
+                                       "--num_processes=2", f"--process_id={i}"),
+                              env=e, cwd=ROOT, text=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE) for i in range(2)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=300)[1])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log
+        # Each host builds only its half of the global batch of 8.
+        assert "on 4 device(s) of 2 host(s): batch 8 (4 per host)" in log, log
+    return logs
+
+
+def test_two_hosts_equal_one_host_and_share_checkpoints(env, image_dir, tmp_path, straight):
+    """2 processes x 2 devices, resumed once, == the one-process reference run.
+
+    The reference runs on one device: test_train shows 1 device == 8 devices, and a
+    separate 4-device run would cost another compile."""
+    two = tmp_path / "two"
+    _run_two_hosts(env, image_dir, two, 3)
+    assert os.listdir(two / "checkpoints") == ["3"]  # written once, finalised once
+    logs = _run_two_hosts(env, image_dir, two, 5)
+    assert all("resumed from step 3" in log for log in logs), logs
+    assert sorted(os.listdir(two / "checkpoints")) == ["3", "5"]
+    assert_same_params(params_of(two), straight_params(straight, 5))
+
+
+def test_hosts_load_disjoint_halves_of_each_batch(image_dir):
+    import input_pipeline
+
+    source = input_pipeline.make_source(str(image_dir), "train")
+    kw = dict(global_batch=8, seed=0, inp_size=8, sample_q=16, repeat=3, workers=1, prefetch=0)
+    with input_pipeline.TrainLoader(source, **kw) as whole:
+        full = [next(whole) for _ in range(2)]
+    halves = []
+    for p in range(2):
+        with input_pipeline.TrainLoader(source, process_index=p, process_count=2, **kw) as ld:
+            assert ld.local == 4 and ld.first_k == 4 * p
+            halves.append([next(ld) for _ in range(2)])
+    for step in range(2):
+        for key in full[step]:
+            np.testing.assert_array_equal(
+                np.concatenate([halves[0][step][key], halves[1][step][key]]), full[step][key])
