@@ -83,12 +83,17 @@ def sample_patch(hr: np.ndarray, rng: np.random.Generator, *, inp_size: int = 12
     y0 = int(rng.integers(0, w - w_hr + 1))
     crop = hr[x0:x0 + w_hr, y0:y0 + w_hr]
     lr = resize_bicubic(np.ascontiguousarray(crop), (inp_size, inp_size))
-    if augment:
-        flips = [rng.random() < 0.5 for _ in range(3)]
-        lr, crop = (_augment(x, *flips) for x in (lr, crop))
+    flips = [rng.random() < 0.5 for _ in range(3)] if augment else [False] * 3
+    lr = _augment(lr, *flips)
     idx = rng.choice(w_hr * w_hr, sample_q, replace=False)
-    coord = make_coord((w_hr, w_hr)).reshape(-1, 2)[idx]
-    gt = crop.reshape(-1, 3)[idx]
+    # Row and column of each drawn pixel in the augmented crop, and where that pixel sits
+    # in the crop itself: no augmented copy of the crop and no full coordinate grid.
+    row, col = np.divmod(idx, w_hr)
+    axis = make_coord((w_hr,))[:, 0]
+    coord = np.stack([axis[row], axis[col]], axis=-1)
+    flip_rows, flip_cols, transpose = flips
+    i, j = (col, row) if transpose else (row, col)
+    gt = crop[w_hr - 1 - i if flip_rows else i, w_hr - 1 - j if flip_cols else j]
     return {
         "inp": normalise(lr),
         "coord": coord,
