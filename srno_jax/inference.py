@@ -2,11 +2,15 @@
 
 Both kernel integrals average k^T v over *all* N query points, so evaluating the queries
 in independent chunks (as the reference's ``batched_predict`` does) changes the output.
-`predict` instead runs three passes over fixed-size chunks: pass 1 sums layer 1's k^T v
-over every chunk, pass 2 recomputes layer 1's output with kv1 = sum / N and sums layer
-2's k^T v, pass 3 recomputes both layers and projects. Peak memory then grows with the
-chunk size, not with the output size; the cost is about 2.1x that of one pass (the
-lifting and layer 1 are recomputed). When all queries fit in one chunk, one pass runs.
+`predict` instead runs three passes: pass 1 sums layer 1's k^T v over every query,
+pass 2 computes layer 1's output with kv1 = sum / N and sums layer 2's k^T v, pass 3
+computes layer 2's output and projects. When all queries fit in one chunk (the default
+up to 2^18 of them, a 512 x 512 output) each layer's input is kept between the passes
+and nothing is computed twice. Beyond that, the queries go in chunks and each pass
+recomputes the lifting (and pass 3 layer 1) chunk by chunk, about 2.1x the work of one
+pass: peak memory then grows with the chunk size, not with the output size. Inside a
+chunk, every pass walks sub-chunks of SUB_CHUNK queries with `jax.lax.map`, which
+keeps their buffers in the CPU's caches (`_sub_map`).
 
 Compilation: the last chunk is padded to the chunk size by repeating the last valid
 query and masked out of the sums, and the chunk size is capped at the next power of two
@@ -32,8 +36,10 @@ from srno_jax.errors import ConfigError, DataError
 from srno_jax.images import normalise, to_rgb_uint8
 from srno_jax.metrics import eval_cell
 from srno_jax.models.encoders import EDSR, RDN, RDN_CONFIGS
+from srno_jax.models.srno import KERNEL_INTEGRALS
 
-DEFAULT_CHUNK = 2**16  # queries per chunk: ~200 MB for the largest (chunk, 3 * 256) buffer
+DEFAULT_CHUNK = 2**18  # queries per chunk: one chunk keeps 2 x chunk x width floats (512 MB)
+SUB_CHUNK = 2048  # queries per inner step of a pass (see `_sub_map`)
 DEFAULT_TILE = 512  # LR window side for encoding large inputs
 MAX_OUTPUT_PIXELS = 2**27  # e.g. 16384 x 8192; the float32 prediction alone takes 1.5 GiB
 
@@ -93,49 +99,73 @@ def encode(model, variables, inp, tile: int = DEFAULT_TILE) -> jax.Array:
     return jnp.concatenate(rows, axis=1)
 
 
-def _layers(m, feat, coord, cell, kvs, mask):
-    """Lift a chunk and apply the kernel integrals with known kv's (B, heads, d, d);
-    returns (z, sum of k^T v of the next layer over unmasked points or None)."""
+def _sub_map(fn, sub: int, *xs):
+    """`jax.lax.map` of fn over sub-chunks: each x (B, C, ...) is cut along axis 1 into
+    C // sub pieces of `sub` queries; outputs are stacked along a new leading axis.
+    One piece's buffers stay in the CPU's caches, which makes the passes over the
+    chunk faster than whole-chunk operations that stream every buffer through memory."""
+    pieces = [x.reshape(x.shape[0], -1, sub, *x.shape[2:]).swapaxes(0, 1) for x in xs]
+    return jax.lax.map(lambda a: fn(*a), pieces)
+
+
+def _merge(y):
+    """(S, B, sub, ...) from `_sub_map` -> (B, S * sub, ...)."""
+    return y.swapaxes(0, 1).reshape(y.shape[1], -1, *y.shape[3:])
+
+
+def _lift_mix(m, feat, coord, cell, kvs):
+    """Lifts queries and applies the first len(kvs) kernel integrals with known kv's."""
     z = m.lift(feat, coord, cell)
     for layer, kv in zip(m.kernel_integrals, kvs):
         z = layer.mix(z, kv)
-    if len(kvs) == len(m.kernel_integrals):
-        return z, None
-    return z, m.kernel_integrals[len(kvs)].moments(z, mask)
+    return z
 
 
-@partial(jax.jit, static_argnums=0)
-def _moments(model, variables, feat, coord, cell, kvs, mask, total):
-    """Adds the chunk's sum of k^T v of layer len(kvs) to `total`."""
-    fn = lambda m: _layers(m, feat, coord, cell, kvs, mask)[1]
-    return total + model.apply(variables, method=fn)
+@partial(jax.jit, static_argnums=(0, 8))
+def _moments(model, variables, feat, coord, cell, kvs, mask, total, sub):
+    """Adds the chunk's sum of k^T v of layer len(kvs) to `total` (recomputing z)."""
+    def piece(c, mk):
+        fn = lambda m: m.kernel_integrals[len(kvs)].moments(_lift_mix(m, feat, c, cell, kvs), mk)
+        return model.apply(variables, method=fn)
+    return total + _sub_map(piece, sub, coord, mask).sum(0)
 
 
-@partial(jax.jit, static_argnums=0)
-def _project(model, variables, inp, feat, coord, cell, kvs):
+@partial(jax.jit, static_argnums=(0, 7))
+def _project(model, variables, inp, feat, coord, cell, kvs, sub):
     """Prediction (B, C, 3) of a chunk given every layer's kv."""
-    fn = lambda m: m.project(_layers(m, feat, coord, cell, kvs, None)[0], inp, coord)
-    return model.apply(variables, method=fn)
+    def piece(c):
+        fn = lambda m: m.project(_lift_mix(m, feat, c, cell, kvs), inp, c)
+        return model.apply(variables, method=fn)
+    return _merge(_sub_map(piece, sub, coord))
 
 
-@partial(jax.jit, static_argnums=0)
-def _one_chunk(model, variables, inp, feat, coord, cell, mask, n):
-    """All queries in one padded chunk: moments and outputs in a single pass."""
-    def fn(m):
-        kvs = ()
-        for layer in m.kernel_integrals:
-            kvs += (_layers(m, feat, coord, cell, kvs, mask)[1] / n,)
-        return m.project(_layers(m, feat, coord, cell, kvs, None)[0], inp, coord)
-    return model.apply(variables, method=fn)
+@partial(jax.jit, static_argnums=(0, 8))
+def _one_chunk(model, variables, inp, feat, coord, cell, mask, n, sub):
+    """All queries in one padded chunk: each layer's input z is kept between the passes
+    (2 x chunk x width floats), so nothing is computed twice."""
+    def run(fn, *xs):  # fn(module, *pieces) over sub-chunks of xs
+        return _sub_map(lambda *p: model.apply(variables, *p, method=fn), sub, *xs)
+
+    z = _merge(run(lambda m, c: m.lift(feat, c, cell), coord))
+    for i in range(KERNEL_INTEGRALS):
+        kv = run(lambda m, zz, mk: m.kernel_integrals[i].moments(zz, mk), z, mask).sum(0) / n
+        if i + 1 < KERNEL_INTEGRALS:
+            z = _merge(run(lambda m, zz: m.kernel_integrals[i].mix(zz, kv), z))
+    return _merge(run(lambda m, zz, c: m.project(m.kernel_integrals[-1].mix(zz, kv), inp, c),
+                      z, coord))
 
 
-def _chunk_len(n: int, chunk_size: int | None) -> int:
-    """Queries per chunk: chunk_size (default DEFAULT_CHUNK), at most the next power of
-    two >= n, so that small outputs are not padded far and sizes share compilations."""
+def _chunk_len(n: int, chunk_size: int | None) -> tuple[int, int]:
+    """(queries per chunk, per sub-chunk). The chunk is chunk_size (default
+    DEFAULT_CHUNK) but at most the next power of two >= n, so that small outputs are not
+    padded far and sizes share compilations, rounded up to a multiple of the sub-chunk
+    (SUB_CHUNK, or the chunk itself when smaller)."""
     chunk_size = DEFAULT_CHUNK if chunk_size is None else chunk_size
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    return min(int(chunk_size), 1 << max(n - 1, 0).bit_length())
+    chunk = min(int(chunk_size), 1 << max(n - 1, 0).bit_length())
+    sub = min(SUB_CHUNK, chunk)
+    return -(-chunk // sub) * sub, sub
 
 
 def predict(model, variables, inp, coord, cell, chunk_size: int | None = None,
@@ -158,29 +188,31 @@ def predict(model, variables, inp, coord, cell, chunk_size: int | None = None,
     coord = np.asarray(coord, np.float32)
     b, n = coord.shape[0], math.prod(coord.shape[1:-1])
     flat = coord.reshape(b, n, 2)
-    chunk = _chunk_len(n, chunk_size)
+    chunk, sub = _chunk_len(n, chunk_size)
     n_chunks = -(-n // chunk)
     # Pad with copies of the last query: real coordinates, masked out of the sums.
     flat = np.concatenate([flat, np.repeat(flat[:, -1:], n_chunks * chunk - n, axis=1)], axis=1)
-    mask = (np.arange(n_chunks * chunk) < n).astype(np.float32).reshape(n_chunks, chunk)
+    mask = np.broadcast_to((np.arange(n_chunks * chunk) < n).astype(np.float32)
+                           .reshape(n_chunks, 1, chunk), (n_chunks, b, chunk))
     coords = flat.reshape(b, n_chunks, chunk, 2)
     feat = encode(model, variables, inp, tile)
     inp, cell = jnp.asarray(inp), jnp.asarray(cell, jnp.float32)
     if n_chunks == 1:
         out = np.asarray(_one_chunk(model, variables, inp, feat, coords[:, 0], cell, mask[0],
-                                    np.float32(n)))
+                                    np.float32(n), sub))
     else:
         d = model.width // model.heads
         kvs = ()
-        for _ in range(len(model.bind(variables).kernel_integrals)):
+        for _ in range(KERNEL_INTEGRALS):
             total = jnp.zeros((b, model.heads, d, d), jnp.float32)
             for i in range(n_chunks):
-                total = _moments(model, variables, feat, coords[:, i], cell, kvs, mask[i], total)
+                total = _moments(model, variables, feat, coords[:, i], cell, kvs, mask[i],
+                                 total, sub)
             kvs += (total / n,)
         out = np.empty((b, n_chunks * chunk, 3), np.float32)
         for i in range(n_chunks):
             out[:, i * chunk:(i + 1) * chunk] = _project(model, variables, inp, feat,
-                                                         coords[:, i], cell, kvs)
+                                                         coords[:, i], cell, kvs, sub)
     return out[:, :n].reshape(*coord.shape[:-1], 3)
 
 

@@ -16,6 +16,7 @@ from srno_jax.coords import make_coord, nearest_index, sample_bilinear
 from srno_jax.models.layers import LinearParams, dense
 
 _EPS_SHIFT = 1e-6  # the reference's nudge off exact pixel boundaries
+KERNEL_INTEGRALS = 2  # the paper's two kernel integral layers
 
 
 def lifting_inputs(feat, coord, cell):
@@ -32,10 +33,13 @@ def lifting_inputs(feat, coord, cell):
       coord: (B, N, 2) float32 query points.
       cell: (B, 2) float32.
     Returns:
-      (B, N, 4 * (C + 2) + 2) array in feat's dtype.
+      (B, N, 4 * (C + 2) + 2) array in feat's dtype (computed in float32).
     """
     b, h, w, c = feat.shape
-    feat = feat.reshape(b, h * w, c)
+    dtype = feat.dtype
+    # Gathered in float32: the gradient is a scatter-add, and atomic adds in bfloat16 are
+    # slow on GPUs.
+    feat = feat.reshape(b, h * w, c).astype(jnp.float32)
     # LR pixel centres are read from make_coord's float32 table, not recomputed: at odd
     # integer scales the output depends on their exact bits (see docs/numerics).
     centres = jnp.asarray(make_coord((h, w)).reshape(h * w, 2))
@@ -51,10 +55,9 @@ def lifting_inputs(feat, coord, cell):
             feats.append(jnp.take_along_axis(feat, idx[..., None], axis=1))
             areas.append(jnp.abs(rel[..., 0] * rel[..., 1]) + 1e-9)
     total = areas[0] + areas[1] + areas[2] + areas[3]
-    weighted = [f * (areas[3 - i] / total)[..., None].astype(f.dtype) for i, f in enumerate(feats)]
+    weighted = [f * (areas[3 - i] / total)[..., None] for i, f in enumerate(feats)]
     rel_cell = jnp.broadcast_to((cell * size)[:, None, :], coord.shape)
-    return jnp.concatenate([*(r.astype(feat.dtype) for r in rels), *weighted,
-                            rel_cell.astype(feat.dtype)], axis=-1)
+    return jnp.concatenate([*rels, *weighted, rel_cell], axis=-1).astype(dtype)
 
 
 class HeadLayerNorm(nn.Module):
@@ -166,7 +169,7 @@ class SRNO(nn.Module):
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         self.lifting = dense(self.width, 4 * (self.encoder.out_dim + 2) + 2, dtype=self.dtype)
         self.kernel_integrals = [GalerkinAttention(self.width, self.heads, self.dtype)
-                                 for _ in range(2)]
+                                 for _ in range(KERNEL_INTEGRALS)]
         self.projection = Projection(self.width, dtype=self.dtype)
 
     def encode(self, inp):
