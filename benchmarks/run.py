@@ -261,7 +261,7 @@ def _case_input_pipeline(repeats: int) -> dict:
     source = MemorySource(div2k_like_images(), "div2k-like")
     with TrainLoader(source, global_batch=batch, seed=0, inp_size=128, scale_min=1.0,
                      scale_max=4.0, augment=True, sample_q=128 * 128, repeat=20,
-                     workers=os.cpu_count(), prefetch=2) as loader:
+                     workers=os.cpu_count(), prefetch=2, processes=True) as loader:
         # The pool never idles (the next batch is queued as one is taken), so the wait
         # for each batch in turn is the time to build one.
         t = time_fn(lambda: next(loader), repeats)

@@ -29,7 +29,8 @@ def get_config():
     c.data.scale_max = 4.0
     c.data.sample_q = 128 * 128
     c.data.augment = True
-    c.data.workers = 0  # 0: one thread per core
+    c.data.workers = 0  # 0: one per core
+    c.data.worker_processes = True  # processes, not threads: scales past a few cores
     c.data.prefetch = 2
 
     c.optim = ml_collections.ConfigDict()

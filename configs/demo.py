@@ -17,6 +17,7 @@ def get_config():
     c.data.train = "demo"
     c.data.val = "demo"
     c.data.repeat = 100
+    c.data.worker_processes = False  # two cores: threads start faster
     c.data.inp_size = 32
     c.data.sample_q = 32 * 32
     c.optim.lr = 2e-4

@@ -13,6 +13,7 @@ import collections
 import concurrent.futures
 import functools
 import math
+import multiprocessing
 import os
 
 import numpy as np
@@ -25,6 +26,23 @@ def steps_per_epoch(num_images: int, repeat: int, global_batch: int) -> int:
     """ceil(num_images * repeat / global_batch), as the reference's DataLoader
     (drop_last=False): DIV2K 800 * 20 / 64 -> 250."""
     return math.ceil(num_images * repeat / global_batch)
+
+
+def _build_sample(source, i: int, seed: int, step: int, k: int, kw: dict) -> dict:
+    return sample_patch(source[i], np.random.default_rng([seed, step, k]),
+                        name=f"{source.name}[{i}]", **kw)
+
+
+_worker_source = None  # a worker process's copy of the source, set once at its start
+
+
+def _init_worker(source):
+    global _worker_source
+    _worker_source = source
+
+
+def _build_sample_in_worker(*args) -> dict:
+    return _build_sample(_worker_source, *args)
 
 
 @functools.lru_cache(maxsize=4)
@@ -43,14 +61,17 @@ class TrainLoader:
 
     `workers` threads (None: os.cpu_count()) build samples; from construction on and
     after each batch handed out, the next `prefetch` batches are in flight. Call
-    `close()` or use ``with`` to stop them.
+    `close()` or use ``with`` to stop them. With `processes`, the workers are processes
+    instead (spawned; the source must pickle): part of a sample's work holds Python's
+    GIL, so threads stop scaling at a few cores, processes do not. The samples are the
+    same either way.
     """
 
     def __init__(self, source, *, global_batch: int, seed: int, start_step: int = 0,
                  process_index: int = 0, process_count: int = 1, inp_size: int = 128,
                  scale_min: float = 1.0, scale_max: float = 4.0, augment: bool = True,
                  sample_q: int | None = None, repeat: int = 1, workers: int | None = None,
-                 prefetch: int = 2):
+                 prefetch: int = 2, processes: bool = False):
         if global_batch < 1 or global_batch % process_count:
             raise ConfigError(f"global_batch {global_batch} must be a positive multiple of "
                               f"process_count {process_count}")
@@ -71,7 +92,13 @@ class TrainLoader:
         self._sample_kw = dict(inp_size=inp_size, scale_min=scale_min, scale_max=scale_max,
                                augment=augment,
                                sample_q=check_config(inp_size, scale_min, scale_max, sample_q))
-        self._pool = concurrent.futures.ThreadPoolExecutor(workers, "train-loader")
+        self._processes = processes
+        if processes:  # the source is sent to each process once, at its start
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker, initargs=(source,))
+        else:
+            self._pool = concurrent.futures.ThreadPoolExecutor(workers, "train-loader")
         self._pending = collections.deque()  # (step, [future per local sample])
         self._next_submit = start_step
         self._closed = False
@@ -83,18 +110,18 @@ class TrainLoader:
         perm = _epoch_permutation(self.seed, g // self.epoch_size, self.epoch_size)
         return int(perm[g % self.epoch_size]) % len(self.source)
 
-    def _sample(self, step: int, k: int) -> dict:
-        i = self.image_index(step, k)
-        rng = np.random.default_rng([self.seed, step, k])
-        return sample_patch(self.source[i], rng, name=f"{self.source.name}[{i}]",
-                            **self._sample_kw)
+    def _submit(self, step: int, k: int):
+        args = (self.image_index(step, k), self.seed, step, k, self._sample_kw)
+        if self._processes:
+            return self._pool.submit(_build_sample_in_worker, *args)
+        return self._pool.submit(_build_sample, self.source, *args)
 
     def _fill(self, n: int):
         """Submits batches until `n` are in flight."""
         while len(self._pending) < n:
             s = self._next_submit
             ks = range(self.first_k, self.first_k + self.local)
-            self._pending.append((s, [self._pool.submit(self._sample, s, k) for k in ks]))
+            self._pending.append((s, [self._submit(s, k) for k in ks]))
             self._next_submit += 1
 
     def __iter__(self):

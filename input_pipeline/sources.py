@@ -61,6 +61,12 @@ class FolderSource:
     def __len__(self) -> int:
         return len(self.files)
 
+    def __getstate__(self):  # for worker processes: a lock does not pickle
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _lock=threading.Lock())
+
     def __getitem__(self, i: int) -> np.ndarray:
         i = int(i)
         if self._cache is not None and i in self._cache:

@@ -201,7 +201,7 @@ def make_loader(config, start_step: int, source=None):
         process_index=jax.process_index(), process_count=jax.process_count(),
         inp_size=d.inp_size, scale_min=d.scale_min, scale_max=d.scale_max, augment=d.augment,
         sample_q=d.sample_q or None, repeat=d.repeat, workers=d.workers or None,
-        prefetch=d.prefetch)
+        prefetch=d.prefetch, processes=d.worker_processes)
 
 
 def validate(model, params, images, scales, protocol: str = "benchmark"):

@@ -273,3 +273,19 @@ def test_tfds_unprepared_gives_fix(tmp_path):
     pytest.importorskip("tensorflow_datasets")
     with pytest.raises(DataError, match=f"--data_dir={tmp_path}"):
         TFDSSource("div2k", "train", data_dir=str(tmp_path))
+
+
+def test_process_workers_give_the_same_batches(tmp_path):
+    """Spawned worker processes (for many-core hosts) produce exactly the threads' batches."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    source = FolderSource(folder)
+    kw = dict(global_batch=4, seed=5, inp_size=8, sample_q=32, workers=2, start_step=1)
+    with TrainLoader(source, **kw) as threads, TrainLoader(source, processes=True, **kw) as procs:
+        for _ in range(2):
+            a, b = next(threads), next(procs)
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key])
