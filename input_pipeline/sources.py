@@ -14,9 +14,8 @@ import numpy as np
 from PIL import Image
 
 from srno_jax.errors import DataError
-from srno_jax.images import load_image
+from srno_jax.images import IMAGE_EXTENSIONS, image_files, load_image
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 class FolderSource:
@@ -37,13 +36,9 @@ class FolderSource:
         self.name = self.path
         if not os.path.isdir(self.path):
             raise DataError(f"image folder not found: {self.path}")
-        names = sorted(f for f in os.listdir(self.path)
-                       if f.lower().endswith(IMAGE_EXTENSIONS)
-                       and os.path.isfile(os.path.join(self.path, f)))
         self.skipped = 0
         self.files = []
-        for f in names:
-            full = os.path.join(self.path, f)
+        for full in image_files(self.path):
             try:
                 with Image.open(full) as img:
                     img.verify()

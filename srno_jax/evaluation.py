@@ -15,10 +15,9 @@ import numpy as np
 
 from srno_jax.coords import make_coord
 from srno_jax.errors import ConfigError, DataError
-from srno_jax.images import load_image, normalise, resize_bicubic
+from srno_jax.images import IMAGE_EXTENSIONS, image_files, load_image, normalise, resize_bicubic
 from srno_jax.metrics import PROTOCOLS, default_protocol, eval_cell, make_eval_pair, psnr, ssim
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 _BENCHMARKS = {"set5": "Set5", "set14": "Set14", "b100": "B100", "bsd100": "B100",
                "urban100": "Urban100", "manga109": "Manga109"}
 
@@ -57,8 +56,7 @@ def resolve_dataset(name: str, data_dir: str | None) -> tuple[str, str]:
 
 def list_images(folder: str) -> list[str]:
     """Sorted paths of the image files (by extension) in `folder`; DataError if none."""
-    files = sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    files = image_files(folder)
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
     return files

@@ -12,6 +12,15 @@ from PIL import Image
 
 from srno_jax.errors import DataError
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def image_files(folder: str | os.PathLike) -> list[str]:
+    """Sorted paths of the files directly in `folder` with an image extension (any case)."""
+    folder = os.fspath(folder)
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                  if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, f)))
+
 
 def to_rgb_uint8(img: Image.Image) -> np.ndarray:
     """Converts any PIL image to an (H, W, 3) uint8 RGB array.
