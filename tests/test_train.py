@@ -109,3 +109,23 @@ def test_batch_not_divisible_by_devices(image_dir):
 
     with pytest.raises(ConfigError, match="batch_size 12 is not divisible by the 8 devices"):
         sharding.check_batch_size(12, Mesh())
+
+
+def test_resume_on_another_device_count(image_dir, tmp_path):
+    """A checkpoint written on 1 device resumes on 8 and ends as an uninterrupted run."""
+    def run(n, workdir, steps):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+                   JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent)]))
+        p = subprocess.run([sys.executable, str(TESTS / "train_worker.py"), str(image_dir),
+                            str(workdir), str(tmp_path / f"{workdir.name}_{n}_{steps}.npz"),
+                            str(steps)], env=env, check=True, capture_output=True, text=True,
+                           timeout=300)
+        return np.load(tmp_path / f"{workdir.name}_{n}_{steps}.npz"), p.stderr
+
+    straight, _ = run(1, tmp_path / "straight", 4)
+    run(1, tmp_path / "moved", 2)
+    moved, log = run(8, tmp_path / "moved", 4)
+    assert int(moved["devices"]) == 8 and "resumed from step 2" in log, log
+    for k in straight.files:
+        if k != "devices":
+            np.testing.assert_allclose(moved[k], straight[k], rtol=0, atol=1e-6, err_msg=k)

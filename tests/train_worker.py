@@ -12,6 +12,7 @@ from srno_jax import train
 
 
 def main(image_dir, workdir, out, steps):
+    train.setup_logging()  # progress on stderr, e.g. "resumed from step k"
     config = tiny_config(image_dir, total_steps=int(steps))
     train.train_and_evaluate(config, workdir)
     model, variables = train.load_for_inference(workdir)
