@@ -1,0 +1,49 @@
+"""Worst differences from the reference's golden vectors, per golden set.
+
+  python benchmarks/golden_report.py [GOLDEN_DIR]   (default: ../shared/golden)
+
+tests/test_golden.py asserts the tolerances; this prints how far inside them we are.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from srno_jax import load_checkpoint  # noqa: E402
+from srno_jax.checkpoints import params_to_torch  # noqa: E402
+
+CASES = ("grid_x2.5", "grid_x7_mcell", "train_batch_x3.3")
+
+
+def report(folder: Path) -> str:
+    model, variables = load_checkpoint(folder / "checkpoint.pth")
+    z = np.load(folder / "cases.npz")
+    nhwc = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1))
+    encode = jax.jit(lambda v, x: model.apply(v, x, method=model.encode))
+    apply = jax.jit(model.apply)
+    feat = pred = 0.0
+    for c in CASES:
+        inp = nhwc(z[f"{c}/inp"])
+        feat = max(feat, float(jnp.abs(encode(variables, inp) - nhwc(z[f"{c}/feat"])).max()))
+        out = apply(variables, inp, jnp.asarray(z[f"{c}/coord"]), jnp.asarray(z[f"{c}/cell"]))
+        pred = max(pred, float(jnp.abs(out - nhwc(z[f"{c}/pred"])).max()))
+    c = "train_batch_x3.3"
+    inp, coord, cell = nhwc(z[f"{c}/inp"]), jnp.asarray(z[f"{c}/coord"]), jnp.asarray(z[f"{c}/cell"])
+    gt = (nhwc(z[f"{c}/gt"]) - 0.5) / 0.5
+    loss, grads = jax.jit(jax.value_and_grad(lambda p: jnp.mean(jnp.abs(
+        model.apply({"params": p}, inp, coord, cell) - gt))))(variables["params"])
+    grad = max(np.linalg.norm(g - z[f"grad/{k}"]) / np.linalg.norm(z[f"grad/{k}"])
+               for k, g in params_to_torch(grads, model).items())
+    return (f"{folder.name:16} features {feat:.1e}  predictions {pred:.1e}  "
+            f"loss {abs(float(loss) - float(z[f'{c}/loss'])):.1e}  gradients {grad:.1e} (relative)")
+
+
+if __name__ == "__main__":
+    root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[2] / "shared" / "golden"
+    for name in ("small_edsr_srno", "edsr_srno", "rdn_srno"):
+        if (root / name / "cases.npz").exists():
+            print(report(root / name), flush=True)
