@@ -161,11 +161,12 @@ def load_for_inference(path: str):
     model = make_model(m["encoder"], m["encoder_args"], width=m["width"], heads=m["heads"])
     config = ml_collections.ConfigDict(meta["config"])
     tx = make_optimizer(config)
-    target = jax.eval_shape(lambda: init_state(model, tx, 0))
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    mngr = ocp.CheckpointManager(ckpts, options=ocp.CheckpointManagerOptions(read_only=True))
-    state, _ = restore_checkpoint(mngr, step, target, jax.tree.map(lambda _: device, target))
-    mngr.close()
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          jax.eval_shape(lambda: init_state(model, tx, 0)))
+    # Read the one item directly: a read-only CheckpointManager only adds warnings here.
+    with ocp.StandardCheckpointer() as checkpointer:
+        state = checkpointer.restore(os.path.join(ckpts, str(step), "state"), target)
     return model, {"params": state.params}
 
 
