@@ -41,7 +41,7 @@ def lifting_inputs(feat, coord, cell):
     # slow on GPUs.
     feat = feat.reshape(b, h * w, c).astype(jnp.float32)
     # LR pixel centres are read from make_coord's float32 table, not recomputed: at odd
-    # integer scales the output depends on their exact bits (see docs/numerics).
+    # integer scales the output depends on their exact bits (README, "Architecture").
     centres = jnp.asarray(make_coord((h, w)).reshape(h * w, 2))
     size = np.array([h, w], np.float32)
     rels, feats, areas = [], [], []
