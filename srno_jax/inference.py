@@ -224,16 +224,18 @@ def output_size(hw: tuple[int, int], scale, size) -> tuple[int, int]:
         raise ConfigError("give exactly one of scale (e.g. 3.7) or size (height, width)")
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float, np.number)) \
-                or not math.isfinite(scale) or scale <= 0:
-            raise ConfigError(f"scale must be a finite number > 0, got {scale!r}")
+                or not math.isfinite(scale) or scale <= 1:
+            raise ConfigError(f"scale must be a finite number > 1 (SRNO enlarges; to shrink an "
+                              f"image use PIL's resize), got {scale!r}")
         out = (max(round(hw[0] * scale), 1), max(round(hw[1] * scale), 1))
     else:
         if (not isinstance(size, (tuple, list)) or len(size) != 2
                 or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in size)):
             raise ConfigError(f"size must be (height, width) integers, got {size!r}")
-        if min(size) < 1:
-            raise ConfigError(f"size must be at least 1 x 1, got {tuple(size)}")
         out = (int(size[0]), int(size[1]))
+        if out[0] < hw[0] or out[1] < hw[1] or out == tuple(hw):
+            raise ConfigError(f"size {out[0]}x{out[1]} (height x width) does not enlarge the "
+                              f"{hw[0]}x{hw[1]} input; SRNO only enlarges: give a larger size")
     if out[0] * out[1] > MAX_OUTPUT_PIXELS:
         raise ConfigError(f"output {out[0]}x{out[1]} has {out[0] * out[1]} pixels, more than the "
                           f"limit {MAX_OUTPUT_PIXELS}; upscale in tiles or choose a smaller size")
@@ -265,9 +267,10 @@ def upscale(model, variables, image, *, scale: float | None = None,
       image: a PIL image of any mode, or a numpy array: uint8 (H, W), (H, W, 1),
         (H, W, 3) RGB or (H, W, 4) RGBA, or uint16 (H, W). Converted to RGB by
         `images.to_rgb_uint8` (16-bit values are scaled to 0..255).
-      scale: output = (round(H * scale), round(W * scale)), each at least 1; any
-        finite float > 0, not only integers.
-      size: explicit output (height, width) instead of scale.
+      scale: output = (round(H * scale), round(W * scale)); any finite float > 1, not
+        only integers.
+      size: explicit output (height, width) instead of scale, no side smaller than the
+        input's and not equal to it.
       chunk_size, tile: see `predict`.
     Returns:
       uint8 array: (H', W', 3) for colour input; (H', W') for grayscale input (1-channel,

@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="image file (any format PIL reads)")
     p.add_argument("output", help="PNG file to write")
     how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--scale", type=float, help="scale factor, any number > 0 (e.g. 3.7)")
+    how.add_argument("--scale", type=float, help="scale factor, any number > 1 (e.g. 3.7)")
     how.add_argument("--size", type=_size, help="output size as WIDTHxHEIGHT, e.g. 1920x1080")
     p.add_argument("--checkpoint", help="reference .pth or Orbax checkpoint (default: an "
                    "untrained EDSR-baseline SRNO, for trying the tool only)")

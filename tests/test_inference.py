@@ -94,7 +94,9 @@ def test_upscale_scale_size_and_modes(small):
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(scale=0), "scale"), (dict(scale=-2), "scale"), (dict(scale=float("nan")), "scale"),
-    (dict(size=(0, 5)), "at least"), (dict(size=(5,)), "height, width"),
+    (dict(scale=1), r"scale must be a finite number > 1"), (dict(scale=0.5), "> 1"),
+    (dict(size=(0, 5)), "does not enlarge"), (dict(size=(3, 8)), "does not enlarge"),
+    (dict(size=(4, 4)), "does not enlarge"), (dict(size=(5,)), "height, width"),
     (dict(scale=2, size=(4, 4)), "exactly one"), (dict(), "exactly one"),
     (dict(size=(100000, 100000)), "limit"), (dict(scale=2, chunk_size=0), "chunk_size")])
 def test_upscale_bad_arguments(small, kwargs, match):
@@ -122,5 +124,5 @@ def test_upscale_cli(small, tmp_path, capsys):
     assert main([*args, "--scale", "-1"]) == 2
     assert main([str(tmp_path / "missing.png"), str(out), "--scale", "2"]) == 2
     err = capsys.readouterr().err
-    assert "scale must be a finite number > 0" in err and "image not found" in err
+    assert "scale must be a finite number > 1" in err and "image not found" in err
     assert "Traceback" not in err
