@@ -35,11 +35,10 @@ def _child(mode: str, lr: int, out: int, chunk_size: int) -> dict:
     from srno_jax.inference import upscale
     from srno_jax.images import normalise
     from srno_jax.metrics import eval_cell
-    from srno_jax.models import make_model
+    from srno_jax.models import init_variables, make_model
 
     model = make_model()
-    z = np.zeros
-    variables = model.init(jax.random.key(0), z((1, 8, 8, 3)), z((1, 4, 2)), z((1, 2)))
+    variables = init_variables(model)
     y, x = np.mgrid[0:lr, 0:lr] / lr
     img = np.stack([np.sin(7 * x * y), np.cos(5 * x), y], -1) * 127.5 + 127.5
     img = img.round().astype(np.uint8)

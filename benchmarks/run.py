@@ -184,12 +184,11 @@ def run_ceiling(repeats: int) -> dict:
 def _case_inference(repeats: int) -> dict:
     from srno_jax.coords import make_coord
     from srno_jax.inference import predict
-    from srno_jax.models import make_model
+    from srno_jax.models import init_variables, make_model
 
     lr, out = 128, 512
     model = make_model()
-    z = np.zeros
-    variables = model.init(jax.random.key(0), z((1, 8, 8, 3)), z((1, 4, 2)), z((1, 2)))
+    variables = init_variables(model)
     inp = jax.random.uniform(jax.random.key(1), (1, lr, lr, 3), minval=-1, maxval=1)
     coord = jnp.asarray(make_coord((out, out))[None])
     cell = jnp.full((1, 2), 2 / out, jnp.float32)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from srno_jax.errors import CheckpointError, ConfigError
-from srno_jax.models import SRNO, make_model
+from srno_jax.models import SRNO, init_variables, make_model
 
 # (pattern on the Flax path, torch name template); the first match wins.
 _RULES = [
@@ -87,8 +87,7 @@ def _n_resblocks(model: SRNO):
 
 def abstract_variables(model: SRNO):
     """Shapes and dtypes of the model's variables, without computing anything."""
-    dummy = (jnp.zeros((1, 8, 8, 3)), jnp.zeros((1, 4, 2)), jnp.zeros((1, 2)))
-    return jax.eval_shape(model.init, jax.random.key(0), *dummy)
+    return jax.eval_shape(lambda: init_variables(model))
 
 
 def params_to_torch(params, model: SRNO) -> dict[str, np.ndarray]:

@@ -24,7 +24,7 @@ from flax import struct
 import input_pipeline
 from srno_jax import evaluation, sharding
 from srno_jax.errors import CheckpointError, SRNOError
-from srno_jax.models import SRNO, make_model
+from srno_jax.models import SRNO, init_variables, make_model
 from srno_jax.schedules import lr_at_epoch
 
 log = logging.getLogger("srno_jax")
@@ -65,8 +65,7 @@ def learning_rate(step, config, steps_per_epoch: int):
 
 
 def init_state(model: SRNO, tx, seed: int) -> TrainState:
-    dummy = (jnp.zeros((1, 8, 8, 3)), jnp.zeros((1, 4, 2)), jnp.zeros((1, 2)))
-    params = model.init(jax.random.key(seed), *dummy)["params"]
+    params = init_variables(model, seed)["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       nonfinite=jnp.zeros((), jnp.int32))
 

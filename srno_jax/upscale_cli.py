@@ -10,7 +10,6 @@ import argparse
 import re
 import sys
 
-import numpy as np
 
 from srno_jax.errors import ConfigError, SRNOError
 
@@ -38,10 +37,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _model(checkpoint: str | None):
-    import jax
-
     from srno_jax.checkpoints import load_checkpoint
-    from srno_jax.models import make_model
+    from srno_jax.models import init_variables, make_model
 
     if checkpoint:
         return load_checkpoint(checkpoint)
@@ -49,9 +46,7 @@ def _model(checkpoint: str | None):
           "Its weights are UNTRAINED, so the output is not a real super-resolution.",
           file=sys.stderr)
     model = make_model()
-    dummy = (np.zeros((1, 8, 8, 3), np.float32), np.zeros((1, 4, 2), np.float32),
-             np.zeros((1, 2), np.float32))
-    return model, model.init(jax.random.key(0), *dummy)
+    return model, init_variables(model)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,15 @@ def make_encoder(name: str, args: dict | None = None, dtype="float32"):
                 res_scale=float(a["res_scale"]), dtype=dtype)
 
 
+def init_variables(model: SRNO, seed: int = 0) -> dict:
+    """Freshly initialised ``{'params': ...}`` (the shapes do not depend on input sizes)."""
+    import jax
+    import jax.numpy as jnp
+
+    dummy = (jnp.zeros((1, 8, 8, 3)), jnp.zeros((1, 4, 2)), jnp.zeros((1, 2)))
+    return model.init(jax.random.key(seed), *dummy)
+
+
 def make_model(encoder: str = "edsr-baseline", encoder_args: dict | None = None,
                width: int = 256, heads: int = 16, dtype="float32") -> SRNO:
     """SRNO from the reference's model args (`blocks` there is `heads` here)."""
@@ -40,4 +49,4 @@ def make_model(encoder: str = "edsr-baseline", encoder_args: dict | None = None,
 
 
 __all__ = ["EDSR", "RDN", "SRNO", "GalerkinAttention", "Projection", "lifting_inputs",
-           "make_encoder", "make_model", "ENCODER_DEFAULTS"]
+           "make_encoder", "make_model", "init_variables", "ENCODER_DEFAULTS"]
