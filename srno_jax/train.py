@@ -42,10 +42,20 @@ class TrainState(struct.PyTreeNode):
     nonfinite: jax.Array  # consecutive steps skipped for a non-finite loss or gradient
 
 
-def model_from_config(config) -> SRNO:
+def model_spec(config) -> dict:
+    """The model part of a config as plain JSON, as checkpoints record it."""
     m = config.model
-    return make_model(m.encoder, dict(m.encoder_args), width=m.width, heads=m.heads,
-                      dtype=config.get("compute_dtype", "float32"))
+    return {"encoder": m.encoder, "encoder_args": dict(m.encoder_args), "width": m.width,
+            "heads": m.heads}
+
+
+def model_from_spec(spec: dict, dtype="float32") -> SRNO:
+    return make_model(spec["encoder"], spec["encoder_args"], width=spec["width"],
+                      heads=spec["heads"], dtype=dtype)
+
+
+def model_from_config(config) -> SRNO:
+    return model_from_spec(model_spec(config), config.get("compute_dtype", "float32"))
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -105,11 +115,9 @@ def compile_step(model, tx, config, steps_per_epoch, mesh, state):
 
 # --- checkpoints ---------------------------------------------------------------------------
 
-def checkpoint_manager(workdir: str, config=None, read_only: bool = False) -> ocp.CheckpointManager:
-    keep = config.checkpoint.keep if config is not None else 3
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                           read_only=read_only,
-                                           enable_async_checkpointing=not read_only)
+def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+    """Asynchronous saves into <workdir>/checkpoints, keeping the last checkpoint.keep."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, create=True)
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                  options=options)
 
@@ -122,19 +130,12 @@ def save_checkpoint(mngr: ocp.CheckpointManager, state: TrainState, config) -> N
                                             meta=ocp.args.JsonSave(meta)), force=True)
 
 
-def model_spec(config) -> dict:
-    m = config.model
-    return {"encoder": m.encoder, "encoder_args": dict(m.encoder_args), "width": m.width,
-            "heads": m.heads}
-
-
 def restore_checkpoint(mngr: ocp.CheckpointManager, step: int, target: TrainState, shardings):
     """Restores `step` onto the current devices (any count): shapes from `target`."""
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             target, shardings)
-    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                     meta=ocp.args.JsonRestore()))
-    return out["state"], out["meta"]
+    return mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))["state"]
 
 
 def _step_dir(path: str):
@@ -156,10 +157,8 @@ def load_for_inference(path: str):
     ckpts, step = _step_dir(path)
     with open(os.path.join(ckpts, str(step), "meta", "metadata")) as f:
         meta = json.load(f)
-    m = meta["model"]
-    model = make_model(m["encoder"], m["encoder_args"], width=m["width"], heads=m["heads"])
-    config = ml_collections.ConfigDict(meta["config"])
-    tx = make_optimizer(config)
+    model = model_from_spec(meta["model"])
+    tx = make_optimizer(ml_collections.ConfigDict(meta["config"]))
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           jax.eval_shape(lambda: init_state(model, tx, 0)))
@@ -194,9 +193,10 @@ class _StopSignal:
 
 
 def make_loader(config, start_step: int, source=None):
+    """This host's TrainLoader from `start_step` (the source made from config if None)."""
     d = config.data
     source = source or input_pipeline.make_source(d.train, "train", d.get("data_dir"))
-    return source, input_pipeline.TrainLoader(
+    return input_pipeline.TrainLoader(
         source, global_batch=config.batch_size, seed=config.seed, start_step=start_step,
         process_index=jax.process_index(), process_count=jax.process_count(),
         inp_size=d.inp_size, scale_min=d.scale_min, scale_max=d.scale_max, augment=d.augment,
@@ -245,7 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             raise CheckpointError(f"{workdir} holds a checkpoint of model {meta['model']}, "
                                   f"but the config asks for {model_spec(config)}; use another "
                                   "--workdir or the matching config")
-        state, meta = restore_checkpoint(mngr, mngr.latest_step(), state, shardings)
+        state = restore_checkpoint(mngr, mngr.latest_step(), state, shardings)
         log.info("resumed from step %d", int(state.step))
     step_fn = compile_step(model, tx, config, spe, mesh, state)
 
@@ -256,7 +256,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer = _summary_writer(workdir)
 
     start_step, t0, results = int(state.step), time.time(), {}
-    _, loader = make_loader(config, start_step, source)
+    loader = make_loader(config, start_step, source)
     log.info("training %s on %d device(s) of %d host(s): batch %d (%d per host), %d steps/epoch, "
              "steps %d..%d", config.model.encoder, jax.device_count(), jax.process_count(),
              config.batch_size, loader.local, spe, start_step, total)

@@ -62,7 +62,7 @@ def test_loss_falls(image_dir):
     mesh = sharding.make_mesh()
     state = train.init_state(model, tx, 0)
     step = train.compile_step(model, tx, config, 100, mesh, state)
-    _, loader = train.make_loader(config, 0)
+    loader = train.make_loader(config, 0)
     losses = []
     with loader:
         for _ in range(40):
