@@ -13,10 +13,9 @@ from typing import Callable
 
 import numpy as np
 
-from srno_jax.coords import make_coord
 from srno_jax.errors import ConfigError, DataError
-from srno_jax.images import IMAGE_EXTENSIONS, image_files, load_image, normalise, resize_bicubic
-from srno_jax.metrics import PROTOCOLS, default_protocol, eval_cell, make_eval_pair, psnr, ssim
+from srno_jax.images import IMAGE_EXTENSIONS, image_files, load_image, resize_bicubic
+from srno_jax.metrics import PROTOCOLS, default_protocol, make_eval_pair, psnr, ssim
 
 _BENCHMARKS = {"set5": "Set5", "set14": "Set14", "b100": "B100", "bsd100": "B100",
                "urban100": "Urban100", "manga109": "Manga109"}
@@ -68,15 +67,11 @@ def bicubic_upsampler(lr: np.ndarray, hr_size: tuple, scale: float) -> np.ndarra
 
 
 def model_upsampler(model, variables, chunk_size: int | None = None) -> Upsampler:
-    """An upsampler running SRNO with exact chunked inference (`inference.predict`)."""
-    from srno_jax.inference import predict
+    """An upsampler running SRNO with exact chunked inference (`inference.super_resolve`)."""
+    from srno_jax.inference import super_resolve
 
-    def run(lr, hr_size, scale):
-        pred = predict(model, variables, normalise(lr)[None], make_coord(hr_size)[None],
-                       eval_cell(hr_size, scale)[None], chunk_size)[0]
-        return np.clip(pred * 0.5 + 0.5, 0, 1)
-
-    return run
+    return lambda lr, hr_size, scale: super_resolve(model, variables, lr, hr_size, scale,
+                                                    chunk_size)
 
 
 def score_image(upsampler: Upsampler, hr_uint8: np.ndarray, scale: float, protocol: str | None,

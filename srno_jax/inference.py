@@ -216,6 +216,19 @@ def predict(model, variables, inp, coord, cell, chunk_size: int | None = None,
     return out[:, :n].reshape(*coord.shape[:-1], 3)
 
 
+def super_resolve(model, variables, lr: np.ndarray, size: tuple[int, int], scale: float,
+                  chunk_size: int | None = None, tile: int = DEFAULT_TILE) -> np.ndarray:
+    """The model's (H, W, 3) float image in [0, 1] of size = (H, W) from an LR uint8 RGB image.
+
+    Queries the pixel centres of the whole output grid (`make_coord`) with cell
+    `metrics.eval_cell(size, scale)` (enlarged beyond x4, the reference's "mcell") and
+    returns clip(pred * 0.5 + 0.5, 0, 1), not quantised.
+    """
+    pred = predict(model, variables, normalise(lr)[None], make_coord(size)[None],
+                   eval_cell(size, scale)[None], chunk_size, tile)[0]
+    return np.clip(pred * 0.5 + 0.5, 0, 1)
+
+
 def output_size(hw: tuple[int, int], scale, size) -> tuple[int, int]:
     """(H, W) of the output for an input of hw = (h, w); see `upscale` for the rules.
 
@@ -287,9 +300,8 @@ def upscale(model, variables, image, *, scale: float | None = None,
     out_h, out_w = output_size((pil.height, pil.width), scale, size)
     rgb = to_rgb_uint8(pil)
     s = max(out_h / pil.height, out_w / pil.width)
-    pred = predict(model, variables, normalise(rgb)[None], make_coord((out_h, out_w))[None],
-                   eval_cell((out_h, out_w), s)[None], chunk_size, tile)[0]
-    out = np.round(np.clip(pred * 0.5 + 0.5, 0, 1) * 255).astype(np.uint8)
+    out = np.round(super_resolve(model, variables, rgb, (out_h, out_w), s, chunk_size, tile)
+                   * 255).astype(np.uint8)
     if pil.mode in ("L", "LA", "I", "F") or pil.mode.startswith("I;16"):
         out = np.asarray(Image.fromarray(out).convert("L"))
     if "A" in pil.mode or "transparency" in pil.info:
