@@ -23,7 +23,7 @@ receptive field, which gives the full-image features (see `encode`).
 from __future__ import annotations
 
 import math
-from functools import partial
+from functools import cache, partial
 
 import flax.linen as nn
 import jax
@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from srno_jax import compiler
 from srno_jax.coords import make_coord
 from srno_jax.errors import ConfigError, DataError
 from srno_jax.images import normalise, to_rgb_uint8
@@ -59,9 +60,13 @@ def receptive_radius(encoder: nn.Module) -> int:
     raise ConfigError(f"unknown receptive field for encoder {type(encoder).__name__}")
 
 
-@partial(jax.jit, static_argnums=0)
-def _encode(model, variables, inp):
-    return model.apply(variables, inp, method=lambda m, x: m.encode(x))
+@cache
+def _encoder():
+    """The jitted encoder, compiled with `compiler.conv_options` (built on first use, since
+    choosing the options initialises the backend)."""
+    def encode_fn(model, variables, inp):
+        return model.apply(variables, inp, method=lambda m, x: m.encode(x))
+    return jax.jit(encode_fn, static_argnums=0, compiler_options=compiler.conv_options())
 
 
 def _windows(n: int, tile: int, halo: int):
@@ -84,7 +89,7 @@ def encode(model, variables, inp, tile: int = DEFAULT_TILE) -> jax.Array:
     """
     h, w = inp.shape[1:3]
     if h <= tile and w <= tile:
-        return _encode(model, variables, jnp.asarray(inp))
+        return _encoder()(model, variables, jnp.asarray(inp))
     halo = receptive_radius(model.encoder)
     if tile <= 2 * halo:
         raise ConfigError(f"encoder tile {tile} must exceed twice the encoder's receptive "
@@ -93,7 +98,7 @@ def encode(model, variables, inp, tile: int = DEFAULT_TILE) -> jax.Array:
     for ys, y0, y1 in _windows(h, tile, halo):
         cols = []
         for xs, x0, x1 in _windows(w, tile, halo):
-            out = _encode(model, variables, jnp.asarray(inp[:, ys:ys + tile, xs:xs + tile]))
+            out = _encoder()(model, variables, jnp.asarray(inp[:, ys:ys + tile, xs:xs + tile]))
             cols.append(out[:, y0 - ys:y1 - ys, x0 - xs:x1 - xs])
         rows.append(jnp.concatenate(cols, axis=2))
     return jnp.concatenate(rows, axis=1)

@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from flax import struct
 
 import input_pipeline
-from srno_jax import evaluation, sharding
+from srno_jax import compiler, evaluation, sharding
 from srno_jax.errors import CheckpointError, SRNOError
 from srno_jax.models import SRNO, init_variables, make_model
 from srno_jax.schedules import lr_at_epoch
@@ -110,7 +110,8 @@ def compile_step(model, tx, config, steps_per_epoch, mesh, state):
                                  steps_per_epoch=steps_per_epoch)
     ss = state_shardings(state, mesh)
     return jax.jit(fn, in_shardings=(ss, sharding.batch_sharded(mesh)),
-                   out_shardings=(ss, sharding.replicated(mesh)), donate_argnums=0)
+                   out_shardings=(ss, sharding.replicated(mesh)), donate_argnums=0,
+                   compiler_options=compiler.conv_options())
 
 
 # --- checkpoints ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from srno_jax.coords import make_coord, nearest_index, sample_bilinear
-from srno_jax.models.layers import LinearParams, dense
+from srno_jax.models.layers import LinearParams, dense, gelu
 
 _EPS_SHIFT = 1e-6  # the reference's nudge off exact pixel boundaries
 KERNEL_INTEGRALS = 2  # the paper's two kernel integral layers
@@ -113,15 +113,19 @@ class GalerkinAttention(nn.Module):
         `mask` (broadcastable to (B, N), 1 or 0) leaves out padded points.
         """
         _, (w, b) = self._qkv_params()
-        # One 2-D (B N, width) x (width, 2 width) product: XLA differentiates it faster
-        # than the same contraction written with a per-head kernel.
-        kv = (z.reshape(-1, self.width) @ w.reshape(self.width, -1).astype(self.dtype)
-              ).reshape(*z.shape[:2], self.heads, -1) + b.astype(self.dtype)
-        k, v = jnp.split(kv, 2, axis=-1)
-        k = self.k_norm(k)
+        d = self.width // self.heads
+
+        def project(part):  # k (part 0) or v (part 1): a 2-D (B N, width) x (width, width) product
+            kernel = w[..., part * d:(part + 1) * d].reshape(self.width, self.width)
+            out = z.reshape(-1, self.width) @ kernel.astype(self.dtype)
+            return out.reshape(*z.shape[:2], self.heads, d) + b[:, part * d:(part + 1) * d].astype(self.dtype)
+
+        # Two products rather than one of width 2 x width: XLA:CPU would copy k and v out
+        # of the joint output, and concatenate their gradients back.
+        k, v = self.k_norm(project(0)), self.v_norm(project(1))
         if mask is not None:
             k = k * jnp.broadcast_to(mask, k.shape[:2])[..., None, None].astype(k.dtype)
-        return jnp.einsum("bnhd,bnhe->bhde", k, self.v_norm(v), preferred_element_type=jnp.float32)
+        return jnp.einsum("bnhd,bnhe->bhde", k, v, preferred_element_type=jnp.float32)
 
     def mix(self, z, kv):
         """The layer's output at points z given kv = (sum of k^T v) / N (B, heads, d, d)."""
@@ -134,7 +138,7 @@ class GalerkinAttention(nn.Module):
         fused = jnp.einsum("bcw,wo->bco", mixing + jnp.eye(self.width), w1)
         shift = jnp.einsum("hd,bhde->bhe", bq, kv).reshape(b, self.width) @ w1 + b1
         h = jnp.einsum("bnc,bco->bno", z, fused.astype(self.dtype)) + shift[:, None].astype(self.dtype)
-        return self.o_proj2(nn.gelu(h, approximate=False)) + z
+        return self.o_proj2(gelu(h)) + z
 
     def __call__(self, z):
         return self.mix(z, self.moments(z) / z.shape[1])
@@ -149,7 +153,7 @@ class Projection(nn.Module):
 
     @nn.compact
     def __call__(self, z):
-        z = nn.gelu(dense(self.hidden, self.width, "fc1", self.dtype)(z), approximate=False)
+        z = gelu(dense(self.hidden, self.width, "fc1", self.dtype)(z))
         return dense(self.out_channels, self.hidden, "fc2", self.dtype)(z)
 
 

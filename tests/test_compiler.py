@@ -1,0 +1,32 @@
+"""The XLA options of `srno_jax.compiler`: they change speed, never the numbers."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from srno_jax import compiler
+from srno_jax.models import init_variables, make_model
+
+
+def test_conv_options_keep_the_encoder_output():
+    options = compiler.conv_options()
+    assert options, "this jaxlib's XLA:CPU should accept the YNNPACK option"
+    model = make_model()
+    variables = init_variables(model)
+    inp = jax.random.uniform(jax.random.key(0), (1, 24, 20, 3), minval=-1, maxval=1)
+    fn = lambda v, x: model.apply(v, x, method=model.encode)
+    plain = jax.jit(fn)(variables, inp)
+    fast = jax.jit(fn, compiler_options=options)(variables, inp)
+    np.testing.assert_allclose(fast, plain, atol=1e-5, rtol=1e-5)
+    grad = lambda opts: jax.jit(jax.grad(lambda v: jnp.sum(fn(v, inp) ** 2)),
+                                compiler_options=opts)(variables)
+    for a, b in zip(jax.tree.leaves(grad(options)), jax.tree.leaves(grad({}))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
+
+
+def test_unknown_option_falls_back_to_the_default(monkeypatch):
+    monkeypatch.setattr(compiler, "_CPU_CONV_OPTIONS", {"xla_cpu_no_such_option": True})
+    compiler.conv_options.cache_clear()
+    try:
+        assert compiler.conv_options() == {}
+    finally:
+        compiler.conv_options.cache_clear()
