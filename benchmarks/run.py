@@ -44,8 +44,8 @@ import numpy as np  # noqa: E402
 CASES = ("inference_x4_128_to_512", "train_step_b4_48", "train_step_b64_128",
          "train_step_b64_128_bf16", "input_pipeline_128")
 ACCELERATOR_ONLY = ("train_step_b64_128", "train_step_b64_128_bf16")
-# Reference PyTorch on the 2-core CPU machine (shared/docs/reference.md), seconds.
-TORCH_CPU_S = {"inference_x4_128_to_512": 10.3, "train_step_b4_48": 0.50}
+# The reference PyTorch timed on this kind of machine by benchmarks/torch_reference.py.
+TORCH_RESULTS = Path(__file__).resolve().parent / "results" / "cpu_2core_torch.json"
 MACHINE_KEYS = ("backend", "device_kind", "devices", "cpu", "cores", "jax_version", "date")
 RESULT_KEYS = ("name", "median_s", "gflop", "gflops_per_s", "ceiling_gflops_per_s",
                "peak_memory_mb", "compile_s")
@@ -128,17 +128,30 @@ def peak_memory_mb(on_device: bool = True) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "host_rss"  # KiB on Linux
 
 
+def torch_seconds(machine: dict, path=TORCH_RESULTS) -> dict:
+    """{case: median s} of the reference PyTorch from `path`, if it was measured on a CPU
+    of this model with this many cores; else {} (no like-for-like baseline)."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return {}
+    same = all(report["machine"].get(k) == machine.get(k) for k in ("cpu", "cores"))
+    return {r["name"]: r["median_s"] for r in report["results"]} if same else {}
+
+
 def result_record(name: str, median_s: float, gflop: float, ceiling_gflops_per_s: float | None,
-                  peak_memory_mb: float, compile_s: float | None, backend: str, **extra) -> dict:
+                  peak_memory_mb: float, compile_s: float | None, backend: str,
+                  torch_s: dict | None = None, **extra) -> dict:
     """One row of the JSON: the documented keys, then the case's extras; on CPU the
-    reference PyTorch time and our speed-up over it where the case has one."""
+    reference PyTorch time (`torch_s`, from `torch_seconds`) and our speed-up over it
+    where the case has one."""
     rec = {"name": name, "median_s": median_s, "gflop": gflop,
            "gflops_per_s": gflop / median_s if gflop else None,
            "ceiling_gflops_per_s": ceiling_gflops_per_s, "peak_memory_mb": peak_memory_mb,
            "compile_s": compile_s, **extra}
-    if backend == "cpu" and name in TORCH_CPU_S:
-        rec["torch_cpu_s"] = TORCH_CPU_S[name]
-        rec["speedup_vs_torch"] = TORCH_CPU_S[name] / median_s
+    if backend == "cpu" and name in (torch_s or {}):
+        rec["torch_cpu_s"] = torch_s[name]
+        rec["speedup_vs_torch"] = torch_s[name] / median_s
     return rec
 
 
@@ -281,7 +294,8 @@ def run_case(name: str, repeats: int, ceiling: float | None) -> dict:
     out = runners[name]()
     mem, kind = peak_memory_mb(on_device=name != "input_pipeline_128")  # the loader is host-only
     return result_record(name, out.pop("median_s"), out.pop("gflop"), ceiling, mem,
-                         out.pop("compile_s"), jax.default_backend(), peak_memory_kind=kind,
+                         out.pop("compile_s"), jax.default_backend(),
+                         torch_seconds(machine_info()), peak_memory_kind=kind,
                          repeats=repeats, **out)
 
 
