@@ -45,7 +45,8 @@ def test_report_has_documented_keys(tmp_path):
     machine = {k: "x" for k in run.MACHINE_KEYS}
     rec = run.result_record("train_step_b4_48", median_s=0.25, gflop=100.0,
                             ceiling_gflops_per_s=400.0, peak_memory_mb=1000.0, compile_s=3.0,
-                            backend="cpu", samples_per_s=16.0)
+                            backend="cpu", torch_s={"train_step_b4_48": 0.5},
+                            samples_per_s=16.0)
     path = tmp_path / "out.json"
     run.write_json(path, run.make_report(machine, {"ceiling_gflops_per_s": 400.0}, [rec], True))
     report = json.loads(path.read_text())
@@ -54,8 +55,19 @@ def test_report_has_documented_keys(tmp_path):
     assert set(run.RESULT_KEYS) <= set(r)
     assert r["gflops_per_s"] == pytest.approx(400.0)
     assert r["speedup_vs_torch"] == pytest.approx(0.50 / 0.25)
-    gpu = run.result_record("train_step_b4_48", 0.25, 100.0, 400.0, 1.0, 3.0, backend="gpu")
+    gpu = run.result_record("train_step_b4_48", 0.25, 100.0, 400.0, 1.0, 3.0, backend="gpu",
+                            torch_s={"train_step_b4_48": 0.5})
     assert "speedup_vs_torch" not in gpu  # the PyTorch reference is a CPU figure
+
+
+def test_torch_baseline_only_from_the_same_cpu(tmp_path):
+    path = tmp_path / "torch.json"
+    path.write_text(json.dumps({"machine": {"cpu": "Xeon X", "cores": 2},
+                                "results": [{"name": "train_step_b4_48", "median_s": 0.8}]}))
+    assert run.torch_seconds({"cpu": "Xeon X", "cores": 2}, path) == {"train_step_b4_48": 0.8}
+    assert run.torch_seconds({"cpu": "EPYC Y", "cores": 2}, path) == {}
+    assert run.torch_seconds({"cpu": "Xeon X", "cores": 16}, path) == {}
+    assert run.torch_seconds({"cpu": "Xeon X", "cores": 2}, tmp_path / "none.json") == {}
 
 
 def test_unknown_case_is_rejected():
