@@ -25,7 +25,7 @@ def gelu(x):
     """The exact GELU as torch computes it: x / 2 (1 + erf(x / sqrt 2)).
 
     Within 1e-6 of jax.nn.gelu(approximate=False), which goes through erfc and runs
-    about 1.6x slower on XLA:CPU (benchmarks/README.md).
+    about 1.6x slower on XLA:CPU.
     """
     return 0.5 * x * (1 + jax.lax.erf(x * jnp.asarray(1 / math.sqrt(2), x.dtype)))
 

@@ -116,9 +116,9 @@ class GalerkinAttention(nn.Module):
         d = self.width // self.heads
 
         def project(part):  # k (part 0) or v (part 1): a 2-D (B N, width) x (width, width) product
-            kernel = w[..., part * d:(part + 1) * d].reshape(self.width, self.width)
-            out = z.reshape(-1, self.width) @ kernel.astype(self.dtype)
-            return out.reshape(*z.shape[:2], self.heads, d) + b[:, part * d:(part + 1) * d].astype(self.dtype)
+            cols = slice(part * d, (part + 1) * d)
+            out = z.reshape(-1, self.width) @ w[..., cols].reshape(self.width, -1).astype(self.dtype)
+            return out.reshape(*z.shape[:2], self.heads, d) + b[:, cols].astype(self.dtype)
 
         # Two products rather than one of width 2 x width: XLA:CPU would copy k and v out
         # of the joint output, and concatenate their gradients back.
