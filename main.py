@@ -19,7 +19,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    from srno_jax import sharding, train
+    from srno_jax import evaluation, sharding, train
     from srno_jax.errors import SRNOError
 
     train.setup_logging()
@@ -30,7 +30,7 @@ def main(argv):
     except SRNOError as e:
         sys.exit(f"error: {e}")
     if results:
-        print(train.format_results(results))
+        print(evaluation.format_results(results))
 
 
 def parse_flags(argv):

@@ -32,7 +32,7 @@ def _child(mode: str, lr: int, out: int, chunk_size: int) -> dict:
     import numpy as np
 
     from srno_jax.coords import make_coord
-    from srno_jax.inference import upscale
+    from srno_jax.image_api import upscale
     from srno_jax.images import normalise
     from srno_jax.metrics import eval_cell
     from srno_jax.models import init_variables, make_model

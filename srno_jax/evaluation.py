@@ -67,8 +67,8 @@ def bicubic_upsampler(lr: np.ndarray, hr_size: tuple, scale: float) -> np.ndarra
 
 
 def model_upsampler(model, variables, chunk_size: int | None = None) -> Upsampler:
-    """An upsampler running SRNO with exact chunked inference (`inference.super_resolve`)."""
-    from srno_jax.inference import super_resolve
+    """An upsampler running SRNO with exact chunked inference (`image_api.super_resolve`)."""
+    from srno_jax.image_api import super_resolve
 
     return lambda lr, hr_size, scale: super_resolve(model, variables, lr, hr_size, scale,
                                                     chunk_size)
@@ -151,3 +151,25 @@ def format_table(results: list[dict]) -> str:
         lines.append(f"{n:<{width}} " + " ".join(
             f"{cell[n, s]:7.2f}" if (n, s) in cell else f"{'-':>7}" for s in scales))
     return "\n".join(lines)
+
+
+def validate(model, params, images, scales, protocol: str = "benchmark"):
+    """Mean PSNR of the model and of PIL bicubic over `images` at each scale.
+
+    Returns {scale: (model_psnr, bicubic_psnr)} under the reference protocol.
+    """
+    sr = model_upsampler(model, {"params": params})
+    return {s: tuple(float(np.mean([score_image(up, hr, s, protocol)["psnr"]
+                                    for hr in images]))
+                     for up in (sr, bicubic_upsampler))
+            for s in scales}
+
+
+def format_results(results: dict) -> str:
+    """A Markdown table of {scale: (psnr, bicubic psnr)}."""
+    scales = sorted(results)
+    head = "| method | " + " | ".join(f"x{s:g}" for s in scales) + " |"
+    rule = "|---|" + "---|" * len(scales)
+    rows = [f"| {name} | " + " | ".join(f"{results[s][i]:.2f}" for s in scales) + " |"
+            for i, name in ((1, "bicubic"), (0, "SRNO"))]
+    return "\n".join([head, rule, *rows])

@@ -1,4 +1,4 @@
-"""Exact, memory-bounded SRNO inference over chunks of query points, and `upscale`.
+"""Exact, memory-bounded SRNO inference over chunks of query points (pure JAX).
 
 Both kernel integrals average k^T v over *all* N query points, so evaluating the queries
 in independent chunks (as the reference's ``batched_predict`` does) changes the output.
@@ -29,20 +29,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from srno_jax import compiler
-from srno_jax.coords import make_coord
-from srno_jax.errors import ConfigError, DataError
-from srno_jax.images import normalise, to_rgb_uint8
-from srno_jax.metrics import eval_cell
+from srno_jax.errors import ConfigError
 from srno_jax.models.encoders import EDSR, RDN, RDN_CONFIGS
 from srno_jax.models.srno import KERNEL_INTEGRALS
 
 DEFAULT_CHUNK = 2**18  # queries per chunk: one chunk keeps 2 x chunk x width floats (512 MB)
 SUB_CHUNK = 2048  # queries per inner step of a pass (see `_sub_map`)
 DEFAULT_TILE = 512  # LR window side for encoding large inputs
-MAX_OUTPUT_PIXELS = 2**27  # e.g. 16384 x 8192; the float32 prediction alone takes 1.5 GiB
 
 
 def receptive_radius(encoder: nn.Module) -> int:
@@ -219,97 +214,3 @@ def predict(model, variables, inp, coord, cell, chunk_size: int | None = None,
             out[:, i * chunk:(i + 1) * chunk] = _project(model, variables, inp, feat,
                                                          coords[:, i], cell, kvs, sub)
     return out[:, :n].reshape(*coord.shape[:-1], 3)
-
-
-def super_resolve(model, variables, lr: np.ndarray, size: tuple[int, int], scale: float,
-                  chunk_size: int | None = None, tile: int = DEFAULT_TILE) -> np.ndarray:
-    """The model's (H, W, 3) float image in [0, 1] of size = (H, W) from an LR uint8 RGB image.
-
-    Queries the pixel centres of the whole output grid (`make_coord`) with cell
-    `metrics.eval_cell(size, scale)` (enlarged beyond x4, the reference's "mcell") and
-    returns clip(pred * 0.5 + 0.5, 0, 1), not quantised.
-    """
-    pred = predict(model, variables, normalise(lr)[None], make_coord(size)[None],
-                   eval_cell(size, scale)[None], chunk_size, tile)[0]
-    return np.clip(pred * 0.5 + 0.5, 0, 1)
-
-
-def output_size(hw: tuple[int, int], scale, size) -> tuple[int, int]:
-    """(H, W) of the output for an input of hw = (h, w); see `upscale` for the rules.
-
-    Raises `ConfigError` for a bad scale or size or more than MAX_OUTPUT_PIXELS pixels."""
-    if (scale is None) == (size is None):
-        raise ConfigError("give exactly one of scale (e.g. 3.7) or size (height, width)")
-    if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float, np.number)) \
-                or not math.isfinite(scale) or scale <= 1:
-            raise ConfigError(f"scale must be a finite number > 1 (SRNO enlarges; to shrink an "
-                              f"image use PIL's resize), got {scale!r}")
-        out = (max(round(hw[0] * scale), 1), max(round(hw[1] * scale), 1))
-    else:
-        if (not isinstance(size, (tuple, list)) or len(size) != 2
-                or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in size)):
-            raise ConfigError(f"size must be (height, width) integers, got {size!r}")
-        out = (int(size[0]), int(size[1]))
-        if out[0] < hw[0] or out[1] < hw[1] or out == tuple(hw):
-            raise ConfigError(f"size {out[0]}x{out[1]} (height x width) does not enlarge the "
-                              f"{hw[0]}x{hw[1]} input; SRNO only enlarges: give a larger size")
-    if out[0] * out[1] > MAX_OUTPUT_PIXELS:
-        raise ConfigError(f"output {out[0]}x{out[1]} has {out[0] * out[1]} pixels, more than the "
-                          f"limit {MAX_OUTPUT_PIXELS}; upscale in tiles or choose a smaller size")
-    return out
-
-
-def _as_pil(image) -> Image.Image:
-    """A PIL image from a PIL image or a uint8/uint16 numpy array (see `upscale`)."""
-    if isinstance(image, Image.Image):
-        return image
-    a = np.asarray(image)
-    if a.ndim == 3 and a.shape[2] == 1:
-        a = a[..., 0]
-    ok = (a.dtype == np.uint8 and (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4)))) \
-        or (a.dtype == np.uint16 and a.ndim == 2)
-    if not ok or min(a.shape[:2], default=0) < 1:
-        raise DataError(f"expected a PIL image, a uint8 (H, W[, 1|3|4]) array or a uint16 "
-                        f"(H, W) array, got {a.dtype} of shape {a.shape}")
-    return Image.fromarray(a)
-
-
-def upscale(model, variables, image, *, scale: float | None = None,
-            size: tuple[int, int] | None = None, chunk_size: int | None = None,
-            tile: int = DEFAULT_TILE) -> np.ndarray:
-    """Resizes an image with SRNO to any scale or size, exactly and in bounded memory.
-
-    Args:
-      model, variables: an SRNO and its ``{'params': ...}`` (e.g. from `load_checkpoint`).
-      image: a PIL image of any mode, or a numpy array: uint8 (H, W), (H, W, 1),
-        (H, W, 3) RGB or (H, W, 4) RGBA, or uint16 (H, W). Converted to RGB by
-        `images.to_rgb_uint8` (16-bit values are scaled to 0..255).
-      scale: output = (round(H * scale), round(W * scale)); any finite float > 1, not
-        only integers.
-      size: explicit output (height, width) instead of scale, no side smaller than the
-        input's and not equal to it.
-      chunk_size, tile: see `predict`.
-    Returns:
-      uint8 array: (H', W', 3) for colour input; (H', W') for grayscale input (1-channel,
-      16/32-bit or float modes; the RGB output converted to PIL 'L', ITU-R 601-2 luma);
-      with a 4th (colour) or 2nd (grayscale) channel for input with alpha (RGBA, LA,
-      palette transparency), that alpha resized with PIL bicubic.
-      Colour = round(clip(pred * 0.5 + 0.5, 0, 1) * 255), where the model queries the
-      output grid's pixel centres with cell = (2 / H', 2 / W') * max(s / 4, 1) and s the
-      larger of the two axis scales (`metrics.eval_cell`, the reference's "mcell").
-    Raises:
-      ConfigError for a bad scale/size (before any work), DataError for a bad image.
-    """
-    pil = _as_pil(image)
-    out_h, out_w = output_size((pil.height, pil.width), scale, size)
-    rgb = to_rgb_uint8(pil)
-    s = max(out_h / pil.height, out_w / pil.width)
-    out = np.round(super_resolve(model, variables, rgb, (out_h, out_w), s, chunk_size, tile)
-                   * 255).astype(np.uint8)
-    if pil.mode in ("L", "LA", "I", "F") or pil.mode.startswith("I;16"):
-        out = np.asarray(Image.fromarray(out).convert("L"))
-    if "A" in pil.mode or "transparency" in pil.info:
-        alpha = pil.convert("RGBA").getchannel("A").resize((out_w, out_h), Image.BICUBIC)
-        out = np.dstack([out, np.asarray(alpha)])
-    return out

@@ -205,18 +205,6 @@ def make_loader(config, start_step: int, source=None):
         prefetch=d.prefetch, processes=d.worker_processes)
 
 
-def validate(model, params, images, scales, protocol: str = "benchmark"):
-    """Mean PSNR of the model and of PIL bicubic over `images` at each scale.
-
-    Returns {scale: (model_psnr, bicubic_psnr)} under the reference protocol.
-    """
-    sr = evaluation.model_upsampler(model, {"params": params})
-    return {s: tuple(float(np.mean([evaluation.score_image(up, hr, s, protocol)["psnr"]
-                                    for hr in images]))
-                     for up in (sr, evaluation.bicubic_upsampler))
-            for s in scales}
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains per `config`, resuming from the latest checkpoint in `workdir`.
 
@@ -334,7 +322,7 @@ def _scalars(writer, step, **values):
 
 def _validate_and_log(writer, model, params, images, config, step):
     params = jax.device_get(params)
-    results = validate(model, params, images, config.eval.scales, config.eval.protocol)
+    results = evaluation.validate(model, params, images, config.eval.scales, config.eval.protocol)
     for s, (p, b) in results.items():
         log.info("validation x%g: PSNR %.2f dB (bicubic %.2f)", s, p, b)
         if writer:
@@ -345,13 +333,3 @@ def _validate_and_log(writer, model, params, images, config, step):
             writer.add_image(f"val/x{s:g}_bicubic_sr_gt",
                              evaluation.comparison_strip(sr, images[0], s), step, dataformats="HWC")
     return results
-
-
-def format_results(results: dict) -> str:
-    """A Markdown table of {scale: (psnr, bicubic psnr)}."""
-    scales = sorted(results)
-    head = "| method | " + " | ".join(f"x{s:g}" for s in scales) + " |"
-    rule = "|---|" + "---|" * len(scales)
-    rows = [f"| {name} | " + " | ".join(f"{results[s][i]:.2f}" for s in scales) + " |"
-            for i, name in ((1, "bicubic"), (0, "SRNO"))]
-    return "\n".join([head, rule, *rows])

@@ -1,6 +1,6 @@
 """``srno-upscale IN OUT (--scale S | --size WIDTHxHEIGHT) [--checkpoint PATH] [--chunk_size N]``.
 
-Resizes one image with SRNO (`srno_jax.inference.upscale`) and writes an 8-bit PNG
+Resizes one image with SRNO (`srno_jax.image_api.upscale`) and writes an 8-bit PNG
 (grayscale stays grayscale, alpha is kept; 16-bit input is written as 8-bit).
 Errors print one line on stderr and exit with status 2.
 """
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         from srno_jax.images import open_image, save_png
-        from srno_jax.inference import output_size, upscale
+        from srno_jax.image_api import output_size, upscale
 
         if args.chunk_size is not None and args.chunk_size < 1:
             raise ConfigError(f"--chunk_size must be >= 1, got {args.chunk_size}")

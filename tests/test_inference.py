@@ -9,7 +9,8 @@ from PIL import Image
 from srno_jax.checkpoints import load_checkpoint
 from srno_jax.coords import make_coord
 from srno_jax.errors import ConfigError, DataError
-from srno_jax.inference import _moments, _one_chunk, _project, encode, predict, upscale
+from srno_jax.image_api import upscale
+from srno_jax.inference import _moments, _one_chunk, _project, encode, predict
 from srno_jax.models import make_model
 
 _HERE = Path(__file__).resolve().parent
