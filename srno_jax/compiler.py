@@ -9,6 +9,7 @@ dominated by convolutions ask for it (README, "Benchmarks").
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -33,3 +34,26 @@ def conv_options() -> dict:
     except jax.errors.JaxRuntimeError:
         return {}
     return dict(_CPU_CONV_OPTIONS)
+
+
+DEFAULT_CACHE_DIR = "~/.cache/srno_jax/xla"
+
+
+def enable_compilation_cache(cache_dir: str | None = DEFAULT_CACHE_DIR) -> str | None:
+    """Turns on JAX's persistent compilation cache in `cache_dir` (None or '': off).
+
+    A rerun of a command-line tool then loads its compiled functions instead of
+    compiling them again. Every compilation is cached, however short (the tools compile
+    a handful of functions, each worth keeping). Environment settings win: when
+    JAX_COMPILATION_CACHE_DIR is set, that directory is used. Returns the directory used,
+    or None when the cache is off. Call it before the first compilation.
+    """
+    if not cache_dir:
+        return None
+    path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.expanduser(cache_dir)
+    jax.config.update("jax_compilation_cache_dir", path)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    if "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    return path
