@@ -1,0 +1,180 @@
+"""Paired low- and high-resolution images: discovery, the scale of each pair, loading.
+
+Two folder layouts are paired (``find_pairs``):
+
+    root/HR/0001.png  root/LR/0001.png             matched by file stem
+    root/HR/0801.png  root/X2/0801x2.png  root/X4/0801x4.png   DIV2K: one folder per scale
+
+An LR file matches the HR file whose stem is its own stem, or its own stem less a
+trailing ``x<s>`` (``0801x2``, ``0801x2.5``; either case). Each pair has a fixed scale,
+read from the two images' sizes (``pair_scale``), so real camera pairs and non-integer
+scales need no configuration.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+import numpy as np
+from PIL import Image
+
+from srno_jax.errors import DataError
+from srno_jax.images import image_files, load_image
+
+_SCALE_DIR = re.compile(r"^[xX](\d+(?:\.\d+)?)$")  # X2, X3, x2.5
+_SCALE_SUFFIX = re.compile(r"[xX]\d+(?:\.\d+)?$")  # the 'x2' of 0801x2
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """One LR image and its HR image.
+
+    ``name`` is unique within a folder: the HR stem, prefixed with ``<lr folder>/`` when
+    the layout has several LR folders. ``scale`` (>= 1) is ``pair_scale`` of the sizes.
+    """
+    name: str
+    hr_path: str
+    lr_path: str
+    scale: float
+
+
+def pair_scale(hr_hw: tuple[int, int], lr_hw: tuple[int, int], names: str = "") -> float:
+    """The one scale s >= 1 that maps the LR size onto the HR size.
+
+    s = min(H / h, W / w), the ratio of the axis the LR covers more tightly; the sizes fit
+    when each LR side is the rounded HR side / s: h == round(H / s) and w == round(W / s)
+    (Python round, half to even). The HR grid the LR covers is then round(h * s) x
+    round(w * s), never larger than H x W (see `pair_images`).
+
+    Args:
+      hr_hw, lr_hw: (height, width) of the HR and LR images, in pixels.
+      names: names the files in the error message.
+    Raises:
+      DataError: naming `names`, when the LR is larger than the HR on either axis or the
+        sizes match no single scale.
+    """
+    (hh, hw), (lh, lw) = hr_hw, lr_hw
+    what = f" ({names})" if names else ""
+    if min(hh, hw, lh, lw) < 1:
+        raise DataError(f"empty image in pair{what}: HR {hh}x{hw}, LR {lh}x{lw}")
+    s = min(hh / lh, hw / lw)
+    if s < 1:
+        raise DataError(f"the LR image is larger than the HR image{what}: HR {hh}x{hw}, "
+                        f"LR {lh}x{lw} (H x W); are the two folders swapped?")
+    if round(hh / s) != lh or round(hw / s) != lw:
+        raise DataError(f"the sizes match no single scale{what}: HR {hh}x{hw}, LR {lh}x{lw} "
+                        f"(H x W) give x{hh / lh:.4g} vertically and x{hw / lw:.4g} "
+                        f"horizontally; resize or crop one of the two so that both axes share "
+                        f"one scale")
+    return s
+
+
+def _image_hw(path: str) -> tuple[int, int]:
+    """(height, width) from the file's header, without decoding the pixels."""
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad files
+        raise DataError(f"cannot read image {path}: {e}; is it a complete image file?") from None
+
+
+def _lr_folders(folder: str) -> list[str]:
+    """The LR subfolders of a paired layout: 'LR' and every 'X<s>', sorted by name."""
+    names = [d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))]
+    return sorted(d for d in names if d == "LR" or _SCALE_DIR.match(d))
+
+
+def _by_stem(paths: list[str], where: str) -> dict[str, str]:
+    out = {}
+    for p in paths:
+        stem = os.path.splitext(os.path.basename(p))[0]
+        if stem in out:
+            raise DataError(f"two images with the stem {stem!r} in {where}: "
+                            f"{os.path.basename(out[stem])} and {os.path.basename(p)}; "
+                            f"keep one")
+        out[stem] = p
+    return out
+
+
+def find_pairs(folder: str | os.PathLike) -> list[Pair] | None:
+    """The pairs of a paired folder, or None when `folder` is not a paired layout.
+
+    A paired layout is a folder with an ``HR/`` subfolder and at least one LR subfolder:
+    ``LR/`` or ``X<s>/`` (DIV2K: ``X2/``, ``X3/``, ``X4/``; any scale, ``X2.5/`` too).
+    Images directly in those folders (extensions as `images.image_files`) are matched by
+    stem: an LR file's stem, or that stem less a trailing ``x<s>``, names its HR file.
+    Every scale is read from the image headers (`pair_scale`); an ``X<s>`` folder's
+    images must have the scale s it names. Pairs come sorted by LR folder, then HR stem.
+
+    Raises:
+      DataError: naming the files, when an HR or LR image has no partner, two images
+        share a stem, a header cannot be read, the sizes match no scale (or not the
+        folder's), or the layout holds no image at all.
+    """
+    folder = os.fspath(folder)
+    hr_dir = os.path.join(folder, "HR")
+    if not os.path.isdir(hr_dir):
+        return None
+    lr_names = _lr_folders(folder)
+    if not lr_names:
+        return None
+    hr_by_stem = _by_stem(image_files(hr_dir), hr_dir)
+    matched_hr, pairs = set(), []
+    for lr_name in lr_names:
+        lr_dir = os.path.join(folder, lr_name)
+        unmatched = []
+        for stem, lr_path in sorted(_by_stem(image_files(lr_dir), lr_dir).items()):
+            hr_stem = stem if stem in hr_by_stem else _SCALE_SUFFIX.sub("", stem)
+            if hr_stem not in hr_by_stem:
+                unmatched.append(os.path.basename(lr_path))
+                continue
+            hr_path = hr_by_stem[hr_stem]
+            names = f"{hr_path} and {lr_path}"
+            scale = pair_scale(_image_hw(hr_path), _image_hw(lr_path), names)
+            nominal = _SCALE_DIR.match(lr_name)
+            if nominal and abs(scale - float(nominal.group(1))) > 1e-6 * scale:
+                raise DataError(f"{names} are x{scale:.4g} apart, but the folder {lr_name}/ "
+                                f"says x{nominal.group(1)}; move the LR image to the folder "
+                                f"of its scale")
+            matched_hr.add(hr_stem)
+            name = hr_stem if len(lr_names) == 1 else f"{lr_name}/{hr_stem}"
+            pairs.append(Pair(name, hr_path, lr_path, scale))
+        if unmatched:
+            raise DataError(_missing(unmatched, lr_dir, hr_dir))
+    lonely = sorted(os.path.basename(p) for s, p in hr_by_stem.items() if s not in matched_hr)
+    if lonely:
+        raise DataError(_missing(lonely, hr_dir, " or ".join(
+            os.path.join(folder, d) for d in lr_names)))
+    if not pairs:
+        raise DataError(f"no images in the paired folder {folder} (HR/ and "
+                        f"{', '.join(d + '/' for d in lr_names)} are empty)")
+    return pairs
+
+
+def _missing(files: list[str], where: str, partner_dir: str) -> str:
+    shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    return (f"{len(files)} image(s) in {where} have no partner in {partner_dir}: {shown}; "
+            f"add the partners or remove these files")
+
+
+def pair_images(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
+    """Reads a pair as (lr, hr), both uint8 RGB (see `images.load_image`).
+
+    lr is the whole LR image, (h, w, 3). hr is the HR image cropped to the grid the LR
+    covers: its top-left round(h * s) x round(w * s) pixels (Python round, half to even;
+    s = ``pair.scale``), which drops at most the last rows or columns that fall short of
+    one LR pixel.
+
+    Raises:
+      DataError: naming the files, when they cannot be read or their sizes no longer
+        give ``pair.scale``.
+    """
+    lr, hr = load_image(pair.lr_path), load_image(pair.hr_path)
+    names = f"{pair.hr_path} and {pair.lr_path}"
+    s = pair_scale(hr.shape[:2], lr.shape[:2], names)
+    if s != pair.scale:
+        raise DataError(f"{names} changed size since they were listed (x{pair.scale:.4g}, now "
+                        f"x{s:.4g}); restart to list the folder again")
+    h, w = lr.shape[:2]
+    return lr, hr[:round(h * s), :round(w * s)]

@@ -1,0 +1,124 @@
+"""Tests of srno_jax.pairs: the two paired layouts, scales read from sizes, clear errors."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from srno_jax.errors import DataError
+from srno_jax.pairs import Pair, find_pairs, pair_images, pair_scale
+
+
+def save(path, hw, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 256, (*hw, 3), dtype=np.uint8)
+    Image.fromarray(img).save(path)
+    return img
+
+
+def test_pair_scale_rules():
+    assert pair_scale((64, 80), (16, 20)) == 4.0
+    assert pair_scale((100, 90), (40, 36)) == 2.5
+    assert pair_scale((33, 48), (11, 16)) == 3.0
+    # A side one pixel beyond the LR grid: the scale comes from the tighter axis, and the
+    # LR side is the rounded HR side / s.
+    assert pair_scale((101, 90), (40, 36)) == 2.5
+    assert pair_scale((90, 101), (36, 40)) == 2.5
+    assert pair_scale((10, 10), (10, 10)) == 1.0
+    with pytest.raises(DataError,
+                       match=r"no single scale \(a\.png and b\.png\).*x4 vertically and x5"):
+        pair_scale((64, 80), (16, 16), "a.png and b.png")
+    with pytest.raises(DataError, match="swapped"):
+        pair_scale((16, 20), (64, 80))
+
+
+def test_hr_lr_layout_with_non_integer_scale(tmp_path):
+    hr_a = save(tmp_path / "HR" / "a.png", (101, 90), 1)  # x2.5, one spare HR row
+    save(tmp_path / "LR" / "a.png", (40, 36), 2)
+    save(tmp_path / "HR" / "b.png", (48, 64), 3)  # x4
+    lr_b = save(tmp_path / "LR" / "bx4.png", (12, 16), 4)
+    (tmp_path / "notes.txt").write_text("not an image")
+    pairs = find_pairs(tmp_path)
+    assert pairs == [Pair("a", str(tmp_path / "HR" / "a.png"), str(tmp_path / "LR" / "a.png"), 2.5),
+                     Pair("b", str(tmp_path / "HR" / "b.png"), str(tmp_path / "LR" / "bx4.png"),
+                          4.0)]
+    lr, hr = pair_images(pairs[0])
+    assert lr.shape == (40, 36, 3) and lr.dtype == np.uint8
+    np.testing.assert_array_equal(hr, hr_a[:100, :90])  # top-left kept
+    lr, hr = pair_images(pairs[1])
+    np.testing.assert_array_equal(lr, lr_b)
+    assert hr.shape == (48, 64, 3)
+
+
+def test_div2k_layout(tmp_path):
+    for i, stem in enumerate(["0801", "0802"]):
+        save(tmp_path / "HR" / f"{stem}.png", (48, 72), i)
+        save(tmp_path / "X2" / f"{stem}x2.png", (24, 36), i)
+        save(tmp_path / "X3" / f"{stem}x3.png", (16, 24), i)
+    save(tmp_path / "X4" / "0801.png", (12, 18))  # the HR's own stem works too
+    save(tmp_path / "X4" / "0802x4.png", (12, 18))
+    (tmp_path / "other").mkdir()  # not an LR folder: ignored
+    pairs = find_pairs(tmp_path)
+    assert [(p.name, p.scale) for p in pairs] == [
+        ("X2/0801", 2.0), ("X2/0802", 2.0), ("X3/0801", 3.0), ("X3/0802", 3.0),
+        ("X4/0801", 4.0), ("X4/0802", 4.0)]
+    assert pairs[2].lr_path.endswith("0801x3.png") and pairs[2].hr_path.endswith("0801.png")
+    lr, hr = pair_images(pairs[2])
+    assert lr.shape == (16, 24, 3) and hr.shape == (48, 72, 3)
+
+
+def test_not_a_paired_layout(tmp_path):
+    assert find_pairs(tmp_path) is None
+    save(tmp_path / "img.png", (8, 8))
+    assert find_pairs(tmp_path) is None
+    save(tmp_path / "HR" / "a.png", (8, 8))
+    assert find_pairs(tmp_path) is None  # HR/ without any LR folder
+
+
+def test_mismatched_size_names_the_files(tmp_path):
+    save(tmp_path / "HR" / "a.png", (64, 80))
+    save(tmp_path / "LR" / "a.png", (16, 30))
+    with pytest.raises(DataError, match=r"no single scale .*HR.a\.png and .*LR.a\.png"):
+        find_pairs(tmp_path)
+
+
+def test_scale_folder_must_match_sizes(tmp_path):
+    save(tmp_path / "HR" / "a.png", (48, 48))
+    save(tmp_path / "X3" / "ax3.png", (24, 24))
+    with pytest.raises(DataError, match=r"x2 apart.*X3/ says x3"):
+        find_pairs(tmp_path)
+
+
+def test_missing_partners(tmp_path):
+    save(tmp_path / "HR" / "a.png", (16, 16))
+    save(tmp_path / "LR" / "a.png", (8, 8))
+    save(tmp_path / "LR" / "orphan.png", (8, 8))
+    with pytest.raises(DataError, match=r"1 image\(s\) in .*LR have no partner in .*HR: "
+                                        r"orphan\.png"):
+        find_pairs(tmp_path)
+    (tmp_path / "LR" / "orphan.png").unlink()
+    save(tmp_path / "HR" / "lonely.png", (16, 16))
+    with pytest.raises(DataError, match=r"in .*HR have no partner in .*LR: lonely\.png"):
+        find_pairs(tmp_path)
+
+
+def test_empty_and_duplicate_stems(tmp_path):
+    (tmp_path / "HR").mkdir()
+    (tmp_path / "LR").mkdir()
+    with pytest.raises(DataError, match="no images in the paired folder"):
+        find_pairs(tmp_path)
+    save(tmp_path / "HR" / "a.png", (16, 16))
+    save(tmp_path / "HR" / "a.bmp", (16, 16))
+    with pytest.raises(DataError, match="two images with the stem 'a'"):
+        find_pairs(tmp_path)
+
+
+def test_pair_changed_or_unreadable(tmp_path):
+    save(tmp_path / "HR" / "a.png", (16, 16))
+    save(tmp_path / "LR" / "a.png", (8, 8))
+    (pair,) = find_pairs(tmp_path)
+    save(tmp_path / "LR" / "a.png", (4, 4))
+    with pytest.raises(DataError, match="changed size"):
+        pair_images(pair)
+    (tmp_path / "LR" / "a.png").write_bytes(b"broken")
+    with pytest.raises(DataError, match=r"cannot read image .*a\.png"):
+        find_pairs(tmp_path)
