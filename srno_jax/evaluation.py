@@ -1,21 +1,32 @@
-"""Benchmark evaluation as the reference's ``test.py``: datasets, upsamplers, PSNR table.
+"""Benchmark evaluation as the reference's ``test.py``: datasets, scoring, tables.
 
-For each HR image and scale s: (lr, hr) = `metrics.make_eval_pair`; the upsampler
-queries the full HR grid (cell = `metrics.eval_cell`, "mcell" beyond x4) and returns
-float (H, W, 3) in [0, 1] (model output * 0.5 + 0.5, clamped; not quantised); PSNR by
-`metrics.psnr` under the dataset's protocol; the reported number is the mean over images.
+For each HR image and scale s: (lr, hr) = `metrics.make_eval_pair` (LR = PIL bicubic of
+the HR cropped to a multiple of s). For a paired folder (`pairs.find_pairs`) the given
+LR image is used instead, with its HR cropped to the LR grid (`pairs.pair_images`), and
+s is the pair's scale. The upsampler queries the full HR grid (cell =
+`metrics.eval_cell`, "mcell" beyond x4) and returns float (H, W, 3) in [0, 1] (model
+output * 0.5 + 0.5, clamped; not quantised); PSNR by `metrics.psnr` under the dataset's
+protocol; the reported number is the mean over images.
+
+Images are read as training reads them (`images.load_image`): the pixels as stored. EXIF
+orientation is ignored, as in the reference (the benchmark PNGs carry none); an LR
+image and its HR are both read as stored, so a pair stays aligned.
 """
 from __future__ import annotations
 
-import math
+import dataclasses
+import functools
 import os
 from typing import Callable
 
 import numpy as np
+from PIL import Image
 
+from srno_jax import pairs
 from srno_jax.errors import ConfigError, DataError
 from srno_jax.images import IMAGE_EXTENSIONS, image_files, load_image, resize_bicubic
-from srno_jax.metrics import PROTOCOLS, default_protocol, make_eval_pair, psnr, ssim
+from srno_jax.metrics import (check_evaluable, check_protocol, check_scale, default_protocol,
+                              eval_sizes, make_eval_pair, psnr, ssim)
 
 _BENCHMARKS = {"set5": "Set5", "set14": "Set14", "b100": "B100", "bsd100": "B100",
                "urban100": "Urban100", "manga109": "Manga109"}
@@ -24,18 +35,43 @@ _BENCHMARKS = {"set5": "Set5", "set14": "Set14", "b100": "B100", "bsd100": "B100
 Upsampler = Callable[[np.ndarray, tuple, float], np.ndarray]
 
 
-def resolve_dataset(name: str, data_dir: str | None) -> tuple[str, str]:
-    """(display name, folder of HR images) for a dataset name or a folder path.
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One image to score: its HR file and, in a paired folder, its LR file."""
+    name: str
+    hr_path: str
+    lr_path: str | None = None  # None: the LR is made from the HR with PIL bicubic
 
-    An existing folder is used as is (named after itself, or its parent when it is
-    called 'HR'); Set5, Set14, B100, Urban100, Manga109 (any case) are
-    ``<data_dir>/benchmark/<Name>/HR``; 'div2k' or 'DIV2K_valid' is
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One cell of the table: a dataset at one scale.
+
+    ``path`` (the normalised folder) identifies the dataset; ``dataset`` is its display
+    name, unique among the datasets evaluated together. ``skipped`` holds
+    (image, reason) for the images found unusable before any work; ``paired`` tells a
+    paired folder, whose scale is its pairs'.
+    """
+    dataset: str
+    path: str
+    scale: float
+    protocol: str
+    items: tuple[Item, ...]
+    skipped: tuple[tuple[str, str], ...] = ()
+    paired: bool = False
+
+
+def resolve_dataset(name: str, data_dir: str | None) -> tuple[str, str]:
+    """(display name, folder) for a dataset name or a folder path.
+
+    An existing folder is used as is, normalised (`os.path.normpath`); it is named after
+    itself, or its parent when it is called 'HR'. Set5, Set14, B100, Urban100, Manga109
+    (any case) are ``<data_dir>/benchmark/<Name>/HR``; 'div2k' or 'DIV2K_valid' is
     ``<data_dir>/DIV2K_valid_HR``. Raises `DataError` when the folder does not exist.
     """
     if os.path.isdir(name):
         path = os.path.normpath(name)
-        base = os.path.basename(path)
-        return (os.path.basename(os.path.dirname(path)) if base == "HR" else base), path
+        return _label(path, 1), path
     key = name.lower()
     if key in _BENCHMARKS:
         display, parts = _BENCHMARKS[key], ("benchmark", _BENCHMARKS[key], "HR")
@@ -47,10 +83,138 @@ def resolve_dataset(name: str, data_dir: str | None) -> tuple[str, str]:
     if data_dir is None:
         raise DataError(f"dataset {name!r} needs --data_dir (the folder holding benchmark/ "
                         "and DIV2K_valid_HR/)")
-    path = os.path.join(data_dir, *parts)
+    path = os.path.normpath(os.path.join(data_dir, *parts))
     if not os.path.isdir(path):
         raise DataError(f"dataset {name!r}: folder {path} not found")
     return display, path
+
+
+def _label(path: str, parts: int) -> str:
+    """The last `parts` components of `path`, leaving out a final 'HR' component."""
+    names = [p for p in path.split(os.sep) if p not in ("", ".")]
+    if len(names) > 1 and names[-1] == "HR":
+        names = names[:-1]
+    return "/".join(names[-parts:]) or path
+
+
+def unique_datasets(datasets: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(display name, folder) pairs with each folder once and every display name unique.
+
+    Folders that share a display name are shown with as many of their trailing path
+    components as make the names unique (``a/imgs`` and ``b/imgs``, not ``imgs`` twice).
+    """
+    names = {}
+    for name, path in datasets:
+        names.setdefault(path, name)
+    paths = list(names)
+    for parts in range(2, 1 + max(len(p.split(os.sep)) for p in paths)):
+        clash = [p for p in paths if sum(names[q] == names[p] for q in paths) > 1]
+        if not clash:
+            break
+        for p in clash:
+            names[p] = _label(p, parts)
+    clash = [p for p in paths if sum(names[q] == names[p] for q in paths) > 1]
+    for p in clash:  # only the same folder spelt two ways is left: show the paths
+        names[p] = p
+    return [(names[p], p) for p in paths]
+
+
+def read_header(path: str) -> tuple[int, int]:
+    """(height, width) of an image file from its header, its data checked by PIL's
+    `verify` (which finds truncated PNGs) without decoding the pixels.
+
+    Raises `DataError` naming the file when it is missing, unreadable, truncated, or
+    larger than PIL's decompression-bomb limit.
+    """
+    try:
+        with Image.open(path) as img:
+            hw = img.height, img.width
+            img.verify()
+        return hw
+    except Image.DecompressionBombError as e:
+        raise DataError(f"image {path} is too large to read safely: {e}") from None
+    except FileNotFoundError:
+        raise DataError(f"image not found: {path}") from None
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad files
+        raise DataError(f"cannot read image {path}: {e}; is it a complete image file?") from None
+
+
+def plan(datasets: list[tuple[str, str]], scales: list[float] | None,
+         protocol: str | None = None, *, strict: bool = False, with_ssim: bool = False,
+         max_output_pixels: int | None = None) -> list[Task]:
+    """The tasks of an evaluation, every argument and image header checked before any work.
+
+    Args:
+      datasets: (display name, folder) pairs as `resolve_dataset` returns; made unique by
+        `unique_datasets`.
+      scales: evaluation scales (`metrics.check_scale`) for folders of HR images; a paired
+        folder is evaluated at its pairs' own scales instead (None: paired folders only).
+      protocol: 'div2k' or 'benchmark' for all; None: `metrics.default_protocol(name)`.
+      strict: raise on the first unusable image instead of skipping it.
+      with_ssim: images must leave an SSIM window after shaving.
+      max_output_pixels: the largest HR grid (H x W) to predict; None: no limit.
+    Returns:
+      [Task] in datasets x scales order (a paired folder's scales ascending). An image
+      that cannot be read, or is too small for a scale, is left out of the task with its
+      reason in ``skipped``.
+    Raises:
+      ConfigError: a bad scale or protocol, no dataset, no scales, or an image whose
+        output exceeds max_output_pixels. DataError: a missing or empty folder, a paired
+        layout that does not match (`pairs.find_pairs`), or with `strict` an unusable image.
+    """
+    if protocol is not None:
+        check_protocol(protocol)
+    for s in scales or ():
+        check_scale(s)
+    if not datasets:
+        raise ConfigError("no dataset given; name one or more (e.g. Set5,div2k or a folder)")
+    tasks = []
+    for name, folder in unique_datasets(datasets):
+        proto = protocol or default_protocol(name)
+        found = pairs.find_pairs(folder)
+        if found is None:
+            if not scales:
+                raise ConfigError("--scales is empty; give the scales to evaluate, e.g. 2,3,4")
+            items = [Item(os.path.basename(p), p) for p in list_images(folder)]
+            by_scale = {s: items for s in scales}
+        else:
+            by_scale = {}
+            for p in found:
+                by_scale.setdefault(p.scale, []).append(Item(p.name, p.hr_path, p.lr_path))
+            by_scale = dict(sorted(by_scale.items()))
+        header = functools.cache(read_header)  # an HR image serves every scale
+        for s, items in by_scale.items():
+            kept, skipped = [], []
+            for item in items:
+                try:
+                    hw = _hr_grid(header, item, s)
+                    check_evaluable(hw, proto, s, with_ssim)
+                except (DataError, ConfigError) as e:
+                    if strict:
+                        raise DataError(f"{name}: {item.name}: {e}") from None
+                    skipped.append((item.name, str(e)))
+                    continue
+                if max_output_pixels is not None and hw[0] * hw[1] > max_output_pixels:
+                    raise ConfigError(
+                        f"{item.hr_path} at x{s:g} needs a {hw[0]}x{hw[1]} output "
+                        f"({hw[0] * hw[1]} pixels), more than the limit of {max_output_pixels}; "
+                        "raise it with --max_output_pixels or leave the image out")
+                kept.append(item)
+            tasks.append(Task(name, folder, s, proto, tuple(kept), tuple(skipped), found is not None))
+    return tasks
+
+
+def _hr_grid(header: Callable[[str], tuple[int, int]], item: Item,
+             scale: float) -> tuple[int, int]:
+    """(H, W) of the HR grid scored for `item` at `scale`, its files' sizes from `header`
+    (`read_header`): the crop of `metrics.eval_sizes`, or for a pair the grid its LR
+    covers (as `pairs.pair_images`)."""
+    hr_hw = header(item.hr_path)
+    if item.lr_path is None:
+        return eval_sizes(hr_hw, scale)[2:]
+    check_scale(scale)  # a pair's scale comes from its files, e.g. 1 for equal sizes
+    h, w = header(item.lr_path)
+    return round(h * scale), round(w * scale)
 
 
 def list_images(folder: str) -> list[str]:
@@ -74,16 +238,63 @@ def model_upsampler(model, variables, chunk_size: int | None = None) -> Upsample
                                                     chunk_size)
 
 
-def score_image(upsampler: Upsampler, hr_uint8: np.ndarray, scale: float, protocol: str | None,
-                with_ssim: bool = False) -> dict:
-    """{'psnr'[, 'ssim']} of one HR image at `scale`: the reference protocol for one image."""
-    lr, hr = make_eval_pair(hr_uint8, scale)
+def score_pair(upsampler: Upsampler, lr: np.ndarray, hr: np.ndarray, scale: float,
+               protocol: str | None, with_ssim: bool = False) -> dict:
+    """{'psnr'[, 'ssim']} of upsampling the uint8 `lr` to its uint8 ground truth `hr`."""
     sr = upsampler(lr, hr.shape[:2], scale)
     hr = hr.astype(np.float64) / 255.0
     row = {"psnr": psnr(sr, hr, protocol, scale)}
     if with_ssim:
         row["ssim"] = ssim(sr, hr, protocol, scale)
     return row
+
+
+def score_image(upsampler: Upsampler, hr_uint8: np.ndarray, scale: float, protocol: str | None,
+                with_ssim: bool = False) -> dict:
+    """{'psnr'[, 'ssim']} of one HR image at `scale`: the reference protocol for one image."""
+    return score_pair(upsampler, *make_eval_pair(hr_uint8, scale), scale, protocol, with_ssim)
+
+
+def score_item(upsampler: Upsampler, item: Item, scale: float, protocol: str,
+               with_ssim: bool = False) -> dict:
+    """`score_image` of an HR file, or `score_pair` of a paired folder's files."""
+    if item.lr_path is None:
+        return score_image(upsampler, load_image(item.hr_path), scale, protocol, with_ssim)
+    lr, hr = pairs.pair_images(pairs.Pair(item.name, item.hr_path, item.lr_path, scale))
+    return score_pair(upsampler, lr, hr, scale, protocol, with_ssim)
+
+
+def evaluate_task(upsampler: Upsampler, task: Task, *, per_image: bool = False,
+                  strict: bool = False, on_image: Callable[[str], None] = lambda image: None,
+                  on_skip: Callable[[str, str], None] = lambda image, reason: None) -> dict:
+    """Mean PSNR of `upsampler` over a task's images.
+
+    An image that fails to load is skipped (`on_skip(image, reason)`) unless `strict`,
+    which raises its `DataError`. `on_image(name)` follows each image.
+    Returns:
+      {'dataset', 'path', 'scale', 'protocol', 'psnr', 'images', 'skipped'[, 'per_image']}:
+      'psnr' the mean over the 'images' scored (None when none was), 'skipped' a list of
+      {'image', 'reason'} (the task's own and those found here), 'per_image' a list of
+      {'image', 'psnr', 'ssim'}.
+    """
+    rows, skipped = [], [{"image": n, "reason": r} for n, r in task.skipped]
+    for item in task.items:
+        try:
+            rows.append({"image": item.name,
+                         **score_item(upsampler, item, task.scale, task.protocol, per_image)})
+        except DataError as e:
+            if strict:
+                raise DataError(f"{task.dataset}: {item.name}: {e}") from None
+            skipped.append({"image": item.name, "reason": str(e)})
+            on_skip(item.name, str(e))
+        on_image(item.name)
+    result = {"dataset": task.dataset, "path": task.path, "scale": task.scale,
+              "protocol": task.protocol,
+              "psnr": float(np.mean([r["psnr"] for r in rows])) if rows else None,
+              "images": len(rows), "skipped": skipped}
+    if per_image:
+        result["per_image"] = rows
+    return result
 
 
 def comparison_strip(upsampler: Upsampler, hr_uint8: np.ndarray, scale: float,
@@ -96,61 +307,38 @@ def comparison_strip(upsampler: Upsampler, hr_uint8: np.ndarray, scale: float,
     return np.concatenate([im[y:y + size, x:x + size] for im in (bic, sr, hr)], axis=1)
 
 
-def evaluate(upsampler: Upsampler, datasets: list[tuple[str, str]], scales: list[float],
-             protocol: str | None = None, per_image: bool = False, progress: bool = True) -> list[dict]:
-    """Mean PSNR per (dataset, scale).
-
-    Args:
-      datasets: (name, folder) pairs as `resolve_dataset` returns.
-      scales: evaluation scales, each >= 1.
-      protocol: 'div2k' or 'benchmark' for all; None: `metrics.default_protocol(name)`.
-      per_image: add 'per_image': [{'image', 'psnr', 'ssim'}] to each result.
-    Returns:
-      [{'dataset', 'scale', 'protocol', 'psnr', 'images'}, ...] in datasets x scales order.
-    """
-    if protocol not in PROTOCOLS:
-        raise ConfigError(f"unknown protocol {protocol!r}; use 'div2k' or 'benchmark'")
-    for s in scales:
-        if not (math.isfinite(s) and s >= 1):
-            raise ConfigError(f"scale {s} is invalid: evaluation scales must be finite and >= 1")
-    files = {name: list_images(folder) for name, folder in datasets}
-    bar = _progress(sum(len(f) for f in files.values()) * len(scales), progress)
-    results = []
-    for name, _ in datasets:
-        proto = protocol or default_protocol(name)
-        for s in scales:
-            rows = []
-            for path in files[name]:
-                bar.set_description(f"{name} x{s:g}")
-                row = score_image(upsampler, load_image(path), s, proto, per_image)
-                rows.append({"image": os.path.basename(path), **row})
-                bar.update(1)
-            result = {"dataset": name, "scale": s, "protocol": proto,
-                      "psnr": float(np.mean([r["psnr"] for r in rows])), "images": len(rows)}
-            if per_image:
-                result["per_image"] = rows
-            results.append(result)
-    bar.close()
-    return results
-
-
-def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, disable=not enabled, unit="img", leave=False)
-
-
 def format_table(results: list[dict]) -> str:
-    """Rows datasets, columns scales ('x2', 'x3.5', ...), PSNR in dB with 2 decimals."""
-    scales = list(dict.fromkeys(r["scale"] for r in results))
-    names = list(dict.fromkeys(r["dataset"] for r in results))
-    cell = {(r["dataset"], r["scale"]): r["psnr"] for r in results}
-    width = max(len(n) for n in names + ["dataset"])
-    lines = [f"{'dataset':<{width}} " + " ".join(f"{'x' + format(s, 'g'):>7}" for s in scales)]
-    for n in names:
-        lines.append(f"{n:<{width}} " + " ".join(
-            f"{cell[n, s]:7.2f}" if (n, s) in cell else f"{'-':>7}" for s in scales))
-    return "\n".join(lines)
+    """A Markdown table like the paper's: one row per method, columns dataset x scale.
+
+    Each result is a dict with 'scale', 'psnr' (dB, or None when no image was scored)
+    and optionally 'checkpoint' (the row; '' when absent), 'dataset' (the column
+    header reads 'Set5 x2', or 'x2' without one), 'images' and 'skipped'. Rows and
+    columns keep their first-seen order; PSNR has 2 decimals, '-' marks a missing cell.
+    A cell with skipped images gets a '*' and a note below the table with its counts.
+    """
+    columns = list(dict.fromkeys((r.get("dataset", ""), r["scale"]) for r in results))
+    methods = list(dict.fromkeys(r.get("checkpoint", "") for r in results))
+    cells = {(r.get("checkpoint", ""), r.get("dataset", ""), r["scale"]): r for r in results}
+    head = ["method"] + [f"{d} x{s:g}".strip() for d, s in columns]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---|" * len(columns)]
+    notes = []
+    for m in methods:
+        row = [m]
+        for d, s in columns:
+            r = cells.get((m, d, s))
+            if r is None:
+                row.append("-")
+                continue
+            text = "-" if r["psnr"] is None else f"{r['psnr']:.2f}"
+            if r.get("skipped"):
+                text += "*"
+                n = len(r["skipped"])
+                notes.append(f"* {m} {d} x{s:g}: {r.get('images', 0)} images scored, {n} "
+                             f"skipped ({', '.join(x['image'] for x in r['skipped'][:3])}"
+                             f"{' ...' if n > 3 else ''})")
+            row.append(text)
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines + ([""] + list(dict.fromkeys(notes)) if notes else []))
 
 
 def validate(model, params, images, scales, protocol: str = "benchmark"):
@@ -166,10 +354,7 @@ def validate(model, params, images, scales, protocol: str = "benchmark"):
 
 
 def format_results(results: dict) -> str:
-    """A Markdown table of {scale: (psnr, bicubic psnr)}."""
-    scales = sorted(results)
-    head = "| method | " + " | ".join(f"x{s:g}" for s in scales) + " |"
-    rule = "|---|" + "---|" * len(scales)
-    rows = [f"| {name} | " + " | ".join(f"{results[s][i]:.2f}" for s in scales) + " |"
-            for i, name in ((1, "bicubic"), (0, "SRNO"))]
-    return "\n".join([head, rule, *rows])
+    """`format_table` of {scale: (psnr, bicubic psnr)}: rows 'bicubic' and 'SRNO',
+    columns the scales ascending."""
+    return format_table([{"checkpoint": name, "scale": s, "psnr": results[s][i]}
+                         for i, name in ((1, "bicubic"), (0, "SRNO")) for s in sorted(results)])

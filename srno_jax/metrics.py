@@ -13,7 +13,6 @@ from srno_jax.errors import ConfigError, DataError
 from srno_jax.images import resize_bicubic
 
 PROTOCOLS = ("benchmark", "div2k", None)
-BENCHMARK_NAMES = ("set5", "set14", "b100", "bsd100", "urban100", "manga109", "benchmark")
 
 # The reference's gray coefficients (calc_psnr): applied to an RGB difference in [0, 1].
 _Y_COEFFS = np.array([65.738, 129.057, 25.064]) / 256.0
@@ -21,24 +20,43 @@ _Y_COEFFS = np.array([65.738, 129.057, 25.064]) / 256.0
 _YCBCR_COEFFS = np.array([65.481, 128.553, 24.966])
 
 
+def check_scale(scale: float) -> float:
+    """Returns `scale` if it is a valid evaluation scale: a finite number > 1.
+
+    Scale 1 is refused: it has nothing to super-resolve, and its bicubic baseline is the
+    identity, whose PSNR is infinite. Raises `ConfigError`.
+    """
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.number)) \
+            or not (math.isfinite(scale) and scale > 1):
+        raise ConfigError(f"scale {scale} is invalid: evaluation scales must be finite numbers "
+                          "> 1 (e.g. 2, 3.5, 4)")
+    return scale
+
+
+def check_protocol(protocol: str | None) -> str | None:
+    """Returns `protocol` if it is one of `PROTOCOLS`; raises `ConfigError` otherwise."""
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown PSNR protocol {protocol!r}; use 'div2k' or 'benchmark'")
+    return protocol
+
+
 def eval_sizes(hr_shape: tuple[int, ...], scale: float) -> tuple[int, int, int, int]:
     """Sizes of a test pair for an HR image of shape (H, W[, C]) at `scale`.
 
     Returns (h_lr, w_lr, h_hr, w_hr) with h_lr = floor(H / scale + 1e-9) and
     h_hr = round(h_lr * scale) (Python round), the same for W: the reference's
-    ``SRImplicitDownsampled`` with ``inp_size=None``. scale = 1 is allowed.
+    ``SRImplicitDownsampled`` with ``inp_size=None``.
 
-    Raises `ConfigError` when scale < 1 or not finite, or when the image is smaller than
-    one LR pixel at this scale.
+    Raises `ConfigError` for a scale that `check_scale` refuses, `DataError` when the
+    image is smaller than one LR pixel at this scale.
     """
-    if not (math.isfinite(scale) and scale >= 1):
-        raise ConfigError(f"scale {scale} is invalid: evaluation scales must be finite and >= 1")
+    check_scale(scale)
     h, w = int(hr_shape[0]), int(hr_shape[1])
     # The 1e-9 keeps exact multiples (333 / 3.7 = 89.999...) from flooring one pixel low.
     h_lr, w_lr = math.floor(h / scale + 1e-9), math.floor(w / scale + 1e-9)
     if h_lr < 1 or w_lr < 1:
-        raise ConfigError(f"an image of {h}x{w} is smaller than one LR pixel at scale {scale}; "
-                          "use a smaller scale or a larger image")
+        raise DataError(f"an image of {h}x{w} is smaller than one LR pixel at scale {scale:g}; "
+                        "use a smaller scale or a larger image")
     return h_lr, w_lr, round(h_lr * scale), round(w_lr * scale)
 
 
@@ -93,20 +111,27 @@ def _shave(protocol: str | None, scale: float) -> int:
     """Border pixels dropped at each side: ceil(scale) for 'benchmark', ceil(scale) + 6 for
     'div2k', 0 for None. The reference slices with the scale itself (integer scales only);
     ceil extends that to non-integer scales."""
-    if protocol not in PROTOCOLS:
-        raise ConfigError(f"unknown PSNR protocol {protocol!r}; valid: 'benchmark', 'div2k', None")
-    if protocol is None:
+    if check_protocol(protocol) is None:
         return 0
     return math.ceil(scale) + (6 if protocol == "div2k" else 0)
 
 
-def _check_pair(sr: np.ndarray, hr: np.ndarray, shave: int, least: int) -> None:
-    if sr.shape != hr.shape or sr.ndim != 3 or sr.shape[2] != 3:
-        raise DataError(f"expected two (H, W, 3) images of one shape, got {sr.shape} and {hr.shape}")
-    h, w = sr.shape[:2]
+def check_evaluable(hw: tuple[int, int], protocol: str | None, scale: float,
+                    with_ssim: bool = False) -> None:
+    """Raises `DataError` unless an (H, W) = hw image keeps at least one pixel (11 x 11
+    with SSIM, its window) after `psnr`'s shave for `protocol` and `scale`."""
+    shave, least = _shave(protocol, scale), 11 if with_ssim else 1
+    h, w = hw
     if min(h, w) - 2 * shave < least:
         raise DataError(f"a {h}x{w} image is too small to evaluate after shaving {shave} pixels "
                         f"at each border (needs at least {least} pixels left)")
+
+
+def _check_pair(sr: np.ndarray, hr: np.ndarray, protocol: str | None, scale: float,
+                with_ssim: bool) -> None:
+    if sr.shape != hr.shape or sr.ndim != 3 or sr.shape[2] != 3:
+        raise DataError(f"expected two (H, W, 3) images of one shape, got {sr.shape} and {hr.shape}")
+    check_evaluable(sr.shape[:2], protocol, scale, with_ssim)
 
 
 def psnr(sr: np.ndarray, hr: np.ndarray, protocol: str | None = None, scale: float = 1) -> float:
@@ -118,8 +143,8 @@ def psnr(sr: np.ndarray, hr: np.ndarray, protocol: str | None = None, scale: flo
     PSNR = -10 log10(mean squared error), the mean in float64; identical images give inf.
     Raises `ConfigError` for an unknown protocol, `DataError` for mismatched or too small images.
     """
+    _check_pair(sr, hr, protocol, scale, False)
     shave = _shave(protocol, scale)
-    _check_pair(sr, hr, shave, 1)
     diff = np.asarray(sr, np.float64) - np.asarray(hr, np.float64)
     if protocol == "benchmark":
         diff = rgb_to_y(diff)
@@ -144,8 +169,8 @@ def ssim(sr: np.ndarray, hr: np.ndarray, protocol: str | None = None, scale: flo
     Raises `ConfigError` for an unknown protocol, `DataError` for mismatched images or
     fewer than 11 x 11 pixels left after shaving.
     """
+    _check_pair(sr, hr, protocol, scale, True)
     shave = _shave(protocol, scale)
-    _check_pair(sr, hr, shave, 11)
     h, w = sr.shape[:2]
     x, y = (255.0 * rgb_to_ycbcr_y(im[shave:h - shave, shave:w - shave]) for im in (sr, hr))
     g = np.exp(-((np.arange(11) - 5.0) ** 2) / (2 * 1.5**2))

@@ -1,4 +1,4 @@
-"""Tests of eval.py and srno_jax.evaluation on the golden photograph."""
+"""Tests of eval.py (srno_jax.eval_cli) and srno_jax.evaluation on the golden photograph."""
 import json
 import math
 import subprocess
@@ -13,8 +13,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 _GOLDEN = next((d / "small_edsr_srno" for d in (_ROOT.parent / "shared" / "golden", _ROOT / "tests" / "golden")
                 if (d / "small_edsr_srno" / "cases.npz").exists()), None)
 
-sys.path.insert(0, str(_ROOT))
-import eval as eval_script  # noqa: E402  (the repo-root script)
+from srno_jax import eval_cli
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +41,12 @@ def test_bicubic_matches_reference_psnr(data_dir, tmp_path):
                            "--data", "Set5,div2k", "--data_dir", str(root), "--scales", "2,4",
                            "--json", str(out)], capture_output=True, text=True, cwd=_ROOT)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split()[:3] == ["dataset", "x2", "x4"]
-    results = {(r["dataset"], r["scale"]): r for r in json.loads(out.read_text())["results"]}
+    assert proc.stdout.splitlines()[:2] == ["| method | Set5 x2 | Set5 x4 | DIV2K x2 | DIV2K x4 |",
+                                            "|---|---|---|---|---|"]
+    assert proc.stdout.splitlines()[2].startswith("| bicubic | ")
+    doc = json.loads(out.read_text())
+    assert doc["complete"] is True and doc["checkpoints"] == ["bicubic"]
+    results = {(r["dataset"], r["scale"]): r for r in doc["results"]}
     for (name, scale), ref in refs.items():
         r = results[name, scale]
         assert abs(r["psnr"] - ref) < 0.005
@@ -51,39 +54,61 @@ def test_bicubic_matches_reference_psnr(data_dir, tmp_path):
         assert f"{ref:.2f}" in proc.stdout
 
 
-def test_model_checkpoint_gives_finite_psnr(data_dir, tmp_path, capsys):
+def test_checkpoints_give_one_row_each(data_dir, tmp_path, capsys):
     root, _ = data_dir
     small = tmp_path / "small" / "HR"  # a crop keeps the model run short
     small.mkdir(parents=True)
     hr = np.asarray(Image.open(root / "DIV2K_valid_HR" / "photo.png"))[:64, :72]
     Image.fromarray(hr).save(small / "crop.png")
     out = tmp_path / "r.json"
-    rc = eval_script.main(["--checkpoint", str(_GOLDEN / "checkpoint.pth"), "--data", str(small),
-                           "--scales", "2.5", "--json", str(out), "--per_image", "--no_progress",
-                           "--chunk_size", "1000"])
+    pth = str(_GOLDEN / "checkpoint.pth")
+    rc = eval_cli.main(["--checkpoint", f"bicubic,{pth}", "--checkpoint", "bicubic",
+                           "--data", str(small), "--scales", "2.5", "--json", str(out),
+                           "--per_image", "--chunk_size", "1000", "--compilation_cache", ""])
     assert rc == 0
-    (r,) = json.loads(out.read_text())["results"]
+    doc = json.loads(out.read_text())
+    assert doc["complete"] is True and doc["checkpoints"] == ["bicubic", pth]
+    bic, r = doc["results"]
+    assert (bic["checkpoint"], r["checkpoint"]) == ("bicubic", pth)
     assert r["dataset"] == "small" and r["scale"] == 2.5 and r["protocol"] == "benchmark"
-    assert math.isfinite(r["psnr"]) and r["images"] == 1
+    assert math.isfinite(r["psnr"]) and r["images"] == 1 and r["psnr"] != bic["psnr"]
     (img,) = r["per_image"]
     assert img["image"] == "crop.png" and img["psnr"] == r["psnr"] and -1 <= img["ssim"] <= 1
-    assert "small" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == [
+        "| method | small x2.5 |", "|---|---|",
+        f"| bicubic | {bic['psnr']:.2f} |", f"| {pth} | {r['psnr']:.2f} |"]
+    # The compile share: the model compiled here; bicubic compiles nothing.
+    timing = doc["timing"]
+    assert timing["compilations"] >= 3 and 0 < timing["compile_s"] < timing["wall_s"]
+    assert "compiling" in captured.err and f"{timing['compilations']} compilations" in captured.err
+    assert "img/s" not in captured.err and "%|" not in captured.err  # stderr is no terminal: no bar
 
 
 @pytest.mark.parametrize("args,message", [
     (["--data", "/no/such/folder"], "neither a folder"),
     (["--data", "Set14"], "not found"),
     (["--data", "Set5", "--scales", "0.5"], "scale"),
+    (["--data", "Set5", "--scales", "1"], "> 1"),
+    (["--data", ","], "--data names nothing"),
     (["--data", "Set5", "--protocol", "y"], "protocol"),
 ])
 def test_bad_arguments_exit_2(data_dir, capsys, args, message):
     root, _ = data_dir
-    assert eval_script.main(["--checkpoint", "bicubic", "--data_dir", str(root), *args]) == 2
+    assert eval_cli.main(["--checkpoint", "bicubic", "--data_dir", str(root),
+                             "--compilation_cache", "", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 
 
+def test_empty_checkpoint_list_exit_2(data_dir, capsys):
+    root, _ = data_dir
+    assert eval_cli.main(["--checkpoint", ", ", "--data", "Set5", "--data_dir", str(root),
+                          "--compilation_cache", ""]) == 2
+    assert "--checkpoint names nothing" in capsys.readouterr().err
+
+
 def test_unparsable_scales_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
-        eval_script.main(["--checkpoint", "bicubic", "--data", "x", "--scales", "two"])
+        eval_cli.main(["--checkpoint", "bicubic", "--data", "x", "--scales", "two"])
     assert e.value.code == 2 and "comma-separated" in capsys.readouterr().err

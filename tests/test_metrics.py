@@ -7,7 +7,7 @@ import pytest
 
 from srno_jax.errors import ConfigError, DataError
 from srno_jax.images import resize_bicubic
-from srno_jax.metrics import (default_protocol, eval_cell, eval_sizes, make_eval_pair, psnr,
+from srno_jax.metrics import (check_evaluable, default_protocol, eval_cell, eval_sizes, make_eval_pair, psnr,
                               rgb_to_y, rgb_to_ycbcr_y, ssim)
 
 _HERE = Path(__file__).resolve().parent
@@ -51,11 +51,21 @@ def test_make_eval_pair_crops_top_left():
 def test_eval_sizes():
     assert eval_sizes((333, 500), 3.7) == (90, 135, 333, 500)  # 333 / 3.7 is 89.999... in floats
     assert eval_sizes((300, 451, 3), 2.5) == (120, 180, 300, 450)
-    assert eval_sizes((7, 9), 1) == (7, 9, 7, 9)
-    with pytest.raises(ConfigError, match="0.5"):
-        eval_sizes((64, 64), 0.5)
-    with pytest.raises(ConfigError):
+    for bad in (0.5, 1, math.inf, math.nan, True):
+        with pytest.raises(ConfigError, match="scale"):
+            eval_sizes((64, 64), bad)
+    with pytest.raises(DataError, match="smaller than one LR pixel"):
         eval_sizes((5, 64), 6)
+
+
+def test_check_evaluable():
+    check_evaluable((7, 20), "benchmark", 3)  # 7 - 2 * 3 = 1 pixel left
+    with pytest.raises(DataError, match="too small"):
+        check_evaluable((6, 20), "benchmark", 3)
+    with pytest.raises(DataError, match="11 pixels"):
+        check_evaluable((20, 20), "div2k", 2, with_ssim=True)  # 20 - 2 * 8 = 4 < 11
+    with pytest.raises(ConfigError, match="protocol"):
+        check_evaluable((20, 20), "set5", 2)
 
 
 def test_eval_cell_mcell():

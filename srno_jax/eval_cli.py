@@ -1,0 +1,243 @@
+"""``srno-eval`` (or ``python eval.py``): PSNR tables of SRNO checkpoints, like the paper's.
+
+  srno-eval --checkpoint bicubic,edsr-baseline_epoch-1000.pth --data Set5,Set14,div2k \\
+      --data_dir load --scales 2,3,4,6,12 --json results.json
+
+Evaluates each --checkpoint (a reference .pth, an Orbax training workdir or step folder,
+or 'bicubic') on each --data folder under the reference's protocol
+(`srno_jax.evaluation`) and prints a Markdown table: one row per checkpoint, columns
+dataset x scale, mean PSNR in dB. Every argument and every image header is checked, and
+the --json file written, before the first forward pass; the JSON is rewritten after each
+table cell, so an interrupted run leaves the finished cells (``"complete": false``) and
+prints their table. Unreadable images are skipped with a warning and counted in the
+table (--strict stops instead). Errors print one line on stderr and exit with status 2;
+Ctrl-C exits with 130.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+from srno_jax.errors import ConfigError, DataError, SRNOError
+
+_PROG = "srno-eval"
+_DEFAULT_SCALES = [2.0, 3.0, 4.0]
+
+
+def _scales(text: str) -> list[float]:
+    try:
+        return [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=_PROG, description=__doc__.split("\n\n")[2])
+    p.add_argument("--checkpoint", required=True, action="append",
+                   help="a .pth, an Orbax workdir or step folder, or 'bicubic'; several "
+                        "comma-separated or with the flag repeated, one table row each")
+    p.add_argument("--data", required=True,
+                   help="comma-separated dataset names (Set5, Set14, B100, Urban100, Manga109, "
+                        "div2k) or folders: of HR images, or paired (HR/ with LR/ or X2/ X3/ ...)")
+    p.add_argument("--data_dir", default=None, help="folder holding benchmark/ and DIV2K_valid_HR/")
+    p.add_argument("--scales", type=_scales, default=None,
+                   help="e.g. 2,3,4,6,12 (each > 1; default 2,3,4); paired folders use "
+                        "their pairs' own scales")
+    p.add_argument("--protocol", default=None, help="'div2k' or 'benchmark' (default: by dataset)")
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.add_argument("--per_image", action="store_true", help="add per-image PSNR and SSIM to the JSON")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first unreadable image instead of skipping it")
+    p.add_argument("--chunk_size", type=int, default=None, help="query points per chunk")
+    p.add_argument("--max_output_pixels", type=int, default=None,
+                   help="refuse HR images larger than this many pixels "
+                        "(default: srno_jax.image_api.MAX_OUTPUT_PIXELS, 2**27)")
+    p.add_argument("--compilation_cache", default=None,
+                   help="persistent XLA compilation cache folder (default "
+                        "~/.cache/srno_jax/xla; '' turns it off)")
+    p.add_argument("--no_progress", action="store_true",
+                   help="no progress bar (it is off anyway when stderr is not a terminal)")
+    return p
+
+
+def _names(values: list[str], flag: str) -> list[str]:
+    """The comma-separated names of a flag's values, stripped, each once, in order."""
+    names = list(dict.fromkeys(n.strip() for v in values for n in v.split(",") if n.strip()))
+    if not names:
+        raise ConfigError(f"{flag} names nothing; give one or more, comma-separated")
+    return names
+
+
+def _upsampler(checkpoint: str, chunk_size: int | None):
+    from srno_jax import evaluation
+
+    if checkpoint == "bicubic":
+        return evaluation.bicubic_upsampler
+    from srno_jax.checkpoints import load_checkpoint
+
+    return evaluation.model_upsampler(*load_checkpoint(checkpoint), chunk_size)
+
+
+def _json_safe(x):
+    """`x` with non-finite floats (an infinite PSNR: a prediction equal to the ground
+    truth) as None, since JSON has no Infinity."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+class _JsonOutput:
+    """The --json file, rewritten whole (through a temporary file and a rename, so it is
+    valid JSON at every moment) with the results so far."""
+
+    def __init__(self, path: str, checkpoints: list[str]):
+        from etils import epath
+
+        self.path, self.checkpoints = epath.Path(path), checkpoints
+        self.write([], complete=False)
+
+    def write(self, results: list[dict], complete: bool, timing: dict | None = None) -> None:
+        doc = {"checkpoints": self.checkpoints, "complete": complete,
+               "results": _json_safe(results)}
+        if timing is not None:
+            doc["timing"] = timing
+        tmp = self.path.with_name(self.path.name + ".partial")
+        try:
+            tmp.write_text(json.dumps(doc, indent=1, allow_nan=False))
+            tmp.replace(self.path)
+        except OSError as e:
+            raise DataError(f"cannot write --json {self.path}: {e.strerror or e}; choose a "
+                            "writable path") from None
+
+
+class _CompileClock:
+    """Seconds JAX spends tracing, lowering and compiling (or loading from the persistent
+    cache), from `jax.monitoring`'s duration events, with the number of compilations and
+    of persistent-cache hits among them."""
+
+    _EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+               "/jax/core/compile/jaxpr_to_mlir_module_duration",
+               "/jax/core/compile/backend_compile_duration")
+
+    def __enter__(self):
+        import jax
+
+        self.seconds, self.compilations, self.cache_hits = 0.0, 0, 0
+        jax.monitoring.register_event_duration_secs_listener(self._on_duration)
+        jax.monitoring.register_event_listener(self._on_event)
+        return self
+
+    def __exit__(self, *exc):
+        import jax
+
+        jax.monitoring.unregister_event_duration_listener(self._on_duration)
+        jax.monitoring.unregister_event_listener(self._on_event)
+
+    def _on_duration(self, event: str, duration: float, **kwargs) -> None:
+        if event in self._EVENTS:
+            self.seconds += duration
+            self.compilations += event == self._EVENTS[-1]
+
+    def _on_event(self, event: str, **kwargs) -> None:
+        self.cache_hits += event == "/jax/compilation_cache/cache_hits"
+
+
+def _evaluate(args, results: list[dict], state: dict) -> None:
+    """Plans, checks, loads and evaluates, appending each table cell to `results`."""
+    from tqdm import tqdm
+
+    from srno_jax import evaluation
+    from srno_jax.image_api import MAX_OUTPUT_PIXELS
+
+    checkpoints = _names(args.checkpoint, "--checkpoint")
+    datasets = [evaluation.resolve_dataset(n, args.data_dir) for n in _names([args.data], "--data")]
+    tasks = evaluation.plan(datasets, _DEFAULT_SCALES if args.scales is None else args.scales,
+                            args.protocol, strict=args.strict, with_ssim=args.per_image,
+                            max_output_pixels=(MAX_OUTPUT_PIXELS if args.max_output_pixels is None
+                                               else args.max_output_pixels))
+    warn = lambda msg: tqdm.write(f"{_PROG}: {msg}", file=sys.stderr)
+    if args.scales is not None:
+        for path in dict.fromkeys(t.dataset for t in tasks if t.paired):
+            warn(f"note: --scales does not apply to the paired folder {path}; it is evaluated "
+                 "at its pairs' own scales")
+    for warning in dict.fromkeys(f"warning: skipping {t.dataset}/{image} at x{t.scale:g}: {why}"
+                                 for t in tasks for image, why in t.skipped):
+        warn(warning)
+    if args.json:
+        state["json"] = _JsonOutput(args.json, checkpoints)
+    upsamplers = [(c, _upsampler(c, args.chunk_size)) for c in checkpoints]
+    total = len(checkpoints) * sum(len(t.items) for t in tasks)
+    state["bar"] = bar = tqdm(total=total, unit="img", leave=False,
+                              disable=True if args.no_progress else None)
+    for checkpoint, upsampler in upsamplers:
+        for task in tasks:
+            bar.set_description(f"{task.dataset} x{task.scale:g}")
+            row = evaluation.evaluate_task(
+                upsampler, task, per_image=args.per_image, strict=args.strict,
+                on_image=lambda image: bar.update(1),
+                on_skip=lambda image, why: warn(f"warning: skipping {task.dataset}/{image}: {why}"))
+            results.append({"checkpoint": checkpoint, **row})
+            if "json" in state:
+                state["json"].write(results, complete=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    start = time.perf_counter()
+    results, state, status = [], {}, 1
+    clock = None
+    try:
+        from PIL import Image
+
+        from srno_jax import compiler
+
+        cache = compiler.enable_compilation_cache(
+            compiler.DEFAULT_CACHE_DIR if args.compilation_cache is None else args.compilation_cache)
+        with _CompileClock() as clock:
+            try:
+                _evaluate(args, results, state)
+            except Image.DecompressionBombError as e:
+                raise DataError(f"an image is too large to read safely: {e}") from None
+        status = 0
+    except SRNOError as e:
+        print(f"{_PROG}: error: {e}", file=sys.stderr)
+        status = 2
+    except KeyboardInterrupt:
+        print(f"{_PROG}: interrupted", file=sys.stderr)
+        status = 130
+    finally:
+        if "bar" in state:
+            state["bar"].close()
+        if results:
+            from srno_jax.evaluation import format_table
+
+            print(format_table(results))
+            if status != 0:
+                print(f"\n(incomplete: the evaluation stopped after {len(results)} cells)")
+        timing = None
+        if clock is not None:
+            wall = time.perf_counter() - start
+            timing = {"wall_s": round(wall, 3), "compile_s": round(clock.seconds, 3),
+                      "compilations": clock.compilations, "cache_hits": clock.cache_hits}
+            print(f"{_PROG}: {wall:.1f} s in all, {clock.seconds:.1f} s "
+                  f"({clock.seconds / wall:.0%}) compiling: {clock.compilations} compilations, "
+                  f"{clock.cache_hits} loaded from the persistent cache "
+                  f"({cache or 'off'})", file=sys.stderr)
+        if "json" in state:
+            try:
+                state["json"].write(results, complete=status == 0, timing=timing)
+            except SRNOError as e:
+                print(f"{_PROG}: error: {e}", file=sys.stderr)
+                status = 2
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
