@@ -12,7 +12,7 @@ from PIL import Image
 
 from srno_jax.coords import make_coord
 from srno_jax.errors import ConfigError, DataError
-from srno_jax.images import normalise, to_rgb_uint8
+from srno_jax.images import normalise, orient_image, to_rgb_uint8
 from srno_jax.inference import DEFAULT_TILE, predict
 from srno_jax.metrics import eval_cell
 
@@ -44,6 +44,9 @@ def output_size(hw: tuple[int, int], scale, size) -> tuple[int, int]:
             raise ConfigError(f"scale must be a finite number > 1 (SRNO enlarges; to shrink an "
                               f"image use PIL's resize), got {scale!r}")
         out = (max(round(hw[0] * scale), 1), max(round(hw[1] * scale), 1))
+        if out == tuple(hw):
+            raise ConfigError(f"scale {scale:g} leaves the {hw[0]}x{hw[1]} (height x width) "
+                              f"input at {out[0]}x{out[1]} after rounding; give a larger scale")
     else:
         if (not isinstance(size, (tuple, list)) or len(size) != 2
                 or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in size)):
@@ -59,9 +62,10 @@ def output_size(hw: tuple[int, int], scale, size) -> tuple[int, int]:
 
 
 def _as_pil(image) -> Image.Image:
-    """A PIL image from a PIL image or a uint8/uint16 numpy array (see `upscale`)."""
+    """A PIL image from a PIL image (turned upright by its EXIF orientation) or a
+    uint8/uint16 numpy array (see `upscale`)."""
     if isinstance(image, Image.Image):
-        return image
+        return orient_image(image)
     a = np.asarray(image)
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[..., 0]
@@ -82,9 +86,11 @@ def upscale(model, variables, image, *, scale: float | None = None,
       model, variables: an SRNO and its ``{'params': ...}`` (e.g. from `load_checkpoint`).
       image: a PIL image of any mode, or a numpy array: uint8 (H, W), (H, W, 1),
         (H, W, 3) RGB or (H, W, 4) RGBA, or uint16 (H, W). Converted to RGB by
-        `images.to_rgb_uint8` (16-bit values are scaled to 0..255).
+        `images.to_rgb_uint8` (16-bit values are scaled to 0..255). A PIL image is first
+        turned upright by its EXIF orientation tag (`images.orient_image`), so H and W
+        are those of the upright image.
       scale: output = (round(H * scale), round(W * scale)); any finite float > 1, not
-        only integers.
+        only integers, that changes the size.
       size: explicit output (height, width) instead of scale, no side smaller than the
         input's and not equal to it.
       chunk_size, tile: see `predict`.
