@@ -1,17 +1,39 @@
-"""``srno-upscale IN OUT (--scale S | --size WIDTHxHEIGHT) [--checkpoint PATH] [--chunk_size N]``.
+"""``srno-upscale INPUT... [OUTPUT] (--scale S | --size WIDTHxHEIGHT) --checkpoint PATH``.
 
-Resizes one image with SRNO (`srno_jax.image_api.upscale`) and writes an 8-bit PNG
-(grayscale stays grayscale, alpha is kept; 16-bit input is written as 8-bit).
-Errors print one line on stderr and exit with status 2.
+Resizes images with SRNO (`srno_jax.image_api.upscale`) and writes each in the format its
+name asks for (.png, .jpg/.jpeg, .webp, .tif/.tiff, .bmp).
+
+  srno-upscale photo.jpg photo_x3.7.png --scale 3.7 --checkpoint CKPT      one image
+  srno-upscale a.jpg b.jpg photos/ results/ --scale 2 --checkpoint CKPT     into a folder
+  srno-upscale photos/ --out_dir results --name "{stem}.jpg" --scale 4 --checkpoint CKPT
+
+Every input, output name and output folder is checked before the model is loaded; an
+output that is one of the inputs is refused unless --overwrite is given. Images are read
+upright (their EXIF orientation applied); grayscale stays grayscale, alpha is kept where
+the format has it, 16-bit input is written as 8-bit. Errors print one line on stderr and
+exit with status 2.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import re
 import sys
 
+from srno_jax.errors import CheckpointError, ConfigError, DataError, SRNOError
 
-from srno_jax.errors import ConfigError, SRNOError
+DEFAULT_NAME = "{stem}_x{scale}.png"
+NAME_FIELDS = "{stem} (input name without extension), {ext} (input extension), " \
+              "{scale} (as given, or WIDTHxHEIGHT for --size), {width}, {height} (output)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One image to upscale: input file, output file and output (height, width)."""
+    input: str
+    output: str
+    size: tuple[int, int]
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -22,51 +44,216 @@ def _size(text: str) -> tuple[int, int]:
     return int(m.group(2)), int(m.group(1))
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("srno-jax")
+    except PackageNotFoundError:
+        return "unknown (the package is not installed: pip install -e .)"
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="srno-upscale", description=__doc__.split("\n\n")[1])
-    p.add_argument("input", help="image file (any format PIL reads)")
-    p.add_argument("output", help="PNG file to write")
+    from srno_jax.compiler import DEFAULT_CACHE_DIR
+
+    p = argparse.ArgumentParser(prog="srno-upscale", description=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n")[2])
+    p.add_argument("paths", nargs="+", metavar="INPUT... [OUTPUT]",
+                   help="image files or folders of images, then the output file (one input) "
+                   "or an existing output folder (unless --out_dir is given)")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--scale", type=float, help="scale factor, any number > 1 (e.g. 3.7)")
     how.add_argument("--size", type=_size, help="output size as WIDTHxHEIGHT, e.g. 1920x1080")
-    p.add_argument("--checkpoint", help="reference .pth or Orbax checkpoint (default: an "
-                   "untrained EDSR-baseline SRNO, for trying the tool only)")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--checkpoint", help="a reference .pth (e.g. edsr-baseline_epoch-1000"
+                         ".pth), a training workdir or one of its step folders")
+    weights.add_argument("--random_weights", action="store_true",
+                         help="try the tool with an UNTRAINED EDSR-baseline SRNO (the output is "
+                         "not a real super-resolution)")
+    p.add_argument("--out_dir", help="existing folder to write into; then every path is an input")
+    p.add_argument("--name", default=DEFAULT_NAME, help=f"output name pattern in a folder "
+                   f"(default {DEFAULT_NAME!r}); fields: {NAME_FIELDS}")
+    p.add_argument("--quality", type=int, help="JPEG and WebP quality, 1..100 (default 95)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow writing over an input image")
     p.add_argument("--chunk_size", type=int, default=None,
                    help="query points per chunk; lower it to use less memory")
+    p.add_argument("--compilation_cache", default=DEFAULT_CACHE_DIR, metavar="DIR",
+                   help="persistent XLA cache, so that a rerun compiles nothing "
+                   f"(default {DEFAULT_CACHE_DIR}; '' turns it off)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     return p
 
 
-def _model(checkpoint: str | None):
+def expand_inputs(paths: list[str]) -> list[str]:
+    """The image files named by `paths`: files as given, folders as their images (sorted).
+
+    Raises `DataError` for a missing path or a folder without images.
+    """
+    from srno_jax.images import IMAGE_EXTENSIONS, image_files
+
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = image_files(path)
+            if not found:
+                raise DataError(f"folder {path} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+            files += found
+        elif os.path.exists(path):
+            files.append(path)
+        else:
+            raise DataError(f"image not found: {path}")
+    return files
+
+
+def output_name(pattern: str, input_path: str, scale_text: str, size: tuple[int, int]) -> str:
+    """The output file name for `input_path` from `pattern` (fields: see NAME_FIELDS).
+
+    size = output (height, width). Raises `ConfigError` for an unknown field or a
+    pattern that is not a plain file name.
+    """
+    stem, ext = os.path.splitext(os.path.basename(input_path))
+    try:
+        name = pattern.format(stem=stem, ext=ext.lstrip("."), scale=scale_text,
+                              height=size[0], width=size[1])
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"--name {pattern!r} is not a valid pattern ({e!r}); its fields "
+                          f"are {NAME_FIELDS}") from None
+    if not name or os.path.basename(name) != name:
+        raise ConfigError(f"--name {pattern!r} gives {name!r}, not a file name; the output "
+                          "folder is --out_dir or the last argument")
+    return name
+
+
+def check_output(path: str, inputs: list[str], overwrite: bool) -> None:
+    """Refuses, before any work, an output that cannot be written or would destroy an input.
+
+    Checks the format (from the extension), that the folder exists and is writable, that
+    `path` is not a folder, and that it is none of `inputs` unless `overwrite`.
+    Raises `ConfigError` or `DataError` naming the path and the fix.
+    """
+    from srno_jax.images import output_format
+
+    output_format(path)
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise DataError(f"output folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DataError(f"output folder {folder} is not writable; choose another output")
+    if os.path.isdir(path):
+        raise DataError(f"output {path} is a folder; give a file name or use --out_dir")
+    if not overwrite and any(os.path.exists(path) and os.path.samefile(path, i) for i in inputs):
+        raise DataError(f"output {path} is an input image; writing it would destroy the "
+                        "input: choose another name, or pass --overwrite")
+
+
+def plan(args) -> list[Job]:
+    """Every (input, output, size) of a command line, all checked before any work.
+
+    Reads every input (so a bad image fails here, not after an hour of upscaling) and
+    refuses outputs that clash with each other or with an input (`check_output`).
+    """
+    from srno_jax.image_api import output_size
+    from srno_jax.images import open_image
+
+    paths, out_dir, out_file = list(args.paths), args.out_dir, None
+    if out_dir is None:
+        if len(paths) < 2:
+            raise ConfigError("give an output: srno-upscale INPUT OUTPUT, an output folder as "
+                              "the last argument, or --out_dir FOLDER")
+        if os.path.isdir(paths[-1]):
+            out_dir = paths.pop()
+        elif len(paths) == 2 and not os.path.isdir(paths[0]):
+            out_file = paths.pop()
+        else:
+            raise DataError(f"several inputs need an output folder, and {paths[-1]} is not an "
+                            "existing folder; create it, or pass --out_dir FOLDER")
+    elif not os.path.isdir(out_dir):
+        raise DataError(f"--out_dir {out_dir} is not an existing folder; create it first")
+    inputs = expand_inputs(paths)
+    scale_text = f"{args.scale:g}" if args.scale is not None else f"{args.size[1]}x{args.size[0]}"
+    jobs = []
+    for path in inputs:
+        image = open_image(path, orient=True)
+        size = output_size((image.height, image.width), args.scale, args.size)
+        out = out_file or os.path.join(out_dir, output_name(args.name, path, scale_text, size))
+        check_output(out, inputs, args.overwrite)
+        jobs.append(Job(path, out, size))
+    seen = {}
+    for job in jobs:
+        key = os.path.normcase(os.path.abspath(job.output))
+        if key in seen:
+            raise ConfigError(f"{seen[key]} and {job.input} would both be written to "
+                              f"{job.output}; put {{ext}} or another field in --name")
+        seen[key] = job.input
+    return jobs
+
+
+def _model(args):
     from srno_jax.checkpoints import load_checkpoint
     from srno_jax.models import init_variables, make_model
 
-    if checkpoint:
-        return load_checkpoint(checkpoint)
-    print("warning: no --checkpoint given; using a randomly initialised EDSR-baseline SRNO. "
-          "Its weights are UNTRAINED, so the output is not a real super-resolution.",
-          file=sys.stderr)
+    if args.checkpoint:
+        return load_checkpoint(os.path.expanduser(args.checkpoint))
+    print("warning: --random_weights: using a randomly initialised EDSR-baseline SRNO. Its "
+          "weights are UNTRAINED, so the output is NOT a real super-resolution.", file=sys.stderr)
     model = make_model()
     return model, init_variables(model)
 
 
+def _check_arguments(args) -> None:
+    if not args.checkpoint and not args.random_weights:
+        raise ConfigError("--checkpoint is required: pass a reference .pth (e.g. the official "
+                          "edsr-baseline_epoch-1000.pth), a training workdir such as runs/demo, "
+                          "or examples/assets/demo_srno; --random_weights tries the tool "
+                          "with untrained weights")
+    if args.checkpoint and not os.path.exists(os.path.expanduser(args.checkpoint)):
+        raise CheckpointError(f"checkpoint not found: {args.checkpoint}")
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise ConfigError(f"--chunk_size must be >= 1, got {args.chunk_size}")
+    if args.quality is not None and not 1 <= args.quality <= 100:
+        raise ConfigError(f"--quality must be in 1..100, got {args.quality}")
+
+
+def _check_quality(quality: int | None, jobs: list[Job]) -> None:
+    from srno_jax.images import output_format
+
+    if quality is not None and not any(output_format(j.output) in ("JPEG", "WEBP") for j in jobs):
+        raise ConfigError("--quality applies to JPEG and WebP outputs only; name the output "
+                          ".jpg or .webp, or drop --quality")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    done = 0
     try:
-        from srno_jax.images import open_image, save_png
-        from srno_jax.image_api import output_size, upscale
+        _check_arguments(args)
+        jobs = plan(args)
+        _check_quality(args.quality, jobs)
+        from tqdm import tqdm
 
-        if args.chunk_size is not None and args.chunk_size < 1:
-            raise ConfigError(f"--chunk_size must be >= 1, got {args.chunk_size}")
-        image = open_image(args.input)
-        output_size((image.height, image.width), args.scale, args.size)  # fail before loading
-        model, variables = _model(args.checkpoint)
-        out = upscale(model, variables, image, scale=args.scale, size=args.size,
-                      chunk_size=args.chunk_size)
-        save_png(args.output, out)
+        from srno_jax.compiler import enable_compilation_cache
+        from srno_jax.image_api import upscale
+        from srno_jax.images import open_image, save_image
+
+        enable_compilation_cache(args.compilation_cache)
+        model, variables = _model(args)
+        # disable=None: a bar on a terminal, none in logs and pipes.
+        with tqdm(jobs, unit="image", disable=None, file=sys.stderr) as bar:
+            for job in bar:
+                bar.set_postfix_str(os.path.basename(job.input))
+                out = upscale(model, variables, open_image(job.input, orient=True),
+                              size=job.size, chunk_size=args.chunk_size)
+                save_image(job.output, out, args.quality)
+                done += 1
+                bar.write(f"wrote {job.output} ({job.size[1]}x{job.size[0]})", file=sys.stdout)
     except SRNOError as e:
         print(f"srno-upscale: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.output} ({out.shape[1]}x{out.shape[0]})")
+    except KeyboardInterrupt:
+        print(f"srno-upscale: interrupted; {done} image(s) written", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,0 +1,235 @@
+"""srno-upscale: output formats, folders and name patterns, the progress bar, and refusals
+that come before any work (no checkpoint, clashing or unwritable outputs, bad images)."""
+import io
+import os
+from importlib.metadata import version
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import require_golden
+from test_image_api import png_header
+from srno_jax import upscale_cli
+from srno_jax.image_api import upscale
+
+
+@pytest.fixture(scope="module")
+def ckpt():
+    return str(require_golden("small_edsr_srno") / "checkpoint.pth")
+
+
+@pytest.fixture(scope="module")
+def small(ckpt):
+    from srno_jax import load_checkpoint
+
+    return load_checkpoint(ckpt)
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """Counts model loads: a refusal "before any work" leaves it at 0."""
+    calls = []
+    real = upscale_cli._model
+
+    def counting(args):
+        calls.append(args)
+        return real(args)
+
+    monkeypatch.setattr(upscale_cli, "_model", counting)
+    return calls
+
+
+def _rgb(seed, hw=(12, 10)):
+    return np.random.default_rng(seed).integers(0, 256, (*hw, 3), dtype=np.uint8)
+
+
+def run(*args):
+    return upscale_cli.main([*map(str, args), "--compilation_cache="])
+
+
+@pytest.fixture
+def photo(tmp_path):
+    path = tmp_path / "in.png"
+    Image.fromarray(_rgb(3)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("ext,fmt", [(".png", "PNG"), (".jpg", "JPEG"), (".JPEG", "JPEG"),
+                                     (".webp", "WEBP"), (".tif", "TIFF"), (".bmp", "BMP")])
+def test_writes_the_format_the_name_asks_for(small, ckpt, photo, tmp_path, ext, fmt):
+    out = tmp_path / f"out{ext}"
+    assert run(photo, out, "--scale", 2.5, "--checkpoint", ckpt) == 0
+    with Image.open(out) as img:
+        assert img.format == fmt and img.size == (25, 30)
+        if fmt in ("PNG", "TIFF", "BMP"):  # lossless
+            np.testing.assert_array_equal(np.asarray(img), upscale(*small, _rgb(3), scale=2.5))
+
+
+def test_quality_sets_jpeg_and_webp_compression(ckpt, photo, tmp_path, capsys):
+    sizes = {}
+    for ext in (".jpg", ".webp"):
+        for q in (5, 100):
+            out = tmp_path / f"q{q}{ext}"
+            assert run(photo, out, "--scale", 4, "--checkpoint", ckpt, "--quality", q) == 0
+            sizes[ext, q] = out.stat().st_size
+        assert sizes[ext, 5] < sizes[ext, 100]
+    assert run(photo, tmp_path / "x.png", "--scale", 2, "--checkpoint", ckpt, "--quality", 90) == 2
+    assert run(photo, tmp_path / "x.jpg", "--scale", 2, "--checkpoint", ckpt, "--quality", 0) == 2
+    err = capsys.readouterr().err
+    assert "--quality applies to JPEG and WebP" in err and "--quality must be in 1..100" in err
+
+
+def test_unknown_extension_is_refused_before_any_work(ckpt, photo, tmp_path, capsys, loads):
+    assert run(photo, tmp_path / "out.xyz", "--scale", 2, "--checkpoint", ckpt) == 2
+    err = capsys.readouterr().err
+    assert "output format" in err and ".png" in err and len(err.splitlines()) == 1
+    assert not loads and not (tmp_path / "out.xyz").exists()
+
+
+def test_folder_and_several_inputs_with_a_name_pattern(small, ckpt, tmp_path):
+    src = tmp_path / "photos"
+    src.mkdir()
+    Image.fromarray(_rgb(0)).save(src / "a.png")
+    Image.fromarray(_rgb(1)).save(src / "b.PNG")
+    (src / "notes.txt").write_text("not an image")
+    extra = tmp_path / "c.png"
+    Image.fromarray(_rgb(7)).save(extra)
+    results = tmp_path / "results"
+    results.mkdir()
+    # An output folder as last argument; then the same with --out_dir and a pattern.
+    assert run(src, extra, results, "--scale", 2, "--checkpoint", ckpt) == 0
+    assert sorted(os.listdir(results)) == ["a_x2.png", "b_x2.png", "c_x2.png"]
+    np.testing.assert_array_equal(np.asarray(Image.open(results / "c_x2.png")),
+                                  upscale(*small, _rgb(7), scale=2))
+    assert run(src, "--out_dir", results, "--name", "{stem}-{width}x{height}.{ext}",
+               "--size", "20x24", "--checkpoint", ckpt) == 0
+    assert {"a-20x24.png", "b-20x24.PNG"} <= set(os.listdir(results))
+    assert Image.open(results / "b-20x24.PNG").size == (20, 24)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["{src}", "{tmp}/nowhere/", "--scale", "2"], "not an existing folder"),
+    (["{src}", "--out_dir", "{tmp}/nowhere", "--scale", "2"], "not an existing folder"),
+    (["{src}/a.png", "{tmp}/a.png", "--out_dir", "{src}", "--scale", "2"], "would both be written"),
+    (["{src}", "--out_dir", "{tmp}", "--name", "{{stem}}_{{colour}}.png", "--scale", "2"],
+     "not a valid pattern"),
+    (["{src}", "--out_dir", "{tmp}", "--name", "x/{{stem}}.png", "--scale", "2"], "not a file name"),
+    (["{src}/a.png", "{tmp}/missing/out.png", "--scale", "2"], "does not exist"),
+    (["{src}/a.png", "{tmp}/out.png", "--scale", "1.0001"], "after rounding"),
+    (["{src}/a.png", "{tmp}/out.png", "--size", "64x64"], "does not enlarge"),
+    (["{src}/a.png", "{tmp}/out.png", "--scale", "2", "--chunk_size", "0"], "--chunk_size"),
+    (["{src}/a.png", "--scale", "2"], "give an output"),
+    (["{tmp}/missing.png", "{tmp}/out.png", "--scale", "2"], "image not found"),
+])
+def test_refusals_come_before_any_work(ckpt, tmp_path, capsys, loads, args, message):
+    src = tmp_path / "src"
+    src.mkdir()
+    for path in (src / "a.png", src / "b.jpg", tmp_path / "a.png"):
+        Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(path)
+    args = [a.format(src=src, tmp=tmp_path) for a in args]
+    assert run(*args, "--checkpoint", ckpt) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not loads and not (tmp_path / "out.png").exists()
+
+
+def test_unwritable_output_folder_is_refused_before_any_work(ckpt, photo, tmp_path, capsys,
+                                                            loads, monkeypatch):
+    # chmod does not stop root, so the permission answer itself is replaced.
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, m: False if os.fspath(p) == str(tmp_path)
+                        else real(p, m))
+    assert run(photo, tmp_path / "out.png", "--scale", 2, "--checkpoint", ckpt) == 2
+    assert "not writable" in capsys.readouterr().err and not loads
+
+
+def test_output_equal_to_input_needs_overwrite(ckpt, photo, capsys, loads):
+    before = photo.read_bytes()
+    assert run(photo, photo, "--scale", 2, "--checkpoint", ckpt) == 2
+    assert "--overwrite" in capsys.readouterr().err and not loads
+    assert photo.read_bytes() == before
+    assert run(photo, photo, "--scale", 2, "--checkpoint", ckpt, "--overwrite") == 0
+    assert Image.open(photo).size == (20, 24)
+
+
+def test_refuses_to_run_without_checkpoint(photo, tmp_path, capsys, loads):
+    assert run(photo, tmp_path / "out.png", "--scale", 2) == 2
+    err = capsys.readouterr().err
+    assert "--checkpoint is required" in err and "--random_weights" in err and not loads
+    assert run(photo, tmp_path / "out.png", "--scale", 2, "--checkpoint", tmp_path / "no.pth") == 2
+    assert "checkpoint not found" in capsys.readouterr().err and not loads
+
+
+def test_random_weights_run_loudly(photo, tmp_path, capsys, monkeypatch):
+    import srno_jax.models as models
+
+    real = models.make_model
+    monkeypatch.setattr(models, "make_model", lambda: real(encoder_args={"n_resblocks": 1,
+                                                                         "n_feats": 8},
+                                                           width=16, heads=2))
+    assert run(photo, tmp_path / "out.png", "--scale", 2, "--random_weights") == 0
+    assert "UNTRAINED" in capsys.readouterr().err
+    assert Image.open(tmp_path / "out.png").size == (20, 24)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_on_a_terminal_only(ckpt, photo, tmp_path, capsys, monkeypatch):
+    assert run(photo, tmp_path / "a.png", "--scale", 2, "--checkpoint", ckpt) == 0
+    captured = capsys.readouterr()
+    assert "it/s" not in captured.err and "image/s" not in captured.err and "s/image" not in captured.err
+    assert "wrote" in captured.out and captured.err == ""
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    assert run(photo, tmp_path / "b.png", "--scale", 2, "--checkpoint", ckpt) == 0
+    assert "1/1" in terminal.getvalue() and "100%" in terminal.getvalue()
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        upscale_cli.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"srno-upscale {version('srno-jax')}"
+
+
+def test_exif_orientation_is_applied(small, ckpt, tmp_path):
+    rgb = _rgb(5, (10, 14))  # stored landscape, shown portrait (orientation 6: 90 degrees CW)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb).save(tmp_path / "phone.png", exif=exif)
+    assert run(tmp_path / "phone.png", tmp_path / "out.png", "--scale", 2, "--checkpoint", ckpt) == 0
+    upright = np.rot90(rgb, k=-1)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out.png")),
+                                  upscale(*small, upright, scale=2))
+
+
+def test_decompression_bomb_is_one_line(ckpt, tmp_path, capsys, loads):
+    (tmp_path / "bomb.png").write_bytes(png_header(60000, 60000))
+    assert run(tmp_path / "bomb.png", tmp_path / "out.png", "--scale", 2, "--checkpoint", ckpt) == 2
+    err = capsys.readouterr().err
+    assert "MAX_IMAGE_PIXELS" in err and len(err.splitlines()) == 1 and not loads
+
+
+def test_interrupt_keeps_finished_images(ckpt, tmp_path, capsys, monkeypatch):
+    for name in ("a.png", "b.png"):
+        Image.fromarray(_rgb(1)).save(tmp_path / name)
+    out = tmp_path / "out"
+    out.mkdir()
+    import srno_jax.image_api as image_api
+
+    real, calls = image_api.upscale, []
+
+    def second_interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(image_api, "upscale", second_interrupted)
+    assert run(tmp_path / "a.png", tmp_path / "b.png", out, "--scale", 2, "--checkpoint", ckpt) == 130
+    assert "interrupted; 1 image(s) written" in capsys.readouterr().err
+    assert os.listdir(out) == ["a_x2.png"]
