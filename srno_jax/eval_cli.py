@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             if status != 0:
                 print(f"\n(incomplete: the evaluation stopped after {len(results)} cells)")
         timing = None
-        if clock is not None:
+        if clock is not None and "bar" in state:  # the work began
             wall = time.perf_counter() - start
             timing = {"wall_s": round(wall, 3), "compile_s": round(clock.seconds, 3),
                       "compilations": clock.compilations, "cache_hits": clock.cache_hits}
