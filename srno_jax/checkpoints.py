@@ -1,4 +1,4 @@
-"""Checkpoints: the reference's PyTorch ``.pth`` files, mapped onto the Flax parameters.
+"""Checkpoints: the reference's PyTorch ``.pth`` files, and this package's Orbax checkpoints.
 
 The mapping between the reference's state-dict names and this package's parameter paths
 lives in `torch_name` alone; both directions (import, and exporting gradients or
@@ -6,6 +6,8 @@ parameters under torch names) use it.
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 from typing import Any
@@ -13,7 +15,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
 
+from srno_jax import workdir as workdir_lib
 from srno_jax.errors import CheckpointError, ConfigError
 from srno_jax.models import SRNO, init_variables, make_model
 
@@ -36,6 +41,7 @@ _RULES = [
 _LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 # Keys of the reference that hold no parameter of the forward pass (EDSR's MeanShift).
 _UNUSED = re.compile(r"encoder\.(sub_mean|add_mean)\.(weight|bias)$")
+log = logging.getLogger("srno_jax")
 # Some releases of the reference RDN number the second GFF layer 2 instead of 1.
 _ALIASES = {"encoder.GFF.2.": "encoder.GFF.1."}
 
@@ -129,6 +135,10 @@ def params_from_torch(state_dict: dict[str, np.ndarray], model: SRNO, source: st
             raise CheckpointError(
                 f"{source}: parameter {name} has shape {tuple(value.shape)}, the model expects "
                 f"{torch_shape}; the checkpoint's architecture does not match its args")
+        if not np.issubdtype(value.dtype, np.floating):
+            raise CheckpointError(
+                f"{source}: parameter {name} is {value.dtype}, not floating point; the file "
+                "holds no trained weights there (was it written by a quantising tool?)")
         got = from_torch_layout(value, path, len(want))
         flat[path] = jnp.asarray(got, jnp.float32)
     return _unflatten(flat)
@@ -168,11 +178,213 @@ def load_torch_checkpoint(path: str | os.PathLike):
     except (KeyError, TypeError):
         raise CheckpointError(
             f"{path}: not a reference SRNO checkpoint (expected {{'model': {{'name', 'args', "
-            "'sd'}}}} as the reference's train.py saves)") from None
+            f"'sd'}}}} as the reference's train.py saves)") from None
     if name != "sronet":
         raise CheckpointError(f"{path}: holds a {name!r} model; only 'sronet' (SRNO) is supported")
     model = model_from_reference_args(args, str(path))
     return model, {"params": params_from_torch(sd, model, str(path))}
+
+
+def check_finite(params, source: str) -> None:
+    """Raises `CheckpointError` naming the first parameter holding NaN or infinity."""
+    for path, v in _flat_paths(params).items():
+        if not np.isfinite(np.asarray(v)).all():
+            raise CheckpointError(f"{source}: parameter {path} holds NaN or infinite values; "
+                                  "the run that wrote it diverged. Use an earlier checkpoint")
+
+
+# --- this package's Orbax checkpoints --------------------------------------------------------
+#
+# <workdir>/checkpoints/<step>/ holds `params` (the Flax parameters), `train_state` (step,
+# Adam's state, the non-finite counter) and `meta` (JSON: model spec, seed, step, config).
+# Inference reads `params` and `meta` alone. Older step folders hold `state` (the whole
+# train state) instead of the first two; they are read as well.
+
+def model_spec(config) -> dict:
+    """The model part of a training config as plain JSON, as checkpoints record it."""
+    m = config.model
+    return {"encoder": m.encoder, "encoder_args": dict(m.encoder_args), "width": m.width,
+            "heads": m.heads}
+
+
+def model_from_spec(spec: dict, dtype="float32") -> SRNO:
+    return make_model(spec["encoder"], spec["encoder_args"], width=spec["width"],
+                      heads=spec["heads"], dtype=dtype)
+
+
+def manager(workdir, keep: int) -> ocp.CheckpointManager:
+    """Asynchronous saves into <workdir>/checkpoints, keeping the last `keep`."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    return ocp.CheckpointManager(workdir_lib.resolve(workdir) / "checkpoints", options=options)
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
+
+
+def _write_failed(mngr, step: int, e: Exception) -> CheckpointError:
+    latest = [s for s in mngr.all_steps() if s != step]
+    last = f"step {max(latest)}" if latest else "none"
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return CheckpointError(f"could not write checkpoint {step} to {mngr.directory} ({reason}); "
+                           f"is the disk full or the bucket unwritable? The last complete "
+                           f"checkpoint is {last}")
+
+
+def save(mngr: ocp.CheckpointManager, state, config) -> None:
+    """Starts an asynchronous save of a train state at its step (all hosts call it).
+
+    Raises `CheckpointError` in one line when the storage refuses (a full disk): the
+    error of an earlier asynchronous save surfaces here or in `finish`.
+    """
+    step = int(state.step)
+    meta = {"model": model_spec(config), "seed": config.seed, "step": step,
+            "config": json.loads(config.to_json_best_effort())}
+    rest = {"step": state.step, "opt_state": state.opt_state, "nonfinite": state.nonfinite}
+    try:
+        mngr.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params), train_state=ocp.args.StandardSave(rest),
+            meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as e:  # Orbax and TensorStore raise many kinds for a failed write
+        raise _write_failed(mngr, step, e) from None
+
+
+def finish(mngr: ocp.CheckpointManager) -> None:
+    """Waits for saves in flight; a failed one raises `CheckpointError` (see `save`)."""
+    try:
+        mngr.wait_until_finished()
+    except Exception as e:
+        raise _write_failed(mngr, mngr.latest_step() or -1, e) from None
+
+
+def _read_meta(step_dir: epath.Path) -> dict:
+    return json.loads((step_dir / "meta" / "metadata").read_text())
+
+
+def restore_latest(mngr: ocp.CheckpointManager, target, shardings, check_meta):
+    """The newest readable checkpoint as `target`'s type on `shardings`, or None if none.
+
+    `check_meta(meta)` may raise to refuse a checkpoint of another model or batch size.
+    A step that cannot be read (truncated, bit rot, a missing item) is skipped with a
+    warning naming it, for the one before; `CheckpointError` when none can be read.
+    """
+    steps = sorted(mngr.all_steps(), reverse=True)
+    for step in steps:
+        step_dir = epath.Path(mngr.directory) / str(step)
+        try:
+            meta = _read_meta(step_dir)
+        except Exception as e:
+            log.warning("checkpoint %s is unreadable (%s: %s); trying the one before",
+                        step_dir, type(e).__name__, e)
+            continue
+        check_meta(meta)
+        try:
+            if (step_dir / "state").exists():  # the older layout
+                return _restore_item(step_dir / "state", target, shardings)
+            rest = target.replace(params=None)
+            out = {k: _restore_item(step_dir / k, t, s) for k, t, s in (
+                ("params", target.params, shardings.params),
+                ("train_state", {"step": rest.step, "opt_state": rest.opt_state,
+                                 "nonfinite": rest.nonfinite},
+                 {"step": shardings.step, "opt_state": shardings.opt_state,
+                  "nonfinite": shardings.nonfinite}))}
+            return target.replace(params=out["params"], **out["train_state"])
+        except Exception as e:
+            log.warning("checkpoint %s is unreadable (%s); trying the one before", step_dir,
+                        str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    if steps:
+        raise CheckpointError(f"none of the checkpoints {steps} in {mngr.directory} can be read; "
+                              "move that folder away to start afresh")
+    return None
+
+
+def _restore_item(path: epath.Path, target, shardings):
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(path, _abstract(target, shardings))
+
+
+def delete_after(mngr: ocp.CheckpointManager, step: int) -> int | None:
+    """Deletes the checkpoints of steps >= `step`; returns the newest step left, if any."""
+    for s in mngr.all_steps():
+        if s >= step:
+            mngr.delete(s)
+    return mngr.latest_step()
+
+
+def _step_dirs(path: epath.Path) -> list[epath.Path]:
+    """Step folders for a workdir, its checkpoints/ folder or one step folder, newest first."""
+    if (path / "meta").is_dir():
+        return [path]
+    ckpts = path if path.name == "checkpoints" else path / "checkpoints"
+    steps = sorted((int(p.name) for p in ckpts.iterdir() if p.name.isdigit()),
+                   reverse=True) if ckpts.is_dir() else []
+    if not steps:
+        raise CheckpointError(f"no srno-jax checkpoint in {path}: expected a training workdir, "
+                              "its checkpoints/ folder, or a step folder such as checkpoints/1000")
+    return [ckpts / str(s) for s in steps]
+
+
+def load_orbax(path) -> tuple[SRNO, dict]:
+    """(model, {'params': ...}) from one of this package's Orbax checkpoints, on one device.
+
+    Reads only the parameters (and, in the older layout, the train state's shapes from
+    the recorded config). A newest step that cannot be read gives way to the one before
+    with a warning.
+    """
+    dirs = _step_dirs(workdir_lib.resolve(path))
+    for i, step_dir in enumerate(dirs):
+        try:
+            return _load_step(step_dir)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if i + 1 == len(dirs):
+                raise CheckpointError(f"checkpoint {step_dir} cannot be read ({reason})") from None
+            log.warning("checkpoint %s is unreadable (%s); using %s", step_dir, reason,
+                        dirs[i + 1])
+    raise AssertionError("unreachable")
+
+
+def _load_step(step_dir: epath.Path):
+    meta = _read_meta(step_dir)
+    model = model_from_spec(meta["model"])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if (step_dir / "state").exists():  # the older layout: the parameters inside the state
+        like = {"params": abstract_variables(model)["params"]}
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            params = checkpointer.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
+                item=like, restore_args=jax.tree.map(
+                    lambda _: ocp.ArrayRestoreArgs(sharding=device), like),
+                partial_restore=True))["params"]
+    else:
+        dtype = jnp.dtype(meta.get("params_dtype", "float32"))
+        like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype),
+                            abstract_variables(model)["params"])
+        params = _restore_item(step_dir / "params", like, jax.tree.map(lambda _: device, like))
+        params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+    check_finite(params, str(step_dir))
+    return model, {"params": params}
+
+
+def export_for_inference(path, out, dtype: str = "float32") -> epath.Path:
+    """Writes the parameters of an Orbax checkpoint (a workdir or a step folder) as an
+    inference-only folder `out` holding the items `params` and `meta`, in `dtype`
+    (float16 halves the size; loading casts back to float32). Returns `out`."""
+    step_dir = _step_dirs(workdir_lib.resolve(path))[0]
+    _, variables = load_orbax(step_dir)
+    out = workdir_lib.resolve(out)
+    if out.exists():
+        raise CheckpointError(f"{out} exists; choose a new folder for the export")
+    params = jax.tree.map(lambda x: np.asarray(x, dtype), variables["params"])
+    out.mkdir(parents=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(out / "params", params)
+    (out / "meta").mkdir()
+    (out / "meta" / "metadata").write_text(json.dumps(
+        {"model": _read_meta(step_dir)["model"], "params_dtype": dtype}))
+    return out
 
 
 def load_checkpoint(path: str | os.PathLike):
@@ -180,13 +392,16 @@ def load_checkpoint(path: str | os.PathLike):
 
     `path` is a reference PyTorch ``.pth`` file (the official releases or a file written
     by the reference's train.py), or one of this package's Orbax checkpoints: a training
-    workdir (its latest step is used) or one step's folder.
+    workdir (its latest readable step is used), its checkpoints/ folder, one step's
+    folder, or an `export_for_inference` folder. ``~`` is expanded. Raises
+    `CheckpointError` for a missing or unusable file, and for parameters that are not
+    all finite.
     """
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        from srno_jax.train import load_for_inference
-
-        return load_for_inference(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    return load_torch_checkpoint(path)
+    p = workdir_lib.resolve(path)
+    if p.is_dir():
+        return load_orbax(p)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    model, variables = load_torch_checkpoint(os.fspath(p))
+    check_finite(variables["params"], os.fspath(p))
+    return model, variables

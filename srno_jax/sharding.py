@@ -1,5 +1,10 @@
-"""Data parallelism over a 1-D device mesh: one code path for 1 device, 8 fake ones, a pod."""
+"""Data parallelism over a 1-D device mesh: one code path for 1 device, 8 fake ones, a pod.
+
+Also how a process joins a multi-host run, and how all hosts agree on a decision.
+"""
 from __future__ import annotations
+
+import logging
 
 import jax
 import numpy as np
@@ -7,22 +12,47 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from srno_jax.errors import ConfigError
 
+log = logging.getLogger("srno_jax")
+
+
+def detect_cluster() -> tuple[str, int] | None:
+    """(name, process count) of the cluster JAX would join by itself, or None.
+
+    Uses JAX's own detectors (`jax.distributed.initialize` picks the first present,
+    opt-in ones excluded): Open MPI, SLURM, Cloud TPU (GKE and GCE), Kubernetes. A
+    detected cluster of one process (a 1-task SLURM job, a single TPU VM) counts as none:
+    it needs no coordinator.
+    """
+    from jax._src import clusters  # JAX's detectors have no public name yet
+
+    for env in clusters.ClusterEnv._cluster_types:
+        if not env.opt_in_only_method and env.is_env_present():
+            count = env.get_process_count()
+            return (env.name if hasattr(env, "name") else env.__name__, count) if count > 1 else None
+    return None
+
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
-    """Joins a multi-host run (`jax.distributed.initialize`); a no-op for one process.
+                           process_id: int | None = None) -> str:
+    """Joins a multi-host run with `jax.distributed.initialize`; returns how, for the log.
 
-    On Cloud TPU pods and SLURM/Kubernetes GPU clusters JAX finds the arguments itself;
-    elsewhere pass them (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
+    Explicit arguments (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)
+    win; otherwise a cluster found by `detect_cluster` (SLURM, Open MPI, Cloud TPU,
+    Kubernetes) is joined with no arguments, as JAX recommends. One process outside any
+    cluster stays a plain single-host run with no coordinator.
     """
-    if coordinator_address is None and num_processes in (None, 1):
-        return
+    explicit = coordinator_address is not None or num_processes not in (None, 1)
+    cluster = None if explicit else detect_cluster()
+    if not explicit and cluster is None:
+        return "single process"
     # Collectives between CPU processes need an implementation: 'gloo' is this JAX's
     # default; older versions defaulted to none, and the first all-reduce failed.
     if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") in (None, "", "none"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
+    how = "explicit flags" if explicit else f"cluster {cluster[0]}"
+    return f"{how}: process {jax.process_index()} of {jax.process_count()}"
 
 
 def make_mesh() -> jax.sharding.Mesh:
@@ -64,3 +94,24 @@ def to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
         return jax.make_array_from_process_local_data(sharding, x, (x.shape[0] * n, *x.shape[1:]))
 
     return {k: put(v) for k, v in batch.items()}
+
+
+def host_values(value: int, mesh) -> jax.Array:
+    """An int32 array with one entry per device, each host filling its own devices' entries
+    with `value`: how a host's vote enters a jitted step sharded over 'data'."""
+    local = np.full(len(mesh.local_devices), value, np.int32)
+    return jax.make_array_from_process_local_data(batch_sharded(mesh), local,
+                                                  (mesh.devices.size,))
+
+
+def agree(vote: int) -> int:
+    """The bitwise OR of every host's `vote` (a small int): a decision all hosts share.
+
+    A collective: every host must call it at the same point. One process: `vote` itself.
+    """
+    if jax.process_count() == 1:
+        return int(vote)
+    from jax.experimental import multihost_utils
+
+    votes = multihost_utils.process_allgather(np.asarray(vote, np.int32))
+    return int(np.bitwise_or.reduce(np.asarray(votes).ravel()))

@@ -1,33 +1,38 @@
-"""Training: the state, the jitted data-parallel step, Orbax checkpoints and the loop.
+"""Training: the train state, the jitted data-parallel step, and the loop.
 
 One code path for every scale of hardware: the batch is sharded over a ('data',) mesh of
 all devices of all hosts, parameters are replicated, and `jax.jit` inserts the gradient
-all-reduce. Host p builds only its share of each global batch.
+all-reduce. Host p builds only its share of each global batch. Every decision to stop
+(a signal, the time limit, divergence) is shared by all hosts: each host's vote rides in
+the step itself, so all of them stop after the same step and save the same checkpoint.
 """
 from __future__ import annotations
 
-import json
+import contextlib
+import dataclasses
 import logging
-import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import struct
 
-import input_pipeline
-from srno_jax import compiler, evaluation, sharding
-from srno_jax.errors import CheckpointError, SRNOError
-from srno_jax.models import SRNO, init_variables, make_model
+from srno_jax import checkpoints, compiler, evaluation, sharding
+from srno_jax.errors import CheckpointError, ConfigError, SRNOError
+from srno_jax.metric_writer import MetricWriter
+from srno_jax.models import SRNO, init_variables
 from srno_jax.schedules import lr_at_epoch
+from srno_jax.workdir import WorkdirLock, check_writable
 
 log = logging.getLogger("srno_jax")
+
+# Stop votes: bits of one int per host, combined by max in the step.
+STOP_SIGNAL, STOP_TIME = 1, 2
 
 
 class TrainingDiverged(SRNOError):
@@ -39,23 +44,26 @@ class TrainState(struct.PyTreeNode):
     step: jax.Array
     params: Any
     opt_state: Any
-    nonfinite: jax.Array  # consecutive steps skipped for a non-finite loss or gradient
+    nonfinite: jax.Array  # consecutive steps skipped for a non-finite loss or update
 
 
-def model_spec(config) -> dict:
-    """The model part of a config as plain JSON, as checkpoints record it."""
-    m = config.model
-    return {"encoder": m.encoder, "encoder_args": dict(m.encoder_args), "width": m.width,
-            "heads": m.heads}
+@dataclasses.dataclass
+class TrainData:
+    """What the training loop needs of the data, wired in by the caller (`train_cli`).
 
-
-def model_from_spec(spec: dict, dtype="float32") -> SRNO:
-    return make_model(spec["encoder"], spec["encoder_args"], width=spec["width"],
-                      heads=spec["heads"], dtype=dtype)
+    batches: start step -> a context manager yielding this host's share of each global
+      batch from that step on ({'inp', 'coord', 'cell', 'gt'} float32 numpy arrays).
+    steps_per_epoch: batches in one epoch (the schedule's unit).
+    val_images: HR uint8 images for validation (process 0 only; empty: none).
+    """
+    batches: Callable[[int], ContextManager[Iterator[dict]]]
+    steps_per_epoch: int
+    val_images: Sequence[np.ndarray] = ()
 
 
 def model_from_config(config) -> SRNO:
-    return model_from_spec(model_spec(config), config.get("compute_dtype", "float32"))
+    return checkpoints.model_from_spec(checkpoints.model_spec(config),
+                                       config.get("compute_dtype", "float32"))
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -81,23 +89,32 @@ def init_state(model: SRNO, tx, seed: int) -> TrainState:
 
 
 def l1_loss(params, model: SRNO, batch) -> jax.Array:
+    """The paper's loss: mean absolute error of the prediction at the batch's queries."""
     pred = model.apply({"params": params}, batch["inp"], batch["coord"], batch["cell"])
     return jnp.mean(jnp.abs(pred - batch["gt"]))
 
 
-def train_step(state: TrainState, batch, *, model: SRNO, tx, config, steps_per_epoch: int):
-    """One step of L1 + Adam; a non-finite loss or gradient leaves the parameters as they were."""
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
+def train_step(state: TrainState, batch, stop_votes, *, model: SRNO, tx, config,
+               steps_per_epoch: int):
+    """One step of L1 + Adam. A non-finite loss, gradient, learning rate or updated
+    parameter leaves the state as it was (but for the step and the non-finite count).
+    `stop_votes` holds one vote per device; their max comes back as metrics['stop']."""
     loss, grads = jax.value_and_grad(l1_loss)(state.params, model, batch)
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     lr = learning_rate(state.step, config, steps_per_epoch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, jax.tree.map(lambda u: -lr * u, updates))
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(lr) & _all_finite(params)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new = state.replace(step=state.step + 1, params=keep(params, state.params),
                         opt_state=keep(opt_state, state.opt_state),
                         nonfinite=jnp.where(finite, 0, state.nonfinite + 1))
-    return new, {"loss": loss, "lr": lr, "grad_norm": grad_norm, "finite": finite}
+    return new, {"loss": loss, "lr": lr, "grad_norm": grad_norm, "finite": finite,
+                 "stop": jnp.max(stop_votes)}
 
 
 def state_shardings(state, mesh):
@@ -105,77 +122,51 @@ def state_shardings(state, mesh):
 
 
 def compile_step(model, tx, config, steps_per_epoch, mesh, state):
-    """The jitted step: batch sharded over 'data', state replicated and donated."""
-    fn = lambda s, b: train_step(s, b, model=model, tx=tx, config=config,
-                                 steps_per_epoch=steps_per_epoch)
-    ss = state_shardings(state, mesh)
-    return jax.jit(fn, in_shardings=(ss, sharding.batch_sharded(mesh)),
+    """The jitted step: batch and votes sharded over 'data', state replicated and donated."""
+    fn = lambda s, b, v: train_step(s, b, v, model=model, tx=tx, config=config,
+                                    steps_per_epoch=steps_per_epoch)
+    ss, data = state_shardings(state, mesh), sharding.batch_sharded(mesh)
+    return jax.jit(fn, in_shardings=(ss, data, data),
                    out_shardings=(ss, sharding.replicated(mesh)), donate_argnums=0,
                    compiler_options=compiler.conv_options())
 
 
-# --- checkpoints ---------------------------------------------------------------------------
+def restore_or_init(mngr, model, tx, config, mesh) -> TrainState:
+    """The newest readable checkpoint in `mngr` on the mesh, or a fresh state.
 
-def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
-    """Asynchronous saves into <workdir>/checkpoints, keeping the last checkpoint.keep."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, create=True)
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                 options=options)
+    Refuses (`CheckpointError`, `ConfigError`) a checkpoint of another model, or of
+    another batch size: that would move the data position and the schedule's epochs.
+    """
+    state = init_state(model, tx, config.seed)
+    shardings = state_shardings(state, mesh)
 
+    def check(meta):
+        if meta["model"] != checkpoints.model_spec(config):
+            raise CheckpointError(
+                f"{mngr.directory} holds a checkpoint of model {meta['model']}, but the config "
+                f"asks for {checkpoints.model_spec(config)}; use another --workdir or the "
+                "matching config")
+        old = meta.get("config", {}).get("batch_size", config.batch_size)
+        if old != config.batch_size:
+            raise ConfigError(
+                f"{mngr.directory} was trained with batch_size {old}; resuming with "
+                f"{config.batch_size} would shift the data order and the learning-rate epochs. "
+                f"Resume with --config.batch_size={old}, or start a new --workdir")
 
-def save_checkpoint(mngr: ocp.CheckpointManager, state: TrainState, config) -> None:
-    step = int(state.step)
-    meta = {"model": model_spec(config), "seed": config.seed, "step": step,
-            "config": json.loads(config.to_json_best_effort())}
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                            meta=ocp.args.JsonSave(meta)), force=True)
-
-
-def restore_checkpoint(mngr: ocp.CheckpointManager, step: int, target: TrainState, shardings):
-    """Restores `step` onto the current devices (any count): shapes from `target`."""
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            target, shardings)
-    return mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))["state"]
-
-
-def _step_dir(path: str):
-    """(checkpoints dir, step) for a workdir, its checkpoints/ dir, or one step's folder."""
-    path = os.path.abspath(path)
-    base = os.path.basename(path.rstrip("/"))
-    if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
-        return os.path.dirname(path), int(base)
-    ckpts = path if os.path.basename(path) == "checkpoints" else os.path.join(path, "checkpoints")
-    steps = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()) if os.path.isdir(ckpts) else []
-    if not steps:
-        raise CheckpointError(f"no srno-jax checkpoint in {path}: expected a training workdir, "
-                              "its checkpoints/ folder, or a step folder such as checkpoints/1000")
-    return ckpts, steps[-1]
+    restored = checkpoints.restore_latest(mngr, state, shardings, check)
+    if restored is not None:
+        log.info("resumed from step %d", int(restored.step))
+        return restored
+    return jax.device_put(state, shardings)
 
 
-def load_for_inference(path: str):
-    """(model, {'params': ...}) from an Orbax checkpoint of this package, on one device."""
-    ckpts, step = _step_dir(path)
-    with open(os.path.join(ckpts, str(step), "meta", "metadata")) as f:
-        meta = json.load(f)
-    model = model_from_spec(meta["model"])
-    tx = make_optimizer(ml_collections.ConfigDict(meta["config"]))
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          jax.eval_shape(lambda: init_state(model, tx, 0)))
-    # Read the one item directly: a read-only CheckpointManager only adds warnings here.
-    with ocp.StandardCheckpointer() as checkpointer:
-        state = checkpointer.restore(os.path.join(ckpts, str(step), "state"), target)
-    return model, {"params": state.params}
+class StopVote:
+    """This host's vote to stop: SIGTERM/SIGINT on any host, or the time limit measured
+    on process 0's clock alone. `votes(mesh)` is the vote as the step's input."""
 
-
-# --- the loop ------------------------------------------------------------------------------
-
-class _StopSignal:
-    """SIGTERM/SIGINT ask the loop to save and stop at the next step boundary."""
-
-    def __init__(self):
-        self.received = None
+    def __init__(self, max_minutes: float):
+        self.deadline = time.time() + 60 * max_minutes if max_minutes else None
+        self.signal = None
         self._previous = {}
 
     def __enter__(self):
@@ -184,7 +175,7 @@ class _StopSignal:
         return self
 
     def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
+        self.signal = signal.Signals(signum).name
         # A second signal gets the default behaviour: the user insists.
         signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
 
@@ -192,100 +183,134 @@ class _StopSignal:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def votes(self, mesh) -> jax.Array:
+        late = (self.deadline is not None and jax.process_index() == 0
+                and time.time() > self.deadline)
+        vote = (STOP_SIGNAL if self.signal else 0) | (STOP_TIME if late else 0)
+        return sharding.host_values(vote, mesh)
 
-def make_loader(config, start_step: int, source=None):
-    """This host's TrainLoader from `start_step` (the source made from config if None)."""
-    d = config.data
-    source = source or input_pipeline.make_source(d.train, "train", d.get("data_dir"))
-    return input_pipeline.TrainLoader(
-        source, global_batch=config.batch_size, seed=config.seed, start_step=start_step,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        inp_size=d.inp_size, scale_min=d.scale_min, scale_max=d.scale_max, augment=d.augment,
-        sample_q=d.sample_q or None, repeat=d.repeat, workers=d.workers or None,
-        prefetch=d.prefetch, processes=d.worker_processes)
+    def reason(self, agreed: int) -> str | None:
+        if not agreed:
+            return None
+        if agreed & STOP_SIGNAL:
+            return self.signal or "a signal to another host"
+        return "time limit"
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains per `config`, resuming from the latest checkpoint in `workdir`.
+@contextlib.contextmanager
+def hold_workdir(workdir):
+    """Checks and locks the workdir on process 0; every host learns whether that worked."""
+    error = None
+    lock = None
+    if jax.process_index() == 0:
+        try:
+            check_writable(workdir)
+            lock = WorkdirLock(workdir)
+            lock.acquire()
+        except ConfigError as e:
+            error, lock = e, None
+    if sharding.agree(error is not None):
+        raise error or ConfigError(f"process 0 could not lock the workdir {workdir}; see its log")
+    try:
+        yield
+    finally:
+        if lock:
+            lock.release()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data: TrainData) -> dict:
+    """Trains per `config`, resuming from the newest readable checkpoint in `workdir`.
 
     Returns the last validation results ({scale: (psnr, bicubic psnr)}) if any ran.
     """
     mesh = sharding.make_mesh()
     sharding.check_batch_size(config.batch_size, mesh)
-    input_pipeline.check_config(config.data.inp_size, config.data.scale_min,
-                                config.data.scale_max, config.data.sample_q or None)
-    model = model_from_config(config)
-    tx = make_optimizer(config)
-    source = input_pipeline.make_source(config.data.train, "train", config.data.get("data_dir"))
-    spe = config.steps_per_epoch or input_pipeline.steps_per_epoch(
-        len(source), config.data.repeat, config.batch_size)
+    model, tx = model_from_config(config), make_optimizer(config)
+    spe = config.steps_per_epoch or data.steps_per_epoch
     total = config.total_steps or config.optim.epochs * spe
-
-    state = init_state(model, tx, config.seed)
-    shardings = state_shardings(state, mesh)
-    state = jax.device_put(state, shardings)
-    mngr = checkpoint_manager(workdir, config)
-    if mngr.latest_step() is not None:
-        # The architecture is checked before the arrays are read: Orbax's own shape error
-        # would not say which setting differs.
-        meta = mngr.restore(mngr.latest_step(),
-                            args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        if meta["model"] != model_spec(config):
-            raise CheckpointError(f"{workdir} holds a checkpoint of model {meta['model']}, "
-                                  f"but the config asks for {model_spec(config)}; use another "
-                                  "--workdir or the matching config")
-        state = restore_checkpoint(mngr, mngr.latest_step(), state, shardings)
-        log.info("resumed from step %d", int(state.step))
-    step_fn = compile_step(model, tx, config, spe, mesh, state)
-
-    val_images = []
-    if config.data.val and jax.process_index() == 0:
-        val_src = input_pipeline.make_source(config.data.val, "validation", config.data.get("data_dir"))
-        val_images = [val_src[i] for i in range(min(len(val_src), config.eval.max_images))]
-    writer = _summary_writer(workdir)
-
-    start_step, t0, results = int(state.step), time.time(), {}
-    loader = make_loader(config, start_step, source)
-    log.info("training %s on %d device(s) of %d host(s): batch %d (%d per host), %d steps/epoch, "
-             "steps %d..%d", config.model.encoder, jax.device_count(), jax.process_count(),
-             config.batch_size, loader.local, spe, start_step, total)
-    with loader, _StopSignal() as stop:
-        step, last_log, last_t = start_step, start_step, time.time()
-        while step < total:
-            batch = sharding.to_global(next(loader), mesh)
-            state, metrics = step_fn(state, batch)
-            step += 1
-            stop_reason = stop.received
-            if config.max_train_minutes and time.time() - t0 > 60 * config.max_train_minutes:
-                stop_reason = stop_reason or "time limit"
-            if step % config.log_every_steps == 0 or step == total or stop_reason:
-                m = jax.device_get(metrics)
-                if int(state.nonfinite) >= config.max_nonfinite_steps:
-                    mngr.wait_until_finished()  # a save in flight completes; none is started
-                    raise TrainingDiverged(
-                        f"loss or gradient non-finite for {int(state.nonfinite)} steps in a row, "
-                        f"up to step {step}; the last good checkpoint is kept in {workdir}. "
-                        "Lower optim.lr or check the data.")
-                now = time.time()
-                rate = (step - last_log) * config.batch_size / max(now - last_t, 1e-9)
-                eta = (total - step) * config.batch_size / max(rate, 1e-9)
-                log.info("step %d/%d  loss %.4f  lr %.3g  %.1f samples/s  ETA %s", step, total,
-                         m["loss"], m["lr"], rate, _hms(eta))
-                _scalars(writer, step, loss=m["loss"], lr=m["lr"], grad_norm=m["grad_norm"],
-                         samples_per_s=rate)
-                last_log, last_t = step, now
-            if step % config.checkpoint.every_steps == 0 or step == total or stop_reason:
-                save_checkpoint(mngr, state, config)
-            if val_images and (step % config.eval.every_steps == 0 or step == total or stop_reason):
-                results = _validate_and_log(writer, model, state.params, val_images, config, step)
-            if stop_reason:
-                log.info("stopping at step %d (%s); checkpoint saved, rerun to resume", step,
-                         stop_reason)
-                break
-    mngr.wait_until_finished()
-    mngr.close()
-    if writer:
+    with hold_workdir(workdir), contextlib.closing(
+            checkpoints.manager(workdir, config.checkpoint.keep)) as mngr:
+        state = restore_or_init(mngr, model, tx, config, mesh)
+        start = int(state.step)
+        if start >= total:
+            log.info("the checkpoint at step %d already reaches total_steps %d: nothing to train",
+                     start, total)
+            return {}
+        step_fn = compile_step(model, tx, config, spe, mesh, state)
+        writer = MetricWriter(workdir)
+        writer.log("training %s on %d device(s) of %d host(s): batch %d (%d per host), "
+                   "%d steps/epoch, steps %d..%d", config.model.encoder, jax.device_count(),
+                   jax.process_count(), config.batch_size,
+                   config.batch_size // jax.process_count(), spe, start, total)
+        results = {}
+        with data.batches(start) as batches, StopVote(config.max_train_minutes) as stop:
+            prev, last_log, last_t = None, start, time.time()
+            for step in range(start + 1, total + 1):
+                state, metrics = step_fn(state, sharding.to_global(next(batches), mesh),
+                                         stop.votes(mesh))
+                # The previous step's agreed vote: the same on every host.
+                reason = stop.reason(int(prev["stop"])) if prev is not None else None
+                prev = metrics
+                if step % config.log_every_steps == 0 or step == total or reason:
+                    _check_divergence(state, step, config, mngr, workdir)
+                    rate = (step - last_log) * config.batch_size / max(time.time() - last_t, 1e-9)
+                    _log_progress(writer, step, total, metrics, rate, config.batch_size)
+                    last_log, last_t = step, time.time()
+                if step % config.checkpoint.every_steps == 0 or step == total or reason:
+                    if int(state.nonfinite) == 0:  # never save a state that just failed
+                        checkpoints.save(mngr, state, config)
+                if data.val_images and (step % config.eval.every_steps == 0 or step == total
+                                        or reason):
+                    results = _validate(writer, model, state.params, data.val_images, config,
+                                        step)
+                if reason:
+                    writer.log("stopping at step %d (%s); checkpoint saved, rerun to resume",
+                               step, reason)
+                    break
+        checkpoints.finish(mngr)
         writer.close()
+    return results
+
+
+def _check_divergence(state, step, config, mngr, workdir):
+    """Raises `TrainingDiverged` after max_nonfinite_steps non-finite steps in a row.
+
+    Skipped steps leave the parameters alone, so the whole streak evaluated the state
+    saved just before it: that checkpoint is deleted, and the error names the last one
+    left. Every host reads the same replicated counter, so all of them raise.
+    """
+    n = int(state.nonfinite)
+    if n < config.max_nonfinite_steps:
+        return
+    checkpoints.finish(mngr)
+    first_bad = step - n + 1
+    kept = checkpoints.delete_after(mngr, first_bad - 1)
+    good = (f"the last good checkpoint, step {kept}, is kept in {workdir}" if kept is not None
+            else f"no checkpoint before the divergence is left in {workdir}")
+    raise TrainingDiverged(
+        f"loss or update non-finite for {n} steps in a row, steps {first_bad}..{step}; {good}. "
+        "Lower optim.lr or check the data.")
+
+
+def _log_progress(writer, step, total, metrics, rate, batch_size):
+    m = jax.device_get(metrics)
+    eta = (total - step) * batch_size / max(rate, 1e-9)
+    writer.log("step %d/%d  loss %.4f  lr %.3g  %.1f samples/s  ETA %s", step, total,
+               m["loss"], m["lr"], rate, _hms(eta))
+    writer.scalars(step, "train", loss=m["loss"], lr=m["lr"], grad_norm=m["grad_norm"],
+                   samples_per_s=rate)
+
+
+def _validate(writer, model, params, images, config, step):
+    params = jax.device_get(params)
+    results = evaluation.validate(model, params, images, config.eval.scales, config.eval.protocol)
+    for s, (p, b) in results.items():
+        writer.log("validation x%g: PSNR %.2f dB (bicubic %.2f)", s, p, b)
+        writer.scalars(step, "val", **{f"psnr_x{s:g}": p})
+    sr = evaluation.model_upsampler(model, {"params": params})
+    for s in config.eval.scales:
+        writer.image(step, f"val/x{s:g}_bicubic_sr_gt",
+                     evaluation.comparison_strip(sr, images[0], s))
     return results
 
 
@@ -304,32 +329,3 @@ def setup_logging() -> None:
 def _hms(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-def _summary_writer(workdir):
-    if jax.process_index() != 0:
-        return None
-    from tensorboardX import SummaryWriter
-
-    return SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-
-def _scalars(writer, step, **values):
-    if writer:
-        for k, v in values.items():
-            writer.add_scalar(f"train/{k}", float(v), step)
-
-
-def _validate_and_log(writer, model, params, images, config, step):
-    params = jax.device_get(params)
-    results = evaluation.validate(model, params, images, config.eval.scales, config.eval.protocol)
-    for s, (p, b) in results.items():
-        log.info("validation x%g: PSNR %.2f dB (bicubic %.2f)", s, p, b)
-        if writer:
-            writer.add_scalar(f"val/psnr_x{s:g}", p, step)
-    if writer:
-        sr = evaluation.model_upsampler(model, {"params": params})
-        for s in config.eval.scales:
-            writer.add_image(f"val/x{s:g}_bicubic_sr_gt",
-                             evaluation.comparison_strip(sr, images[0], s), step, dataformats="HWC")
-    return results

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from srno_jax import train
+from srno_jax import checkpoints, load_checkpoint, train
 from test_train import image_dir, tiny_config  # noqa: F401  (image_dir is a fixture)
 
 TESTS = Path(__file__).resolve().parent
@@ -77,7 +77,7 @@ def steps_in(workdir):
 
 
 def params_of(path):
-    return train.load_for_inference(str(path))[1]["params"]
+    return load_checkpoint(path)[1]["params"]
 
 
 def assert_same_params(a, b, atol=1e-6):
@@ -187,8 +187,8 @@ def test_orbax_saves_to_a_tmp_folder_then_renames(image_dir, tmp_path, monkeypat
     monkeypatch.setattr(async_path, "rename", spy)
     state = train.TrainState(step=jnp.asarray(7, jnp.int32), params={"w": jnp.ones(3)},
                              opt_state=(), nonfinite=jnp.zeros((), jnp.int32))
-    mngr = train.checkpoint_manager(tmp_path, tiny_config(image_dir))
-    train.save_checkpoint(mngr, state, tiny_config(image_dir))
+    mngr = checkpoints.manager(tmp_path, keep=3)
+    checkpoints.save(mngr, state, tiny_config(image_dir))
     mngr.wait_until_finished()
     mngr.close()
     assert any(re.fullmatch(rf"7{re.escape(TMP_SUFFIX)}(-\d+)?", s) and d == "7"
@@ -203,8 +203,8 @@ def tiny_step(image_dir):
     config = tiny_config(image_dir)
     model, tx = train.model_from_config(config), train.make_optimizer(config)
     state = jax.jit(lambda: train.init_state(model, tx, 0))()
-    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, config=config,
-                                     steps_per_epoch=10))
+    step = jax.jit(functools.partial(train.train_step, stop_votes=jnp.zeros(1, jnp.int32),
+                                     model=model, tx=tx, config=config, steps_per_epoch=10))
     return state, step
 
 

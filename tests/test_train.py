@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from srno_jax import load_checkpoint, train
-from srno_jax import sharding
+from srno_jax import load_checkpoint, sharding, train, train_cli
 from configs import demo
 
 TESTS = Path(__file__).resolve().parent
@@ -62,21 +61,21 @@ def test_loss_falls(image_dir):
     mesh = sharding.make_mesh()
     state = train.init_state(model, tx, 0)
     step = train.compile_step(model, tx, config, 100, mesh, state)
-    loader = train.make_loader(config, 0)
     losses = []
-    with loader:
+    with train_cli.training_data(config).batches(0) as loader:
         for _ in range(40):
-            state, m = step(state, sharding.to_global(next(loader), mesh))
+            state, m = step(state, sharding.to_global(next(loader), mesh),
+                            sharding.host_values(0, mesh))
             losses.append(float(m["loss"]))
     assert np.isfinite(losses).all()
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5]), losses
 
 
 def test_resume_equals_uninterrupted(image_dir, tmp_path):
-    train.train_and_evaluate(tiny_config(image_dir, total_steps=6), tmp_path / "straight")
-    train.train_and_evaluate(tiny_config(image_dir, total_steps=3), tmp_path / "resumed")
+    train_cli.run(tiny_config(image_dir, total_steps=6), tmp_path / "straight")
+    train_cli.run(tiny_config(image_dir, total_steps=3), tmp_path / "resumed")
     assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["3"]
-    train.train_and_evaluate(tiny_config(image_dir, total_steps=6), tmp_path / "resumed")
+    train_cli.run(tiny_config(image_dir, total_steps=6), tmp_path / "resumed")
     a, b = params_of(tmp_path / "straight"), params_of(tmp_path / "resumed")
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-6), a, b)
     # Training moved the parameters (so the comparison above means something).

@@ -1,0 +1,84 @@
+"""The training config checked once, before any work: every numeric field has a range."""
+from __future__ import annotations
+
+import math
+import numbers
+
+from srno_jax.errors import ConfigError
+
+
+def _int(lo, hi=None):
+    def ok(v):
+        return (isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= lo
+                and (hi is None or v <= hi))
+    return ok, f"an integer >= {lo}" + (f" and <= {hi}" if hi is not None else "")
+
+
+def _real(lo, hi=None, lo_open=False, hi_open=False):
+    def ok(v):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            return False
+        return ((v > lo if lo_open else v >= lo)
+                and (hi is None or (v < hi if hi_open else v <= hi)))
+    high = "" if hi is None else f" and {'<' if hi_open else '<='} {hi}"
+    return ok, f"a finite number {'>' if lo_open else '>='} {lo}{high}"
+
+
+# field -> (predicate, what it must be); a field missing from a config is not checked.
+RULES = {
+    "seed": _int(0),
+    "batch_size": _int(1),
+    "model.width": _int(1),
+    "model.heads": _int(1),
+    "data.repeat": _int(1),
+    "data.inp_size": _int(1),
+    "data.scale_min": _real(1),
+    "data.scale_max": _real(1),
+    "data.sample_q": _int(0),
+    "data.workers": _int(0),
+    "data.prefetch": _int(0),
+    "optim.lr": _real(0, lo_open=True),
+    "optim.warmup_mult": _real(0, lo_open=True),
+    "optim.warmup_epochs": _int(0),
+    "optim.epochs": _int(1),
+    "optim.b1": _real(0, 1, hi_open=True),
+    "optim.b2": _real(0, 1, hi_open=True),
+    "optim.eps": _real(0, lo_open=True),
+    "steps_per_epoch": _int(0),
+    "total_steps": _int(0),
+    "max_train_minutes": _real(0),
+    "max_nonfinite_steps": _int(1),
+    "log_every_steps": _int(1),
+    "checkpoint.every_steps": _int(1),
+    "checkpoint.keep": _int(1),
+    "eval.every_steps": _int(1),
+    "eval.max_images": _int(1),
+}
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def _get(config, field):
+    node = config
+    for key in field.split("."):
+        if key not in node:
+            return None, False
+        node = node[key]
+    return node, True
+
+
+def check_config(config) -> None:
+    """Raises `ConfigError` naming the first field outside its range, and the fix."""
+    for field, (ok, what) in RULES.items():
+        value, present = _get(config, field)
+        if present and not ok(value):
+            raise ConfigError(f"config field {field} = {value!r} is invalid: it must be {what} "
+                              f"(set it with --config.{field}=...)")
+    dtype, present = _get(config, "compute_dtype")
+    if present and dtype not in COMPUTE_DTYPES:
+        raise ConfigError(f"config field compute_dtype = {dtype!r} is invalid: it must be one "
+                          f"of {', '.join(COMPUTE_DTYPES)}")
+    scales, present = _get(config, "eval.scales")
+    ok = _real(1, lo_open=True)[0]
+    if present and not (len(scales) and all(ok(s) for s in scales)):
+        raise ConfigError(f"config field eval.scales = {tuple(scales)!r} is invalid: it must "
+                          "be finite numbers > 1, e.g. --config.eval.scales='(2.0, 4.0)'")

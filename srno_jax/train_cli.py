@@ -1,0 +1,137 @@
+"""``srno-train`` (and the repository's ``main.py``): trains SRNO, resuming from its workdir.
+
+    srno-train --config demo --workdir runs/demo
+    python main.py --config configs/default.py --workdir runs/edsr --config.batch_size=32
+
+--config is a config file (``path.py``, or ``path.py:arg``) or the name of a built-in
+one (default, demo, rdn); fields are overridden with ``--config.FIELD=VALUE``. This is
+where the input pipeline is wired to `train.train_and_evaluate`: the one module of
+srno_jax that imports `input_pipeline`, which itself depends on srno_jax.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+BUILTIN_CONFIGS = ("default", "demo", "rdn")
+
+flags.DEFINE_string("workdir", None, "Where checkpoints and TensorBoard logs go (a local "
+                    "folder or a bucket such as gs://b/run).", required=True)
+config_flags.DEFINE_config_file("config", "default", "A config file, or the name of a "
+                                f"built-in config: {', '.join(BUILTIN_CONFIGS)}.",
+                                lock_config=True)
+flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 "
+                    "(found by itself on SLURM, Open MPI, Cloud TPU and Kubernetes).")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+FLAGS = flags.FLAGS
+
+
+def builtin_config_path(name: str) -> str | None:
+    """The file of built-in config `name` (its ``:arg`` kept), or None if not built in."""
+    base, sep, arg = name.partition(":")
+    spec = importlib.util.find_spec("configs") if base in BUILTIN_CONFIGS else None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return os.path.join(list(spec.submodule_search_locations)[0], base + ".py") + sep + arg
+
+
+def _resolve_config_names(argv: list[str]) -> list[str]:
+    """Rewrites ``--config NAME`` / ``--config=NAME`` of a built-in config to its file,
+    and adds ``--config=<default>`` when none is given."""
+    out, seen = list(argv), False
+    for i, a in enumerate(out):
+        if a == "--config" and i + 1 < len(out):
+            seen, path = True, builtin_config_path(out[i + 1])
+            out[i + 1] = path or out[i + 1]
+        elif a.startswith("--config="):
+            seen, path = True, builtin_config_path(a.split("=", 1)[1])
+            out[i] = f"--config={path}" if path else a
+    if not seen:
+        out.insert(1, f"--config={builtin_config_path('default')}")
+    return out
+
+
+def parse_flags(argv: list[str]):
+    """absl's parsing; an unknown --config field gets one line naming that flag."""
+    try:
+        return app.parse_flags_with_usage(_resolve_config_names(argv))
+    except (KeyError, AttributeError) as e:  # raised by ml_collections for a misspelt key
+        while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError(..))
+            e = e.args[0]
+        msg = (e.args[0] if e.args and isinstance(e.args[0], str) else str(e)).replace("\n", " ")
+        keys = set(re.findall(r"""["']([A-Za-z_]\w*)["']""", msg))
+        given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        bad = [g for g in given if keys & set(g[len("--config."):].split("."))] or given
+        sys.exit(f"error: unknown config field {msg} (in {', '.join(bad)}); "
+                 "see the config file for the valid fields")
+
+
+def training_data(config):
+    """The `train.TrainData` of a config: its source, loader and validation images."""
+    import jax
+
+    import input_pipeline
+    from srno_jax.train import TrainData
+
+    d = config.data
+    sample_q = input_pipeline.check_config(d.inp_size, d.scale_min, d.scale_max,
+                                           d.sample_q or None)
+    source = input_pipeline.make_source(d.train, "train", d.get("data_dir") or None)
+    val = []
+    if d.val and jax.process_index() == 0:
+        val_src = input_pipeline.make_source(d.val, "validation", d.get("data_dir") or None)
+        val = [val_src[i] for i in range(min(len(val_src), config.eval.max_images))]
+
+    def batches(start_step: int):
+        return input_pipeline.TrainLoader(
+            source, global_batch=config.batch_size, seed=config.seed, start_step=start_step,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            inp_size=d.inp_size, scale_min=d.scale_min, scale_max=d.scale_max,
+            augment=d.augment, sample_q=sample_q, repeat=d.repeat, workers=d.workers or None,
+            prefetch=d.prefetch, processes=d.worker_processes)
+
+    spe = input_pipeline.steps_per_epoch(len(source), d.repeat, config.batch_size)
+    return TrainData(batches, spe, val)
+
+
+def run(config, workdir) -> dict:
+    """Checks `config`, then trains it in `workdir` (see `train.train_and_evaluate`)."""
+    from srno_jax import train
+    from srno_jax.config_checks import check_config
+
+    check_config(config)
+    return train.train_and_evaluate(config, workdir, training_data(config))
+
+
+def _main(argv):
+    del argv
+    from srno_jax import compiler, evaluation, sharding, train
+    from srno_jax.config_checks import check_config
+    from srno_jax.errors import SRNOError
+
+    train.setup_logging()
+    try:
+        check_config(FLAGS.config)  # before joining a cluster: a typo costs no one's time
+        how = sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                              FLAGS.process_id)
+        train.log.info("distributed: %s", how)
+        compiler.enable_compilation_cache()
+        results = run(FLAGS.config, FLAGS.workdir)
+    except SRNOError as e:
+        sys.exit(f"error: {e}")
+    if results:
+        print(evaluation.format_results(results))
+
+
+def main(argv: list[str] | None = None) -> None:
+    app.run(_main, argv=argv, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""The training workdir: checks before any work, and a lock so that one run owns it.
+
+Paths go through `etils.epath`, so a workdir can be local or a bucket (`gs://...`).
+The lock is `<workdir>/LOCK`, a JSON file with the holder's host, process id and a
+heartbeat time that a background thread refreshes every `HEARTBEAT_S` seconds. Another
+run refuses to start while the lock is live, and takes it over when its holder is gone:
+on the same host when that process no longer exists, on another host when the
+heartbeat is older than `STALE_S`. In a multi-host run process 0 holds it for all.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+
+from etils import epath
+
+from srno_jax.errors import ConfigError
+
+LOCK_NAME = "LOCK"
+HEARTBEAT_S = 30.0
+STALE_S = 120.0
+
+
+def resolve(path: str | os.PathLike) -> epath.Path:
+    """A local path made absolute with ``~`` expanded (Orbax needs absolute paths), or a
+    URI such as ``gs://bucket/run`` as it is."""
+    text = os.fspath(path)
+    return epath.Path(text) if "://" in text else epath.Path(text).expanduser().absolute()
+
+
+def check_writable(workdir: str | os.PathLike) -> epath.Path:
+    """Creates `workdir` if needed and checks that it is a writable folder.
+
+    Raises `ConfigError` in one line when it is a file or cannot be written.
+    """
+    path = resolve(workdir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--workdir {path} is a file, not a folder; give a folder path")
+    probe = path / f".write-test-{uuid.uuid4().hex}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--workdir {path} is not writable ({e.strerror or e}); "
+                          "choose a folder you can write to") from None
+    return path
+
+
+def _holder_alive(info: dict) -> bool:
+    if info.get("host") == socket.gethostname():
+        try:
+            os.kill(int(info["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except (PermissionError, ValueError, KeyError):
+            return True
+        return True
+    return time.time() - float(info.get("heartbeat", 0)) < STALE_S
+
+
+def _read(lock: epath.Path) -> dict | None:
+    try:
+        return json.loads(lock.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # half-written by its holder, or garbage: judged by its age below
+
+
+class WorkdirLock:
+    """Holds `<workdir>/LOCK` while the run is on (a context manager); see the module."""
+
+    def __init__(self, workdir: str | os.PathLike):
+        self.path = resolve(workdir) / LOCK_NAME
+        self.token = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _info(self) -> dict:
+        return {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
+                "heartbeat": time.time()}
+
+    def acquire(self) -> None:
+        """Takes the lock or raises `ConfigError` naming the run that holds it."""
+        info = _read(self.path)
+        if info is not None:
+            age = time.time() - self.path.stat().mtime if not info else 0.0
+            if (info and _holder_alive(info)) or (not info and age < STALE_S):
+                who = (f"process {info.get('pid')} on host {info.get('host')}" if info
+                       else "another run")
+                raise ConfigError(
+                    f"workdir {self.path.parent} is in use by {who} (lock file {self.path}); "
+                    "wait for it to finish, use another --workdir, or delete the lock file "
+                    "if that run is gone")
+            self.path.unlink(missing_ok=True)  # its holder is gone: take it over
+        self._create()
+        self._thread = threading.Thread(target=self._heartbeat, name="workdir-lock", daemon=True)
+        self._thread.start()
+
+    def _create(self) -> None:
+        data = json.dumps(self._info())
+        if "://" not in os.fspath(self.path):
+            try:  # local: atomic, so two runs started together cannot both win
+                fd = os.open(os.fspath(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                raise ConfigError(f"workdir {self.path.parent} was just locked by another run "
+                                  "started at the same time; use another --workdir") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(data)
+            return
+        # Buckets have no exclusive create: write, then read back who won.
+        self.path.write_text(data)
+        time.sleep(1.0)
+        if (_read(self.path) or {}).get("token") != self.token:
+            raise ConfigError(f"workdir {self.path.parent} was just locked by another run "
+                              "started at the same time; use another --workdir")
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            with contextlib.suppress(OSError):
+                self.path.write_text(json.dumps(self._info()))
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        if (_read(self.path) or {}).get("token") == self.token:
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
