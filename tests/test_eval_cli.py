@@ -320,3 +320,6 @@ def test_second_run_compiles_nothing(tmp_path):
     first, second = timings
     assert first["compilations"] >= 3 and first["cache_hits"] == 0
     assert second["cache_hits"] == second["compilations"] == first["compilations"]
+    assert second["xla_compile_s"] < first["xla_compile_s"]
+    for t in timings:
+        assert t["compile_s"] == pytest.approx(t["trace_lower_s"] + t["xla_compile_s"], abs=2e-3)
