@@ -6,7 +6,7 @@
 Evaluates each --checkpoint (a reference .pth, an Orbax training workdir or step folder,
 or 'bicubic') on each --data folder under the reference's protocol
 (`srno_jax.evaluation`) and prints a Markdown table: one row per checkpoint, columns
-dataset x scale, mean PSNR in dB. Every argument and every image header is checked, and
+dataset x scale, mean PSNR in dB. Every argument and every image is checked, and
 the --json file written, before the first forward pass; the JSON is rewritten after each
 table cell, so an interrupted run leaves the finished cells (``"complete": false``) and
 prints their table. Unreadable images are skipped with a warning and counted in the
@@ -239,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         timing = None
         if clock is not None and "bar" in state:  # the work began
             timing, line = clock.report(time.perf_counter() - start, cache)
-            print(f"{_PROG}: {line}", file=sys.stderr)
+            if clock.compilations:
+                print(f"{_PROG}: {line}", file=sys.stderr)
         if "json" in state:
             try:
                 state["json"].write(results, complete=status == 0, timing=timing)

@@ -20,11 +20,9 @@ import os
 from typing import Callable
 
 import numpy as np
-from PIL import Image
-
 from srno_jax import pairs
 from srno_jax.errors import ConfigError, DataError
-from srno_jax.images import IMAGE_EXTENSIONS, image_files, load_image, resize_bicubic
+from srno_jax.images import IMAGE_EXTENSIONS, image_files, load_image, open_image, resize_bicubic
 from srno_jax.metrics import (check_evaluable, check_protocol, check_scale, default_protocol,
                               eval_sizes, make_eval_pair, psnr, ssim)
 
@@ -119,30 +117,21 @@ def unique_datasets(datasets: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(names[p], p) for p in paths]
 
 
-def read_header(path: str) -> tuple[int, int]:
-    """(height, width) of an image file from its header, its data checked by PIL's
-    `verify` (which finds truncated PNGs) without decoding the pixels.
+def check_image(path: str) -> tuple[int, int]:
+    """(height, width) of an image file, read whole (`images.open_image`) so that any
+    fault shows before the evaluation begins.
 
     Raises `DataError` naming the file when it is missing, unreadable, truncated, or
     larger than PIL's decompression-bomb limit.
     """
-    try:
-        with Image.open(path) as img:
-            hw = img.height, img.width
-            img.verify()
-        return hw
-    except Image.DecompressionBombError as e:
-        raise DataError(f"image {path} is too large to read safely: {e}") from None
-    except FileNotFoundError:
-        raise DataError(f"image not found: {path}") from None
-    except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad files
-        raise DataError(f"cannot read image {path}: {e}; is it a complete image file?") from None
+    img = open_image(path)
+    return img.height, img.width
 
 
 def plan(datasets: list[tuple[str, str]], scales: list[float] | None,
          protocol: str | None = None, *, strict: bool = False, with_ssim: bool = False,
          max_output_pixels: int | None = None) -> list[Task]:
-    """The tasks of an evaluation, every argument and image header checked before any work.
+    """The tasks of an evaluation, every argument and image checked before any work.
 
     Args:
       datasets: (display name, folder) pairs as `resolve_dataset` returns; made unique by
@@ -182,12 +171,12 @@ def plan(datasets: list[tuple[str, str]], scales: list[float] | None,
             for p in found:
                 by_scale.setdefault(p.scale, []).append(Item(p.name, p.hr_path, p.lr_path))
             by_scale = dict(sorted(by_scale.items()))
-        header = functools.cache(read_header)  # an HR image serves every scale
+        size = functools.cache(check_image)  # an HR image serves every scale
         for s, items in by_scale.items():
             kept, skipped = [], []
             for item in items:
                 try:
-                    hw = _hr_grid(header, item, s)
+                    hw = _hr_grid(size, item, s)
                     check_evaluable(hw, proto, s, with_ssim)
                 except (DataError, ConfigError) as e:
                     if strict:
@@ -204,16 +193,16 @@ def plan(datasets: list[tuple[str, str]], scales: list[float] | None,
     return tasks
 
 
-def _hr_grid(header: Callable[[str], tuple[int, int]], item: Item,
+def _hr_grid(size: Callable[[str], tuple[int, int]], item: Item,
              scale: float) -> tuple[int, int]:
-    """(H, W) of the HR grid scored for `item` at `scale`, its files' sizes from `header`
-    (`read_header`): the crop of `metrics.eval_sizes`, or for a pair the grid its LR
+    """(H, W) of the HR grid scored for `item` at `scale`, its files' sizes from `size`
+    (`check_image`): the crop of `metrics.eval_sizes`, or for a pair the grid its LR
     covers (as `pairs.pair_images`)."""
-    hr_hw = header(item.hr_path)
+    hr_hw = size(item.hr_path)
     if item.lr_path is None:
         return eval_sizes(hr_hw, scale)[2:]
     check_scale(scale)  # a pair's scale comes from its files, e.g. 1 for equal sizes
-    h, w = header(item.lr_path)
+    h, w = size(item.lr_path)
     return round(h * scale), round(w * scale)
 
 

@@ -120,8 +120,8 @@ def test_bad_image_found_while_running_is_skipped(tmp_path, capsys, monkeypatch)
     _image(folder / "a.png", (32, 32))
     _image(folder / "b.png", (32, 32), seed=1)
     out = tmp_path / "r.json"
-    # The file passes the header check, then goes bad before it is read.
-    monkeypatch.setattr(evaluation, "read_header", lambda path: (32, 32))
+    # The file passes the check, then goes bad before it is read.
+    monkeypatch.setattr(evaluation, "check_image", lambda path: (32, 32))
     (folder / "b.png").write_text("gone")
     assert _run("--data", folder, "--scales", "2", "--json", out) == 0
     (r,) = _strict_json(out)["results"]
@@ -188,11 +188,12 @@ def test_decompression_bomb_is_one_line(tmp_path, capsys):
     _bomb(folder / "bomb.png")
     assert _run("--data", folder, "--scales", "2") == 0
     captured = capsys.readouterr()
-    assert "skipping imgs/bomb.png" in captured.err and "too large to read safely" in captured.err
+    assert "skipping imgs/bomb.png at x2: refusing" in captured.err
     assert "1 images scored, 1 skipped (bomb.png)" in captured.out
     assert _run("--data", folder, "--scales", "2", "--strict") == 2
     err = capsys.readouterr().err
-    assert "too large to read safely" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert "error: imgs: bomb.png: refusing" in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1
 
 
 def test_output_size_limit(tmp_path, capsys, monkeypatch, forward_passes):
