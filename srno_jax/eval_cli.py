@@ -182,9 +182,12 @@ def _evaluate(args, results: list[dict], state: dict) -> None:
         for path in dict.fromkeys(t.dataset for t in tasks if t.paired):
             warn(f"note: --scales does not apply to the paired folder {path}; it is evaluated "
                  "at its pairs' own scales")
-    for warning in dict.fromkeys(f"warning: skipping {t.dataset}/{image} at x{t.scale:g}: {why}"
-                                 for t in tasks for image, why in t.skipped):
-        warn(warning)
+    skips = {}  # one warning per image and reason, with the scales it applies to
+    for t in tasks:
+        for image, why in t.skipped:
+            skips.setdefault((t.dataset, image, why), []).append(f"x{t.scale:g}")
+    for (dataset, image, why), at in skips.items():
+        warn(f"warning: skipping {dataset}/{image} at {', '.join(at)}: {why}")
     if args.json:
         state["json"] = _JsonOutput(args.json, checkpoints)
     upsamplers = [(c, _upsampler(c, args.chunk_size)) for c in checkpoints]

@@ -128,8 +128,8 @@ def check_image(path: str) -> tuple[int, int]:
     return img.height, img.width
 
 
-def plan(datasets: list[tuple[str, str]], scales: list[float] | None,
-         protocol: str | None = None, *, strict: bool = False, with_ssim: bool = False,
+def plan(datasets: list[tuple[str, str]], scales: list[float], protocol: str | None = None,
+         *, strict: bool = False, with_ssim: bool = False,
          max_output_pixels: int | None = None) -> list[Task]:
     """The tasks of an evaluation, every argument and image checked before any work.
 
@@ -137,7 +137,7 @@ def plan(datasets: list[tuple[str, str]], scales: list[float] | None,
       datasets: (display name, folder) pairs as `resolve_dataset` returns; made unique by
         `unique_datasets`.
       scales: evaluation scales (`metrics.check_scale`) for folders of HR images; a paired
-        folder is evaluated at its pairs' own scales instead (None: paired folders only).
+        folder is evaluated at its pairs' own scales instead.
       protocol: 'div2k' or 'benchmark' for all; None: `metrics.default_protocol(name)`.
       strict: raise on the first unusable image instead of skipping it.
       with_ssim: images must leave an SSIM window after shaving.
@@ -153,24 +153,14 @@ def plan(datasets: list[tuple[str, str]], scales: list[float] | None,
     """
     if protocol is not None:
         check_protocol(protocol)
-    for s in scales or ():
+    for s in scales:
         check_scale(s)
     if not datasets:
         raise ConfigError("no dataset given; name one or more (e.g. Set5,div2k or a folder)")
     tasks = []
     for name, folder in unique_datasets(datasets):
         proto = protocol or default_protocol(name)
-        found = pairs.find_pairs(folder)
-        if found is None:
-            if not scales:
-                raise ConfigError("--scales is empty; give the scales to evaluate, e.g. 2,3,4")
-            items = [Item(os.path.basename(p), p) for p in list_images(folder)]
-            by_scale = {s: items for s in scales}
-        else:
-            by_scale = {}
-            for p in found:
-                by_scale.setdefault(p.scale, []).append(Item(p.name, p.hr_path, p.lr_path))
-            by_scale = dict(sorted(by_scale.items()))
+        by_scale, paired = _items_by_scale(folder, scales)
         size = functools.cache(check_image)  # an HR image serves every scale
         for s, items in by_scale.items():
             kept, skipped = [], []
@@ -189,8 +179,23 @@ def plan(datasets: list[tuple[str, str]], scales: list[float] | None,
                         f"({hw[0] * hw[1]} pixels), more than the limit of {max_output_pixels}; "
                         "raise it with --max_output_pixels or leave the image out")
                 kept.append(item)
-            tasks.append(Task(name, folder, s, proto, tuple(kept), tuple(skipped), found is not None))
+            tasks.append(Task(name, folder, s, proto, tuple(kept), tuple(skipped), paired))
     return tasks
+
+
+def _items_by_scale(folder: str, scales: list[float]) -> tuple[dict[float, list[Item]], bool]:
+    """({scale: items}, whether `folder` is paired): every image at every scale, or a
+    paired folder's pairs grouped by their own scales, ascending."""
+    found = pairs.find_pairs(folder)
+    if found is None:
+        if not scales:
+            raise ConfigError("--scales is empty; give the scales to evaluate, e.g. 2,3,4")
+        items = [Item(os.path.basename(p), p) for p in list_images(folder)]
+        return {s: items for s in scales}, False
+    by_scale = {}
+    for p in sorted(found, key=lambda p: p.scale):
+        by_scale.setdefault(p.scale, []).append(Item(p.name, p.hr_path, p.lr_path))
+    return by_scale, True
 
 
 def _hr_grid(size: Callable[[str], tuple[int, int]], item: Item,
