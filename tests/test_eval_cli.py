@@ -189,7 +189,7 @@ def test_decompression_bomb_is_one_line(tmp_path, capsys):
     assert _run("--data", folder, "--scales", "2,3") == 0
     captured = capsys.readouterr()
     assert "skipping imgs/bomb.png at x2, x3: refusing" in captured.err  # one warning
-    assert captured.err.count("bomb.png") == 1
+    assert len(captured.err.splitlines()) == 1
     assert "imgs x3: 1 images scored, 1 skipped (bomb.png)" in captured.out
     assert _run("--data", folder, "--scales", "2", "--strict") == 2
     err = capsys.readouterr().err
