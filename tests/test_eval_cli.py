@@ -325,3 +325,13 @@ def test_second_run_compiles_nothing(tmp_path):
     assert second["xla_compile_s"] < first["xla_compile_s"]
     for t in timings:
         assert t["compile_s"] == pytest.approx(t["trace_lower_s"] + t["xla_compile_s"], abs=2e-3)
+
+
+def test_paired_decompression_bomb_is_one_line(tmp_path, capsys):
+    root = tmp_path / "pairs"
+    _pair(root, "a", "LR", (32, 32), (16, 16))
+    _bomb(root / "HR" / "b.png")
+    _bomb(root / "LR" / "b.png", 30000)
+    assert _run("--data", root) == 2
+    err = capsys.readouterr().err
+    assert "too large to read safely" in err and "Traceback" not in err
