@@ -226,8 +226,8 @@ def _abstract(tree, shardings):
 def _write_failed(mngr, step: int, e: Exception) -> CheckpointError:
     latest = [s for s in mngr.all_steps() if s != step]
     last = f"step {max(latest)}" if latest else "none"
-    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return CheckpointError(f"could not write checkpoint {step} to {mngr.directory} ({reason}); "
+    return CheckpointError(f"could not write checkpoint {step} to {mngr.directory} "
+                           f"({_first_line(e)}); "
                            f"is the disk full or the bucket unwritable? The last complete "
                            f"checkpoint is {last}")
 
@@ -266,37 +266,62 @@ def restore_latest(mngr: ocp.CheckpointManager, target, shardings, check_meta):
     """The newest readable checkpoint as `target`'s type on `shardings`, or None if none.
 
     `check_meta(meta)` may raise to refuse a checkpoint of another model or batch size.
-    A step that cannot be read (truncated, bit rot, a missing item) is skipped with a
-    warning naming it, for the one before; `CheckpointError` when none can be read.
+    A step that cannot be read (truncated, bit rot, a missing item, edited metadata) is
+    skipped with a warning naming it, and renamed `<step>.unreadable` once an older one
+    has been read, so that training can write that step again. `CheckpointError` when
+    none can be read.
     """
     steps = sorted(mngr.all_steps(), reverse=True)
-    for step in steps:
+    for i, step in enumerate(steps):
         step_dir = epath.Path(mngr.directory) / str(step)
         try:
             meta = _read_meta(step_dir)
         except Exception as e:
-            log.warning("checkpoint %s is unreadable (%s: %s); trying the one before",
-                        step_dir, type(e).__name__, e)
+            _warn_unreadable(step_dir, e)
             continue
         check_meta(meta)
         try:
-            if (step_dir / "state").exists():  # the older layout
-                return _restore_item(step_dir / "state", target, shardings)
-            rest = target.replace(params=None)
-            out = {k: _restore_item(step_dir / k, t, s) for k, t, s in (
-                ("params", target.params, shardings.params),
-                ("train_state", {"step": rest.step, "opt_state": rest.opt_state,
-                                 "nonfinite": rest.nonfinite},
-                 {"step": shardings.step, "opt_state": shardings.opt_state,
-                  "nonfinite": shardings.nonfinite}))}
-            return target.replace(params=out["params"], **out["train_state"])
+            state = _restore_state(step_dir, target, shardings)
         except Exception as e:
-            log.warning("checkpoint %s is unreadable (%s); trying the one before", step_dir,
-                        str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+            _warn_unreadable(step_dir, e)
+            continue
+        if i:
+            _set_aside(mngr, steps[:i])
+        return state
     if steps:
         raise CheckpointError(f"none of the checkpoints {steps} in {mngr.directory} can be read; "
                               "move that folder away to start afresh")
     return None
+
+
+def _warn_unreadable(step_dir, e: Exception) -> None:
+    log.warning("checkpoint %s is unreadable (%s); trying the one before", step_dir, _first_line(e))
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _restore_state(step_dir: epath.Path, target, shardings):
+    if (step_dir / "state").exists():  # the older layout
+        return _restore_item(step_dir / "state", target, shardings)
+    rest = lambda t: {"step": t.step, "opt_state": t.opt_state, "nonfinite": t.nonfinite}
+    params = _restore_item(step_dir / "params", target.params, shardings.params)
+    return target.replace(params=params, **_restore_item(step_dir / "train_state", rest(target),
+                                                         rest(shardings)))
+
+
+def _set_aside(mngr: ocp.CheckpointManager, steps) -> None:
+    """Renames unreadable step folders to `<step>.unreadable` (process 0), for all hosts."""
+    from srno_jax import sharding
+
+    if jax.process_index() == 0:
+        for step in steps:
+            d = epath.Path(mngr.directory) / str(step)
+            d.rename(d.parent / f"{step}.unreadable")
+    sharding.agree(0)  # every host sees the renames before it reloads
+    mngr.reload()
 
 
 def _restore_item(path: epath.Path, target, shardings):
@@ -339,7 +364,7 @@ def load_orbax(path) -> tuple[SRNO, dict]:
         except CheckpointError:
             raise
         except Exception as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = _first_line(e)
             if i + 1 == len(dirs):
                 raise CheckpointError(f"checkpoint {step_dir} cannot be read ({reason})") from None
             log.warning("checkpoint %s is unreadable (%s); using %s", step_dir, reason,

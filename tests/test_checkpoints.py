@@ -104,3 +104,27 @@ def test_torch_names_round_trip(encoder, args):
         sd_extra = {k.replace("GFF.1.", "GFF.2."): v for k, v in sd_extra.items()}
     back = params_from_torch(sd_extra, model)
     jax.tree.map(np.testing.assert_array_equal, back, params)
+
+
+def test_non_finite_or_integer_weights_are_refused(tmp_path, small_ckpt):
+    sd = dict(small_ckpt["model"]["sd"])
+    sd["conv00.weight"] = np.array(sd["conv00.weight"], np.float32)
+    sd["conv00.weight"][0, 0, 0, 0] = np.nan
+    with pytest.raises(CheckpointError, match=r"lifting/kernel holds NaN"):
+        load_checkpoint(save_pth(tmp_path / "nan.pth", with_model(small_ckpt, sd=sd)))
+    model = load_checkpoint(require_golden("small_edsr_srno") / "checkpoint.pth")[0]
+    ints = {k: np.asarray(v).astype(np.int64) for k, v in small_ckpt["model"]["sd"].items()}
+    with pytest.raises(CheckpointError, match=r"is int64, not floating point"):
+        params_from_torch(ints, model)
+
+
+def test_refusal_message_shows_the_expected_layout(tmp_path):
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(save_pth(tmp_path / "bare.pth", {"conv00.weight": np.zeros(3)}))
+    assert "{'model': {'name', 'args', 'sd'}}" in str(e.value) and "}}}" not in str(e.value)
+
+
+def test_home_is_expanded(tmp_path, monkeypatch, small_ckpt):
+    save_pth(tmp_path / "ck.pth", small_ckpt)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_checkpoint("~/ck.pth")[0].width == load_checkpoint(tmp_path / "ck.pth")[0].width

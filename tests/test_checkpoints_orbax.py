@@ -1,0 +1,108 @@
+"""This package's Orbax checkpoints: layouts old and new, refusals, and unreadable steps."""
+import logging
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from srno_jax import CheckpointError, checkpoints, load_checkpoint, train, train_cli
+from test_train import image_dir, tiny_config  # noqa: F401  (image_dir is a fixture)
+
+LEGACY = Path(__file__).resolve().parent / "data" / "legacy_workdir"
+
+
+def assert_same(a, b, atol=1e-6):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0,
+                                                         atol=atol), a, b)
+
+
+@pytest.fixture(scope="module")
+def run4(image_dir, tmp_path_factory):
+    """A 4-step run with checkpoints at steps 2 and 4."""
+    wd = tmp_path_factory.mktemp("run4")
+    train_cli.run(tiny_config(image_dir, total_steps=4, checkpoint=dict(every_steps=2, keep=5)),
+                  wd)
+    return wd
+
+
+def test_params_are_their_own_item(run4):
+    step = run4 / "checkpoints" / "4"
+    assert {p.name for p in step.iterdir() if p.is_dir()} == {"params", "train_state", "meta"}
+
+
+def test_legacy_layout_loads_and_resumes(image_dir, tmp_path, run4):
+    """A workdir saved as {'state', 'meta'} (tests/data/legacy_workdir, step 2 of this
+    tiny config) still loads for inference and resumes training to the same parameters."""
+    _, legacy = load_checkpoint(LEGACY)
+    _, fresh = load_checkpoint(run4 / "checkpoints" / "2")
+    assert_same(legacy["params"], fresh["params"])
+    wd = tmp_path / "legacy"
+    shutil.copytree(LEGACY, wd)
+    train_cli.run(tiny_config(image_dir, total_steps=4), wd)
+    assert_same(load_checkpoint(wd)[1]["params"], load_checkpoint(run4)[1]["params"])
+
+
+def test_export_for_inference_float16(run4, tmp_path):
+    out = checkpoints.export_for_inference(run4, tmp_path / "export", dtype="float16")
+    assert {p.name for p in out.iterdir()} == {"params", "meta"}
+    _, full = load_checkpoint(run4)
+    _, half = load_checkpoint(out)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(half["params"]))
+    assert_same(half["params"], full["params"], atol=2e-3)
+    with pytest.raises(CheckpointError, match="exists"):
+        checkpoints.export_for_inference(run4, out)
+
+
+def test_non_finite_orbax_checkpoint_is_refused(image_dir, tmp_path):
+    config = tiny_config(image_dir)
+    model, tx = train.model_from_config(config), train.make_optimizer(config)
+    state = train.init_state(model, tx, 0)
+    params = jax.tree.map(lambda x: x, state.params)
+    params["lifting"]["bias"] = params["lifting"]["bias"].at[0].set(jnp.nan)
+    mngr = checkpoints.manager(tmp_path, keep=1)
+    checkpoints.save(mngr, state.replace(params=params, step=jnp.asarray(1)), config)
+    checkpoints.finish(mngr)
+    with pytest.raises(CheckpointError, match="lifting/bias holds NaN"):
+        load_checkpoint(tmp_path)
+
+
+def _truncate_params(step_dir):
+    for f in (step_dir / "params").rglob("*"):
+        if f.is_file() and f.stat().st_size > 100:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+
+
+@pytest.mark.parametrize("damage", [
+    _truncate_params,
+    lambda d: shutil.rmtree(d / "params"),
+    lambda d: (d / "meta" / "metadata").write_text("{not json"),
+], ids=["truncated", "missing-item", "edited-metadata"])
+def test_unreadable_latest_falls_back(image_dir, tmp_path, run4, damage, caplog):
+    wd = tmp_path / "run"
+    shutil.copytree(run4, wd)
+    damage(wd / "checkpoints" / "4")
+    with caplog.at_level(logging.WARNING, logger="srno_jax"):
+        _, params = load_checkpoint(wd)
+    assert any("checkpoints/4 is unreadable" in r.getMessage() for r in caplog.records)
+    assert_same(params["params"], load_checkpoint(run4 / "checkpoints" / "2")[1]["params"])
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="srno_jax"):
+        train_cli.run(tiny_config(image_dir, total_steps=4), wd)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("checkpoints/4 is unreadable" in m for m in messages), messages
+    assert "resumed from step 2" in messages, messages
+    assert_same(load_checkpoint(wd)[1]["params"], load_checkpoint(run4)[1]["params"])
+
+
+def test_no_readable_checkpoint_is_one_error(tmp_path, run4, image_dir):
+    wd = tmp_path / "run"
+    shutil.copytree(run4, wd)
+    for step in ("2", "4"):
+        (wd / "checkpoints" / step / "meta" / "metadata").write_text("")
+    with pytest.raises(CheckpointError, match=r"cannot be read"):
+        load_checkpoint(wd)
+    with pytest.raises(CheckpointError, match=r"none of the checkpoints \[4, 2\]"):
+        train_cli.run(tiny_config(image_dir, total_steps=6), wd)
