@@ -1,8 +1,9 @@
-"""The random-scale training sample: the reference's ``SRImplicitDownsampledFast``.
+"""Training samples: the reference's random-scale ``SRImplicitDownsampledFast``, and
+aligned patches of given LR / HR pairs.
 
-One HR image (uint8, HWC) and a ``np.random.Generator`` give one sample; every random
-draw comes from that generator, in the reference's order (scale, crop corner, flips,
-query points).
+One image (uint8, HWC) or pair and a ``np.random.Generator`` give one sample; every
+random draw comes from that generator, in the reference's order (scale, crop corner,
+flips, query points; a pair has no scale draw).
 """
 from __future__ import annotations
 
@@ -65,15 +66,17 @@ def sample_patch(hr: np.ndarray, rng: np.random.Generator, *, inp_size: int = 12
     - an image whose short side is below inp_size is first upscaled (PIL bicubic) so
       its short side is inp_size, with one warning per `name`.
 
+    The settings are not checked here, once per sample: `check_config` checks them once.
+
     Args:
       hr: (H, W, 3) uint8 HR image.
       rng: the sample's generator; the sample is a function of it alone.
+      sample_q: None means inp_size**2.
       name: names the image in the small-image warning.
     Returns:
       float32 numpy arrays: ``inp`` (inp_size, inp_size, 3) and ``gt`` (sample_q, 3),
       normalised to [-1, 1]; ``coord`` (sample_q, 2); ``cell`` (2,) = 2 / w_hr twice.
     """
-    sample_q = check_config(inp_size, scale_min, scale_max, sample_q)
     if min(hr.shape[:2]) < inp_size:
         hr = _upscale_to(hr, inp_size, name)
     h, w = hr.shape[:2]
@@ -83,6 +86,46 @@ def sample_patch(hr: np.ndarray, rng: np.random.Generator, *, inp_size: int = 12
     y0 = int(rng.integers(0, w - w_hr + 1))
     crop = hr[x0:x0 + w_hr, y0:y0 + w_hr]
     lr = resize_bicubic(np.ascontiguousarray(crop), (inp_size, inp_size))
+    return _augment_and_query(lr, crop, rng, augment, sample_q or inp_size**2)
+
+
+def sample_pair_patch(lr: np.ndarray, hr: np.ndarray, scale: float, rng: np.random.Generator,
+                      *, inp_size: int = 128, augment: bool = True,
+                      sample_q: int | None = None) -> dict:
+    """One training sample from a given LR / HR pair of fixed `scale` (`srno_jax.pairs`).
+
+    The LR patch is inp_size x inp_size with its top-left (x0, y0) uniform in
+    [0, h - inp_size] x [0, w - inp_size] (inclusive); the HR patch is w_hr x w_hr,
+    w_hr = round(inp_size * scale), at (min(round(x0 * scale), H - w_hr),
+    min(round(y0 * scale), W - w_hr)) (Python round, half to even), so the two cover the
+    same area to within half an HR pixel, exactly at integer scales. Flips and query
+    points then follow `sample_patch` (same draws, same order, same outputs); the scale
+    is the pair's, not drawn.
+
+    Args:
+      lr: (h, w, 3) uint8 LR image, h, w >= inp_size (the loader checks this once).
+      hr: (H, W, 3) uint8 HR image covering the LR grid: H = round(h * scale),
+        W = round(w * scale), as `pairs.pair_images` returns it.
+      scale: the pair's scale, >= 1.
+      sample_q: None means inp_size**2.
+    Returns:
+      as `sample_patch`; ``cell`` is 2 / w_hr twice.
+    """
+    h, w = lr.shape[:2]
+    w_hr = round(inp_size * scale)
+    x0 = int(rng.integers(0, h - inp_size + 1))
+    y0 = int(rng.integers(0, w - inp_size + 1))
+    hx0 = min(round(x0 * scale), hr.shape[0] - w_hr)
+    hy0 = min(round(y0 * scale), hr.shape[1] - w_hr)
+    crop = hr[hx0:hx0 + w_hr, hy0:hy0 + w_hr]
+    return _augment_and_query(lr[x0:x0 + inp_size, y0:y0 + inp_size], crop, rng, augment,
+                              sample_q or inp_size**2)
+
+
+def _augment_and_query(lr: np.ndarray, crop: np.ndarray, rng: np.random.Generator,
+                       augment: bool, sample_q: int) -> dict:
+    """The sample from an LR patch and its square HR crop: flips, then query points."""
+    w_hr = crop.shape[0]
     flips = [rng.random() < 0.5 for _ in range(3)] if augment else [False] * 3
     lr = _augment(lr, *flips)
     idx = rng.choice(w_hr * w_hr, sample_q, replace=False)

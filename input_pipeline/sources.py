@@ -1,7 +1,9 @@
-"""HR image sources: a folder, TFDS ``div2k`` and the demo photographs of scikit-image.
+"""Image sources: a folder, TFDS ``div2k``, the demo photographs of scikit-image, and
+folders of LR / HR pairs.
 
-Every source has ``name``, ``len(source)`` and ``source[i] -> (H, W, 3) uint8`` RGB, and
-is safe to read from several threads at once.
+Every source has ``name`` and ``len(source)`` and is safe to read from several threads
+at once. An HR source gives ``source[i] -> (H, W, 3) uint8`` RGB; a `PairedSource` gives
+``source[i] -> (lr, hr)`` and each pair's scale.
 """
 from __future__ import annotations
 
@@ -13,9 +15,9 @@ import threading
 import numpy as np
 from PIL import Image
 
-from srno_jax.errors import DataError
+from srno_jax.errors import ConfigError, DataError
 from srno_jax.images import IMAGE_EXTENSIONS, image_files, load_image
-
+from srno_jax.pairs import find_pairs, pair_images
 
 
 class FolderSource:
@@ -166,8 +168,46 @@ class DemoSource:
         return self._images[i]
 
 
+class PairedSource:
+    """The LR / HR pairs of a paired folder (``HR/`` beside ``LR/`` or ``X<s>/``; see
+    `srno_jax.pairs.find_pairs`), read from disk at each access.
+
+    ``source[i]`` is `pairs.pair_images` of pair i: (lr (h, w, 3), hr cropped to the LR
+    grid), both uint8; ``scale(i)`` is its scale. Raises `DataError` when `path` is not a
+    paired layout, or as `find_pairs` does.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = self.name = os.fspath(path)
+        pairs = find_pairs(self.path)
+        if pairs is None:
+            raise DataError(f"{self.path} is not a paired folder: it needs an HR/ subfolder "
+                            f"beside LR/ or X2/, X3/, ... (one per scale)")
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return pair_images(self.pairs[int(i)])
+
+    def scale(self, i: int) -> float:
+        return self.pairs[int(i)].scale
+
+    def check_inp_size(self, inp_size: int) -> None:
+        """Raises `ConfigError` when an LR image is smaller than inp_size x inp_size: a
+        given LR cannot be resized without changing its degradation."""
+        for p in self.pairs:
+            with Image.open(p.lr_path) as img:
+                if min(img.size) < inp_size:
+                    raise ConfigError(f"LR image {p.lr_path} is {img.height}x{img.width}, "
+                                      f"smaller than data.inp_size {inp_size}; lower "
+                                      f"data.inp_size or remove the pair")
+
+
 def make_source(spec: str, split: str = "train", data_dir: str | None = None):
-    """A source from a spec: 'demo', 'div2k' (TFDS, in `data_dir`) or a folder path.
+    """A source from a spec: 'demo', 'div2k' (TFDS, in `data_dir`), a paired folder
+    (`PairedSource`) or a folder of HR images.
 
     `split` is 'train' or an evaluation split: for 'demo', 'validation' / 'valid' /
     'test' mean 'holdout'; for 'div2k', 'holdout' / 'valid' mean 'validation'. A folder
@@ -181,4 +221,6 @@ def make_source(spec: str, split: str = "train", data_dir: str | None = None):
     if not os.path.isdir(spec):
         raise DataError(f"data source {spec!r} is neither 'demo', 'div2k' nor an existing "
                         f"folder of images")
+    if find_pairs(spec) is not None:
+        return PairedSource(spec)
     return FolderSource(spec)
