@@ -13,13 +13,21 @@ import collections
 import concurrent.futures
 import functools
 import math
+import mmap
 import multiprocessing
 import os
+import shutil
+import tempfile
+import weakref
 
 import numpy as np
 
-from input_pipeline.sampler import check_config, sample_patch
+from input_pipeline.sampler import check_config, sample_pair_patch, sample_patch
+from input_pipeline.sources import PairedSource
 from srno_jax.errors import ConfigError
+
+_ALIGN = 64  # bytes: each array of a batch block starts on a cache line
+_SHM_PREFIX = "srno-loader-"
 
 
 def steps_per_epoch(num_images: int, repeat: int, global_batch: int) -> int:
@@ -28,12 +36,52 @@ def steps_per_epoch(num_images: int, repeat: int, global_batch: int) -> int:
     return math.ceil(num_images * repeat / global_batch)
 
 
+def batch_layout(local: int, inp_size: int, sample_q: int) -> tuple[dict, int]:
+    """Where each float32 array of a local batch lies in one block of memory.
+
+    Returns ({key: (shape, byte offset)} for ``inp``, ``coord``, ``cell``, ``gt`` in that
+    order, each offset a multiple of 64; the block's size in bytes).
+    """
+    shapes = {"inp": (local, inp_size, inp_size, 3), "coord": (local, sample_q, 2),
+              "cell": (local, 2), "gt": (local, sample_q, 3)}
+    layout, offset = {}, 0
+    for key, shape in shapes.items():
+        layout[key] = (shape, offset)
+        offset += -(-4 * math.prod(shape) // _ALIGN) * _ALIGN
+    return layout, offset
+
+
+def _views(flat: np.ndarray, layout: dict) -> dict:
+    """The batch's float32 arrays as views of `flat`, a uint8 array over a whole block.
+
+    Every view's ``base`` is `flat`, so `flat` lives exactly as long as some array of the
+    batch (or anything made from one) does.
+    """
+    return {k: flat[off:off + 4 * math.prod(shape)].view(np.float32).reshape(shape)
+            for k, (shape, off) in layout.items()}
+
+
 def _build_sample(source, i: int, seed: int, step: int, k: int, kw: dict) -> dict:
-    return sample_patch(source[i], np.random.default_rng([seed, step, k]),
-                        name=f"{source.name}[{i}]", **kw)
+    rng = np.random.default_rng([seed, step, k])
+    if isinstance(source, PairedSource):
+        lr, hr = source[i]
+        return sample_pair_patch(lr, hr, source.scale(i), rng, **kw)
+    return sample_patch(source[i], rng, name=f"{source.name}[{i}]", **kw)
+
+
+def _build_rows(source, buf, layout: dict, todo: list, seed: int, step: int,
+                kw: dict) -> None:
+    """Writes sample k of `step` (image i) into row `row` of each array of the batch in
+    `buf`, for each (row, k, i) in `todo`."""
+    out = _views(np.frombuffer(buf, np.uint8), layout)
+    for row, k, i in todo:
+        sample = _build_sample(source, i, seed, step, k, kw)
+        for key, a in out.items():
+            a[row] = sample[key]
 
 
 _worker_source = None  # a worker process's copy of the source, set once at its start
+_worker_blocks: dict = {}  # path -> this worker's lasting mapping of that block
 
 
 def _init_worker(source):
@@ -41,8 +89,69 @@ def _init_worker(source):
     _worker_source = source
 
 
-def _build_sample_in_worker(*args) -> dict:
-    return _build_sample(_worker_source, *args)
+def _build_rows_in_worker(path: str, *args) -> None:
+    """`_build_rows` into the shared block at `path`, mapped once per worker: a block's
+    pages are reused batch after batch, so mapping them costs nothing after the first."""
+    if path not in _worker_blocks:
+        with open(path, "r+b") as f:
+            _worker_blocks[path] = mmap.mmap(f.fileno(), 0)
+    _build_rows(_worker_source, _worker_blocks[path], *args)
+
+
+class _Block:
+    """One batch's memory: anonymous for threads, a file in `folder` for processes."""
+
+    def __init__(self, nbytes: int, folder: str | None, index: int):
+        self.path, self.busy, self.handed_out = None, False, None
+        if folder is None:
+            self.buf = mmap.mmap(-1, nbytes)
+            return
+        self.path = os.path.join(folder, str(index))
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            if hasattr(os, "posix_fallocate"):  # reserve now: a full /dev/shm is an
+                os.posix_fallocate(fd, 0, nbytes)  # error here, not a SIGBUS in a worker
+            else:
+                os.ftruncate(fd, nbytes)
+            self.buf = mmap.mmap(fd, nbytes)
+        except OSError as e:
+            os.unlink(self.path)
+            raise ConfigError(
+                f"no room for the loader's batches in {folder} ({nbytes >> 20} MB each: "
+                f"{e.strerror}); give the machine or container more shared memory (docker "
+                f"run --shm-size=2g), lower data.prefetch, or use worker threads "
+                f"(data.worker_processes=False)") from None
+        finally:
+            os.close(fd)
+
+    def free(self) -> bool:
+        """Not being written, and no array of the batch last handed out from it alive."""
+        return not self.busy and (self.handed_out is None or self.handed_out() is None)
+
+
+def _shared_memory_dir() -> str:
+    """A new private folder in /dev/shm (the temp folder where there is none).
+
+    Folders in /dev/shm left by loaders whose process no longer runs (killed before their
+    cleanup) are removed first.
+    """
+    if not os.path.isdir("/dev/shm"):
+        return tempfile.mkdtemp(prefix=f"{_SHM_PREFIX}{os.getpid()}-")
+    for entry in os.listdir("/dev/shm"):
+        pid = entry[len(_SHM_PREFIX):].split("-")[0]
+        if entry.startswith(_SHM_PREFIX) and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join("/dev/shm", entry), ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{_SHM_PREFIX}{os.getpid()}-", dir="/dev/shm")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @functools.lru_cache(maxsize=4)
@@ -57,14 +166,25 @@ class TrainLoader:
     local = global_batch // process_count (samples k in [process_index * local,
     (process_index + 1) * local)): ``inp`` (local, inp_size, inp_size, 3), ``coord``
     (local, sample_q, 2), ``cell`` (local, 2), ``gt`` (local, sample_q, 3); see
-    `sample_patch`. ``step`` is the step of the next batch (save it to resume).
+    `sample_patch`. ``step`` is the step of the next batch (save it to resume). Each
+    batch's arrays are its own: nothing the loader does later writes to them.
 
-    `workers` threads (None: os.cpu_count()) build samples; from construction on and
-    after each batch handed out, the next `prefetch` batches are in flight. Call
-    `close()` or use ``with`` to stop them. With `processes`, the workers are processes
-    instead (spawned; the source must pickle): part of a sample's work holds Python's
-    GIL, so threads stop scaling at a few cores, processes do not. The samples are the
-    same either way.
+    A `PairedSource` gives `sample_pair_patch` samples (each pair at its own scale;
+    scale_min and scale_max unused), any other source `sample_patch` samples. The settings
+    are checked once, here (`check_config`; for pairs also that every LR image holds an
+    inp_size patch).
+
+    `workers` threads (None: os.cpu_count()) build samples, each a contiguous chunk of
+    about local / workers samples of a batch, written in place into one block of memory
+    that the batch's arrays view; from construction on and after each batch handed out,
+    the next `prefetch` batches are in flight. A block is reused once no array of the
+    batch it last held is referenced any more, so its pages are allocated once, and
+    nothing the loader does later writes to a batch that is still in use. Call `close()`
+    or use ``with`` to stop the workers. With `processes`, the workers are processes
+    instead (spawned; the source must pickle) and the blocks are files in /dev/shm that
+    every worker maps once: nothing is pickled, stacked or copied per sample. Part of a
+    sample's work holds Python's GIL, so threads stop scaling at a few cores, processes
+    do not. The samples are the same either way.
     """
 
     def __init__(self, source, *, global_batch: int, seed: int, start_step: int = 0,
@@ -80,6 +200,12 @@ class TrainLoader:
         if seed < 0 or start_step < 0 or repeat < 1 or prefetch < 0:
             raise ConfigError(f"need seed >= 0, start_step >= 0, repeat >= 1, prefetch >= 0; "
                               f"got {seed}, {start_step}, {repeat}, {prefetch}")
+        sample_q = check_config(inp_size, scale_min, scale_max, sample_q)
+        self._sample_kw = dict(inp_size=inp_size, augment=augment, sample_q=sample_q)
+        if isinstance(source, PairedSource):
+            source.check_inp_size(inp_size)
+        else:
+            self._sample_kw.update(scale_min=scale_min, scale_max=scale_max)
         workers = workers or os.cpu_count() or 1
         self.source = source
         self.global_batch = global_batch
@@ -89,20 +215,26 @@ class TrainLoader:
         self.first_k = process_index * self.local
         self.epoch_size = len(source) * repeat
         self.prefetch = prefetch
-        self._sample_kw = dict(inp_size=inp_size, scale_min=scale_min, scale_max=scale_max,
-                               augment=augment,
-                               sample_q=check_config(inp_size, scale_min, scale_max, sample_q))
-        self._processes = processes
+        self._chunk = -(-self.local // workers)
+        self._layout, self._nbytes = batch_layout(self.local, inp_size, sample_q)
+        self._blocks: list[_Block] = []
+        self._shm_dir = None
         if processes:  # the source is sent to each process once, at its start
+            self._shm_dir = _shared_memory_dir()
+            self._remove_shm = weakref.finalize(self, shutil.rmtree, self._shm_dir, True)
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 workers, mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_worker, initargs=(source,))
         else:
             self._pool = concurrent.futures.ThreadPoolExecutor(workers, "train-loader")
-        self._pending = collections.deque()  # (step, [future per local sample])
+        self._pending = collections.deque()  # (step, block, [future per chunk])
         self._next_submit = start_step
         self._closed = False
-        self._fill(prefetch)
+        try:
+            self._fill(prefetch)
+        except BaseException:
+            self.close()
+            raise
 
     def image_index(self, step: int, k: int) -> int:
         """The source index of sample k of `step` (see the module docstring)."""
@@ -110,18 +242,32 @@ class TrainLoader:
         perm = _epoch_permutation(self.seed, g // self.epoch_size, self.epoch_size)
         return int(perm[g % self.epoch_size]) % len(self.source)
 
-    def _submit(self, step: int, k: int):
-        args = (self.image_index(step, k), self.seed, step, k, self._sample_kw)
-        if self._processes:
-            return self._pool.submit(_build_sample_in_worker, *args)
-        return self._pool.submit(_build_sample, self.source, *args)
+    def _take_block(self) -> _Block:
+        block = next((b for b in self._blocks if b.free()), None)
+        if block is None:
+            block = _Block(self._nbytes, self._shm_dir, len(self._blocks))
+            self._blocks.append(block)
+        block.busy, block.handed_out = True, None
+        return block
+
+    def _submit(self, step: int):
+        """Starts building the batch of `step`: one task per chunk of its samples."""
+        block = self._take_block()
+        todo = [(k - self.first_k, k, self.image_index(step, k))
+                for k in range(self.first_k, self.first_k + self.local)]
+        futures = []
+        for c in range(0, self.local, self._chunk):
+            args = (self._layout, todo[c:c + self._chunk], self.seed, step, self._sample_kw)
+            if block.path is None:
+                futures.append(self._pool.submit(_build_rows, self.source, block.buf, *args))
+            else:
+                futures.append(self._pool.submit(_build_rows_in_worker, block.path, *args))
+        self._pending.append((step, block, futures))
 
     def _fill(self, n: int):
         """Submits batches until `n` are in flight."""
         while len(self._pending) < n:
-            s = self._next_submit
-            ks = range(self.first_k, self.first_k + self.local)
-            self._pending.append((s, [self._submit(s, k) for k in ks]))
+            self._submit(self._next_submit)
             self._next_submit += 1
 
     def __iter__(self):
@@ -131,16 +277,26 @@ class TrainLoader:
         if self._closed:
             raise RuntimeError("TrainLoader is closed")
         self._fill(1)
-        step, futures = self._pending.popleft()
+        step, block, futures = self._pending.popleft()
         self._fill(self.prefetch)
-        samples = [f.result() for f in futures]
+        try:
+            for f in futures:
+                f.result()
+        finally:
+            block.busy = False
+        flat = np.frombuffer(block.buf, np.uint8)
+        block.handed_out = weakref.ref(flat)
         self.step = step + 1
-        return {key: np.stack([s[key] for s in samples]) for key in samples[0]}
+        return _views(flat, self._layout)
 
     def close(self):
-        """Stops the threads; batches in flight are dropped."""
+        """Stops the workers; batches in flight are dropped, batches handed out stay."""
         self._closed = True
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pending.clear()
+        self._blocks.clear()
+        if self._shm_dir is not None:
+            self._remove_shm()
 
     def __enter__(self):
         return self

@@ -2,14 +2,16 @@
 deterministic loader. Small images only; nothing is downloaded."""
 import itertools
 import logging
+import os
 import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from input_pipeline import (DEMO_FILES, DemoSource, FolderSource, TFDSSource, TrainLoader,
-                            make_source, sample_patch, steps_per_epoch)
+from input_pipeline import (DEMO_FILES, DemoSource, FolderSource, PairedSource, TFDSSource,
+                            TrainLoader, check_config, make_source, sample_pair_patch,
+                            sample_patch, steps_per_epoch)
 from srno_jax.coords import make_coord
 from srno_jax.errors import ConfigError, DataError
 from srno_jax.images import resize_bicubic
@@ -109,10 +111,21 @@ def test_sample_q_and_scale_one():
     hr = positional_image(40, 50)
     out = sample_patch(hr, np.random.default_rng(0), inp_size=16, scale_max=1.0, sample_q=100)
     assert out["coord"].shape == (100, 2) and out["cell"][0] == np.float32(2 / 16)
-    with pytest.raises(ConfigError):
-        sample_patch(hr, np.random.default_rng(0), inp_size=16, sample_q=257)
-    with pytest.raises(ConfigError):
-        sample_patch(hr, np.random.default_rng(0), inp_size=16, scale_min=0.5)
+    assert check_config(16, 1.0, 4.0, None) == 256 and check_config(16, 1.0, 1.0, 100) == 100
+    for bad in [(16, 1.0, 4.0, 257), (16, 0.5, 4.0, None), (16, 3.0, 2.0, None), (0, 1, 1, 1)]:
+        with pytest.raises(ConfigError):
+            check_config(*bad)
+
+
+def test_config_checked_once_not_per_sample(tmp_path, monkeypatch):
+    import input_pipeline.loader
+    calls = []
+    checked = input_pipeline.loader.check_config
+    monkeypatch.setattr(input_pipeline.loader, "check_config",
+                        lambda *a: calls.append(a) or checked(*a))
+    source = FolderSource(write_images(tmp_path / "imgs", 2))
+    batches(source, 3, workers=2)
+    assert calls == [(8, 1.0, 4.0, None)]
 
 
 def test_small_images(caplog, tmp_path):
@@ -289,3 +302,82 @@ def test_process_workers_give_the_same_batches(tmp_path):
             a, b = next(threads), next(procs)
             for key in a:
                 np.testing.assert_array_equal(a[key], b[key])
+
+
+def write_pairs(folder, hr_lr_sizes, seed=0):
+    """HR/ and LR/ subfolders of random pairs: {stem: ((H, W), (h, w))}."""
+    rng = np.random.default_rng(seed)
+    for stem, (hr_hw, lr_hw) in hr_lr_sizes.items():
+        for sub, hw in (("HR", hr_hw), ("LR", lr_hw)):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8)).save(
+                folder / sub / f"{stem}.png")
+    return folder
+
+
+@pytest.mark.parametrize("scale", [2.0, 2.5])
+def test_pair_patch_is_aligned(scale):
+    """An LR and an HR image that spell out their own pixel positions: the LR patch, the
+    HR crop and the flips found in a sample agree with each other and with the rules."""
+    h, w, p = 40, 36, 8
+    lr = positional_image(h, w)
+    hr = positional_image(round(h * scale), round(w * scale))
+    w_hr = round(p * scale)
+    flips_seen = set()
+    for seed in range(10):
+        out = sample_pair_patch(lr, hr, scale, np.random.default_rng(seed), inp_size=p,
+                                sample_q=50)
+        assert {k: v.shape for k, v in out.items()} == {
+            "inp": (p, p, 3), "coord": (50, 2), "cell": (2,), "gt": (50, 3)}
+        hx0, hy0, w_found, flips = reconstruct(hr, out, p)
+        assert w_found == w_hr
+        inp = to_uint8(out["inp"])
+        fr, fc, tr = flips  # undo the augmentation: transpose first, then the flips
+        x0, y0 = [int(v) for v in augment(augment(inp, False, False, tr), fr, fc, False)[0, 0, :2]]
+        assert x0 <= h - p and y0 <= w - p
+        np.testing.assert_array_equal(inp, augment(lr[x0:x0 + p, y0:y0 + p], *flips))
+        assert (hx0, hy0) == (min(round(x0 * scale), hr.shape[0] - w_hr),
+                              min(round(y0 * scale), hr.shape[1] - w_hr))
+        if scale == 2.0:
+            assert (hx0, hy0) == (2 * x0, 2 * y0)
+        flips_seen.add(flips)
+    assert len(flips_seen) > 3
+
+
+def test_paired_folder_loader(tmp_path):
+    """A paired folder becomes a PairedSource; each sample has its pair's scale; threads
+    and processes give the same batches; an LR smaller than inp_size is refused once."""
+    folder = write_pairs(tmp_path / "pairs", {"a": ((32, 40), (16, 20)),
+                                              "b": ((40, 50), (16, 20))})
+    source = make_source(str(folder))
+    assert isinstance(source, PairedSource) and len(source) == 2
+    assert [source.scale(i) for i in range(2)] == [2.0, 2.5]
+    kw = dict(global_batch=4, seed=1, inp_size=8, sample_q=32, workers=2, repeat=2)
+    with TrainLoader(source, **kw) as threads, TrainLoader(source, processes=True, **kw) as procs:
+        for step in range(2):
+            a, b = next(threads), next(procs)
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key])
+            for k in range(4):
+                s = source.scale(threads.image_index(step, k))
+                assert a["cell"][k, 0] == np.float32(2 / round(8 * s))
+    with pytest.raises(ConfigError, match=r"LR image .*a\.png is 16x20, smaller than "
+                                          r"data\.inp_size 17"):
+        TrainLoader(source, **{**kw, "inp_size": 17, "sample_q": 1})
+
+
+def test_loader_batches_are_not_overwritten(tmp_path):
+    """A batch still referenced keeps its memory; dropped batches' memory is reused."""
+    source = FolderSource(write_images(tmp_path / "imgs", 3))
+    with TrainLoader(source, **LOADER_KW, workers=2, processes=True) as loader:
+        kept = next(loader)
+        inp_view = kept["inp"][1:]  # a view outlives the dict
+        copy = {k: v.copy() for k, v in kept.items()}
+        del kept
+        for _ in range(6):
+            next(loader)
+        np.testing.assert_array_equal(inp_view, copy["inp"][1:])
+        assert len(loader._blocks) <= loader.prefetch + 3
+        shm_dir = loader._shm_dir
+    assert not os.path.exists(shm_dir)
+    np.testing.assert_array_equal(inp_view, copy["inp"][1:])  # still readable after close
