@@ -6,12 +6,12 @@
 Evaluates each --checkpoint (a reference .pth, an Orbax training workdir or step folder,
 or 'bicubic') on each --data folder under the reference's protocol
 (`srno_jax.evaluation`) and prints a Markdown table: one row per checkpoint, columns
-dataset x scale, mean PSNR in dB. Every argument and every image is checked, and
-the --json file written, before the first forward pass; the JSON is rewritten after each
-table cell, so an interrupted run leaves the finished cells (``"complete": false``) and
-prints their table. Unreadable images are skipped with a warning and counted in the
-table (--strict stops instead). Errors print one line on stderr and exit with status 2;
-Ctrl-C exits with 130.
+dataset x scale, mean PSNR in dB. Every argument, image and checkpoint is checked, and
+the --json path tried, before the first forward pass (an existing file is kept when a
+check fails); the JSON is then rewritten after each table cell, so an interrupted run
+leaves the finished cells (``"complete": false``) and prints their table. Unreadable
+images are skipped with a warning and counted in the table (--strict stops instead).
+Errors print one line on stderr and exit with status 2; Ctrl-C exits with 130.
 """
 from __future__ import annotations
 
@@ -94,24 +94,31 @@ def _json_safe(x):
 
 
 class _JsonOutput:
-    """The --json file, rewritten whole (through a temporary file and a rename, so it is
-    valid JSON at every moment) with the results so far."""
+    """The --json file. Created checks that it can be written, leaving an existing file
+    as it is; each `write` replaces it whole, through a temporary file and a rename, so
+    it is valid JSON at every moment."""
 
     def __init__(self, path: str, checkpoints: list[str]):
         from etils import epath
 
         self.path, self.checkpoints = epath.Path(path), checkpoints
-        self.write([], complete=False)
+        self._tmp = self.path.with_name(self.path.name + ".partial")
+        if self.path.is_dir():
+            raise DataError(f"cannot write --json {self.path}: it is a folder; give a file name")
+        self._write_text("", self._tmp)
+        self._tmp.unlink()
 
     def write(self, results: list[dict], complete: bool, timing: dict | None = None) -> None:
         doc = {"checkpoints": self.checkpoints, "complete": complete,
                "results": _json_safe(results)}
         if timing is not None:
             doc["timing"] = timing
-        tmp = self.path.with_name(self.path.name + ".partial")
+        self._write_text(json.dumps(doc, indent=1, allow_nan=False), self._tmp)
+        self._tmp.replace(self.path)
+
+    def _write_text(self, text: str, path) -> None:
         try:
-            tmp.write_text(json.dumps(doc, indent=1, allow_nan=False))
-            tmp.replace(self.path)
+            path.write_text(text)
         except OSError as e:
             raise DataError(f"cannot write --json {self.path}: {e.strerror or e}; choose a "
                             "writable path") from None
@@ -188,9 +195,9 @@ def _evaluate(args, results: list[dict], state: dict) -> None:
             skips.setdefault((t.dataset, image, why), []).append(f"x{t.scale:g}")
     for (dataset, image, why), at in skips.items():
         warn(f"warning: skipping {dataset}/{image} at {', '.join(at)}: {why}")
+    upsamplers = [(c, _upsampler(c, args.chunk_size)) for c in checkpoints]
     if args.json:
         state["json"] = _JsonOutput(args.json, checkpoints)
-    upsamplers = [(c, _upsampler(c, args.chunk_size)) for c in checkpoints]
     total = len(checkpoints) * sum(len(t.items) for t in tasks)
     state["bar"] = bar = tqdm(total=total, unit="img", leave=False,
                               disable=True if args.no_progress else None)
@@ -244,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             timing, line = clock.report(time.perf_counter() - start, cache)
             if clock.compilations:
                 print(f"{_PROG}: {line}", file=sys.stderr)
-        if "json" in state:
+        if "json" in state and "bar" in state:  # a failure before any work keeps the old file
             try:
                 state["json"].write(results, complete=status == 0, timing=timing)
             except SRNOError as e:

@@ -34,7 +34,7 @@ def _image(path, hw, seed=0, smooth=False):
 
 
 def _run(*args, checkpoint="bicubic"):
-    return eval_cli.main(["--checkpoint", checkpoint, "--compilation_cache", "", *map(str, args)])
+    return eval_cli.main(["--checkpoint", str(checkpoint), "--compilation_cache", "", *map(str, args)])
 
 
 def _strict_json(path):
@@ -137,6 +137,17 @@ def test_unwritable_json_fails_before_any_work(tmp_path, capsys, forward_passes,
     err = capsys.readouterr().err
     assert "cannot write --json" in err and "Traceback" not in err
     assert forward_passes == []
+
+
+def test_failed_checks_keep_an_existing_json(tmp_path, capsys):
+    _image(tmp_path / "imgs" / "a.png", (32, 32))
+    out = tmp_path / "r.json"
+    out.write_text('{"earlier": "results"}')
+    assert _run("--data", tmp_path / "imgs", "--scales", "2", "--json", out,
+                checkpoint=tmp_path / "no_such.pth") == 2
+    assert "no_such.pth" in capsys.readouterr().err
+    assert out.read_text() == '{"earlier": "results"}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "r.json"]
 
 
 def _interrupt_at_scale(monkeypatch, scale, error):
