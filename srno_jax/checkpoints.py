@@ -6,6 +6,7 @@ parameters under torch names) use it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -224,12 +225,16 @@ def _abstract(tree, shardings):
 
 
 def _write_failed(mngr, step: int, e: Exception) -> CheckpointError:
-    latest = [s for s in mngr.all_steps() if s != step]
-    last = f"step {max(latest)}" if latest else "none"
-    return CheckpointError(f"could not write checkpoint {step} to {mngr.directory} "
-                           f"({_first_line(e)}); "
-                           f"is the disk full or the bucket unwritable? The last complete "
-                           f"checkpoint is {last}")
+    done = [s for s in mngr.all_steps() if s != step]
+    last = f"step {max(done)}" if done else "none yet"
+    where = os.fspath(mngr.directory)
+    if "://" not in where:  # a local disk: say how full it is
+        import shutil
+
+        with contextlib.suppress(OSError):
+            where += f" ({shutil.disk_usage(where).free / 2**20:.0f} MB free)"
+    return CheckpointError(f"a checkpoint write failed in {where}: {_first_line(e)}. Is the disk "
+                           f"full or the bucket unwritable? The last complete checkpoint is {last}")
 
 
 def save(mngr: ocp.CheckpointManager, state, config) -> None:

@@ -23,12 +23,28 @@ class _EpathFiles:
     def open(self, path):
         from etils import epath
 
-        return epath.Path(path).open("wb")
+        return _Stream(epath.Path(path).open("wb"))
 
     def directory_check(self, path):
         from etils import epath
 
         epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+class _Stream:
+    """A remote file without `fileno`, which tensorboardX would try to fsync."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def write(self, data):
+        return self._f.write(data)
+
+    def flush(self):
+        self._f.flush()
+
+    def close(self):
+        self._f.close()
 
 
 class MetricWriter:

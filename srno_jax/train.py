@@ -264,8 +264,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data: TrainDa
                     results = _validate(writer, model, state.params, data.val_images, config,
                                         step)
                 if reason:
-                    writer.log("stopping at step %d (%s); checkpoint saved, rerun to resume",
-                               step, reason)
+                    log.info("stopping at step %d (%s); checkpoint saved, rerun to resume",
+                             step, reason)
                     break
         checkpoints.finish(mngr)
         writer.close()
@@ -315,10 +315,13 @@ def _validate(writer, model, params, images, config, step):
 
 
 def setup_logging() -> None:
-    """Progress lines from this package on stderr; libraries (Orbax, absl) at WARNING."""
+    """Progress lines from this package on stderr; absl's (Orbax's) only when fatal.
+
+    Orbax logs a traceback per failed background write; `checkpoints` reports each
+    failure in one line instead."""
     from absl import logging as absl_logging
 
-    absl_logging.set_verbosity(absl_logging.WARNING)
+    absl_logging.set_verbosity(absl_logging.FATAL)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     log.handlers[:] = [handler]

@@ -1,0 +1,69 @@
+"""How the code is laid out: dependencies point one way, and workdir I/O goes through epath."""
+import pkgutil
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import srno_jax
+
+ROOT = Path(__file__).resolve().parents[1]
+# The command-line modules wire the packages together, as main.py does.
+WIRING = {"srno_jax.train_cli"}
+
+
+def test_srno_jax_never_imports_input_pipeline():
+    modules = sorted(m.name for m in pkgutil.walk_packages(srno_jax.__path__, "srno_jax.")
+                     if m.name not in WIRING)
+    assert "srno_jax.train" in modules and "srno_jax.checkpoints" in modules
+    code = ("import importlib, sys\n"
+            f"for m in {modules!r}: importlib.import_module(m)\n"
+            "print(sorted(k for k in sys.modules if k.split('.')[0] in ('input_pipeline', 'configs')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert out.strip() == "[]", out
+
+
+def test_workdir_io_goes_through_epath():
+    """The modules that touch a workdir or checkpoint never use os.path or open() on it, so
+    a gs:// workdir is not turned into a local path."""
+    for name in ("train", "checkpoints", "workdir", "metric_writer", "train_cli"):
+        text = (ROOT / "srno_jax" / f"{name}.py").read_text()
+        code = "\n".join(l.split("#")[0] for l in text.splitlines())
+        assert not re.search(r"os\.path\.(abspath|join|isdir|exists|basename|dirname)|os\.listdir"
+                             r"|(?<![\w.])(?<!def )open\(", code.replace("os.path.join(list(spec", "")), name
+
+
+def test_a_bucket_workdir_is_written_through_epath(monkeypatch):
+    """gs:// served by an in-memory fsspec file system: the workdir checks, the lock and
+    the TensorBoard files all land in the bucket, none on the local disk."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from srno_jax import metric_writer, workdir
+    from srno_jax.errors import ConfigError
+
+    class FakeGCS(MemoryFileSystem):
+        protocol = ("gs", "gcs")
+
+        def __init__(self, *args, finalize_on_close=None, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    for name in ("gs", "gcs"):
+        monkeypatch.setitem(sys.modules["fsspec.registry"]._registry, name, FakeGCS)
+    monkeypatch.chdir(Path(__file__).parent)
+    run = workdir.check_writable("gs://bucket/run")
+    assert str(run) == "gs://bucket/run" and not Path("gs:").exists()
+    with workdir.WorkdirLock("gs://bucket/run"):
+        assert '"pid"' in (run / "LOCK").read_text()
+        try:
+            workdir.WorkdirLock("gs://bucket/run").acquire()
+            raise AssertionError("a second lock was granted")
+        except ConfigError as e:
+            assert "is in use by process" in str(e)
+    assert not (run / "LOCK").exists()
+    writer = metric_writer.MetricWriter("gs://bucket/run")
+    writer.scalars(1, "train", loss=0.5)
+    writer.close()
+    events = list((run / "tensorboard").iterdir())
+    assert len(events) == 1 and events[0].name.startswith("events.out.tfevents")
+    assert len(events[0].read_bytes()) > 0
