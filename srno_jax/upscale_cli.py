@@ -55,26 +55,29 @@ def _version() -> str:
 
 def _parser() -> argparse.ArgumentParser:
     from srno_jax.compiler import DEFAULT_CACHE_DIR
+    from srno_jax.images import DEFAULT_QUALITY
 
     p = argparse.ArgumentParser(prog="srno-upscale", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n")[2])
-    p.add_argument("paths", nargs="+", metavar="INPUT... [OUTPUT]",
-                   help="image files or folders of images, then the output file (one input) "
-                   "or an existing output folder (unless --out_dir is given)")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="INPUT... [OUTPUT]: image files or folders of images, then the output "
+                   "file (one input) or an existing output folder (unless --out_dir is given)")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--scale", type=float, help="scale factor, any number > 1 (e.g. 3.7)")
     how.add_argument("--size", type=_size, help="output size as WIDTHxHEIGHT, e.g. 1920x1080")
     weights = p.add_mutually_exclusive_group()
     weights.add_argument("--checkpoint", help="a reference .pth (e.g. edsr-baseline_epoch-1000"
-                         ".pth), a training workdir or one of its step folders")
+                         ".pth), a training workdir, one of its step folders or an export "
+                         "such as examples/assets/demo_srno")
     weights.add_argument("--random_weights", action="store_true",
                          help="try the tool with an UNTRAINED EDSR-baseline SRNO (the output is "
                          "not a real super-resolution)")
     p.add_argument("--out_dir", help="existing folder to write into; then every path is an input")
     p.add_argument("--name", default=DEFAULT_NAME, help=f"output name pattern in a folder "
                    f"(default {DEFAULT_NAME!r}); fields: {NAME_FIELDS}")
-    p.add_argument("--quality", type=int, help="JPEG and WebP quality, 1..100 (default 95)")
+    p.add_argument("--quality", type=int,
+                   help=f"JPEG and WebP quality, 1..100 (default {DEFAULT_QUALITY})")
     p.add_argument("--overwrite", action="store_true",
                    help="allow writing over an input image")
     p.add_argument("--chunk_size", type=int, default=None,
