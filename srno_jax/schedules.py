@@ -25,9 +25,3 @@ def lr_at_epoch(epoch, base_lr=4e-5, warmup_mult=10.0, warmup_epochs=50, total_e
     cos = peak * xp.sin(np.pi / 2 * xp.clip(rest, 0.0, 1.0)) ** 2
     return xp.where(e <= warmup_epochs + 1, warm, cos)
 
-
-def step_schedule(steps_per_epoch: int, **kwargs):
-    """An optax-style schedule: the step count (0-based) -> the rate of its epoch."""
-    def schedule(step):
-        return lr_at_epoch(step // steps_per_epoch + 1, **kwargs)
-    return schedule
