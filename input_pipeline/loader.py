@@ -81,12 +81,17 @@ def _build_rows(source, buf, layout: dict, todo: list, seed: int, step: int,
 
 
 _worker_source = None  # a worker process's copy of the source, set once at its start
+_worker_started = None  # a barrier for all worker processes of the pool
 _worker_blocks: dict = {}  # path -> this worker's lasting mapping of that block
 
 
-def _init_worker(source):
-    global _worker_source
-    _worker_source = source
+def _init_worker(source, started):
+    global _worker_source, _worker_started
+    _worker_source, _worker_started = source, started
+
+
+def _wait_for_all_workers() -> None:
+    _worker_started.wait()
 
 
 def _build_rows_in_worker(path: str, *args) -> None:
@@ -218,19 +223,25 @@ class TrainLoader:
         self._chunk = -(-self.local // workers)
         self._layout, self._nbytes = batch_layout(self.local, inp_size, sample_q)
         self._blocks: list[_Block] = []
+        self._pending = collections.deque()  # (step, block, [future per chunk])
+        self._next_submit = start_step
+        self._closed = False
         self._shm_dir = None
         if processes:  # the source is sent to each process once, at its start
             self._shm_dir = _shared_memory_dir()
             self._remove_shm = weakref.finalize(self, shutil.rmtree, self._shm_dir, True)
+            context = multiprocessing.get_context("spawn")
             self._pool = concurrent.futures.ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker, initargs=(source,))
+                workers, mp_context=context, initializer=_init_worker,
+                initargs=(source, context.Barrier(workers)))
         else:
             self._pool = concurrent.futures.ThreadPoolExecutor(workers, "train-loader")
-        self._pending = collections.deque()  # (step, block, [future per chunk])
-        self._next_submit = start_step
-        self._closed = False
         try:
+            if processes:
+                # The pool starts a process per task while none is idle: tasks that wait
+                # for each other start every worker now, not one by one during training.
+                for f in [self._pool.submit(_wait_for_all_workers) for _ in range(workers)]:
+                    f.result()
             self._fill(prefetch)
         except BaseException:
             self.close()

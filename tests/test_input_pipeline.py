@@ -298,6 +298,7 @@ def test_process_workers_give_the_same_batches(tmp_path):
     source = FolderSource(folder)
     kw = dict(global_batch=4, seed=5, inp_size=8, sample_q=32, workers=2, start_step=1)
     with TrainLoader(source, **kw) as threads, TrainLoader(source, processes=True, **kw) as procs:
+        assert len(procs._pool._processes) == 2  # all started at construction
         for _ in range(2):
             a, b = next(threads), next(procs)
             for key in a:
