@@ -5,7 +5,7 @@ g = step * global_batch + k. Its image is ``perm[g % epoch_size] % len(source)``
 epoch_size = len(source) * repeat and ``perm = default_rng([seed, g // epoch_size])
 .permutation(epoch_size)``; its randomness is ``default_rng([seed, step, k])``. So a batch
 is a function of (seed, step) alone: resuming, re-sharding over hosts or changing the
-number of threads gives the same samples.
+number of workers gives the same samples.
 """
 from __future__ import annotations
 
@@ -155,7 +155,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
+        pass
     return True
 
 

@@ -2,6 +2,7 @@
 deterministic loader. Small images only; nothing is downloaded."""
 import itertools
 import logging
+import multiprocessing
 import os
 import sys
 
@@ -382,3 +383,20 @@ def test_loader_batches_are_not_overwritten(tmp_path):
         shm_dir = loader._shm_dir
     assert not os.path.exists(shm_dir)
     np.testing.assert_array_equal(inp_view, copy["inp"][1:])  # still readable after close
+
+
+def test_full_shared_memory_is_one_clear_error(tmp_path, monkeypatch):
+    """No room in /dev/shm (Docker's default is 64 MB) is refused at construction with
+    the fix, before any training, and leaves no worker or folder behind."""
+    source = FolderSource(write_images(tmp_path / "imgs", 2))
+
+    def full(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    with pytest.raises(ConfigError, match=r"no room for the loader's batches .*--shm-size"):
+        TrainLoader(source, **LOADER_KW, workers=1, processes=True)
+    assert not multiprocessing.active_children()
+    if os.path.isdir("/dev/shm"):
+        mine = f"srno-loader-{os.getpid()}-"
+        assert not [e for e in os.listdir("/dev/shm") if e.startswith(mine)]
