@@ -9,13 +9,18 @@ up to 2^18 of them, a 512 x 512 output) each layer's input is kept between the p
 and nothing is computed twice. Beyond that, the queries go in chunks and each pass
 recomputes the lifting (and pass 3 layer 1) chunk by chunk, about 2.1x the work of one
 pass: peak memory then grows with the chunk size, not with the output size. Inside a
-chunk, every pass walks sub-chunks of SUB_CHUNK queries with `jax.lax.map`, which
-keeps their buffers in the CPU's caches (`_sub_map`).
+chunk, every pass walks sub-chunks of SUB_CHUNK queries with a loop (`_sub_map`), which
+keeps their buffers in the CPU's caches and stops after the last query.
 
-Compilation: the last chunk is padded to the chunk size by repeating the last valid
-query and masked out of the sums, and the chunk size is capped at the next power of two
->= N, so the jitted functions depend only on (model, LR input shape, chunk size): any
-output size or scale from one LR shape reuses them.
+Compilation: one compiled encoder serves every LR size that pads to the same
+`lr_bucket` shape, and one compiled operator every LR input up to MIN_CAPACITY pixels
+and every output up to the chunk size. The LR input is zero-padded and encoded with a
+mask that reproduces the zero padding at its true border (`models.encoders`); the
+features go to the operator flat, with the true LR size as data (`models.grid`), so
+that no lookup reads the padding; the queries fill chunks of a power of two (at least
+MIN_CHUNK), padded with the last query, masked out of the sums and skipped piecewise.
+With the persistent compilation cache (`compiler.enable_compilation_cache`) a rerun
+compiles nothing.
 
 Large LR inputs are encoded in overlapping windows whose halo covers the encoder's
 receptive field, which gives the full-image features (see `encode`).
@@ -25,42 +30,45 @@ from __future__ import annotations
 import math
 from functools import cache, partial
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from srno_jax import compiler
 from srno_jax.errors import ConfigError
-from srno_jax.models.encoders import EDSR, RDN, RDN_CONFIGS
+from srno_jax.models.grid import lr_grid
 from srno_jax.models.srno import KERNEL_INTEGRALS
 
 DEFAULT_CHUNK = 2**18  # queries per chunk: one chunk keeps 2 x chunk x width floats (512 MB)
+MIN_CHUNK = 2**16  # the smallest chunk compiled for, so that output sizes share compilations
 SUB_CHUNK = 2048  # queries per inner step of a pass (see `_sub_map`)
 DEFAULT_TILE = 512  # LR window side for encoding large inputs
+MIN_CAPACITY = 2**15  # rows of the flat LR map (`_flatten`): one size for inputs up to 181 x 181
 
 
-def receptive_radius(encoder: nn.Module) -> int:
-    """Pixels by which the encoder's output depends on input beyond a pixel, per side.
+def lr_bucket(n: int) -> int:
+    """The padded length of an LR axis of n pixels: n rounded up to a multiple of
+    2^(bit_length(n) - 3), i.e. to 3 significant bits, 4 sizes per octave (at most 25%,
+    on average about 11% of padding: 40 -> 40, 41 -> 48, 100 -> 112, 129 -> 160)."""
+    q = 1 << max(n.bit_length() - 3, 0)
+    return -(-n // q) * q
 
-    EDSR: head + 2 convs per block + body conv, all 3x3: 2 * n_resblocks + 2 (34 for
-    EDSR-baseline). RDN: sfe1, sfe2 and gff_1 (k x k), and every 3x3 conv of every RDB
-    (1x1 fusions add nothing): 3 * (k // 2) + blocks * convs (131 for config B, 123 for A).
-    """
-    if isinstance(encoder, EDSR):
-        return 2 * encoder.n_resblocks + 2
-    if isinstance(encoder, RDN):
-        n_blocks, n_convs, _ = RDN_CONFIGS[encoder.config]
-        return 3 * (encoder.kernel_size // 2) + n_blocks * n_convs
-    raise ConfigError(f"unknown receptive field for encoder {type(encoder).__name__}")
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
 
 
 @cache
 def _encoder():
-    """The jitted encoder, compiled with `compiler.conv_options` (built on first use, since
-    choosing the options initialises the backend)."""
-    def encode_fn(model, variables, inp):
-        return model.apply(variables, inp, method=lambda m, x: m.encode(x))
+    """The jitted encoder of an image padded after its bottom and right edges, given its
+    true size (traced): compiled once per padded shape, with `compiler.conv_options`
+    (built on first use, since choosing the options initialises the backend)."""
+    def encode_fn(model, variables, inp, size):
+        h, w = inp.shape[1:3]
+        mask = (jnp.arange(h)[:, None] < size[0]) & (jnp.arange(w)[None, :] < size[1])
+        return model.apply(variables, inp, mask[None, :, :, None],
+                           method=lambda m, x, k: m.encode(x, k))
     return jax.jit(encode_fn, static_argnums=0, compiler_options=compiler.conv_options())
 
 
@@ -74,96 +82,141 @@ def _windows(n: int, tile: int, halo: int):
     return [(min(max(c - halo, 0), n - tile), c, min(c + core, n)) for c in range(0, n, core)]
 
 
-def encode(model, variables, inp, tile: int = DEFAULT_TILE) -> jax.Array:
-    """Encoder features of `inp` (B, h, w, 3) normalised -> (B, h, w, C) float32.
+def _encode_padded(model, variables, inp, tile: int):
+    """(features (B, H', W', C), input (B, H', W', 3)): `inp` (B, h, w, 3) and its encoder
+    features, both zero-padded after the image to H' >= h, W' >= w (the image at the top
+    left; features beyond it are not defined).
 
-    When h or w exceeds `tile`, the input is encoded in tile x tile windows overlapping
-    by the encoder's receptive radius (`receptive_radius`), and only each window's core
-    is kept: equal to the full-image encoder up to float rounding, with one compiled
-    window shape for all large inputs. Raises `ConfigError` if tile <= 2 * radius.
+    Each axis <= tile is padded to `lr_bucket` of its length (at most tile), so that
+    inputs of many sizes share one compiled encoder; the encoder's mask keeps the
+    features inside the image equal to the unpadded encoder's. When h or w exceeds
+    `tile`, that axis is encoded in tile-long windows overlapping by the encoder's
+    receptive radius, keeping each window's core (one compiled window shape); the
+    result then has that axis unpadded.
     """
-    h, w = inp.shape[1:3]
-    if h <= tile and w <= tile:
-        return _encoder()(model, variables, jnp.asarray(inp))
-    halo = receptive_radius(model.encoder)
+    b, h, w, _ = inp.shape
+    pad = [(0, 0)] + [(0, min(lr_bucket(n), tile) - n if n <= tile else 0) for n in (h, w)] + [(0, 0)]
+    inp = np.pad(np.asarray(inp, np.float32), pad)
+    hp, wp = inp.shape[1:3]
+    window = np.array([min(h, tile), min(w, tile)], np.int32)  # the true size in each window
+    if hp <= tile and wp <= tile:
+        return _encoder()(model, variables, jnp.asarray(inp), window), inp
+    halo = model.encoder.receptive_radius
     if tile <= 2 * halo:
         raise ConfigError(f"encoder tile {tile} must exceed twice the encoder's receptive "
                           f"radius {halo}, i.e. be at least {2 * halo + 1}")
     rows = []
-    for ys, y0, y1 in _windows(h, tile, halo):
+    for ys, y0, y1 in _windows(hp, tile, halo):
         cols = []
-        for xs, x0, x1 in _windows(w, tile, halo):
-            out = _encoder()(model, variables, jnp.asarray(inp[:, ys:ys + tile, xs:xs + tile]))
+        for xs, x0, x1 in _windows(wp, tile, halo):
+            out = _encoder()(model, variables, jnp.asarray(inp[:, ys:ys + tile, xs:xs + tile]), window)
             cols.append(out[:, y0 - ys:y1 - ys, x0 - xs:x1 - xs])
         rows.append(jnp.concatenate(cols, axis=2))
-    return jnp.concatenate(rows, axis=1)
+    return jnp.concatenate(rows, axis=1), inp
 
 
-def _sub_map(fn, sub: int, *xs):
-    """`jax.lax.map` of fn over sub-chunks: each x (B, C, ...) is cut along axis 1 into
-    C // sub pieces of `sub` queries; outputs are stacked along a new leading axis.
-    One piece's buffers stay in the CPU's caches, which makes the passes over the
-    chunk faster than whole-chunk operations that stream every buffer through memory."""
-    pieces = [x.reshape(x.shape[0], -1, sub, *x.shape[2:]).swapaxes(0, 1) for x in xs]
-    return jax.lax.map(lambda a: fn(*a), pieces)
+def encode(model, variables, inp, tile: int = DEFAULT_TILE) -> jax.Array:
+    """Encoder features of `inp` (B, h, w, 3) normalised -> (B, h, w, C) float32.
+
+    Equal to the encoder on the whole image up to float rounding, through a compiled
+    encoder shared by inputs of similar size; inputs larger than `tile` are encoded in
+    overlapping windows (see `_encode_padded`). Raises `ConfigError` if tile <= 2 * the
+    encoder's receptive radius and the input needs windows.
+    """
+    h, w = inp.shape[1:3]
+    return _encode_padded(model, variables, inp, tile)[0][:, :h, :w]
 
 
-def _merge(y):
-    """(S, B, sub, ...) from `_sub_map` -> (B, S * sub, ...)."""
-    return y.swapaxes(0, 1).reshape(y.shape[1], -1, *y.shape[3:])
+@partial(jax.jit, static_argnums=2)
+def _flatten(x, size, capacity: int):
+    """(B, H', W', C) holding an h x w image at the top left, size = (h, w) traced ->
+    (B, capacity, C) row-major with row stride w (`grid.lr_grid`'s layout); rows after
+    h * w hold copies of other pixels and are never read."""
+    p = jnp.arange(capacity)
+    return x[:, jnp.minimum(p // size[1], x.shape[1] - 1), p % size[1]]
 
 
-def _lift_mix(m, feat, coord, cell, kvs):
+def _slices(xs, sub: int, i):
+    """The i-th (traced) piece of `sub` queries of each x (B, C, ...), along axis 1."""
+    return [jax.lax.dynamic_slice_in_dim(x, i * sub, sub, axis=1) for x in xs]
+
+
+def _sub_map(fn, sub: int, count, *xs):
+    """fn over the first `count` (traced) pieces of `sub` queries of each x (B, C, ...);
+    fn's outputs (B, sub, ...) are written at the same places of a (B, C, ...) array,
+    zeros after the last piece. Skipping the pieces that hold only padding lets one
+    compiled chunk serve any number of queries up to its size; one piece's buffers stay
+    in the CPU's caches, which makes a pass faster than whole-chunk operations that
+    stream every buffer through memory."""
+    piece = jax.eval_shape(fn, *_slices(xs, sub, 0))
+    out = jnp.zeros((piece.shape[0], xs[0].shape[1], *piece.shape[2:]), piece.dtype)
+    body = lambda i, o: jax.lax.dynamic_update_slice_in_dim(o, fn(*_slices(xs, sub, i)), i * sub, 1)
+    return jax.lax.fori_loop(0, count, body, out)
+
+
+def _sub_sum(fn, sub: int, count, *xs):
+    """The sum of fn over the first `count` (traced) pieces of `sub` queries of each x."""
+    piece = jax.eval_shape(fn, *_slices(xs, sub, 0))
+    body = lambda i, acc: acc + fn(*_slices(xs, sub, i))
+    return jax.lax.fori_loop(0, count, body, jnp.zeros(piece.shape, piece.dtype))
+
+
+def _lift_mix(m, feat, coord, cell, grid, kvs):
     """Lifts queries and applies the first len(kvs) kernel integrals with known kv's."""
-    z = m.lift(feat, coord, cell)
+    z = m.lift(feat, coord, cell, grid)
     for layer, kv in zip(m.kernel_integrals, kvs):
         z = layer.mix(z, kv)
     return z
 
 
-@partial(jax.jit, static_argnums=(0, 8))
-def _moments(model, variables, feat, coord, cell, kvs, mask, total, sub):
+@partial(jax.jit, static_argnums=(0, 10))
+def _moments(model, variables, feat, coord, cell, grid, kvs, mask, total, count, sub):
     """Adds the chunk's sum of k^T v of layer len(kvs) to `total` (recomputing z)."""
     def piece(c, mk):
-        fn = lambda m: m.kernel_integrals[len(kvs)].moments(_lift_mix(m, feat, c, cell, kvs), mk)
+        fn = lambda m: m.kernel_integrals[len(kvs)].moments(_lift_mix(m, feat, c, cell, grid, kvs), mk)
         return model.apply(variables, method=fn)
-    return total + _sub_map(piece, sub, coord, mask).sum(0)
+    return total + _sub_sum(piece, sub, count, coord, mask)
 
 
-@partial(jax.jit, static_argnums=(0, 7))
-def _project(model, variables, inp, feat, coord, cell, kvs, sub):
+@partial(jax.jit, static_argnums=(0, 9))
+def _project(model, variables, inp, feat, coord, cell, grid, kvs, count, sub):
     """Prediction (B, C, 3) of a chunk given every layer's kv."""
     def piece(c):
-        fn = lambda m: m.project(_lift_mix(m, feat, c, cell, kvs), inp, c)
+        fn = lambda m: m.project(_lift_mix(m, feat, c, cell, grid, kvs), inp, c, grid)
         return model.apply(variables, method=fn)
-    return _merge(_sub_map(piece, sub, coord))
+    return _sub_map(piece, sub, count, coord)
 
 
-@partial(jax.jit, static_argnums=(0, 8))
-def _one_chunk(model, variables, inp, feat, coord, cell, mask, n, sub):
+@partial(jax.jit, static_argnums=(0, 10))
+def _one_chunk(model, variables, inp, feat, coord, cell, grid, mask, n, count, sub):
     """All queries in one padded chunk: each layer's input z is kept between the passes
     (2 x chunk x width floats), so nothing is computed twice."""
-    def run(fn, *xs):  # fn(module, *pieces) over sub-chunks of xs
-        return _sub_map(lambda *p: model.apply(variables, *p, method=fn), sub, *xs)
+    def run(fn, *xs):  # fn(module, *pieces) over the pieces of xs holding queries
+        return _sub_map(lambda *p: model.apply(variables, *p, method=fn), sub, count, *xs)
 
-    z = _merge(run(lambda m, c: m.lift(feat, c, cell), coord))
+    def moments(i, z):
+        fn = lambda *p: model.apply(variables, *p, method=lambda m, zz, mk:
+                                    m.kernel_integrals[i].moments(zz, mk))
+        return _sub_sum(fn, sub, count, z, mask) / n
+
+    z = run(lambda m, c: m.lift(feat, c, cell, grid), coord)
     for i in range(KERNEL_INTEGRALS):
-        kv = run(lambda m, zz, mk: m.kernel_integrals[i].moments(zz, mk), z, mask).sum(0) / n
+        kv = moments(i, z)
         if i + 1 < KERNEL_INTEGRALS:
-            z = _merge(run(lambda m, zz: m.kernel_integrals[i].mix(zz, kv), z))
-    return _merge(run(lambda m, zz, c: m.project(m.kernel_integrals[-1].mix(zz, kv), inp, c),
-                      z, coord))
+            z = run(lambda m, zz: m.kernel_integrals[i].mix(zz, kv), z)
+    return run(lambda m, zz, c: m.project(m.kernel_integrals[-1].mix(zz, kv), inp, c, grid),
+               z, coord)
 
 
 def _chunk_len(n: int, chunk_size: int | None) -> tuple[int, int]:
     """(queries per chunk, per sub-chunk). The chunk is chunk_size (default
-    DEFAULT_CHUNK) but at most the next power of two >= n, so that small outputs are not
-    padded far and sizes share compilations, rounded up to a multiple of the sub-chunk
-    (SUB_CHUNK, or the chunk itself when smaller)."""
+    DEFAULT_CHUNK) but at most the next power of two >= n, or MIN_CHUNK if larger, so
+    that output sizes share compilations (the pieces after the last query are skipped),
+    rounded up to a multiple of the sub-chunk (SUB_CHUNK, or the chunk when smaller)."""
     chunk_size = DEFAULT_CHUNK if chunk_size is None else chunk_size
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    chunk = min(int(chunk_size), 1 << max(n - 1, 0).bit_length())
+    chunk = min(int(chunk_size), max(_pow2(n), MIN_CHUNK))
     sub = min(SUB_CHUNK, chunk)
     return -(-chunk // sub) * sub, sub
 
@@ -195,22 +248,29 @@ def predict(model, variables, inp, coord, cell, chunk_size: int | None = None,
     mask = np.broadcast_to((np.arange(n_chunks * chunk) < n).astype(np.float32)
                            .reshape(n_chunks, 1, chunk), (n_chunks, b, chunk))
     coords = flat.reshape(b, n_chunks, chunk, 2)
-    feat = encode(model, variables, inp, tile)
-    inp, cell = jnp.asarray(inp), jnp.asarray(cell, jnp.float32)
+    # Pieces of each chunk that hold queries; the rest is skipped.
+    counts = [np.int32(-(-min(chunk, n - i * chunk) // sub)) for i in range(n_chunks)]
+    # The LR map goes to the operator flat (`grid.lr_grid`), its true size as data, so
+    # that the operator compiles once per (capacity, chunk) and not per input size.
+    h, w = inp.shape[1:3]
+    feat, padded = _encode_padded(model, variables, inp, tile)
+    size, capacity = np.array([h, w], np.int32), max(MIN_CAPACITY, _pow2(h * w))
+    feat, inp = _flatten(feat, size, capacity), _flatten(jnp.asarray(padded), size, capacity)
+    grid, cell = lr_grid(h, w, capacity), jnp.asarray(cell, jnp.float32)
     if n_chunks == 1:
-        out = np.asarray(_one_chunk(model, variables, inp, feat, coords[:, 0], cell, mask[0],
-                                    np.float32(n), sub))
+        out = np.asarray(_one_chunk(model, variables, inp, feat, coords[:, 0], cell, grid,
+                                    mask[0], np.float32(n), counts[0], sub))
     else:
         d = model.width // model.heads
         kvs = ()
         for _ in range(KERNEL_INTEGRALS):
             total = jnp.zeros((b, model.heads, d, d), jnp.float32)
             for i in range(n_chunks):
-                total = _moments(model, variables, feat, coords[:, i], cell, kvs, mask[i],
-                                 total, sub)
+                total = _moments(model, variables, feat, coords[:, i], cell, grid, kvs, mask[i],
+                                 total, counts[i], sub)
             kvs += (total / n,)
         out = np.empty((b, n_chunks * chunk, 3), np.float32)
         for i in range(n_chunks):
-            out[:, i * chunk:(i + 1) * chunk] = _project(model, variables, inp, feat,
-                                                         coords[:, i], cell, kvs, sub)
+            out[:, i * chunk:(i + 1) * chunk] = _project(model, variables, inp, feat, coords[:, i],
+                                                         cell, grid, kvs, counts[i], sub)
     return out[:, :n].reshape(*coord.shape[:-1], 3)

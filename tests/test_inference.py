@@ -10,8 +10,8 @@ from srno_jax.checkpoints import load_checkpoint
 from srno_jax.coords import make_coord
 from srno_jax.errors import ConfigError, DataError
 from srno_jax.image_api import upscale
-from srno_jax.inference import _moments, _one_chunk, _project, encode, predict
-from srno_jax.models import make_model
+from srno_jax.inference import _encoder, _moments, _one_chunk, _project, encode, lr_bucket, predict
+from srno_jax.models import init_variables, make_model
 
 _HERE = Path(__file__).resolve().parent
 _GOLDEN = next((d / "small_edsr_srno" for d in (_HERE.parents[1] / "shared" / "golden", _HERE / "golden")
@@ -58,20 +58,52 @@ def test_tiled_encoder_equals_full(small):
         encode(model, variables, inp, tile=12)
 
 
-def test_compiles_once_per_lr_shape_and_chunk(small):
-    model, variables = small
-    inp = np.random.default_rng(1).uniform(-1, 1, (1, 9, 11, 3)).astype(np.float32)
-    cell = np.array([[0.05, 0.05]], np.float32)
+# Measured: EDSR's padded features are bit for bit the unpadded ones; RDN's differ in the
+# last bit (XLA picks another loop order for its 1x1 fusions at another shape).
+@pytest.mark.parametrize("encoder,args,atol", [("edsr-baseline", {"n_resblocks": 2}, 0.0),
+                                                ("rdn", {"G0": 8, "RDNconfig": "A"}, 1e-6)])
+def test_padded_input_gives_the_unpadded_result(encoder, args, atol):
+    """Odd LR sizes padded to their bucket: the features equal those of the unpadded
+    input (the mask reproduces the zero padding at the true border; without it they
+    differ near the border), and the prediction equals one-pass ``model.apply``
+    on the unpadded input."""
+    model = make_model(encoder, args, width=32, heads=4)
+    variables = init_variables(model)
+    for h, w in [(13, 9), (17, 21), (41, 23)]:
+        assert (lr_bucket(h), lr_bucket(w)) != (h, w)  # padded on at least one axis
+        inp = np.random.default_rng(h).uniform(-1, 1, (1, h, w, 3)).astype(np.float32)
+        unpadded = _encoder()(model, variables, inp, np.array([h, w], np.int32))
+        np.testing.assert_allclose(encode(model, variables, inp), unpadded, atol=atol, rtol=0)
+        hp, wp = lr_bucket(h), lr_bucket(w)
+        padded = np.pad(inp, [(0, 0), (0, hp - h), (0, wp - w), (0, 0)])
+        unmasked = _encoder()(model, variables, padded, np.array([hp, wp], np.int32))[:, :h, :w]
+        assert np.abs(unmasked - unpadded).max() > 1e-3
+        size = (int(h * 2.7), int(w * 2.7))
+        coord, cell = make_coord(size)[None], np.array([[2 / size[0], 2 / size[1]]], np.float32)
+        one_pass = jax.jit(model.apply)(variables, inp, coord, cell)
+        np.testing.assert_allclose(predict(model, variables, inp, coord, cell), one_pass,
+                                   atol=1e-6, rtol=0, err_msg=f"{h}x{w}")
 
-    def run(h, w):
-        predict(model, variables, inp, make_coord((h, w))[None], cell, chunk_size=256)
+
+def test_compiles_once_per_bucket_and_chunk(small):
+    model, variables = small
+    rng = np.random.default_rng(1)
+
+    def run(h, w, out, chunk_size=None):
+        inp = rng.uniform(-1, 1, (1, h, w, 3)).astype(np.float32)
+        cell = np.array([[2 / out[0], 2 / out[1]]], np.float32)
+        predict(model, variables, inp, make_coord(out)[None], cell, chunk_size=chunk_size)
 
     def sizes():
-        return _moments._cache_size(), _project._cache_size(), _one_chunk._cache_size()
+        return (_encoder()._cache_size(), _moments._cache_size(), _project._cache_size(),
+                _one_chunk._cache_size())
 
-    run(30, 31)
+    run(9, 11, (30, 31), chunk_size=256)
+    run(9, 11, (30, 31))
     before = sizes()
-    run(41, 23)  # another output size (and number of chunks) from the same LR shape
+    run(10, 12, (41, 23), chunk_size=256)  # LR 9..10 x 11..12 share the bucket 10 x 12
+    run(10, 11, (25, 26))
+    run(9, 12, (60, 70))  # all these outputs fill one MIN_CHUNK chunk
     assert sizes() == before
 
 
@@ -123,7 +155,7 @@ def test_upscale_cli(small, tmp_path, capsys):
     assert main([*args, "--size", "25x30"]) == 0
     np.testing.assert_array_equal(np.asarray(Image.open(out)), upscale(*small, rgb, scale=2.5))
     assert main([*args, "--scale", "-1"]) == 2
-    assert main([str(tmp_path / "missing.png"), str(out), "--scale", "2"]) == 2
+    assert main([str(tmp_path / "missing.png"), str(out), "--scale", "2", *args[2:]]) == 2
     err = capsys.readouterr().err
     assert "scale must be a finite number > 1" in err and "image not found" in err
     assert "Traceback" not in err

@@ -1,10 +1,21 @@
-"""The encoders E of SRNO: EDSR(-baseline) and RDN without their upsampling tails (NHWC)."""
+"""The encoders E of SRNO: EDSR(-baseline) and RDN without their upsampling tails (NHWC).
+
+Each takes an optional `mask` (1, H, W, 1) of ones on the image and zeros on padding
+added after its bottom and right edges: every convolution's output is multiplied by it,
+so the next convolution sees zeros beyond the image edge, as its 'same' zero padding
+gives an unpadded image. The features inside the image then equal the unpadded
+encoder's, and one compiled encoder serves every image that fits its padded size.
+"""
 from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from srno_jax.models.layers import conv
+
+
+def _masked(y, mask):
+    return y if mask is None else y * mask.astype(y.dtype)
 
 
 class ResBlock(nn.Module):
@@ -14,9 +25,9 @@ class ResBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
-        y = conv(self.features, 3, self.features, "conv_0", self.dtype)(x)
-        y = conv(self.features, 3, self.features, "conv_1", self.dtype)(nn.relu(y))
+    def __call__(self, x, mask=None):
+        y = _masked(conv(self.features, 3, self.features, "conv_0", self.dtype)(x), mask)
+        y = _masked(conv(self.features, 3, self.features, "conv_1", self.dtype)(nn.relu(y)), mask)
         return x + y * self.res_scale if self.res_scale != 1.0 else x + y
 
 
@@ -35,13 +46,19 @@ class EDSR(nn.Module):
     def out_dim(self) -> int:
         return self.n_feats
 
+    @property
+    def receptive_radius(self) -> int:
+        """Pixels by which an output depends on input beyond its pixel, per side: the
+        head, two convs per block and the body conv, all 3x3 (34 for EDSR-baseline)."""
+        return 2 * self.n_resblocks + 2
+
     @nn.compact
-    def __call__(self, x):
-        x = conv(self.n_feats, 3, x.shape[-1], "head", self.dtype)(x)
+    def __call__(self, x, mask=None):
+        x = _masked(conv(self.n_feats, 3, x.shape[-1], "head", self.dtype)(x), mask)
         y = x
         for i in range(self.n_resblocks):
-            y = ResBlock(self.n_feats, self.res_scale, self.dtype, name=f"block_{i}")(y)
-        return x + conv(self.n_feats, 3, self.n_feats, "body_conv", self.dtype)(y)
+            y = ResBlock(self.n_feats, self.res_scale, self.dtype, name=f"block_{i}")(y, mask)
+        return x + _masked(conv(self.n_feats, 3, self.n_feats, "body_conv", self.dtype)(y), mask)
 
 
 class RDB(nn.Module):
@@ -52,12 +69,13 @@ class RDB(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, mask=None):
         y = x
         for j in range(self.n_convs):
             c = self.g0 + j * self.growth
-            y = jnp.concatenate([y, nn.relu(conv(self.growth, 3, c, f"conv_{j}", self.dtype)(y))], -1)
-        return x + conv(self.g0, 1, y.shape[-1], "lff", self.dtype)(y)
+            out = _masked(conv(self.growth, 3, c, f"conv_{j}", self.dtype)(y), mask)
+            y = jnp.concatenate([y, nn.relu(out)], -1)
+        return x + _masked(conv(self.g0, 1, y.shape[-1], "lff", self.dtype)(y), mask)
 
 
 RDN_CONFIGS = {"A": (20, 6, 32), "B": (16, 8, 64)}  # (blocks D, convs C, growth G)
@@ -77,15 +95,24 @@ class RDN(nn.Module):
     def out_dim(self) -> int:
         return self.g0
 
+    @property
+    def receptive_radius(self) -> int:
+        """Pixels by which an output depends on input beyond its pixel, per side: sfe1,
+        sfe2 and gff_1 (k x k) and every 3x3 conv of every block (1x1 fusions add
+        nothing): 3 (k // 2) + blocks x convs (131 for config B, 123 for A)."""
+        n_blocks, n_convs, _ = RDN_CONFIGS[self.config]
+        return 3 * (self.kernel_size // 2) + n_blocks * n_convs
+
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, mask=None):
         n_blocks, n_convs, growth = RDN_CONFIGS[self.config]
         k = self.kernel_size
-        f1 = conv(self.g0, k, x.shape[-1], "sfe1", self.dtype)(x)
-        y = conv(self.g0, k, self.g0, "sfe2", self.dtype)(f1)
+        f1 = _masked(conv(self.g0, k, x.shape[-1], "sfe1", self.dtype)(x), mask)
+        y = _masked(conv(self.g0, k, self.g0, "sfe2", self.dtype)(f1), mask)
         outs = []
         for i in range(n_blocks):
-            y = RDB(self.g0, growth, n_convs, self.dtype, name=f"rdb_{i}")(y)
+            y = RDB(self.g0, growth, n_convs, self.dtype, name=f"rdb_{i}")(y, mask)
             outs.append(y)
-        y = conv(self.g0, 1, n_blocks * self.g0, "gff_0", self.dtype)(jnp.concatenate(outs, -1))
-        return conv(self.g0, k, self.g0, "gff_1", self.dtype)(y) + f1
+        y = _masked(conv(self.g0, 1, n_blocks * self.g0, "gff_0", self.dtype)(jnp.concatenate(outs, -1)),
+                    mask)
+        return _masked(conv(self.g0, k, self.g0, "gff_1", self.dtype)(y), mask) + f1

@@ -10,16 +10,14 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
-from srno_jax.coords import make_coord, nearest_index, sample_bilinear
+from srno_jax.models.grid import OFFSETS, gather, lr_grid, nearest_flat_index, sample_bilinear_flat
 from srno_jax.models.layers import LinearParams, dense, gelu
 
-_EPS_SHIFT = 1e-6  # the reference's nudge off exact pixel boundaries
 KERNEL_INTEGRALS = 2  # the paper's two kernel integral layers
 
 
-def lifting_inputs(feat, coord, cell):
+def lifting_inputs(feat, coord, cell, grid=None):
     """The 4 * (C + 2) + 2 channels the lifting layer sees at each query point.
 
     For the four offsets (vx, vy) in {-1, 1}^2 (vx outer): the nearest LR feature f_i
@@ -29,34 +27,37 @@ def lifting_inputs(feat, coord, cell):
     Channel order: [rel_0..rel_3, w_0 f_0..w_3 f_3, cell * (h, w)].
 
     Args:
-      feat: (B, h, w, C) encoder features.
+      feat: (B, h, w, C) encoder features; with `grid`, (B, capacity, C) stored flat as
+        `grid.lr_grid` describes (rows after h * w are never read).
       coord: (B, N, 2) float32 query points.
       cell: (B, 2) float32.
+      grid: None, or the tables of `grid.lr_grid` (traced values allowed).
     Returns:
       (B, N, 4 * (C + 2) + 2) array in feat's dtype (computed in float32).
     """
-    b, h, w, c = feat.shape
+    if grid is None:
+        b, h, w, c = feat.shape
+        feat, grid = feat.reshape(b, h * w, c), lr_grid(h, w)
     dtype = feat.dtype
     # Gathered in float32: the gradient is a scatter-add, and atomic adds in bfloat16 are
     # slow on GPUs.
-    feat = feat.reshape(b, h * w, c).astype(jnp.float32)
+    feat = feat.astype(jnp.float32)
+    size = grid["size"]
+    scale = size.astype(jnp.float32)
     # LR pixel centres are read from make_coord's float32 table, not recomputed: at odd
     # integer scales the output depends on their exact bits (README, "Architecture").
-    centres = jnp.asarray(make_coord((h, w)).reshape(h * w, 2))
-    size = np.array([h, w], np.float32)
+    centres = jnp.asarray(grid["centres"])
     rels, feats, areas = [], [], []
-    for vx in (-1, 1):
-        for vy in (-1, 1):
-            shift = np.array([vx / h + _EPS_SHIFT, vy / w + _EPS_SHIFT], np.float32)
-            shifted = jnp.clip(coord + shift, -1 + 1e-6, 1 - 1e-6)
-            idx = nearest_index(shifted[..., 0], h) * w + nearest_index(shifted[..., 1], w)
-            rel = (coord - centres[idx]) * size
-            rels.append(rel)
-            feats.append(jnp.take_along_axis(feat, idx[..., None], axis=1))
-            areas.append(jnp.abs(rel[..., 0] * rel[..., 1]) + 1e-9)
+    for i in range(len(OFFSETS)):
+        shifted = jnp.clip(coord + grid["shift"][i], -1 + 1e-6, 1 - 1e-6)
+        idx = nearest_flat_index(shifted, size)
+        rel = (coord - centres[idx]) * scale
+        rels.append(rel)
+        feats.append(gather(feat, idx))
+        areas.append(jnp.abs(rel[..., 0] * rel[..., 1]) + 1e-9)
     total = areas[0] + areas[1] + areas[2] + areas[3]
     weighted = [f * (areas[3 - i] / total)[..., None] for i, f in enumerate(feats)]
-    rel_cell = jnp.broadcast_to((cell * size)[:, None, :], coord.shape)
+    rel_cell = jnp.broadcast_to((cell * scale)[:, None, :], coord.shape)
     return jnp.concatenate([*rels, *weighted, rel_cell], axis=-1).astype(dtype)
 
 
@@ -176,17 +177,23 @@ class SRNO(nn.Module):
                                  for _ in range(KERNEL_INTEGRALS)]
         self.projection = Projection(self.width, dtype=self.dtype)
 
-    def encode(self, inp):
-        """E: (B, h, w, 3) normalised -> features (B, h, w, C)."""
-        return self.encoder(inp.astype(self.dtype))
+    def encode(self, inp, mask=None):
+        """E: (B, h, w, 3) normalised -> features (B, h, w, C); `mask` as the encoder's."""
+        return self.encoder(inp.astype(self.dtype), mask)
 
-    def lift(self, feat, coord, cell):
-        """P: features and flat queries (B, N, 2) -> z (B, N, width)."""
-        return self.lifting(lifting_inputs(feat, coord, cell))
+    def lift(self, feat, coord, cell, grid=None):
+        """P: features and flat queries (B, N, 2) -> z (B, N, width); `grid` as in
+        `lifting_inputs`."""
+        return self.lifting(lifting_inputs(feat, coord, cell, grid))
 
-    def project(self, z, inp, coord):
-        """Q plus the bilinear residual: z (B, N, width) -> (B, N, 3) float32."""
-        return self.projection(z).astype(jnp.float32) + sample_bilinear(inp, coord)
+    def project(self, z, inp, coord, grid=None):
+        """Q plus the bilinear residual: z (B, N, width) -> (B, N, 3) float32. `inp` is
+        (B, h, w, 3), or with `grid` (B, capacity, 3) stored flat like the features."""
+        if grid is None:
+            b, h, w, c = inp.shape
+            inp, grid = inp.reshape(b, h * w, c), lr_grid(h, w)
+        return (self.projection(z).astype(jnp.float32)
+                + sample_bilinear_flat(inp, coord, grid["size"]))
 
     def query(self, inp, feat, coord, cell):
         """The operator at a set of queries (all at once; see inference.py for chunks)."""
