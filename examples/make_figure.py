@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     hr = getattr(data, args.image)()
     scales = [float(s) for s in args.scales.split(",")]
     rows = [(f"x{s:g}", compare(model, variables, hr, s)) for s in scales]
-    title = (f"scikit-image '{args.image}' (held out), crop x{args.zoom}; "
-             "PSNR of the whole photograph")
+    title = (f"{args.workdir} on scikit-image's '{args.image}' (held out); crops magnified "
+             f"{args.zoom}x; PSNR of the whole photograph")
     render(rows, CROPS[args.image], args.zoom, title).save(args.out, optimize=True)
     for name, panels in rows:
         print(name, "  ".join(f"{c} {db:.2f} dB" for c, (_, db) in zip(COLUMNS, panels)
