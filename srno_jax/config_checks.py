@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import numbers
 
+from srno_jax import metrics
 from srno_jax.errors import ConfigError
 
 
@@ -77,8 +78,17 @@ def check_config(config) -> None:
     if present and dtype not in COMPUTE_DTYPES:
         raise ConfigError(f"config field compute_dtype = {dtype!r} is invalid: it must be one "
                           f"of {', '.join(COMPUTE_DTYPES)}")
-    scales, present = _get(config, "eval.scales")
-    ok = _real(1, lo_open=True)[0]
-    if present and not (len(scales) and all(ok(s) for s in scales)):
-        raise ConfigError(f"config field eval.scales = {tuple(scales)!r} is invalid: it must "
-                          "be finite numbers > 1, e.g. --config.eval.scales='(2.0, 4.0)'")
+    # The evaluation settings are checked as evaluation itself checks them.
+    scales, _ = _get(config, "eval.scales")
+    for s in scales or ():
+        _named("eval.scales", metrics.check_scale, s)
+    protocol, present = _get(config, "eval.protocol")
+    if present:
+        _named("eval.protocol", metrics.check_protocol, protocol)
+
+
+def _named(field, check, value):
+    try:
+        check(value)
+    except ConfigError as e:
+        raise ConfigError(f"config field {field}: {e}") from None

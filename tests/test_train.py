@@ -128,3 +128,42 @@ def test_resume_on_another_device_count(image_dir, tmp_path):
     for k in straight.files:
         if k != "devices":
             np.testing.assert_allclose(moved[k], straight[k], rtol=0, atol=1e-6, err_msg=k)
+
+
+def test_time_limit_is_voted_on_process_zeros_clock_alone(monkeypatch):
+    """Every host reads the agreed vote; only process 0's clock can vote for the time limit,
+    so hosts whose clocks differ still stop after the same step."""
+    import time
+
+    mesh = sharding.make_mesh()
+    stop = train.StopVote(max_minutes=1e-6)
+    time.sleep(0.01)
+    assert int(jnp.max(stop.votes(mesh))) == train.STOP_TIME
+    assert stop.reason(train.STOP_TIME) == "time limit"
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    assert int(jnp.max(stop.votes(mesh))) == 0
+    stop.signal = "SIGTERM"
+    assert int(jnp.max(stop.votes(mesh))) == train.STOP_SIGNAL
+    assert train.StopVote(0).reason(train.STOP_SIGNAL) == "a signal to another host"
+
+
+def test_every_numeric_config_field_has_a_range():
+    from configs import default
+    from srno_jax.config_checks import RULES, check_config
+    from srno_jax.errors import ConfigError
+
+    config = default.get_config()
+    check_config(config)
+    numeric = {f"{k}.{kk}" if isinstance(v, dict) else k
+               for k, v in config.to_dict().items()
+               for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)])
+               if isinstance(vv, (int, float)) and not isinstance(vv, bool)}
+    assert "optim.lr" in numeric and numeric <= set(RULES), numeric - set(RULES)
+    for field in RULES:
+        bad = default.get_config()
+        node, *path = [bad] + field.split(".")
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = -1 if isinstance(node[path[-1]], int) else float("nan")
+        with pytest.raises(ConfigError, match=rf"config field {field} = "):
+            check_config(bad)
