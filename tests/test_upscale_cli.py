@@ -116,6 +116,7 @@ def test_folder_and_several_inputs_with_a_name_pattern(small, ckpt, tmp_path):
      "not a valid pattern"),
     (["{src}", "--out_dir", "{tmp}", "--name", "x/{{stem}}.png", "--scale", "2"], "not a file name"),
     (["{src}/a.png", "{tmp}/missing/out.png", "--scale", "2"], "does not exist"),
+    (["{src}/a.png", "{tmp}/out.png", "--scale=-1"], "scale must be a finite number > 1"),
     (["{src}/a.png", "{tmp}/out.png", "--scale", "1.0001"], "after rounding"),
     (["{src}/a.png", "{tmp}/out.png", "--size", "64x64"], "does not enlarge"),
     (["{src}/a.png", "{tmp}/out.png", "--scale", "2", "--chunk_size", "0"], "--chunk_size"),
