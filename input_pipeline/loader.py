@@ -64,8 +64,7 @@ def _views(flat: np.ndarray, layout: dict) -> dict:
 def _build_sample(source, i: int, seed: int, step: int, k: int, kw: dict) -> dict:
     rng = np.random.default_rng([seed, step, k])
     if isinstance(source, PairedSource):
-        lr, hr = source[i]
-        return sample_pair_patch(lr, hr, source.scale(i), rng, **kw)
+        return sample_pair_patch(*source[i], rng, **kw)
     return sample_patch(source[i], rng, name=f"{source.name}[{i}]", **kw)
 
 

@@ -66,7 +66,8 @@ def sample_patch(hr: np.ndarray, rng: np.random.Generator, *, inp_size: int = 12
     - an image whose short side is below inp_size is first upscaled (PIL bicubic) so
       its short side is inp_size, with one warning per `name`.
 
-    The settings are not checked here, once per sample: `check_config` checks them once.
+    The settings are not checked here, for every sample: `check_config` checks them once,
+    where the loader is built.
 
     Args:
       hr: (H, W, 3) uint8 HR image.

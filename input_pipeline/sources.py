@@ -20,7 +20,39 @@ from srno_jax.images import IMAGE_EXTENSIONS, image_files, load_image
 from srno_jax.pairs import find_pairs, pair_images
 
 
-class FolderSource:
+class _SkipsUnreadable:
+    """Reading item i of a source, or the next readable one when i fails to decode.
+
+    Each item that fails is warned about once, counted in ``skipped`` and not tried
+    again; the substitute is the next readable item (deterministic). Subclasses set
+    ``path`` and ``skipped`` and call `_read`.
+    """
+
+    def __getstate__(self):  # for worker processes: a lock does not pickle
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _lock=threading.Lock())
+
+    def _read(self, i: int, n: int, read, describe):
+        """read(j) for the first j of i, i + 1, ... (mod n) that decodes; describe(j)
+        names item j in the warning."""
+        for j in range(i, i + n):
+            j %= n
+            if j in self._bad:
+                continue
+            try:
+                return read(j)
+            except DataError as e:
+                with self._lock:
+                    if j not in self._bad:
+                        self._bad.add(j)
+                        self.skipped += 1
+                        logging.warning("skipping unreadable %s: %s", describe(j), e)
+        raise DataError(f"no image in {self.path} could be decoded")
+
+
+class FolderSource(_SkipsUnreadable):
     """The images directly inside a folder (not its subfolders), sorted by file name.
 
     Files with an image extension (case-insensitive) are checked at construction with
@@ -58,31 +90,12 @@ class FolderSource:
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getstate__(self):  # for worker processes: a lock does not pickle
-        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state, _lock=threading.Lock())
-
     def __getitem__(self, i: int) -> np.ndarray:
         i = int(i)
         if self._cache is not None and i in self._cache:
             return self._cache[i]
-        for j in range(i, i + len(self.files)):
-            j %= len(self.files)
-            if j in self._bad:
-                continue
-            try:
-                img = load_image(self.files[j])
-                break
-            except DataError as e:
-                with self._lock:
-                    if j not in self._bad:
-                        self._bad.add(j)
-                        self.skipped += 1
-                        logging.warning("skipping unreadable image %s: %s", self.files[j], e)
-        else:
-            raise DataError(f"no image in {self.path} could be decoded")
+        img = self._read(i, len(self.files), lambda j: load_image(self.files[j]),
+                         lambda j: f"image {self.files[j]}")
         if self._cache is not None:
             self._cache[i] = img
         return img
@@ -168,13 +181,14 @@ class DemoSource:
         return self._images[i]
 
 
-class PairedSource:
+class PairedSource(_SkipsUnreadable):
     """The LR / HR pairs of a paired folder (``HR/`` beside ``LR/`` or ``X<s>/``; see
     `srno_jax.pairs.find_pairs`), read from disk at each access.
 
-    ``source[i]`` is `pairs.pair_images` of pair i: (lr (h, w, 3), hr cropped to the LR
-    grid), both uint8; ``scale(i)`` is its scale. Raises `DataError` when `path` is not a
-    paired layout, or as `find_pairs` does.
+    ``source[i]`` is (lr (h, w, 3), hr cropped to the LR grid, scale) of pair i
+    (`pairs.pair_images`), both images uint8. A pair that fails to decode is warned about
+    once, counted in ``skipped`` and replaced by the next readable pair (deterministic).
+    Raises `DataError` when `path` is not a paired layout, or as `find_pairs` does.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -184,15 +198,17 @@ class PairedSource:
             raise DataError(f"{self.path} is not a paired folder: it needs an HR/ subfolder "
                             f"beside LR/ or X2/, X3/, ... (one per scale)")
         self.pairs = pairs
+        self.skipped = 0
+        self._bad = set()
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        return pair_images(self.pairs[int(i)])
-
-    def scale(self, i: int) -> float:
-        return self.pairs[int(i)].scale
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, float]:
+        return self._read(int(i), len(self.pairs),
+                          lambda j: (*pair_images(self.pairs[j]), self.pairs[j].scale),
+                          lambda j: f"pair {self.pairs[j].hr_path} / {self.pairs[j].lr_path}")
 
     def check_inp_size(self, inp_size: int) -> None:
         """Raises `ConfigError` when an LR image is smaller than inp_size x inp_size: a

@@ -353,7 +353,7 @@ def test_paired_folder_loader(tmp_path):
                                               "b": ((40, 50), (16, 20))})
     source = make_source(str(folder))
     assert isinstance(source, PairedSource) and len(source) == 2
-    assert [source.scale(i) for i in range(2)] == [2.0, 2.5]
+    assert [source[i][2] for i in range(2)] == [2.0, 2.5]
     kw = dict(global_batch=4, seed=1, inp_size=8, sample_q=32, workers=2, repeat=2)
     with TrainLoader(source, **kw) as threads, TrainLoader(source, processes=True, **kw) as procs:
         for step in range(2):
@@ -361,7 +361,7 @@ def test_paired_folder_loader(tmp_path):
             for key in a:
                 np.testing.assert_array_equal(a[key], b[key])
             for k in range(4):
-                s = source.scale(threads.image_index(step, k))
+                s = source.pairs[threads.image_index(step, k)].scale
                 assert a["cell"][k, 0] == np.float32(2 / round(8 * s))
     with pytest.raises(ConfigError, match=r"LR image .*a\.png is 16x20, smaller than "
                                           r"data\.inp_size 17"):
@@ -400,3 +400,15 @@ def test_full_shared_memory_is_one_clear_error(tmp_path, monkeypatch):
     if os.path.isdir("/dev/shm"):
         mine = f"srno-loader-{os.getpid()}-"
         assert not [e for e in os.listdir("/dev/shm") if e.startswith(mine)]
+
+
+def test_paired_decode_failure_substitutes_next(tmp_path, caplog):
+    folder = write_pairs(tmp_path / "pairs", {s: ((32, 40), (16, 20)) for s in "abc"})
+    source = PairedSource(folder)
+    (folder / "LR" / "b.png").write_bytes(b"broken after the listing")
+    with caplog.at_level(logging.WARNING):
+        for x, y in zip(source[1], source[2]):  # b -> c
+            np.testing.assert_array_equal(x, y)
+        source[1]
+    assert source.skipped == 1 and len(source) == 3
+    assert sum("b.png" in r.getMessage() for r in caplog.records) == 1
