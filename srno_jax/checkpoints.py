@@ -214,8 +214,12 @@ def model_from_spec(spec: dict, dtype="float32") -> SRNO:
 
 
 def manager(workdir, keep: int) -> ocp.CheckpointManager:
-    """Asynchronous saves into <workdir>/checkpoints, keeping the last `keep`."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    """Asynchronous saves into <workdir>/checkpoints, keeping the last `keep` + 1.
+
+    One more than asked: the newest checkpoint is the one a divergence can prove bad
+    (`delete_after`), and the `keep` before it must still be there then.
+    """
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep + 1, create=True)
     return ocp.CheckpointManager(workdir_lib.resolve(workdir) / "checkpoints", options=options)
 
 
@@ -224,7 +228,11 @@ def _abstract(tree, shardings):
                         tree, shardings)
 
 
-def _write_failed(mngr, step: int, e: Exception) -> CheckpointError:
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (a full disk, an unwritable bucket)."""
+
+
+def _write_failed(mngr, step: int, e: Exception) -> CheckpointWriteError:
     done = [s for s in mngr.all_steps() if s != step]
     last = f"step {max(done)}" if done else "none yet"
     where = os.fspath(mngr.directory)
@@ -233,7 +241,7 @@ def _write_failed(mngr, step: int, e: Exception) -> CheckpointError:
 
         with contextlib.suppress(OSError):
             where += f" ({shutil.disk_usage(where).free / 2**20:.0f} MB free)"
-    return CheckpointError(f"a checkpoint write failed in {where}: {_first_line(e)}. Is the disk "
+    return CheckpointWriteError(f"a checkpoint write failed in {where}: {_first_line(e)}. Is the disk "
                            f"full or the bucket unwritable? The last complete checkpoint is {last}")
 
 

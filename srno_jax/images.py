@@ -5,10 +5,12 @@ Layout everywhere: HWC numpy arrays. ``uint8`` images hold 0..255; float images 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
 import numpy as np
+from etils import epath
 from PIL import Image, ImageOps
 
 from srno_jax.errors import ConfigError, DataError
@@ -21,10 +23,12 @@ ORIENTATION_TAG = 0x0112  # EXIF "Orientation": 1 is upright
 
 
 def image_files(folder: str | os.PathLike) -> list[str]:
-    """Sorted paths of the files directly in `folder` with an image extension (any case)."""
-    folder = os.fspath(folder)
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                  if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, f)))
+    """Sorted paths of the files directly in `folder` with an image extension (any case).
+
+    `folder` may be local or a bucket (``gs://...``): it is listed through `etils.epath`.
+    """
+    return sorted(str(p) for p in epath.Path(folder).iterdir()
+                  if p.name.lower().endswith(IMAGE_EXTENSIONS) and p.is_file())
 
 
 def to_rgb_uint8(img: Image.Image) -> np.ndarray:
@@ -67,7 +71,10 @@ def open_image(path: str | os.PathLike, *, orient: bool = False) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with contextlib.ExitStack() as files:
+                local = "://" not in os.fspath(path)  # a bucket's file is read through epath
+                src = path if local else files.enter_context(epath.Path(path).open("rb"))
+                img = files.enter_context(Image.open(src))
                 img.load()
                 return orient_image(img) if orient else img
     except FileNotFoundError:

@@ -112,6 +112,7 @@ def run(config, workdir) -> dict:
 def _main(argv):
     del argv
     from srno_jax import compiler, evaluation, sharding, train
+    from srno_jax.checkpoints import CheckpointWriteError
     from srno_jax.config_checks import check_config
     from srno_jax.errors import SRNOError
 
@@ -123,6 +124,10 @@ def _main(argv):
         train.log.info("distributed: %s", how)
         compiler.enable_compilation_cache()
         results = run(FLAGS.config, FLAGS.workdir)
+    except CheckpointWriteError as e:
+        # Orbax's writer threads, broken by the failure, would print tracebacks at exit.
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        os._exit(1)
     except SRNOError as e:
         sys.exit(f"error: {e}")
     if results:

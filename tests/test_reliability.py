@@ -230,17 +230,33 @@ def test_single_nonfinite_step_is_skipped(tiny_step):
     assert max(moved) > 0
 
 
-def test_divergence_stops_with_error_and_keeps_good_checkpoint(env, image_dir, tmp_path):
+def test_divergence_keeps_the_last_good_checkpoint(env, image_dir, tmp_path):
+    """Four good steps, then lr=1e38: step 5 blows the parameters up (finite, ~1e38), steps
+    6-8 are non-finite. Checkpoint 5 held the blown-up state, so it goes; 4 stays, named,
+    with the 2 before it (checkpoint.keep = 3)."""
     wd = tmp_path / "run"
-    p = run_main(env, image_dir, wd, "--config.total_steps=50", "--config.optim.lr=1e30",
+    p = run_main(env, image_dir, wd, "--config.total_steps=4", "--config.checkpoint.every_steps=1")
+    assert p.returncode == 0, p.stderr
+    p = run_main(env, image_dir, wd, "--config.total_steps=50", "--config.optim.lr=1e38",
                  "--config.max_nonfinite_steps=3", "--config.checkpoint.every_steps=1")
-    assert_clean_error(p, "non-finite for 3 steps in a row", str(wd))
-    stopped = int(re.search(r"up to step (\d+)", p.stderr).group(1))
-    assert 3 <= stopped < 50
-    kept = steps_in(wd)
-    assert kept and kept[-1] == stopped - 1, (kept, p.stderr)
+    assert_clean_error(p, "non-finite for 3 steps in a row, steps 6..8",
+                       f"the last good checkpoint, step 4, is kept in {wd}")
+    assert steps_in(wd) == [2, 3, 4], steps_in(wd)
     assert not [n for n in os.listdir(wd / "checkpoints") if TMP_SUFFIX in n]
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params_of(wd)))
+
+
+def test_nan_learning_rate_never_reaches_the_parameters(tiny_step):
+    """A non-finite learning rate (or updated parameter) skips the step like a NaN loss."""
+    state, _ = tiny_step
+    config = tiny_config(".")
+    config.optim.lr = float("nan")
+    model, tx = train.model_from_config(config), train.make_optimizer(config)
+    s1, m1 = jax.jit(functools.partial(train.train_step, stop_votes=jnp.zeros(1, jnp.int32),
+                                       model=model, tx=tx, config=config,
+                                       steps_per_epoch=10))(state, _batch(0))
+    assert np.isfinite(float(m1["loss"])) and not bool(m1["finite"]) and int(s1.nonfinite) == 1
+    assert_same_params(s1.params, state.params, atol=0)
 
 
 # --- 3. and 4. bad data and arguments: one clear line before any work --------------------
@@ -252,11 +268,18 @@ def test_divergence_stops_with_error_and_keeps_good_checkpoint(env, image_dir, t
     (["--config.modle.width=3"], {}, ["modle", 'Did you mean "model"']),
     (["--config.data.scale_min=0.5"], {}, ["scale_min", "0.5"]),
     (["--config.data.scale_min=3", "--config.data.scale_max=2"], {}, ["scale_max", "3", "2"]),
-], ids=["missing-data", "batch-vs-devices", "unknown-key", "scale-min", "scale-max"])
+    (["--config.batch_size=0"], {}, ["batch_size = 0", "an integer >= 1"]),
+    (["--config.log_every_steps=0"], {}, ["log_every_steps = 0"]),
+    (["--config.checkpoint.every_steps=0"], {}, ["checkpoint.every_steps = 0"]),
+    (["--config.optim.lr=nan"], {}, ["optim.lr = nan", "finite number > 0"]),
+    (["--config.batch_size=8", "--config.modle.width=3"], {}, ["in --config.modle.width)"]),
+], ids=["missing-data", "batch-vs-devices", "unknown-key", "scale-min", "scale-max",
+        "batch-zero", "log-every-zero", "checkpoint-every-zero", "lr-nan", "typo-named-alone"])
 def test_bad_arguments_fail_fast(env, image_dir, tmp_path, flags, extra_env, needles):
     t0 = time.time()
     p = run_main(env, image_dir, tmp_path / "run", *flags, timeout=120, **extra_env)
     assert_clean_error(p, *needles)
+    assert "--config.batch_size=8" not in p.stderr  # only the flag that failed is blamed
     assert "training " not in p.stderr  # it stopped before any work
     assert not (tmp_path / "run" / "checkpoints").exists() or not steps_in(tmp_path / "run")
     assert time.time() - t0 < 60
@@ -275,49 +298,154 @@ def test_resume_of_another_architecture_is_refused(env, image_dir, straight):
     assert steps_in(straight)[-1] == STRAIGHT_STEPS
 
 
+def test_workdir_that_is_a_file_or_unwritable(env, image_dir, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert_clean_error(run_main(env, image_dir, afile, timeout=120), "is a file, not a folder")
+    # Root ignores permission bits, so use a folder under a read-only file system.
+    assert_clean_error(run_main(env, image_dir, "/proc/srno-run", timeout=120), "not writable")
+
+
+def test_second_run_on_a_workdir_is_refused_and_a_dead_ones_lock_taken_over(env, image_dir,
+                                                                          tmp_path):
+    wd = tmp_path / "run"
+    proc, lines = start_main(env, image_dir, wd, "--config.total_steps=100000",
+                             "--config.checkpoint.every_steps=1"), []
+    wait_for_step(proc, 2, lines)
+    p = run_main(env, image_dir, wd, "--config.total_steps=3", timeout=120)
+    assert_clean_error(p, f"is in use by process {proc.pid}", "LOCK")
+    proc.kill()  # no clean-up: the lock file stays behind
+    proc.wait()
+    assert (wd / "LOCK").exists()
+    p = run_main(env, image_dir, wd, f"--config.total_steps={steps_in(wd)[-1] + 1}")
+    assert p.returncode == 0 and "resumed from step" in p.stderr, p.stderr
+    assert not (wd / "LOCK").exists()
+
+
+def test_resume_surprises_are_explicit(env, image_dir, straight):
+    """A smaller total_steps says so in one line; another batch size is refused."""
+    p = run_main(env, image_dir, straight, "--config.total_steps=10", timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert f"the checkpoint at step {STRAIGHT_STEPS} already reaches total_steps 10: nothing " \
+           "to train" in p.stderr, p.stderr
+    p = run_main(env, image_dir, straight, "--config.batch_size=16", timeout=120)
+    assert_clean_error(p, "trained with batch_size 8", "--config.batch_size=8")
+    assert steps_in(straight)[-1] == STRAIGHT_STEPS
+
+
+def test_full_disk_is_one_line_naming_the_last_checkpoint(env, image_dir, tmp_path):
+    """Writes beyond 30 kB fail (RLIMIT_FSIZE, as on a full disk): one line, exit non-zero."""
+    import resource
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (30_000, 30_000))
+
+    p = subprocess.run(main_cmd(image_dir, tmp_path / "run", "--config.total_steps=4",
+                                "--config.checkpoint.every_steps=2"),
+                       env=dict(env, JAX_COMPILATION_CACHE_DIR=""), cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, preexec_fn=small_files)
+    assert_clean_error(p, "a checkpoint write failed in", "MB free", "File too large",
+                       "The last complete checkpoint is none yet")
+    assert len(p.stderr.splitlines()) < 15, p.stderr
+
+
 # --- 5. several hosts ----------------------------------------------------------------------
 
-def _free_port():
+def _port_is_free(port):
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
-def _run_two_hosts(env, image_dir, workdir, total):
-    port = _free_port()
-    e = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    procs = [subprocess.Popen(main_cmd(image_dir, workdir, f"--config.total_steps={total}",
-                                       f"--coordinator_address=127.0.0.1:{port}",
-                                       "--num_processes=2", f"--process_id={i}"),
-                              env=e, cwd=ROOT, text=True, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE) for i in range(2)]
+def _slurm_env(env, task):
+    """What SLURM gives task `task` of a 2-task step on this machine: no flags needed.
+    JAX derives the coordinator's port from the job id (61440 + id % 4096)."""
+    port = next(p for p in random.sample(range(61440, 65536), 4096) if _port_is_free(p))
+    return dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                SLURM_JOB_ID=str(port - 61440), SLURM_STEP_NODELIST="localhost",
+                SLURM_NTASKS="2", SLURM_PROCID=str(task), SLURM_LOCALID=str(task))
+
+
+def _start_two_hosts(env, image_dir, workdir, *flags):
+    port_env = _slurm_env(env, 0)
+    return [subprocess.Popen(main_cmd(image_dir, workdir, *flags),
+                             env=dict(port_env, SLURM_PROCID=str(i), SLURM_LOCALID=str(i)),
+                             cwd=ROOT, text=True, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE) for i in range(2)]
+
+
+def _finish_all(procs, timeout=300):
     logs = []
     try:
         for p in procs:
-            logs.append(p.communicate(timeout=300)[1])
+            logs.append(p.communicate(timeout=timeout)[1])
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log
-        # Each host builds only its half of the global batch of 8.
-        assert "on 4 device(s) of 2 host(s): batch 8 (4 per host)" in log, log
     return logs
 
 
-def test_two_hosts_equal_one_host_and_share_checkpoints(env, image_dir, tmp_path, straight):
-    """2 processes x 2 devices, resumed once, == the one-process reference run.
+def _run_two_hosts(env, image_dir, workdir, total):
+    logs = _finish_all(_start_two_hosts(env, image_dir, workdir, f"--config.total_steps={total}"))
+    for i, log in enumerate(logs):
+        assert f"distributed: cluster slurm: process {i} of 2" in log, log
+        assert "Traceback" not in log, log
+    # One log for the run (process 0's); each host builds only its half of the batch of 8.
+    assert "on 4 device(s) of 2 host(s): batch 8 (4 per host)" in logs[0], logs[0]
+    assert "step 1/" not in logs[1], logs[1]
+    return logs
+
+
+def test_two_hosts_from_slurm_variables_equal_one_host(env, image_dir, tmp_path, straight):
+    """2 SLURM tasks x 2 devices, no flags, resumed once, == the one-process reference run.
 
     The reference runs on one device: test_train shows 1 device == 8 devices, and a
     separate 4-device run would cost another compile."""
     two = tmp_path / "two"
     _run_two_hosts(env, image_dir, two, 3)
-    assert os.listdir(two / "checkpoints") == ["3"]  # written once, finalised once
+    assert sorted(os.listdir(two / "checkpoints")) == ["3"]  # written once, finalised once
     logs = _run_two_hosts(env, image_dir, two, 5)
     assert all("resumed from step 3" in log for log in logs), logs
     assert sorted(os.listdir(two / "checkpoints")) == ["3", "5"]
     assert_same_params(params_of(two), straight_params(straight, 5))
+
+
+def test_sigterm_to_one_host_stops_both_at_one_step(env, image_dir, tmp_path, straight):
+    wd = tmp_path / "two"
+    procs, lines = _start_two_hosts(env, image_dir, wd, "--config.total_steps=100000"), []
+    wait_for_step(procs[0], 3, lines)
+    t0 = time.time()
+    procs[1].send_signal(signal.SIGTERM)
+    rest = _finish_all(procs, timeout=120)
+    assert time.time() - t0 < 120
+    logs = ["".join(lines) + rest[0], rest[1]]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    stops = [re.findall(r"stopping at step (\d+) \((.+?)\)", log) for log in logs]
+    assert stops[0] == [(stops[0][0][0], "a signal to another host")], logs
+    assert stops[1] == [(stops[0][0][0], "SIGTERM")], logs
+    stopped = int(stops[0][0][0])
+    assert steps_in(wd) == [stopped] and stopped + 2 <= STRAIGHT_STEPS
+    logs = _run_two_hosts(env, image_dir, wd, stopped + 2)
+    assert all(f"resumed from step {stopped}" in log for log in logs), logs
+    assert_same_params(params_of(wd), straight_params(straight, stopped + 2))
+
+
+def test_divergence_on_two_hosts_ends_both_keeping_no_bad_checkpoint(env, image_dir, tmp_path):
+    wd = tmp_path / "two"
+    procs = _start_two_hosts(env, image_dir, wd, "--config.total_steps=50",
+                             "--config.optim.lr=1e38", "--config.max_nonfinite_steps=3",
+                             "--config.checkpoint.every_steps=1")
+    logs = _finish_all(procs)
+    for p, log in zip(procs, logs):
+        assert p.returncode != 0 and "Traceback" not in log, log
+        assert "error: loss or update non-finite for 3 steps in a row" in log, log
+    # Step 1 blew the parameters up, so its checkpoint went with the divergence.
+    assert steps_in(wd) == [], steps_in(wd)
 
 
 def test_hosts_load_disjoint_halves_of_each_batch(image_dir):

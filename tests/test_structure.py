@@ -36,7 +36,8 @@ def test_workdir_io_goes_through_epath():
 
 def test_a_bucket_workdir_is_written_through_epath(monkeypatch):
     """gs:// served by an in-memory fsspec file system: the workdir checks, the lock and
-    the TensorBoard files all land in the bucket, none on the local disk."""
+    the TensorBoard files all land in the bucket, none on the local disk, and image
+    folders are listed and read from it."""
     from fsspec.implementations.memory import MemoryFileSystem
 
     from srno_jax import metric_writer, workdir
@@ -67,3 +68,19 @@ def test_a_bucket_workdir_is_written_through_epath(monkeypatch):
     events = list((run / "tensorboard").iterdir())
     assert len(events) == 1 and events[0].name.startswith("events.out.tfevents")
     assert len(events[0].read_bytes()) > 0
+
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from srno_jax.images import image_files, load_image
+
+    pixels = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
+    png = io.BytesIO()
+    Image.fromarray(pixels).save(png, format="PNG")
+    (run / "imgs").mkdir()
+    (run / "imgs" / "a.png").write_bytes(png.getvalue())
+    (run / "imgs" / "notes.txt").write_text("")
+    assert image_files("gs://bucket/run/imgs") == ["gs://bucket/run/imgs/a.png"]
+    np.testing.assert_array_equal(load_image("gs://bucket/run/imgs/a.png"), pixels)
