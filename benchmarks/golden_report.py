@@ -1,6 +1,7 @@
 """Worst differences from the reference's golden vectors, per golden set.
 
-  python benchmarks/golden_report.py [GOLDEN_DIR]   (default: ../shared/golden)
+  python benchmarks/golden_report.py [GOLDEN_DIR]
+      (default: ../shared/golden beside the repository, else tests/golden)
 
 tests/test_golden.py asserts the tolerances; this prints how far inside them we are.
 """
@@ -15,6 +16,7 @@ import numpy as np  # noqa: E402
 
 from srno_jax import load_checkpoint  # noqa: E402
 from srno_jax.checkpoints import params_to_torch  # noqa: E402
+from srno_jax.train import l1_loss  # noqa: E402
 
 CASES = ("grid_x2.5", "grid_x7_mcell", "train_batch_x3.3")
 
@@ -33,9 +35,9 @@ def report(folder: Path) -> str:
         pred = max(pred, float(jnp.abs(out - nhwc(z[f"{c}/pred"])).max()))
     c = "train_batch_x3.3"
     inp, coord, cell = nhwc(z[f"{c}/inp"]), jnp.asarray(z[f"{c}/coord"]), jnp.asarray(z[f"{c}/cell"])
-    gt = (nhwc(z[f"{c}/gt"]) - 0.5) / 0.5
-    loss, grads = jax.jit(jax.value_and_grad(lambda p: jnp.mean(jnp.abs(
-        model.apply({"params": p}, inp, coord, cell) - gt))))(variables["params"])
+    batch = {"inp": inp, "coord": coord, "cell": cell, "gt": (nhwc(z[f"{c}/gt"]) - 0.5) / 0.5}
+    loss, grads = jax.jit(jax.value_and_grad(l1_loss), static_argnums=1)(
+        variables["params"], model, batch)
     grad = max(np.linalg.norm(g - z[f"grad/{k}"]) / np.linalg.norm(z[f"grad/{k}"])
                for k, g in params_to_torch(grads, model).items())
     return (f"{folder.name:16} features {feat:.1e}  predictions {pred:.1e}  "
@@ -43,7 +45,9 @@ def report(folder: Path) -> str:
 
 
 if __name__ == "__main__":
-    root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[2] / "shared" / "golden"
+    repo = Path(__file__).resolve().parents[1]
+    shared = repo.parent / "shared" / "golden"
+    root = Path(sys.argv[1]) if len(sys.argv) > 1 else shared if shared.is_dir() else repo / "tests" / "golden"
     for name in ("small_edsr_srno", "edsr_srno", "rdn_srno"):
         if (root / name / "cases.npz").exists():
             print(report(root / name), flush=True)

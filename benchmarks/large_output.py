@@ -19,12 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import in_child  # noqa: E402
 
 
 def _child(mode: str, lr: int, out: int, chunk_size: int) -> dict:
@@ -57,12 +59,11 @@ def _child(mode: str, lr: int, out: int, chunk_size: int) -> dict:
 
 
 def _run(mode: str, lr: int, out: int, chunk_size: int = 0) -> dict:
-    cmd = [sys.executable, __file__, "--_child", mode, "--lr", str(lr), "--out", str(out),
-           "--chunk_sizes", str(chunk_size)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"{mode} at {out}x{out} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    r = in_child(__file__, "--_child", mode, "--lr", str(lr), "--out", str(out),
+                 "--chunk_sizes", str(chunk_size))
+    if "error" in r:
+        raise SystemExit(f"{mode} at {out}x{out} failed ({r['error']})")
+    return r
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Speed, FLOP rate and peak memory of SRNO inference, training and the input pipeline.
 
-  python benchmarks/run.py [--json OUT] [--only NAME,...] [--repeats 5] [--quick]
+  python benchmarks/run.py [--json OUT] [--only NAME,...] [--repeats 5] [--quick] [--list]
 
 Cases (the paper's EDSR-baseline SRNO, width 256, 16 heads, random weights):
   inference_x4_128_to_512   `inference.predict` (what eval.py and upscale run): LR
@@ -12,121 +12,56 @@ Cases (the paper's EDSR-baseline SRNO, width 256, 16 heads, random weights):
   input_pipeline_128        `TrainLoader` alone, the paper's patch (scale U(1, 4),
                             augment), batch 64, one thread per core, over in-memory
                             2040 x 1356 photographs.
+  eval_mixed_sizes          eval.py's path (`evaluation.evaluate`, model upsampler) over
+                            20 HR images of 20 sizes (160..320 a side) at x2, x3, x4,
+                            once, with the persistent compilation cache in a new
+                            folder: wall time, compile time and compilations; then
+                            again in a second process with that cache (``rerun``),
+                            which should compile nothing.
 
 Each case runs in its own subprocess, so its peak memory is its own: the device's
 ``peak_bytes_in_use`` on GPU/TPU, the process's peak RSS on CPU. A jitted case is
 compiled once (``compile_s``), run once to warm up, then timed `repeats` times
-(``block_until_ready``); ``median_s`` is the median. ``ceiling_gflops_per_s`` is a large
-XLA matmul measured in the same run (float32 on CPU, bfloat16 on GPU/TPU), the
-practical peak to read ``gflops_per_s`` against. ``--quick`` (2 repeats) is for
+(``block_until_ready``); ``median_s`` is the median (for eval_mixed_sizes, the wall
+time of its one run). ``ceiling_gflops_per_s`` is a large XLA matmul measured in the
+same run (float32 on CPU, bfloat16 on GPU/TPU), the practical peak to read
+``gflops_per_s`` against; ``gflop`` counts the reference model's operations
+(`benchmarks/flops.py`). ``--quick`` (2 repeats) is for
 developing the harness, not for numbers.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import resource
-import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import flops  # noqa: E402
+from harness import (compile_timed, in_child, machine_info, peak_memory_mb, time_fn,  # noqa: E402
+                     write_json)
+
 CASES = ("inference_x4_128_to_512", "train_step_b4_48", "train_step_b64_128",
-         "train_step_b64_128_bf16", "input_pipeline_128")
+         "train_step_b64_128_bf16", "input_pipeline_128", "eval_mixed_sizes")
 ACCELERATOR_ONLY = ("train_step_b64_128", "train_step_b64_128_bf16")
 # The reference PyTorch timed on this kind of machine by benchmarks/torch_reference.py.
 TORCH_RESULTS = Path(__file__).resolve().parent / "results" / "cpu_2core_torch.json"
 MACHINE_KEYS = ("backend", "device_kind", "devices", "cpu", "cores", "jax_version", "date")
 RESULT_KEYS = ("name", "median_s", "gflop", "gflops_per_s", "ceiling_gflops_per_s",
                "peak_memory_mb", "compile_s")
+EVAL_SCALES = (2.0, 3.0, 4.0)
 
 
-# --- analytic FLOPs ------------------------------------------------------------------------
-
-def conv_flop(k: int, c_in: int, c_out: int, h: int, w: int) -> int:
-    """A k x k 'same' convolution on an h x w map: 2 k^2 c_in c_out h w."""
-    return 2 * k * k * c_in * c_out * h * w
-
-
-def edsr_flop(h: int, w: int, n_resblocks: int = 16, n_feats: int = 64) -> int:
-    """EDSR encoder on one h x w image: head conv 3 -> C, two C -> C convs per block and
-    the body conv, all 3 x 3. Biases, ReLUs and residual adds are left out."""
-    return (conv_flop(3, 3, n_feats, h, w)
-            + (2 * n_resblocks + 1) * conv_flop(3, n_feats, n_feats, h, w))
-
-
-def operator_flop(n: int, feat_dim: int = 64, width: int = 256, heads: int = 16) -> int:
-    """The neural operator at n query points (one image), matmuls only:
-
-    lifting         2 n (4 (C + 2) + 2) width           (266 inputs for C = 64)
-    per kernel integral (two of them), d = width / heads:
-      qkv           2 n width (3 width)
-      k^T v, q(kv)  2 n heads d^2, twice
-      o_proj1, 2    2 n width^2, twice
-    projection      2 n (width 256 + 256 * 3)
-    Gathers, layer norms, GELUs and the bilinear residual are left out.
-    """
-    d = width // heads
-    lifting = 2 * (4 * (feat_dim + 2) + 2) * width * n
-    integral = 2 * n * width * 3 * width + 2 * n * heads * d * d * 2 + 2 * 2 * n * width * width
-    projection = 2 * n * (width * 256 + 256 * 3)
-    return lifting + 2 * integral + projection
-
-
-def srno_forward_flop(batch: int, lr_size: int, queries: int, n_resblocks: int = 16,
-                      n_feats: int = 64, width: int = 256, heads: int = 16) -> int:
-    """One forward pass of EDSR-SRNO: `batch` lr_size^2 inputs, `queries` points each."""
-    return batch * (edsr_flop(lr_size, lr_size, n_resblocks, n_feats)
-                    + operator_flop(queries, n_feats, width, heads))
-
-
-def train_step_flop(batch: int, lr_size: int, queries: int, **model) -> int:
-    """A training step as 3 forward passes (forward, and backward at twice its cost)."""
-    return 3 * srno_forward_flop(batch, lr_size, queries, **model)
-
-
-# --- timing and records --------------------------------------------------------------------
-
-def time_fn(fn, repeats: int, warmup: int = 1) -> dict:
-    """Calls fn() `warmup` times, then times `repeats` calls, each until its result is ready.
-
-    Returns {'median_s', 'times_s'}.
-    """
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return {"median_s": statistics.median(times), "times_s": times}
-
-
-def compile_timed(jitted, *args):
-    """(compiled executable, seconds spent lowering and compiling)."""
-    t = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
-    return compiled, time.perf_counter() - t
-
-
-def peak_memory_mb(on_device: bool = True) -> tuple[float, str]:
-    """(peak MB, 'device' or 'host_rss') of this process: with `on_device`, the
-    accelerator's peak_bytes_in_use where the backend reports it; else getrusage's peak RSS."""
-    stats = (jax.local_devices()[0].memory_stats() or {}) if on_device else {}
-    if "peak_bytes_in_use" in stats:
-        return stats["peak_bytes_in_use"] / 2**20, "device"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "host_rss"  # KiB on Linux
-
+# --- records ---------------------------------------------------------------------------------
 
 def torch_seconds(machine: dict, path=TORCH_RESULTS) -> dict:
     """{case: median s} of the reference PyTorch from `path`, if it was measured on a CPU
@@ -161,24 +96,7 @@ def make_report(machine: dict, ceiling: dict, results: list[dict], quick: bool) 
             "quick": quick, "results": results}
 
 
-def write_json(path, report: dict) -> None:
-    Path(path).write_text(json.dumps(report, indent=1) + "\n")
-
-
 # --- the cases (each runs in a child process) ----------------------------------------------
-
-def machine_info() -> dict:
-    dev = jax.local_devices()[0]
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").exists():
-        names = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                 if l.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return {"backend": jax.default_backend(), "device_kind": dev.device_kind,
-            "devices": jax.device_count(), "cpu": cpu, "cores": os.cpu_count(),
-            "jax_version": jax.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
 
 def run_ceiling(repeats: int) -> dict:
     """n x n @ n x n through XLA, median of at least 5: n = 4096 float32 on CPU; on an
@@ -211,7 +129,7 @@ def _case_inference(repeats: int) -> dict:
     first = time.perf_counter() - start
     t = time_fn(run, repeats, warmup=0)
     return {**t, "compile_s": max(first - t["median_s"], 0.0),
-            "gflop": srno_forward_flop(1, lr, out * out) / 1e9}
+            "gflop": flops.forward_flop(model, 1, (lr, lr), out * out) / 1e9}
 
 
 def _case_train_step(repeats: int, batch: int, lr: int, queries: int,
@@ -240,7 +158,8 @@ def _case_train_step(repeats: int, batch: int, lr: int, queries: int,
         return metrics
 
     t = time_fn(run, repeats)
-    return {**t, "compile_s": compile_s, "gflop": train_step_flop(batch, lr, queries) / 1e9,
+    return {**t, "compile_s": compile_s,
+            "gflop": flops.train_step_flop(model, batch, (lr, lr), queries) / 1e9,
             "samples_per_s": batch / t["median_s"], "compute_dtype": dtype}
 
 
@@ -281,6 +200,63 @@ def _case_input_pipeline(repeats: int) -> dict:
             "workers": os.cpu_count()}
 
 
+def mixed_sizes(count: int = 20, low: int = 160, high: int = 320) -> list[tuple[int, int]]:
+    """`count` distinct HR sizes (H, W), each side in [low, high], landscape and portrait."""
+    rng = np.random.default_rng(0)
+    sizes = []
+    while len(sizes) < count:
+        size = tuple(int(x) for x in rng.integers(low, high + 1, 2))
+        if size not in sizes:
+            sizes.append(size)
+    return sizes
+
+
+def write_images(folder, sizes) -> None:
+    """Smooth synthetic RGB photographs-to-be of the given sizes as PNGs in `folder`
+    (the content does not change the time)."""
+    from PIL import Image
+
+    for i, (h, w) in enumerate(sizes):
+        y, x = np.mgrid[0:h, 0:w] / 37.0
+        img = np.stack([np.sin(x + i), np.cos(y * 1.3), np.sin(x * y / 9)], -1) * 127.5 + 127.5
+        Image.fromarray(img.round().astype(np.uint8)).save(Path(folder) / f"{i:02d}_{h}x{w}.png")
+
+
+def eval_mixed_sizes(model, variables, sizes, scales=EVAL_SCALES) -> dict:
+    """eval.py's path (`evaluation.plan`, `evaluate_task` with `model_upsampler`) over
+    images of `sizes` at `scales`, once: {'median_s': wall seconds, 'compile_s',
+    'compilations' (those the persistent cache did not serve), 'gflop' (reference FLOPs
+    of the predictions)}."""
+    from srno_jax import compiler, evaluation
+    from srno_jax.metrics import eval_sizes
+
+    with tempfile.TemporaryDirectory() as folder:
+        write_images(folder, sizes)
+        upsampler = evaluation.model_upsampler(model, variables)
+        with compiler.CompileClock() as clock:
+            start = time.perf_counter()
+            for task in evaluation.plan([("mixed", folder)], list(scales)):
+                evaluation.evaluate_task(upsampler, task, strict=True)
+            wall = time.perf_counter() - start
+    gflop = 0.0
+    for size in sizes:
+        for s in scales:
+            lr_h, lr_w, hr_h, hr_w = eval_sizes(size, s)
+            gflop += flops.forward_flop(model, 1, (lr_h, lr_w), hr_h * hr_w) / 1e9
+    return {"median_s": wall, "compile_s": clock.compile_s, "compilations": clock.compiled,
+            "gflop": gflop, "images": len(sizes), "scales": list(scales)}
+
+
+def _case_eval_mixed_sizes() -> dict:
+    from srno_jax import compiler
+    from srno_jax.models import init_variables, make_model
+
+    cache = compiler.enable_compilation_cache()  # the folder the parent passes in the environment
+    model = make_model()
+    out = eval_mixed_sizes(model, init_variables(model), mixed_sizes())
+    return {**out, "compile_share": out["compile_s"] / out["median_s"], "cache": bool(cache)}
+
+
 def run_case(name: str, repeats: int, ceiling: float | None) -> dict:
     """Runs one case in this process and returns its JSON record."""
     runners = {
@@ -290,6 +266,7 @@ def run_case(name: str, repeats: int, ceiling: float | None) -> dict:
         "train_step_b64_128_bf16": lambda: _case_train_step(repeats, 64, 128, 128 * 128,
                                                             "bfloat16"),
         "input_pipeline_128": lambda: _case_input_pipeline(repeats),
+        "eval_mixed_sizes": _case_eval_mixed_sizes,
     }
     out = runners[name]()
     mem, kind = peak_memory_mb(on_device=name != "input_pipeline_128")  # the loader is host-only
@@ -301,12 +278,17 @@ def run_case(name: str, repeats: int, ceiling: float | None) -> dict:
 
 # --- the parent: one subprocess per case ---------------------------------------------------
 
-def _in_child(*args: str) -> dict:
-    cmd = [sys.executable, __file__, *args]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr passes through
-    if proc.returncode:
-        return {"error": f"exit status {proc.returncode}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def _run_eval_mixed_sizes(args: list[str]) -> dict:
+    """eval_mixed_sizes in a child with a new persistent cache, then in a second child
+    with that cache: the first's record, and the second's as 'rerun'."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = {"JAX_COMPILATION_CACHE_DIR": cache}
+        first = in_child(__file__, *args, env=env)
+        if "error" in first:
+            return first
+        again = in_child(__file__, *args, env=env)
+    keys = ("median_s", "compile_s", "compilations", "compile_share")
+    return {**first, "rerun": again if "error" in again else {k: again[k] for k in keys}}
 
 
 def _fmt(x, width: int, spec: str = ".1f") -> str:
@@ -331,6 +313,13 @@ def print_table(report: dict) -> None:
               f"{r['peak_memory_mb']:8.0f} {_fmt(r['compile_s'], 9)} "
               f"{_fmt(r.get('torch_cpu_s'), 8, '.2f')} "
               f"{_fmt(r.get('speedup_vs_torch'), 8, '.2f')}" + ("x" if "torch_cpu_s" in r else ""))
+    for r in report["results"]:
+        if "compile_share" in r:
+            again = r.get("rerun", {})
+            print(f"{r['name']}: {r['compilations']} compilations, {r['compile_s']:.1f} s of "
+                  f"{r['median_s']:.1f} s ({100 * r['compile_share']:.0f}%); a second process "
+                  f"with the persistent cache: {again.get('compilations', '-')} compilations, "
+                  f"{again.get('median_s', float('nan')):.1f} s")
     c = report["ceiling"]
     print(f"ceiling: {c['matmul_n']}^3 {c['matmul_dtype']} matmul through XLA, "
           f"{c['ceiling_gflops_per_s']:.0f} GFLOP/s")
@@ -342,6 +331,7 @@ def main(argv=None) -> None:
     p.add_argument("--only", default=",".join(CASES), help="comma-separated case names")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per case (median)")
     p.add_argument("--quick", action="store_true", help="2 repeats; for developing the harness")
+    p.add_argument("--list", action="store_true", help="print the selected cases and exit")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_ceiling", type=float, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -357,7 +347,10 @@ def main(argv=None) -> None:
     if unknown:
         p.error(f"unknown case(s) {sorted(unknown)}; choose from {', '.join(CASES)}")
     base = ["--repeats", str(repeats)] + (["--quick"] if a.quick else [])
-    ceiling = _in_child("--_child", "ceiling", *base)
+    if a.list:
+        print("\n".join(names))
+        return
+    ceiling = in_child(__file__, "--_child", "ceiling", *base)
     if "error" in ceiling:
         raise SystemExit(f"the ceiling matmul failed ({ceiling['error']})")
     machine = ceiling.pop("machine")
@@ -368,7 +361,8 @@ def main(argv=None) -> None:
                                                      f"{machine['backend']}"})
             continue
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        r = _in_child("--_child", name, "--_ceiling", str(ceiling["ceiling_gflops_per_s"]), *base)
+        args = ["--_child", name, "--_ceiling", str(ceiling["ceiling_gflops_per_s"]), *base]
+        r = _run_eval_mixed_sizes(args) if name == "eval_mixed_sizes" else in_child(__file__, *args)
         results.append({"name": name, **r} if "error" in r else r)
     for r in results:
         r.setdefault("ceiling_gflops_per_s", ceiling["ceiling_gflops_per_s"])

@@ -7,12 +7,11 @@ eps on the std. Module names match the reference state dict, so its checkpoints 
 with strict=True. Written the way the reference is, not optimised: it is the baseline.
 
 Install (CPU build only, in its own venv; the project's venv does not need torch):
-  python3 -m venv /tmp/torchref/venv
-  /tmp/torchref/venv/bin/pip install torch==2.13.0 numpy   # the CPU wheel
+  python3 -m venv torchref && torchref/bin/pip install torch==2.13.0 numpy   # the CPU wheel
 
 Usage:
   python benchmarks/torch_reference.py [--json OUT] [--repeats 5]   # timing, 2 threads
-  python benchmarks/torch_reference.py --check /work/shared/golden  # golden comparison
+  python benchmarks/torch_reference.py --check GOLDEN_DIR   # e.g. tests/golden
 
 Timed cases (width 256, 16 heads, random weights; one warm-up, then the median):
   inference_x4_128_to_512  torch.no_grad forward, LR 1x3x128x128 -> all 512x512 queries

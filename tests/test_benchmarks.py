@@ -1,42 +1,64 @@
-"""The benchmark harness: FLOP formulas against a hand count, timing, the JSON report."""
+"""The benchmark harness: FLOP formulas against a hand count, timing, compile counts,
+case selection, the JSON report."""
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "benchmarks_run", Path(__file__).resolve().parents[1] / "benchmarks" / "run.py")
-run = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(run)
+from srno_jax.models import init_variables, make_model
 
-TINY = dict(n_resblocks=1, n_feats=4, width=4, heads=2)
+_BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", _BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+run = _load("run")  # puts benchmarks/ on sys.path, so its modules import as run does
+import flops  # noqa: E402
+import harness  # noqa: E402
 
 def test_edsr_flop_hand_count():
     # 2 x 2 map: head 3 -> 4 (2*9*3*4*4 = 864) and three 4 -> 4 convs (2*9*4*4*4 = 1152 each).
-    assert run.edsr_flop(2, 2, n_resblocks=1, n_feats=4) == 864 + 3 * 1152
+    model = make_model(encoder_args={"n_resblocks": 1, "n_feats": 4}, width=4, heads=2)
+    assert flops.encoder_flop(model.encoder, 2, 2) == 864 + 3 * 1152
+
+
+def test_rdn_flop_hand_count():
+    # Config A (20 blocks of 6 convs, growth 32), G0 = 2, k = 3, on a 1 x 1 map.
+    model = make_model("rdn", {"G0": 2, "RDNconfig": "A"}, width=4, heads=2)
+    block = sum(2 * 9 * (2 + 32 * j) * 32 for j in range(6)) + 2 * (2 + 6 * 32) * 2
+    expected = 2 * 9 * 3 * 2 + 2 * 9 * 2 * 2 + 20 * block + 2 * 40 * 2 + 2 * 9 * 2 * 2
+    assert flops.encoder_flop(model.encoder, 1, 1) == expected
 
 
 def test_operator_flop_hand_count():
     # n = 3, C = 4, width 4, 2 heads (d = 2):
+    model = make_model(encoder_args={"n_resblocks": 1, "n_feats": 4}, width=4, heads=2)
     lifting = 2 * 26 * 4 * 3  # 4 * (4 + 2) + 2 = 26 inputs
     integral = 2 * 3 * 4 * 12 + 2 * 3 * 2 * 4 * 2 + 2 * 2 * 3 * 16  # qkv, kv and q(kv), o_proj
     projection = 2 * 3 * (4 * 256 + 256 * 3)
-    assert run.operator_flop(3, feat_dim=4, width=4, heads=2) == lifting + 2 * integral + projection
+    assert flops.operator_flop(model, 3) == lifting + 2 * integral + projection
 
 
 def test_forward_and_train_flop():
-    forward = 2 * (run.edsr_flop(2, 2, 1, 4) + run.operator_flop(3, 4, 4, 2))
-    assert run.srno_forward_flop(2, 2, 3, **TINY) == forward
-    assert run.train_step_flop(2, 2, 3, **TINY) == 3 * forward
+    model = make_model(encoder_args={"n_resblocks": 1, "n_feats": 4}, width=4, heads=2)
+    forward = 2 * (flops.encoder_flop(model.encoder, 2, 3) + flops.operator_flop(model, 5))
+    assert flops.forward_flop(model, 2, (2, 3), 5) == forward
+    assert flops.train_step_flop(model, 2, (2, 3), 5) == 3 * forward
     # shared/docs/reference.md: x4 128 -> 512 inference is about 462 GFLOP.
-    assert run.srno_forward_flop(1, 128, 512 * 512) / 1e9 == pytest.approx(462, abs=1)
+    assert flops.forward_flop(make_model(), 1, (128, 128), 512 * 512) / 1e9 == pytest.approx(462, abs=1)
 
 
 def test_time_fn_warms_up_then_times_each_call():
     calls = []
-    out = run.time_fn(lambda: calls.append(1) or 0, repeats=3, warmup=2)
+    out = harness.time_fn(lambda: calls.append(1) or 0, repeats=3, warmup=2)
     assert len(calls) == 5 and len(out["times_s"]) == 3
     assert out["median_s"] == sorted(out["times_s"])[1]
 
@@ -48,7 +70,7 @@ def test_report_has_documented_keys(tmp_path):
                             backend="cpu", torch_s={"train_step_b4_48": 0.5},
                             samples_per_s=16.0)
     path = tmp_path / "out.json"
-    run.write_json(path, run.make_report(machine, {"ceiling_gflops_per_s": 400.0}, [rec], True))
+    harness.write_json(path, run.make_report(machine, {"ceiling_gflops_per_s": 400.0}, [rec], True))
     report = json.loads(path.read_text())
     assert set(report["machine"]) == set(run.MACHINE_KEYS) and report["quick"] is True
     (r,) = report["results"]
@@ -73,3 +95,37 @@ def test_torch_baseline_only_from_the_same_cpu(tmp_path):
 def test_unknown_case_is_rejected():
     with pytest.raises(SystemExit):
         run.main(["--only", "no_such_case"])
+
+
+def test_only_selects_cases(capsys):
+    run.main(["--only", "eval_mixed_sizes,inference_x4_128_to_512", "--list"])
+    assert capsys.readouterr().out.split() == ["eval_mixed_sizes", "inference_x4_128_to_512"]
+
+
+def test_in_child_returns_the_last_json_line(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text("import json, os, sys\nprint('log line')\n"
+                      "print(json.dumps({'args': sys.argv[1:], 'env': os.environ.get('X')}))\n")
+    assert harness.in_child(script, "a", env={"X": "1"}) == {"args": ["a"], "env": "1"}
+    script.write_text("raise SystemExit(3)\n")
+    assert harness.in_child(script) == {"error": "exit status 3"}
+
+
+def test_eval_mixed_sizes_counts_compilations():
+    """eval.py's path over 3 sizes: compiles the first time, nothing the second."""
+    model = make_model(encoder_args={"n_resblocks": 1, "n_feats": 8}, width=16, heads=2)
+    variables = init_variables(model)
+    sizes = run.mixed_sizes(3, low=20, high=30)
+    assert len(set(sizes)) == 3
+    first = run.eval_mixed_sizes(model, variables, sizes, scales=(2.0, 3.0))
+    assert first["compilations"] > 0 and first["compile_s"] > 0
+    again = run.eval_mixed_sizes(model, variables, sizes, scales=(2.0, 3.0))
+    assert again["compilations"] == 0
+    assert first["gflop"] == pytest.approx(again["gflop"]) and first["gflop"] > 0
+
+
+def test_no_machine_specific_paths():
+    for path in [*_BENCH.glob("*.py"), *_BENCH.glob("*.sh"), *_BENCH.glob("results/*.md")]:
+        text = path.read_text()
+        for prefix in ("/work/", "/home/", "/tmp/", "/Users/"):
+            assert prefix not in text, f"{path.name} names {prefix}"

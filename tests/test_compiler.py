@@ -30,3 +30,19 @@ def test_unknown_option_falls_back_to_the_default(monkeypatch):
         assert compiler.conv_options() == {}
     finally:
         compiler.conv_options.cache_clear()
+
+
+def test_compile_clock_counts_compilations():
+    with compiler.CompileClock() as clock:
+        jax.jit(lambda x: x * 3 + 1)(jnp.ones(7)).block_until_ready()
+    assert clock.compilations >= 1 and clock.compiled == clock.compilations - clock.cache_hits
+    assert clock.compile_s > 0
+    with compiler.CompileClock() as again:
+        jax.jit(lambda x: x * 3 + 1)(jnp.ones(7)).block_until_ready()  # a new function: compiles
+        fn = jax.jit(lambda x: x - 2)
+        fn(jnp.ones(3))
+        before = again.compilations
+        fn(jnp.ones(3))  # already compiled
+    assert again.compilations == before >= 2
+    jax.jit(lambda x: x / 5)(jnp.ones(2))  # after the block: not counted
+    assert again.compilations == before

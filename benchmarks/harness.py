@@ -1,0 +1,79 @@
+"""What the benchmark scripts share: one child process per measurement, timing, memory
+and the machine's description (compilations are counted by `srno_jax.compiler.CompileClock`).
+
+A script runs each measurement in a fresh child process (`in_child`): its peak memory and
+compilations are then its own. The child is the same script run with the arguments
+given; it prints its result as one JSON object on the last line of its stdout.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+def in_child(script, *args: str, env: dict | None = None) -> dict:
+    """Runs ``python script *args`` and returns the JSON object on its last stdout line,
+    or {'error': ...} when it fails (its stderr passes through)."""
+    proc = subprocess.run([sys.executable, str(script), *args], stdout=subprocess.PIPE,
+                          text=True, env=None if env is None else {**os.environ, **env})
+    if proc.returncode:
+        return {"error": f"exit status {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def time_fn(fn, repeats: int, warmup: int = 1) -> dict:
+    """Calls fn() `warmup` times, then times `repeats` calls, each until its result is ready.
+
+    Returns {'median_s', 'times_s'}.
+    """
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return {"median_s": statistics.median(times), "times_s": times}
+
+
+def compile_timed(jitted, *args):
+    """(compiled executable, seconds spent lowering and compiling)."""
+    t = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - t
+
+
+def peak_memory_mb(on_device: bool = True) -> tuple[float, str]:
+    """(peak MB, 'device' or 'host_rss') of this process: with `on_device`, the
+    accelerator's peak_bytes_in_use where the backend reports it; else getrusage's peak RSS."""
+    stats = (jax.local_devices()[0].memory_stats() or {}) if on_device else {}
+    if "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"] / 2**20, "device"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "host_rss"  # KiB on Linux
+
+
+def machine_info() -> dict:
+    """Backend, device kind and count, CPU model and cores, jax version, UTC date."""
+    dev = jax.local_devices()[0]
+    cpu = platform.processor()
+    if Path("/proc/cpuinfo").exists():
+        names = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                 if l.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"backend": jax.default_backend(), "device_kind": dev.device_kind,
+            "devices": jax.device_count(), "cpu": cpu, "cores": os.cpu_count(),
+            "jax_version": jax.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def write_json(path, report: dict) -> None:
+    Path(path).write_text(json.dumps(report, indent=1) + "\n")
