@@ -36,7 +36,7 @@ def steps_per_epoch(num_images: int, repeat: int, global_batch: int) -> int:
     return math.ceil(num_images * repeat / global_batch)
 
 
-def batch_layout(local: int, inp_size: int, sample_q: int) -> tuple[dict, int]:
+def _batch_layout(local: int, inp_size: int, sample_q: int) -> tuple[dict, int]:
     """Where each float32 array of a local batch lies in one block of memory.
 
     Returns ({key: (shape, byte offset)} for ``inp``, ``coord``, ``cell``, ``gt`` in that
@@ -220,7 +220,7 @@ class TrainLoader:
         self.epoch_size = len(source) * repeat
         self.prefetch = prefetch
         self._chunk = -(-self.local // workers)
-        self._layout, self._nbytes = batch_layout(self.local, inp_size, sample_q)
+        self._layout, self._nbytes = _batch_layout(self.local, inp_size, sample_q)
         self._blocks: list[_Block] = []
         self._pending = collections.deque()  # (step, block, [future per chunk])
         self._next_submit = start_step
