@@ -17,7 +17,7 @@ from PIL import Image
 
 from srno_jax.errors import ConfigError, DataError
 from srno_jax.images import IMAGE_EXTENSIONS, image_files, load_image
-from srno_jax.pairs import find_pairs, pair_images
+from srno_jax.pairs import find_pairs, image_hw, pair_images
 
 
 class _SkipsUnreadable:
@@ -214,11 +214,11 @@ class PairedSource(_SkipsUnreadable):
         """Raises `ConfigError` when an LR image is smaller than inp_size x inp_size: a
         given LR cannot be resized without changing its degradation."""
         for p in self.pairs:
-            with Image.open(p.lr_path) as img:
-                if min(img.size) < inp_size:
-                    raise ConfigError(f"LR image {p.lr_path} is {img.height}x{img.width}, "
-                                      f"smaller than data.inp_size {inp_size}; lower "
-                                      f"data.inp_size or remove the pair")
+            h, w = image_hw(p.lr_path)
+            if min(h, w) < inp_size:
+                raise ConfigError(f"LR image {p.lr_path} is {h}x{w}, smaller than "
+                                  f"data.inp_size {inp_size}; lower data.inp_size or remove "
+                                  f"the pair")
 
 
 def make_source(spec: str, split: str = "train", data_dir: str | None = None):

@@ -8,7 +8,7 @@ Two folder layouts are paired (``find_pairs``):
 An LR file matches the HR file whose stem is its own stem, or its own stem less a
 trailing ``x<s>`` (``0801x2``, ``0801x2.5``; either case). Each pair has a fixed scale,
 read from the two images' sizes (``pair_scale``), so real camera pairs and non-integer
-scales need no configuration.
+scales need no configuration. Folders may be local or in a bucket (``gs://...``).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import os
 import re
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from srno_jax.errors import DataError
@@ -70,19 +71,24 @@ def pair_scale(hr_hw: tuple[int, int], lr_hw: tuple[int, int], names: str = "") 
     return s
 
 
-def _image_hw(path: str) -> tuple[int, int]:
-    """(height, width) from the file's header, without decoding the pixels."""
+def image_hw(path: str) -> tuple[int, int]:
+    """(height, width) of an image file (local or in a bucket) from its header alone.
+
+    Raises `DataError` naming the file when it is missing or its header unreadable.
+    """
     try:
-        with Image.open(path) as img:
+        with epath.Path(path).open("rb") as f, Image.open(f) as img:
             return img.height, img.width
+    except FileNotFoundError:
+        raise DataError(f"image not found: {path}") from None
     except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad files
         raise DataError(f"cannot read image {path}: {e}; is it a complete image file?") from None
 
 
 def _lr_folders(folder: str) -> list[str]:
     """The LR subfolders of a paired layout: 'LR' and every 'X<s>', sorted by name."""
-    names = [d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))]
-    return sorted(d for d in names if d == "LR" or _SCALE_DIR.match(d))
+    return sorted(p.name for p in epath.Path(folder).iterdir()
+                  if (p.name == "LR" or _SCALE_DIR.match(p.name)) and p.is_dir())
 
 
 def _by_stem(paths: list[str], where: str) -> dict[str, str]:
@@ -114,7 +120,7 @@ def find_pairs(folder: str | os.PathLike) -> list[Pair] | None:
     """
     folder = os.fspath(folder)
     hr_dir = os.path.join(folder, "HR")
-    if not os.path.isdir(hr_dir):
+    if not epath.Path(hr_dir).is_dir():
         return None
     lr_names = _lr_folders(folder)
     if not lr_names:
@@ -131,7 +137,7 @@ def find_pairs(folder: str | os.PathLike) -> list[Pair] | None:
                 continue
             hr_path = hr_by_stem[hr_stem]
             names = f"{hr_path} and {lr_path}"
-            scale = pair_scale(_image_hw(hr_path), _image_hw(lr_path), names)
+            scale = pair_scale(image_hw(hr_path), image_hw(lr_path), names)
             nominal = _SCALE_DIR.match(lr_name)
             if nominal and abs(scale - float(nominal.group(1))) > 1e-6 * scale:
                 raise DataError(f"{names} are x{scale:.4g} apart, but the folder {lr_name}/ "

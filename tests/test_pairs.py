@@ -155,3 +155,39 @@ def test_paired_folder_trains(tmp_path):
             losses.append(float(m["loss"]))
     assert np.isfinite(losses).all()
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5]), losses
+
+
+def test_pairs_in_a_bucket(monkeypatch, tmp_path):
+    """gs:// served by an in-memory fsspec file system: the layout is listed, the headers
+    and pixels read through etils.epath, and nothing touches the local disk."""
+    import io
+    import sys
+
+    from etils import epath
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class FakeGCS(MemoryFileSystem):
+        protocol = ("gs", "gcs")
+
+        def __init__(self, *args, finalize_on_close=None, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    for name in ("gs", "gcs"):
+        monkeypatch.setitem(sys.modules["fsspec.registry"]._registry, name, FakeGCS)
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    images = {}
+    for sub, hw in (("HR", (20, 30)), ("X2.5", (8, 12))):
+        images[sub] = rng.integers(0, 256, (*hw, 3), dtype=np.uint8)
+        png = io.BytesIO()
+        Image.fromarray(images[sub]).save(png, format="PNG")
+        stem = "a" if sub == "HR" else "ax2.5"
+        (epath.Path("gs://bucket/pairs") / sub).mkdir(parents=True, exist_ok=True)
+        (epath.Path("gs://bucket/pairs") / sub / f"{stem}.png").write_bytes(png.getvalue())
+    (pair,) = find_pairs("gs://bucket/pairs")
+    assert (pair.name, pair.scale) == ("a", 2.5)
+    assert pair.lr_path == "gs://bucket/pairs/X2.5/ax2.5.png"
+    lr, hr = pair_images(pair)
+    np.testing.assert_array_equal(lr, images["X2.5"])
+    np.testing.assert_array_equal(hr, images["HR"])
+    assert not list(tmp_path.iterdir())
