@@ -30,8 +30,9 @@ def in_child(script, *args: str, env: dict | None = None) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def time_fn(fn, repeats: int, warmup: int = 1) -> dict:
-    """Calls fn() `warmup` times, then times `repeats` calls, each until its result is ready.
+def time_fn(fn, repeats: int, warmup: int = 1, profile_dir=None) -> dict:
+    """Calls fn() `warmup` times, then times `repeats` calls, each until its result is ready;
+    with `profile_dir`, one more call is traced there (`jax.profiler.trace`).
 
     Returns {'median_s', 'times_s'}.
     """
@@ -42,6 +43,9 @@ def time_fn(fn, repeats: int, warmup: int = 1) -> dict:
         t = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t)
+    if profile_dir is not None:
+        with jax.profiler.trace(str(profile_dir)):
+            jax.block_until_ready(fn())
     return {"median_s": statistics.median(times), "times_s": times}
 
 

@@ -59,6 +59,7 @@ MACHINE_KEYS = ("backend", "device_kind", "devices", "cpu", "cores", "jax_versio
 RESULT_KEYS = ("name", "median_s", "gflop", "gflops_per_s", "ceiling_gflops_per_s",
                "peak_memory_mb", "compile_s")
 EVAL_SCALES = (2.0, 3.0, 4.0)
+PROFILE = {"dir": None}  # in a child run with --profile: where its timed cases trace one call
 
 
 # --- records ---------------------------------------------------------------------------------
@@ -127,7 +128,7 @@ def _case_inference(repeats: int) -> dict:
     start = time.perf_counter()
     run()  # compiles
     first = time.perf_counter() - start
-    t = time_fn(run, repeats, warmup=0)
+    t = time_fn(run, repeats, warmup=0, profile_dir=PROFILE["dir"])
     return {**t, "compile_s": max(first - t["median_s"], 0.0),
             "gflop": flops.forward_flop(model, 1, (lr, lr), out * out) / 1e9}
 
@@ -157,7 +158,7 @@ def _case_train_step(repeats: int, batch: int, lr: int, queries: int,
         state, metrics = step(state, data)
         return metrics
 
-    t = time_fn(run, repeats)
+    t = time_fn(run, repeats, profile_dir=PROFILE["dir"])
     return {**t, "compile_s": compile_s,
             "gflop": flops.train_step_flop(model, batch, (lr, lr), queries) / 1e9,
             "samples_per_s": batch / t["median_s"], "compute_dtype": dtype}
@@ -332,6 +333,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per case (median)")
     p.add_argument("--quick", action="store_true", help="2 repeats; for developing the harness")
     p.add_argument("--list", action="store_true", help="print the selected cases and exit")
+    p.add_argument("--profile", default=None,
+                   help="trace one more call of each timed case into PROFILE/<case> (jax.profiler)")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_ceiling", type=float, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -340,13 +343,15 @@ def main(argv=None) -> None:
         print(json.dumps(run_ceiling(repeats)))
         return
     if a._child:
+        PROFILE["dir"] = a.profile and str(Path(a.profile) / a._child)
         print(json.dumps(run_case(a._child, repeats, a._ceiling)))
         return
     names = [n for n in a.only.split(",") if n]
     unknown = set(names) - set(CASES)
     if unknown:
         p.error(f"unknown case(s) {sorted(unknown)}; choose from {', '.join(CASES)}")
-    base = ["--repeats", str(repeats)] + (["--quick"] if a.quick else [])
+    base = (["--repeats", str(repeats)] + (["--quick"] if a.quick else [])
+            + (["--profile", a.profile] if a.profile else []))
     if a.list:
         print("\n".join(names))
         return

@@ -129,3 +129,17 @@ def test_no_machine_specific_paths():
         text = path.read_text()
         for prefix in ("/work/", "/home/", "/tmp/", "/Users/"):
             assert prefix not in text, f"{path.name} names {prefix}"
+
+
+def test_gpu_script_dry_run(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out")}
+    proc = subprocess.run(["bash", str(_BENCH / "gpu.sh"), "--dry-run"], capture_output=True,
+                          text=True, env=env, check=True)
+    (line,) = [l for l in proc.stdout.splitlines() if "benchmarks/run.py" in l]
+    cases = line.split("--only ")[1].split()[0].split(",")
+    assert cases and set(cases) <= set(run.CASES)  # every case it asks for exists
+    assert "--profile" in line and str(tmp_path / "out" / "gpu.json") in line
+    assert not (tmp_path / "out").exists()  # a dry run does nothing
+    bad = subprocess.run(["bash", str(_BENCH / "gpu.sh"), "--no-such"], capture_output=True,
+                         text=True, env=env)
+    assert bad.returncode == 2 and "unknown argument" in bad.stderr
