@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import fcntl
 import functools
 import math
 import mmap
@@ -133,29 +134,41 @@ class _Block:
         return not self.busy and (self.handed_out is None or self.handed_out() is None)
 
 
-def _shared_memory_dir() -> str:
-    """A new private folder in /dev/shm (the temp folder where there is none).
+def _shared_memory_dir() -> tuple[str, int]:
+    """A new private folder in /dev/shm (the temp folder where there is none), and an
+    open descriptor holding the lock of its ``lock`` file, which marks it as in use.
 
-    Folders in /dev/shm left by loaders whose process no longer runs (killed before their
-    cleanup) are removed first.
+    Folders in /dev/shm whose lock is free were left by loaders that no longer run
+    (killed before their cleanup) and are removed first. The kernel drops a dead
+    process's lock, even one in another container sharing /dev/shm, which a process id
+    could not tell.
     """
-    if not os.path.isdir("/dev/shm"):
-        return tempfile.mkdtemp(prefix=f"{_SHM_PREFIX}{os.getpid()}-")
-    for entry in os.listdir("/dev/shm"):
-        pid = entry[len(_SHM_PREFIX):].split("-")[0]
-        if entry.startswith(_SHM_PREFIX) and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(os.path.join("/dev/shm", entry), ignore_errors=True)
-    return tempfile.mkdtemp(prefix=f"{_SHM_PREFIX}{os.getpid()}-", dir="/dev/shm")
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    for entry in os.listdir(base):
+        if not entry.startswith(_SHM_PREFIX):
+            continue
+        try:
+            fd = os.open(os.path.join(base, entry, "lock"), os.O_RDONLY)
+        except OSError:  # being created, or just removed by another loader
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # its loader is running
+            continue
+        finally:
+            os.close(fd)
+        shutil.rmtree(os.path.join(base, entry), ignore_errors=True)
+    folder = tempfile.mkdtemp(prefix=_SHM_PREFIX, dir=base)
+    # Locked before it takes its name: no one can see it unlocked.
+    fd = os.open(os.path.join(folder, "lock.new"), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.rename(os.path.join(folder, "lock.new"), os.path.join(folder, "lock"))
+    return folder, fd
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        pass
-    return True
+def _remove_shared_memory_dir(folder: str, lock_fd: int) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    os.close(lock_fd)
 
 
 @functools.lru_cache(maxsize=4)
@@ -227,8 +240,9 @@ class TrainLoader:
         self._closed = False
         self._shm_dir = None
         if processes:  # the source is sent to each process once, at its start
-            self._shm_dir = _shared_memory_dir()
-            self._remove_shm = weakref.finalize(self, shutil.rmtree, self._shm_dir, True)
+            self._shm_dir, lock_fd = _shared_memory_dir()
+            self._remove_shm = weakref.finalize(self, _remove_shared_memory_dir, self._shm_dir,
+                                                lock_fd)
             context = multiprocessing.get_context("spawn")
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 workers, mp_context=context, initializer=_init_worker,

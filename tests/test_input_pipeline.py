@@ -393,13 +393,31 @@ def test_full_shared_memory_is_one_clear_error(tmp_path, monkeypatch):
     def full(fd, offset, length):
         raise OSError(28, "No space left on device")
 
+    import input_pipeline.loader
+    made = []
+    make_dir = input_pipeline.loader._shared_memory_dir
+    monkeypatch.setattr(input_pipeline.loader, "_shared_memory_dir",
+                        lambda: made.append(make_dir()) or made[-1])
     monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
     with pytest.raises(ConfigError, match=r"no room for the loader's batches .*--shm-size"):
         TrainLoader(source, **LOADER_KW, workers=1, processes=True)
     assert not multiprocessing.active_children()
-    if os.path.isdir("/dev/shm"):
-        mine = f"srno-loader-{os.getpid()}-"
-        assert not [e for e in os.listdir("/dev/shm") if e.startswith(mine)]
+    assert len(made) == 1 and not os.path.exists(made[0][0])
+
+
+def test_folders_of_killed_loaders_are_removed(tmp_path):
+    """A loader killed before its cleanup leaves its folder in /dev/shm; the next loader
+    removes it, but never the folder of a loader that still runs."""
+    import input_pipeline.loader
+    source = FolderSource(write_images(tmp_path / "imgs", 2))
+    stale, fd = input_pipeline.loader._shared_memory_dir()
+    (open(os.path.join(stale, "0"), "wb")).close()
+    os.close(fd)  # as the kernel does for a killed process
+    with TrainLoader(source, **LOADER_KW, workers=1, processes=True) as running:
+        assert not os.path.exists(stale)
+        with TrainLoader(source, **LOADER_KW, workers=1, processes=True):
+            assert os.path.isdir(running._shm_dir)
+        next(running)
 
 
 def test_paired_decode_failure_substitutes_next(tmp_path, caplog):
