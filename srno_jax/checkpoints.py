@@ -223,6 +223,21 @@ def manager(workdir, keep: int) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(workdir_lib.resolve(workdir) / "checkpoints", options=options)
 
 
+@contextlib.contextmanager
+def managed(workdir, keep: int):
+    """`manager` as a context, closed at its end unless a write failed: closing Orbax's
+    broken writer threads then prints their tracebacks, and the run is ending anyway."""
+    mngr, failed = manager(workdir, keep), False
+    try:
+        yield mngr
+    except CheckpointWriteError:
+        failed = True
+        raise
+    finally:
+        if not failed:
+            mngr.close()
+
+
 def _abstract(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         tree, shardings)

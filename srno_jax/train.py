@@ -228,8 +228,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data: TrainDa
     model, tx = model_from_config(config), make_optimizer(config)
     spe = config.steps_per_epoch or data.steps_per_epoch
     total = config.total_steps or config.optim.epochs * spe
-    with hold_workdir(workdir), contextlib.closing(
-            checkpoints.manager(workdir, config.checkpoint.keep)) as mngr:
+    with hold_workdir(workdir), checkpoints.managed(workdir, config.checkpoint.keep) as mngr:
         state = restore_or_init(mngr, model, tx, config, mesh)
         start = int(state.step)
         if start >= total:

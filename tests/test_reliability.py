@@ -334,17 +334,12 @@ def test_resume_surprises_are_explicit(env, image_dir, straight):
 
 
 def test_full_disk_is_one_line_naming_the_last_checkpoint(env, image_dir, tmp_path):
-    """Writes beyond 30 kB fail (RLIMIT_FSIZE, as on a full disk): one line, exit non-zero."""
-    import resource
-
-    def small_files():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (30_000, 30_000))
-
-    p = subprocess.run(main_cmd(image_dir, tmp_path / "run", "--config.total_steps=4",
-                                "--config.checkpoint.every_steps=2"),
-                       env=dict(env, JAX_COMPILATION_CACHE_DIR=""), cwd=ROOT, capture_output=True,
-                       text=True, timeout=300, preexec_fn=small_files)
+    """Writes beyond 30 kB fail (ulimit -f, as on a full disk): one line, exit non-zero."""
+    limited = ["bash", "-c", "ulimit -f 30; trap '' XFSZ; exec \"$@\"", "-",
+               *main_cmd(image_dir, tmp_path / "run", "--config.total_steps=4",
+                         "--config.checkpoint.every_steps=2")]
+    p = subprocess.run(limited, env=dict(env, JAX_COMPILATION_CACHE_DIR=""), cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
     assert_clean_error(p, "a checkpoint write failed in", "MB free", "File too large",
                        "The last complete checkpoint is none yet")
     assert len(p.stderr.splitlines()) < 15, p.stderr
