@@ -85,9 +85,43 @@ _worker_started = None  # a barrier for all worker processes of the pool
 _worker_blocks: dict = {}  # path -> this worker's lasting mapping of that block
 
 
-def _init_worker(source, started):
+def _init_worker(source, started, decoded_dir):
     global _worker_source, _worker_started
-    _worker_source, _worker_started = source, started
+    _worker_source = _DecodedOnce(source, decoded_dir) if decoded_dir else source
+    _worker_started = started
+
+
+class _DecodedOnce:
+    """An HR source (a folder, TFDS) whose images all worker processes decode once.
+
+    The first worker to read image i saves it decoded as ``<folder>/image-<i>.npy``
+    (written beside, then renamed: the file is complete or absent); every later read, in
+    any worker, maps that file read-only, so the pages are shared, not copied. An image
+    is saved only while its file system keeps half its size free; past that it is
+    decoded at each read, as without this cache.
+    """
+
+    def __init__(self, source, folder: str):
+        self.source, self.folder, self.name = source, folder, source.name
+        self._mapped = {}
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        i = int(i)
+        if i not in self._mapped:
+            path = os.path.join(self.folder, f"image-{i}.npy")
+            if not os.path.exists(path):
+                img = self.source[i]
+                st = os.statvfs(self.folder)
+                if (st.f_bavail - st.f_blocks // 2) * st.f_frsize < img.nbytes:
+                    return img
+                with open(f"{path}.{os.getpid()}", "wb") as f:
+                    np.save(f, img)
+                os.replace(f"{path}.{os.getpid()}", path)
+            self._mapped[i] = np.load(path, mmap_mode="r")
+        return self._mapped[i]
 
 
 def _wait_for_all_workers() -> None:
@@ -199,7 +233,9 @@ class TrainLoader:
     nothing the loader does later writes to a batch that is still in use. Call `close()`
     or use ``with`` to stop the workers. With `processes`, the workers are processes
     instead (spawned; the source must pickle) and the blocks are files in /dev/shm that
-    every worker maps once: nothing is pickled, stacked or copied per sample. Part of a
+    every worker maps once: nothing is pickled, stacked or copied per sample; a source
+    that decodes at each read (a folder, TFDS) is decoded once per image for all workers
+    (`_DecodedOnce`). Part of a
     sample's work holds Python's GIL, so threads stop scaling at a few cores, processes
     do not. The samples are the same either way.
     """
@@ -244,9 +280,10 @@ class TrainLoader:
             self._remove_shm = weakref.finalize(self, _remove_shared_memory_dir, self._shm_dir,
                                                 lock_fd)
             context = multiprocessing.get_context("spawn")
+            decoded_dir = self._shm_dir if getattr(source, "decodes_each_read", False) else None
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 workers, mp_context=context, initializer=_init_worker,
-                initargs=(source, context.Barrier(workers)))
+                initargs=(source, context.Barrier(workers), decoded_dir))
         else:
             self._pool = concurrent.futures.ThreadPoolExecutor(workers, "train-loader")
         try:

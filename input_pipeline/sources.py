@@ -2,7 +2,8 @@
 folders of LR / HR pairs.
 
 Every source has ``name`` and ``len(source)`` and is safe to read from several threads
-at once. An HR source gives ``source[i] -> (H, W, 3) uint8`` RGB; a `PairedSource` gives
+at once. Sources that decode a file at each read say so with ``decodes_each_read``: the
+loader's worker processes then decode each image once for all of them. An HR source gives ``source[i] -> (H, W, 3) uint8`` RGB; a `PairedSource` gives
 ``source[i] -> (lr, hr)`` and each pair's scale.
 """
 from __future__ import annotations
@@ -60,7 +61,8 @@ class FolderSource(_SkipsUnreadable):
     caught without decoding). Unreadable ones are skipped with one warning each and
     counted in ``skipped``. A file that passes the check but fails to decode later is
     warned about once, counted, and replaced by the next readable image (deterministic).
-    With ``cache``, decoded images stay in memory (DIV2K train: about 5 GB).
+    With ``cache``, decoded images stay in memory (DIV2K train: about 5 GB); without,
+    each read decodes (``decodes_each_read``).
 
     Raises `DataError` naming the path if it is not a folder or holds no readable image.
     """
@@ -84,6 +86,7 @@ class FolderSource(_SkipsUnreadable):
             raise DataError(f"no readable images ({', '.join(IMAGE_EXTENSIONS)}) in folder "
                             f"{self.path}" + (f" ({self.skipped} skipped)" if self.skipped else ""))
         self._cache = {} if cache else None
+        self.decodes_each_read = not cache
         self._bad = set()
         self._lock = threading.Lock()
 
@@ -106,7 +109,8 @@ _TFDS_FIX = ("pip install tensorflow tensorflow-datasets && "
 
 
 class TFDSSource:
-    """The HR images (feature ``hr``) of a TFDS data set, by default ``div2k``.
+    """The HR images (feature ``hr``) of a TFDS data set, by default ``div2k``, decoded at
+    each read (``decodes_each_read``).
 
     Reads through ``tfds.data_source`` (random access to an ``array_record`` build; no
     TensorFlow needed to read, nothing downloaded). Raises `DataError` with the command
@@ -131,6 +135,8 @@ class TFDSSource:
             raise DataError(f"TFDS data set {name!r} split {split!r} is not prepared in "
                             f"array_record format under {data_dir or 'the default TFDS data dir'}"
                             f" ({type(e).__name__}: {e}); prepare it with: {fix}") from None
+
+    decodes_each_read = True
 
     def __len__(self) -> int:
         return len(self._ds)

@@ -304,6 +304,8 @@ def test_process_workers_give_the_same_batches(tmp_path):
             a, b = next(threads), next(procs)
             for key in a:
                 np.testing.assert_array_equal(a[key], b[key])
+        # The workers read the images decoded once, from shared memory.
+        assert any(f.startswith("image-") for f in os.listdir(procs._shm_dir))
 
 
 def write_pairs(folder, hr_lr_sizes, seed=0):
@@ -430,3 +432,32 @@ def test_paired_decode_failure_substitutes_next(tmp_path, caplog):
         source[1]
     assert source.skipped == 1 and len(source) == 3
     assert sum("b.png" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_images_are_decoded_once_for_all_workers(tmp_path, monkeypatch):
+    from input_pipeline.loader import _DecodedOnce
+
+    source = FolderSource(write_images(tmp_path / "imgs", 2))
+    reads = []
+    monkeypatch.setattr(FolderSource, "__getitem__",
+                        lambda self, i, read=FolderSource.__getitem__: reads.append(i) or
+                        read(self, i))
+    class Roomy:  # statvfs of a file system with 90% of its 4 GB free
+        f_bavail, f_blocks, f_frsize = 900_000, 1_000_000, 4096
+
+    class Full:  # and one with 10% free: keep it for the batches
+        f_bavail, f_blocks, f_frsize = 100_000, 1_000_000, 4096
+
+    monkeypatch.setattr(os, "statvfs", lambda path: Roomy)
+    cache_dir = tmp_path / "shm"
+    cache_dir.mkdir()
+    first, second = _DecodedOnce(source, str(cache_dir)), _DecodedOnce(source, str(cache_dir))
+    img = first[1]
+    np.testing.assert_array_equal(second[1], img)  # another worker: mapped, not decoded
+    np.testing.assert_array_equal(first[1], img)
+    assert reads == [1] and sorted(os.listdir(cache_dir)) == ["image-1.npy"]
+    assert not img.flags.writeable
+
+    monkeypatch.setattr(os, "statvfs", lambda path: Full)
+    np.testing.assert_array_equal(first[0], source[0])
+    assert reads == [1, 0, 0] and sorted(os.listdir(cache_dir)) == ["image-1.npy"]
