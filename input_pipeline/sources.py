@@ -2,9 +2,10 @@
 folders of LR / HR pairs.
 
 Every source has ``name`` and ``len(source)`` and is safe to read from several threads
-at once. Sources that decode a file at each read say so with ``decodes_each_read``: the
-loader's worker processes then decode each image once for all of them. An HR source gives ``source[i] -> (H, W, 3) uint8`` RGB; a `PairedSource` gives
-``source[i] -> (lr, hr)`` and each pair's scale.
+at once. An HR source gives ``source[i] -> (H, W, 3) uint8`` RGB; a `PairedSource` gives
+``source[i] -> (lr, hr, scale)``. Sources that decode a file at each read say so with
+``decodes_each_read``: the loader's worker processes then decode each image once for all
+of them.
 """
 from __future__ import annotations
 
