@@ -77,6 +77,7 @@ def training_data(config):
     import jax
 
     import input_pipeline
+    from srno_jax.errors import ConfigError
     from srno_jax.train import TrainData
 
     d = config.data
@@ -86,6 +87,9 @@ def training_data(config):
     val = []
     if d.val and jax.process_index() == 0:
         val_src = input_pipeline.make_source(d.val, "validation", d.get("data_dir") or None)
+        if isinstance(val_src, input_pipeline.PairedSource):
+            raise ConfigError(f"data.val {d.val} is a paired folder; point it at its HR/ "
+                              f"subfolder, or evaluate the pairs with eval.py --data {d.val}")
         val = [val_src[i] for i in range(min(len(val_src), config.eval.max_images))]
 
     def batches(start_step: int):
