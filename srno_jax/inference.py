@@ -47,10 +47,11 @@ MIN_CAPACITY = 2**15  # rows of the flat LR map (`_flatten`): one size for input
 
 
 def lr_bucket(n: int) -> int:
-    """The padded length of an LR axis of n pixels: n rounded up to a multiple of
-    2^(bit_length(n) - 3), i.e. to 3 significant bits, 4 sizes per octave (at most 25%,
-    on average about 11% of padding: 40 -> 40, 41 -> 48, 100 -> 112, 129 -> 160)."""
-    q = 1 << max(n.bit_length() - 3, 0)
+    """The padded length of an LR axis of n pixels: n rounded up to 2 significant bits
+    up to 128 (32, 48, 64, 96, 128: at most 50% of padding) and to 3 above (160, 192,
+    224, 256, 320, ...: at most 25%). A small input encodes in about the time its
+    compilation takes, so there fewer, larger buckets cost least in all."""
+    q = 1 << max(n.bit_length() - (2 if n <= 128 else 3), 0)
     return -(-n // q) * q
 
 
@@ -59,17 +60,32 @@ def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def _flat(x, size, capacity: int):
+    """(B, H', W', C) holding an h x w image at the top left, size = (h, w) traced ->
+    (B, capacity, C) row-major with row stride w (`grid.lr_grid`'s layout); rows after
+    h * w hold copies of other pixels and are never read."""
+    p = jnp.arange(capacity)
+    return x[:, jnp.minimum(p // size[1], x.shape[1] - 1), p % size[1]]
+
+
 @cache
 def _encoder():
     """The jitted encoder of an image padded after its bottom and right edges, given its
     true size (traced): compiled once per padded shape, with `compiler.conv_options`
-    (built on first use, since choosing the options initialises the backend)."""
-    def encode_fn(model, variables, inp, size):
+    (built on first use, since choosing the options initialises the backend).
+    capacity None: returns the (B, H', W', C) features; an int: returns the features and
+    the input flat (`_flat`), as the operator takes them."""
+    def encode_fn(model, variables, inp, size, capacity):
         h, w = inp.shape[1:3]
         mask = (jnp.arange(h)[:, None] < size[0]) & (jnp.arange(w)[None, :] < size[1])
-        return model.apply(variables, inp, mask[None, :, :, None],
+        feat = model.apply(variables, inp, mask[None, :, :, None],
                            method=lambda m, x, k: m.encode(x, k))
-    return jax.jit(encode_fn, static_argnums=0, compiler_options=compiler.conv_options())
+        return feat if capacity is None else (_flat(feat, size, capacity), _flat(inp, size, capacity))
+    return jax.jit(encode_fn, static_argnums=(0, 4), compiler_options=compiler.conv_options())
+
+
+_flatten = jax.jit(lambda xs, size, capacity: [_flat(x, size, capacity) for x in xs],
+                   static_argnums=2)
 
 
 def _windows(n: int, tile: int, halo: int):
@@ -82,10 +98,11 @@ def _windows(n: int, tile: int, halo: int):
     return [(min(max(c - halo, 0), n - tile), c, min(c + core, n)) for c in range(0, n, core)]
 
 
-def _encode_padded(model, variables, inp, tile: int):
-    """(features (B, H', W', C), input (B, H', W', 3)): `inp` (B, h, w, 3) and its encoder
-    features, both zero-padded after the image to H' >= h, W' >= w (the image at the top
-    left; features beyond it are not defined).
+def _encode_padded(model, variables, inp, tile: int, capacity: int | None = None):
+    """`inp` (B, h, w, 3) and its encoder features, both zero-padded after the image to
+    H' >= h, W' >= w (the image at the top left; features beyond it are not defined):
+    (features (B, H', W', C), input (B, H', W', 3)); with `capacity`, both flat as
+    `_flat` lays them out: (B, capacity, C), (B, capacity, 3).
 
     Each axis <= tile is padded to `lr_bucket` of its length (at most tile), so that
     inputs of many sizes share one compiled encoder; the encoder's mask keeps the
@@ -96,11 +113,13 @@ def _encode_padded(model, variables, inp, tile: int):
     """
     b, h, w, _ = inp.shape
     pad = [(0, 0)] + [(0, min(lr_bucket(n), tile) - n if n <= tile else 0) for n in (h, w)] + [(0, 0)]
+    # numpy in, numpy to the jitted encoder: jnp.asarray would compile per shape.
     inp = np.pad(np.asarray(inp, np.float32), pad)
     hp, wp = inp.shape[1:3]
     window = np.array([min(h, tile), min(w, tile)], np.int32)  # the true size in each window
     if hp <= tile and wp <= tile:
-        return _encoder()(model, variables, jnp.asarray(inp), window), inp
+        out = _encoder()(model, variables, inp, window, capacity)
+        return out if capacity else (out, inp)
     halo = model.encoder.receptive_radius
     if tile <= 2 * halo:
         raise ConfigError(f"encoder tile {tile} must exceed twice the encoder's receptive "
@@ -109,10 +128,12 @@ def _encode_padded(model, variables, inp, tile: int):
     for ys, y0, y1 in _windows(hp, tile, halo):
         cols = []
         for xs, x0, x1 in _windows(wp, tile, halo):
-            out = _encoder()(model, variables, jnp.asarray(inp[:, ys:ys + tile, xs:xs + tile]), window)
+            out = _encoder()(model, variables, inp[:, ys:ys + tile, xs:xs + tile], window, None)
             cols.append(out[:, y0 - ys:y1 - ys, x0 - xs:x1 - xs])
         rows.append(jnp.concatenate(cols, axis=2))
-    return jnp.concatenate(rows, axis=1), inp
+    feat = jnp.concatenate(rows, axis=1)
+    return (feat, inp) if capacity is None else tuple(
+        _flatten([feat, inp], np.array([h, w], np.int32), capacity))
 
 
 def encode(model, variables, inp, tile: int = DEFAULT_TILE) -> jax.Array:
@@ -125,15 +146,6 @@ def encode(model, variables, inp, tile: int = DEFAULT_TILE) -> jax.Array:
     """
     h, w = inp.shape[1:3]
     return _encode_padded(model, variables, inp, tile)[0][:, :h, :w]
-
-
-@partial(jax.jit, static_argnums=2)
-def _flatten(x, size, capacity: int):
-    """(B, H', W', C) holding an h x w image at the top left, size = (h, w) traced ->
-    (B, capacity, C) row-major with row stride w (`grid.lr_grid`'s layout); rows after
-    h * w hold copies of other pixels and are never read."""
-    p = jnp.arange(capacity)
-    return x[:, jnp.minimum(p // size[1], x.shape[1] - 1), p % size[1]]
 
 
 def _slices(xs, sub: int, i):
@@ -253,10 +265,9 @@ def predict(model, variables, inp, coord, cell, chunk_size: int | None = None,
     # The LR map goes to the operator flat (`grid.lr_grid`), its true size as data, so
     # that the operator compiles once per (capacity, chunk) and not per input size.
     h, w = inp.shape[1:3]
-    feat, padded = _encode_padded(model, variables, inp, tile)
-    size, capacity = np.array([h, w], np.int32), max(MIN_CAPACITY, _pow2(h * w))
-    feat, inp = _flatten(feat, size, capacity), _flatten(jnp.asarray(padded), size, capacity)
-    grid, cell = lr_grid(h, w, capacity), jnp.asarray(cell, jnp.float32)
+    capacity = max(MIN_CAPACITY, _pow2(h * w))
+    feat, inp = _encode_padded(model, variables, inp, tile, capacity)
+    grid, cell = lr_grid(h, w, capacity), np.asarray(cell, np.float32)
     if n_chunks == 1:
         out = np.asarray(_one_chunk(model, variables, inp, feat, coords[:, 0], cell, grid,
                                     mask[0], np.float32(n), counts[0], sub))

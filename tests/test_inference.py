@@ -58,6 +58,11 @@ def test_tiled_encoder_equals_full(small):
         encode(model, variables, inp, tile=12)
 
 
+def test_lr_bucket():
+    assert [lr_bucket(n) for n in (1, 7, 9, 33, 64, 65, 100, 128, 129, 161, 300, 512)] == \
+        [1, 8, 12, 48, 64, 96, 128, 128, 160, 192, 320, 512]
+
+
 # Measured: EDSR's padded features are bit for bit the unpadded ones; RDN's differ in the
 # last bit (XLA picks another loop order for its 1x1 fusions at another shape).
 @pytest.mark.parametrize("encoder,args,atol", [("edsr-baseline", {"n_resblocks": 2}, 0.0),
@@ -72,11 +77,11 @@ def test_padded_input_gives_the_unpadded_result(encoder, args, atol):
     for h, w in [(13, 9), (17, 21), (41, 23)]:
         assert (lr_bucket(h), lr_bucket(w)) != (h, w)  # padded on at least one axis
         inp = np.random.default_rng(h).uniform(-1, 1, (1, h, w, 3)).astype(np.float32)
-        unpadded = _encoder()(model, variables, inp, np.array([h, w], np.int32))
+        unpadded = _encoder()(model, variables, inp, np.array([h, w], np.int32), None)
         np.testing.assert_allclose(encode(model, variables, inp), unpadded, atol=atol, rtol=0)
         hp, wp = lr_bucket(h), lr_bucket(w)
         padded = np.pad(inp, [(0, 0), (0, hp - h), (0, wp - w), (0, 0)])
-        unmasked = _encoder()(model, variables, padded, np.array([hp, wp], np.int32))[:, :h, :w]
+        unmasked = _encoder()(model, variables, padded, np.array([hp, wp], np.int32), None)[:, :h, :w]
         assert np.abs(unmasked - unpadded).max() > 1e-3
         size = (int(h * 2.7), int(w * 2.7))
         coord, cell = make_coord(size)[None], np.array([[2 / size[0], 2 / size[1]]], np.float32)
@@ -101,7 +106,7 @@ def test_compiles_once_per_bucket_and_chunk(small):
     run(9, 11, (30, 31), chunk_size=256)
     run(9, 11, (30, 31))
     before = sizes()
-    run(10, 12, (41, 23), chunk_size=256)  # LR 9..10 x 11..12 share the bucket 10 x 12
+    run(10, 12, (41, 23), chunk_size=256)  # LR 9..12 x 9..12 share the bucket 12 x 12
     run(10, 11, (25, 26))
     run(9, 12, (60, 70))  # all these outputs fill one MIN_CHUNK chunk
     assert sizes() == before
