@@ -43,7 +43,8 @@ DEFAULT_CHUNK = 2**18  # queries per chunk: one chunk keeps 2 x chunk x width fl
 MIN_CHUNK = 2**16  # the smallest chunk compiled for, so that output sizes share compilations
 SUB_CHUNK = 2048  # queries per inner step of a pass (see `_sub_map`)
 DEFAULT_TILE = 512  # LR window side for encoding large inputs
-MIN_CAPACITY = 2**15  # rows of the flat LR map (`_flatten`): one size for inputs up to 181 x 181
+MIN_CAPACITY = 2**15  # rows of the flat LR map (`_flat`): one size for inputs up to 181 x 181
+MAX_TABLE_BYTES = 2**30  # the largest lifting table (`SRNO.lift_table`); beyond, lift per query
 
 
 def lr_bucket(n: int) -> int:
@@ -173,34 +174,47 @@ def _sub_sum(fn, sub: int, count, *xs):
     return jax.lax.fori_loop(0, count, body, jnp.zeros(piece.shape, piece.dtype))
 
 
-def _lift_mix(m, feat, coord, cell, grid, kvs):
+def _lift(m, lr, coord, cell, grid):
+    """P at the queries from `lr`: the flat features (B, capacity, C), or their
+    `lift_table` (B, 4 capacity, width), which saves the lifting's products per query."""
+    if lr.shape[1] == 4 * grid["centres"].shape[0]:
+        return m.lift_from_table(lr, coord, cell, grid)
+    return m.lift(lr, coord, cell, grid)
+
+
+def _lift_mix(m, lr, coord, cell, grid, kvs):
     """Lifts queries and applies the first len(kvs) kernel integrals with known kv's."""
-    z = m.lift(feat, coord, cell, grid)
+    z = _lift(m, lr, coord, cell, grid)
     for layer, kv in zip(m.kernel_integrals, kvs):
         z = layer.mix(z, kv)
     return z
 
 
+@partial(jax.jit, static_argnums=0)
+def _table(model, variables, feat):
+    return model.apply(variables, feat, method=lambda m, f: m.lift_table(f))
+
+
 @partial(jax.jit, static_argnums=(0, 10))
-def _moments(model, variables, feat, coord, cell, grid, kvs, mask, total, count, sub):
+def _moments(model, variables, lr, coord, cell, grid, kvs, mask, total, count, sub):
     """Adds the chunk's sum of k^T v of layer len(kvs) to `total` (recomputing z)."""
     def piece(c, mk):
-        fn = lambda m: m.kernel_integrals[len(kvs)].moments(_lift_mix(m, feat, c, cell, grid, kvs), mk)
+        fn = lambda m: m.kernel_integrals[len(kvs)].moments(_lift_mix(m, lr, c, cell, grid, kvs), mk)
         return model.apply(variables, method=fn)
     return total + _sub_sum(piece, sub, count, coord, mask)
 
 
 @partial(jax.jit, static_argnums=(0, 9))
-def _project(model, variables, inp, feat, coord, cell, grid, kvs, count, sub):
+def _project(model, variables, inp, lr, coord, cell, grid, kvs, count, sub):
     """Prediction (B, C, 3) of a chunk given every layer's kv."""
     def piece(c):
-        fn = lambda m: m.project(_lift_mix(m, feat, c, cell, grid, kvs), inp, c, grid)
+        fn = lambda m: m.project(_lift_mix(m, lr, c, cell, grid, kvs), inp, c, grid)
         return model.apply(variables, method=fn)
     return _sub_map(piece, sub, count, coord)
 
 
 @partial(jax.jit, static_argnums=(0, 10))
-def _one_chunk(model, variables, inp, feat, coord, cell, grid, mask, n, count, sub):
+def _one_chunk(model, variables, inp, lr, coord, cell, grid, mask, n, count, sub):
     """All queries in one padded chunk: each layer's input z is kept between the passes
     (2 x chunk x width floats), so nothing is computed twice."""
     def run(fn, *xs):  # fn(module, *pieces) over the pieces of xs holding queries
@@ -211,7 +225,7 @@ def _one_chunk(model, variables, inp, feat, coord, cell, grid, mask, n, count, s
                                     m.kernel_integrals[i].moments(zz, mk))
         return _sub_sum(fn, sub, count, z, mask) / n
 
-    z = run(lambda m, c: m.lift(feat, c, cell, grid), coord)
+    z = run(lambda m, c: _lift(m, lr, c, cell, grid), coord)
     for i in range(KERNEL_INTEGRALS):
         kv = moments(i, z)
         if i + 1 < KERNEL_INTEGRALS:
@@ -266,10 +280,12 @@ def predict(model, variables, inp, coord, cell, chunk_size: int | None = None,
     # that the operator compiles once per (capacity, chunk) and not per input size.
     h, w = inp.shape[1:3]
     capacity = max(MIN_CAPACITY, _pow2(h * w))
-    feat, inp = _encode_padded(model, variables, inp, tile, capacity)
+    lr, inp = _encode_padded(model, variables, inp, tile, capacity)
+    if 4 * capacity * model.width * 4 * b <= MAX_TABLE_BYTES:
+        lr = _table(model, variables, lr)
     grid, cell = lr_grid(h, w, capacity), np.asarray(cell, np.float32)
     if n_chunks == 1:
-        out = np.asarray(_one_chunk(model, variables, inp, feat, coords[:, 0], cell, grid,
+        out = np.asarray(_one_chunk(model, variables, inp, lr, coords[:, 0], cell, grid,
                                     mask[0], np.float32(n), counts[0], sub))
     else:
         d = model.width // model.heads
@@ -277,11 +293,11 @@ def predict(model, variables, inp, coord, cell, chunk_size: int | None = None,
         for _ in range(KERNEL_INTEGRALS):
             total = jnp.zeros((b, model.heads, d, d), jnp.float32)
             for i in range(n_chunks):
-                total = _moments(model, variables, feat, coords[:, i], cell, grid, kvs, mask[i],
+                total = _moments(model, variables, lr, coords[:, i], cell, grid, kvs, mask[i],
                                  total, counts[i], sub)
             kvs += (total / n,)
         out = np.empty((b, n_chunks * chunk, 3), np.float32)
         for i in range(n_chunks):
-            out[:, i * chunk:(i + 1) * chunk] = _project(model, variables, inp, feat, coords[:, i],
+            out[:, i * chunk:(i + 1) * chunk] = _project(model, variables, inp, lr, coords[:, i],
                                                          cell, grid, kvs, counts[i], sub)
     return out[:, :n].reshape(*coord.shape[:-1], 3)

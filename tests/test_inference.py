@@ -49,6 +49,20 @@ def test_chunked_equals_one_pass_and_golden(small, name, chunks):
         np.testing.assert_allclose(out, golden, atol=1e-4, rtol=0, err_msg=f"chunk {chunk}")
 
 
+def test_lifting_table_equals_lifting_per_query(small, monkeypatch):
+    """The lifting's 1x1 layer applied to the LR features before the gather (the default)
+    and at each query (too large a table) give the same prediction."""
+    from srno_jax import inference
+
+    model, variables = small
+    inp, coord, cell, _ = _case("grid_x7_mcell")
+    by_table = predict(model, variables, inp, coord, cell, chunk_size=777)
+    monkeypatch.setattr(inference, "MAX_TABLE_BYTES", 0)
+    per_query = predict(model, variables, inp, coord, cell, chunk_size=777)
+    np.testing.assert_allclose(by_table, per_query, atol=1e-5, rtol=0)
+    assert np.abs(by_table - per_query).max() > 0  # two computations, not one
+
+
 def test_tiled_encoder_equals_full(small):
     model, variables = small  # receptive radius 2 * 2 + 2 = 6: tiles need > 12 pixels
     inp = np.random.default_rng(0).uniform(-1, 1, (1, 40, 29, 3)).astype(np.float32)

@@ -17,14 +17,45 @@ from srno_jax.models.layers import LinearParams, dense, gelu
 KERNEL_INTEGRALS = 2  # the paper's two kernel integral layers
 
 
-def lifting_inputs(feat, coord, cell, grid=None):
-    """The 4 * (C + 2) + 2 channels the lifting layer sees at each query point.
+def neighbours(coord, cell, grid):
+    """The lifting's geometry at each query, as the reference computes it.
 
-    For the four offsets (vx, vy) in {-1, 1}^2 (vx outer): the nearest LR feature f_i
-    to the shifted query, its offset rel_i = (coord - q_i) * (h, w) from that LR pixel
-    centre q_i, and the area |rel_y * rel_x| + 1e-9. Feature i is weighted by the area of
-    the diagonally opposite neighbour (3 - i) over the total, as bilinear weights are.
-    Channel order: [rel_0..rel_3, w_0 f_0..w_3 f_3, cell * (h, w)].
+    For the four offsets (vx, vy) in {-1, 1}^2 of `grid.OFFSETS` (vx outer): the flat
+    index of the LR pixel nearest to the shifted query, its offset rel_i = (coord - q_i)
+    * (h, w) from that pixel's centre q_i, and its bilinear weight: the area
+    |rel_y * rel_x| + 1e-9 of the diagonally opposite neighbour (3 - i) over the total.
+
+    Args:
+      coord: (B, N, 2) float32 query points.
+      cell: (B, 2) float32.
+      grid: the tables of `grid.lr_grid` (traced values allowed).
+    Returns:
+      (idx: 4 x int32 (B, N), rel: 4 x (B, N, 2), weight: 4 x (B, N), rel_cell = cell *
+      (h, w) broadcast to (B, N, 2)), all float32.
+    """
+    size = grid["size"]
+    scale = size.astype(jnp.float32)
+    # LR pixel centres are read from make_coord's float32 table, not recomputed: at odd
+    # integer scales the output depends on their exact bits (README, "Architecture").
+    centres = jnp.asarray(grid["centres"])
+    idxs, rels, areas = [], [], []
+    for i in range(len(OFFSETS)):
+        shifted = jnp.clip(coord + grid["shift"][i], -1 + 1e-6, 1 - 1e-6)
+        idx = nearest_flat_index(shifted, size)
+        rel = (coord - centres[idx]) * scale
+        idxs.append(idx)
+        rels.append(rel)
+        areas.append(jnp.abs(rel[..., 0] * rel[..., 1]) + 1e-9)
+    total = areas[0] + areas[1] + areas[2] + areas[3]
+    weights = [areas[3 - i] / total for i in range(len(OFFSETS))]
+    rel_cell = jnp.broadcast_to((cell * scale)[:, None, :], coord.shape)
+    return idxs, rels, weights, rel_cell
+
+
+def lifting_inputs(feat, coord, cell, grid=None):
+    """The 4 * (C + 2) + 2 channels the lifting layer sees at each query point:
+    [rel_0..rel_3, w_0 f_0..w_3 f_3, rel_cell] with f_i the LR feature at idx_i and the
+    rest from `neighbours`.
 
     Args:
       feat: (B, h, w, C) encoder features; with `grid`, (B, capacity, C) stored flat as
@@ -42,22 +73,8 @@ def lifting_inputs(feat, coord, cell, grid=None):
     # Gathered in float32: the gradient is a scatter-add, and atomic adds in bfloat16 are
     # slow on GPUs.
     feat = feat.astype(jnp.float32)
-    size = grid["size"]
-    scale = size.astype(jnp.float32)
-    # LR pixel centres are read from make_coord's float32 table, not recomputed: at odd
-    # integer scales the output depends on their exact bits (README, "Architecture").
-    centres = jnp.asarray(grid["centres"])
-    rels, feats, areas = [], [], []
-    for i in range(len(OFFSETS)):
-        shifted = jnp.clip(coord + grid["shift"][i], -1 + 1e-6, 1 - 1e-6)
-        idx = nearest_flat_index(shifted, size)
-        rel = (coord - centres[idx]) * scale
-        rels.append(rel)
-        feats.append(gather(feat, idx))
-        areas.append(jnp.abs(rel[..., 0] * rel[..., 1]) + 1e-9)
-    total = areas[0] + areas[1] + areas[2] + areas[3]
-    weighted = [f * (areas[3 - i] / total)[..., None] for i, f in enumerate(feats)]
-    rel_cell = jnp.broadcast_to((cell * scale)[:, None, :], coord.shape)
+    idxs, rels, weights, rel_cell = neighbours(coord, cell, grid)
+    weighted = [gather(feat, idx) * wt[..., None] for idx, wt in zip(idxs, weights)]
     return jnp.concatenate([*rels, *weighted, rel_cell], axis=-1).astype(dtype)
 
 
@@ -172,7 +189,7 @@ class SRNO(nn.Module):
     def setup(self):
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
-        self.lifting = dense(self.width, 4 * (self.encoder.out_dim + 2) + 2, dtype=self.dtype)
+        self.lifting = LinearParams(self.width, 4 * (self.encoder.out_dim + 2) + 2)
         self.kernel_integrals = [GalerkinAttention(self.width, self.heads, self.dtype)
                                  for _ in range(KERNEL_INTEGRALS)]
         self.projection = Projection(self.width, dtype=self.dtype)
@@ -184,7 +201,33 @@ class SRNO(nn.Module):
     def lift(self, feat, coord, cell, grid=None):
         """P: features and flat queries (B, N, 2) -> z (B, N, width); `grid` as in
         `lifting_inputs`."""
-        return self.lifting(lifting_inputs(feat, coord, cell, grid))
+        x = lifting_inputs(feat, coord, cell, grid)
+        kernel, bias = self.lifting()
+        return x @ kernel.astype(self.dtype) + bias.astype(self.dtype)
+
+    def lift_table(self, feat):
+        """The lifting's kernel rows for each neighbour's features applied to every LR
+        feature: flat features (B, P, C) -> (B, 4 P, width) float32, row 4 p + i for
+        neighbour i at pixel p. P is then gathered instead of computed at each query:
+        h w products instead of N (16x fewer at x4), 4 x width floats per LR pixel."""
+        kernel, _ = self.lifting()
+        b, p, c = feat.shape
+        rows = kernel[4 * 2:4 * (c + 2)].reshape(4, c, self.width).astype(jnp.float32)
+        return jnp.einsum("bpc,icw->bpiw", feat.astype(jnp.float32), rows).reshape(b, 4 * p, -1)
+
+    def lift_from_table(self, table, coord, cell, grid):
+        """P at flat queries (B, N, 2) from `lift_table`'s table of the flat features that
+        `grid` describes: `lift` up to float rounding (the sum of the 1x1 layer's
+        products is taken in another order). -> z (B, N, width)."""
+        kernel, bias = self.lifting()
+        idxs, rels, weights, rel_cell = neighbours(coord, cell, grid)
+        b, n = coord.shape[:2]
+        rows = jnp.stack([4 * idx + i for i, idx in enumerate(idxs)], -1).reshape(b, 4 * n)
+        feats = gather(table, rows).reshape(b, n, len(idxs), -1)
+        geometry = jnp.concatenate([*rels, rel_cell], -1)  # the 1x1 layer's first 8 and last 2 rows
+        z = (geometry @ jnp.concatenate([kernel[:4 * 2], kernel[-2:]]) + bias
+             + jnp.einsum("bni,bniw->bnw", jnp.stack(weights, -1), feats))
+        return z.astype(self.dtype)
 
     def project(self, z, inp, coord, grid=None):
         """Q plus the bilinear residual: z (B, N, width) -> (B, N, 3) float32. `inp` is
