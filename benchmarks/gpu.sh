@@ -37,7 +37,7 @@ case "${1:-}" in
   *) echo "gpu.sh: unknown argument $1 (use --dry-run or --fetch-wheels DIR)" >&2; exit 2 ;;
 esac
 
-work=$(mktemp -d)
+if [[ -n $dry ]]; then work='$WORK'; else work=$(mktemp -d); fi
 venv=$work/venv
 py=$venv/bin/python
 run mkdir -p "$out"

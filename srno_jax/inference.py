@@ -10,7 +10,9 @@ and nothing is computed twice. Beyond that, the queries go in chunks and each pa
 recomputes the lifting (and pass 3 layer 1) chunk by chunk, about 2.1x the work of one
 pass: peak memory then grows with the chunk size, not with the output size. Inside a
 chunk, every pass walks sub-chunks of SUB_CHUNK queries with a loop (`_sub_map`), which
-keeps their buffers in the CPU's caches and stops after the last query.
+keeps their buffers in the CPU's caches and stops after the last query. The lifting's
+1x1 layer is applied to the LR features once (`SRNO.lift_table`) and gathered at each
+query, rather than applied at every query.
 
 Compilation: one compiled encoder serves every LR size that pads to the same
 `lr_bucket` shape, and one compiled operator every LR input up to MIN_CAPACITY pixels
