@@ -150,12 +150,13 @@ def _case_train_step(repeats: int, batch: int, lr: int, queries: int,
     data = sharding.to_global({"inp": u(batch, lr, lr, 3), "coord": u(batch, queries, 2),
                                "cell": np.full((batch, 2), 1 / lr, np.float32),  # scale 2
                                "gt": u(batch, queries, 3)}, mesh)
+    votes = sharding.host_values(0, mesh)  # no host votes to stop
     step, compile_s = compile_timed(train.compile_step(model, tx, config, 250, mesh, state),
-                                    state, data)
+                                    state, data, votes)
 
     def run():  # the state is donated: carry the returned one forward
         nonlocal state
-        state, metrics = step(state, data)
+        state, metrics = step(state, data, votes)
         return metrics
 
     t = time_fn(run, repeats, profile_dir=PROFILE["dir"])
