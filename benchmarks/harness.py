@@ -20,6 +20,7 @@ from pathlib import Path
 
 import jax
 
+
 def in_child(script, *args: str, env: dict | None = None) -> dict:
     """Runs ``python script *args`` and returns the JSON object on its last stdout line,
     or {'error': ...} when it fails (its stderr passes through)."""
@@ -70,8 +71,8 @@ def machine_info() -> dict:
     dev = jax.local_devices()[0]
     cpu = platform.processor()
     if Path("/proc/cpuinfo").exists():
-        names = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                 if l.startswith("model name")]
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        names = [row.split(":", 1)[1].strip() for row in lines if row.startswith("model name")]
         cpu = names[0] if names else cpu
     return {"backend": jax.default_backend(), "device_kind": dev.device_kind,
             "devices": jax.device_count(), "cpu": cpu, "cores": os.cpu_count(),

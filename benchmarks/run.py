@@ -42,13 +42,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import flops  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-
-import flops  # noqa: E402
-from harness import (compile_timed, in_child, machine_info, peak_memory_mb, time_fn,  # noqa: E402
-                     write_json)
+from harness import compile_timed, in_child, machine_info, peak_memory_mb, time_fn, write_json  # noqa: E402
 
 CASES = ("inference_x4_128_to_512", "train_step_b4_48", "train_step_b64_128",
          "train_step_b64_128_bf16", "input_pipeline_128", "eval_mixed_sizes")

@@ -83,7 +83,9 @@ def _encoder():
         mask = (jnp.arange(h)[:, None] < size[0]) & (jnp.arange(w)[None, :] < size[1])
         feat = model.apply(variables, inp, mask[None, :, :, None],
                            method=lambda m, x, k: m.encode(x, k))
-        return feat if capacity is None else (_flat(feat, size, capacity), _flat(inp, size, capacity))
+        if capacity is None:
+            return feat
+        return _flat(feat, size, capacity), _flat(inp, size, capacity)
     return jax.jit(encode_fn, static_argnums=(0, 4), compiler_options=compiler.conv_options())
 
 
@@ -115,7 +117,8 @@ def _encode_padded(model, variables, inp, tile: int, capacity: int | None = None
     result then has that axis unpadded.
     """
     b, h, w, _ = inp.shape
-    pad = [(0, 0)] + [(0, min(lr_bucket(n), tile) - n if n <= tile else 0) for n in (h, w)] + [(0, 0)]
+    pad = [(0, min(lr_bucket(n), tile) - n if n <= tile else 0) for n in (h, w)]
+    pad = [(0, 0), *pad, (0, 0)]
     # numpy in, numpy to the jitted encoder: jnp.asarray would compile per shape.
     inp = np.pad(np.asarray(inp, np.float32), pad)
     hp, wp = inp.shape[1:3]
@@ -201,7 +204,8 @@ def _table(model, variables, feat):
 def _moments(model, variables, lr, coord, cell, grid, kvs, mask, total, count, sub):
     """Adds the chunk's sum of k^T v of layer len(kvs) to `total` (recomputing z)."""
     def piece(c, mk):
-        fn = lambda m: m.kernel_integrals[len(kvs)].moments(_lift_mix(m, lr, c, cell, grid, kvs), mk)
+        layer = len(kvs)
+        fn = lambda m: m.kernel_integrals[layer].moments(_lift_mix(m, lr, c, cell, grid, kvs), mk)
         return model.apply(variables, method=fn)
     return total + _sub_sum(piece, sub, count, coord, mask)
 
@@ -242,7 +246,8 @@ def _chunk_len(n: int, chunk_size: int | None) -> tuple[int, int]:
     that output sizes share compilations (the pieces after the last query are skipped),
     rounded up to a multiple of the sub-chunk (SUB_CHUNK, or the chunk when smaller)."""
     chunk_size = DEFAULT_CHUNK if chunk_size is None else chunk_size
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+    integer = isinstance(chunk_size, (int, np.integer)) and not isinstance(chunk_size, bool)
+    if not integer or chunk_size < 1:
         raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     chunk = min(int(chunk_size), max(_pow2(n), MIN_CHUNK))
     sub = min(SUB_CHUNK, chunk)

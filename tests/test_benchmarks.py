@@ -3,7 +3,6 @@ case selection, the JSON report."""
 import importlib.util
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ def _load(name):
 run = _load("run")  # puts benchmarks/ on sys.path, so its modules import as run does
 import flops  # noqa: E402
 import harness  # noqa: E402
+
 
 def test_edsr_flop_hand_count():
     # 2 x 2 map: head 3 -> 4 (2*9*3*4*4 = 864) and three 4 -> 4 convs (2*9*4*4*4 = 1152 each).
@@ -53,7 +53,8 @@ def test_forward_and_train_flop():
     assert flops.forward_flop(model, 2, (2, 3), 5) == forward
     assert flops.train_step_flop(model, 2, (2, 3), 5) == 3 * forward
     # shared/docs/reference.md: x4 128 -> 512 inference is about 462 GFLOP.
-    assert flops.forward_flop(make_model(), 1, (128, 128), 512 * 512) / 1e9 == pytest.approx(462, abs=1)
+    gflop = flops.forward_flop(make_model(), 1, (128, 128), 512 * 512) / 1e9
+    assert gflop == pytest.approx(462, abs=1)
 
 
 def test_time_fn_warms_up_then_times_each_call():
@@ -135,7 +136,7 @@ def test_gpu_script_dry_run(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out")}
     proc = subprocess.run(["bash", str(_BENCH / "gpu.sh"), "--dry-run"], capture_output=True,
                           text=True, env=env, check=True)
-    (line,) = [l for l in proc.stdout.splitlines() if "benchmarks/run.py" in l]
+    (line,) = [row for row in proc.stdout.splitlines() if "benchmarks/run.py" in row]
     cases = line.split("--only ")[1].split()[0].split(",")
     assert cases and set(cases) <= set(run.CASES)  # every case it asks for exists
     assert "--profile" in line and str(tmp_path / "out" / "gpu.json") in line

@@ -113,6 +113,6 @@ class RDN(nn.Module):
         for i in range(n_blocks):
             y = RDB(self.g0, growth, n_convs, self.dtype, name=f"rdb_{i}")(y, mask)
             outs.append(y)
-        y = _masked(conv(self.g0, 1, n_blocks * self.g0, "gff_0", self.dtype)(jnp.concatenate(outs, -1)),
-                    mask)
+        fused = conv(self.g0, 1, n_blocks * self.g0, "gff_0", self.dtype)(jnp.concatenate(outs, -1))
+        y = _masked(fused, mask)
         return _masked(conv(self.g0, k, self.g0, "gff_1", self.dtype)(y), mask) + f1
