@@ -124,51 +124,18 @@ class _JsonOutput:
                             "writable path") from None
 
 
-class _CompileClock:
-    """Seconds JAX spends compiling, from `jax.monitoring`'s duration events: tracing and
-    lowering to MLIR (which the persistent cache does not save), and XLA's compilation or
-    its load from the persistent cache; with the number of XLA compilations and of
-    persistent-cache hits among them."""
-
-    _TRACE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
-                     "/jax/core/compile/jaxpr_to_mlir_module_duration")
-    _XLA_EVENT = "/jax/core/compile/backend_compile_duration"
-
-    def __enter__(self):
-        import jax
-
-        self.tracing, self.xla, self.compilations, self.cache_hits = 0.0, 0.0, 0, 0
-        jax.monitoring.register_event_duration_secs_listener(self._on_duration)
-        jax.monitoring.register_event_listener(self._on_event)
-        return self
-
-    def __exit__(self, *exc):
-        import jax
-
-        jax.monitoring.unregister_event_duration_listener(self._on_duration)
-        jax.monitoring.unregister_event_listener(self._on_event)
-
-    def _on_duration(self, event: str, duration: float, **kwargs) -> None:
-        if event in self._TRACE_EVENTS:
-            self.tracing += duration
-        elif event == self._XLA_EVENT:
-            self.xla += duration
-            self.compilations += 1
-
-    def _on_event(self, event: str, **kwargs) -> None:
-        self.cache_hits += event == "/jax/compilation_cache/cache_hits"
-
-    def report(self, wall: float, cache_dir: str | None) -> tuple[dict, str]:
-        """(the JSON's 'timing', the line for stderr) of a run that took `wall` seconds."""
-        total = self.tracing + self.xla
-        timing = {"wall_s": round(wall, 3), "compile_s": round(total, 3),
-                  "trace_lower_s": round(self.tracing, 3), "xla_compile_s": round(self.xla, 3),
-                  "compilations": self.compilations, "cache_hits": self.cache_hits}
-        line = (f"{wall:.1f} s in all, {total:.1f} s ({total / wall:.0%}) compiling: "
-                f"{self.tracing:.1f} s tracing and lowering, {self.xla:.1f} s in XLA for "
-                f"{self.compilations} compilations, {self.cache_hits} of them loaded from the "
-                f"persistent cache ({cache_dir or 'off'})")
-        return timing, line
+def _timing(clock, wall: float, cache_dir: str | None) -> tuple[dict, str]:
+    """(the JSON's 'timing', the line for stderr) of a run that took `wall` seconds, from a
+    `compiler.CompileClock`."""
+    total = clock.compile_s
+    timing = {"wall_s": round(wall, 3), "compile_s": round(total, 3),
+              "trace_lower_s": round(clock.tracing, 3), "xla_compile_s": round(clock.xla, 3),
+              "compilations": clock.compilations, "cache_hits": clock.cache_hits}
+    line = (f"{wall:.1f} s in all, {total:.1f} s ({total / wall:.0%}) compiling: "
+            f"{clock.tracing:.1f} s tracing and lowering, {clock.xla:.1f} s in XLA for "
+            f"{clock.compilations} compilations, {clock.cache_hits} of them loaded from the "
+            f"persistent cache ({cache_dir or 'off'})")
+    return timing, line
 
 
 def _evaluate(args, results: list[dict], state: dict) -> None:
@@ -225,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
 
         cache = compiler.enable_compilation_cache(
             compiler.DEFAULT_CACHE_DIR if args.compilation_cache is None else args.compilation_cache)
-        with _CompileClock() as clock:
+        with compiler.CompileClock() as clock:
             try:
                 _evaluate(args, results, state)
             except Image.DecompressionBombError as e:
@@ -248,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\n(incomplete: the evaluation stopped after {len(results)} cells)")
         timing = None
         if clock is not None and "bar" in state:  # the work began
-            timing, line = clock.report(time.perf_counter() - start, cache)
+            timing, line = _timing(clock, time.perf_counter() - start, cache)
             if clock.compilations:
                 print(f"{_PROG}: {line}", file=sys.stderr)
         if "json" in state and "bar" in state:  # a failure before any work keeps the old file
