@@ -31,3 +31,20 @@ def small_golden():
     d = require_golden("small_edsr_srno")
     model, variables = load_checkpoint(d / "checkpoint.pth")
     return model, variables, dict(np.load(d / "cases.npz"))
+
+
+@pytest.fixture
+def fake_gcs(monkeypatch):
+    """gs:// (and gcs://) served by an in-memory fsspec file system, for this test only."""
+    import sys
+
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class FakeGCS(MemoryFileSystem):
+        protocol = ("gs", "gcs")
+
+        def __init__(self, *args, finalize_on_close=None, **kwargs):  # epath passes it
+            super().__init__(*args, **kwargs)
+
+    for name in ("gs", "gcs"):
+        monkeypatch.setitem(sys.modules["fsspec.registry"]._registry, name, FakeGCS)

@@ -127,9 +127,7 @@ def test_pair_changed_or_unreadable(tmp_path):
 def test_paired_folder_trains(tmp_path):
     """A paired folder (x2 and x2.5 pairs, LR made by a box filter rather than bicubic)
     trains the tiny model end to end: the loss falls."""
-    from test_train import tiny_config
-
-    from srno_jax import sharding, train, train_cli
+    from test_train import assert_loss_falls, tiny_config
 
     yy, xx = np.mgrid[0:40, 0:50] / 50.0
     for i in range(4):
@@ -141,39 +139,16 @@ def test_paired_folder_trains(tmp_path):
         lr_size = (20, 16) if i % 2 else (25, 20)  # (W, H): x2.5 and x2
         hr.resize(lr_size, Image.BOX).save(tmp_path / "LR" / f"{i}.png")
     assert sorted(p.scale for p in find_pairs(tmp_path)) == [2.0, 2.0, 2.5, 2.5]
-    config = tiny_config(tmp_path)
-    model, tx = train.model_from_config(config), train.make_optimizer(config)
-    mesh = sharding.make_mesh()
-    state = train.init_state(model, tx, 0)
-    step = train.compile_step(model, tx, config, 100, mesh, state)
-    losses = []
-    with train_cli.training_data(config).batches(0) as loader:
-        assert type(loader.source).__name__ == "PairedSource"
-        for _ in range(40):
-            state, m = step(state, sharding.to_global(next(loader), mesh),
-                            sharding.host_values(0, mesh))
-            losses.append(float(m["loss"]))
-    assert np.isfinite(losses).all()
-    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5]), losses
+    assert type(assert_loss_falls(tiny_config(tmp_path))).__name__ == "PairedSource"
 
 
-def test_pairs_in_a_bucket(monkeypatch, tmp_path):
+def test_pairs_in_a_bucket(fake_gcs, monkeypatch, tmp_path):
     """gs:// served by an in-memory fsspec file system: the layout is listed, the headers
     and pixels read through etils.epath, and nothing touches the local disk."""
     import io
-    import sys
 
     from etils import epath
-    from fsspec.implementations.memory import MemoryFileSystem
 
-    class FakeGCS(MemoryFileSystem):
-        protocol = ("gs", "gcs")
-
-        def __init__(self, *args, finalize_on_close=None, **kwargs):
-            super().__init__(*args, **kwargs)
-
-    for name in ("gs", "gcs"):
-        monkeypatch.setitem(sys.modules["fsspec.registry"]._registry, name, FakeGCS)
     monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(0)
     images = {}

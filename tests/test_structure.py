@@ -34,23 +34,13 @@ def test_workdir_io_goes_through_epath():
                              r"|(?<![\w.])(?<!def )open\(", code.replace("os.path.join(list(spec", "")), name
 
 
-def test_a_bucket_workdir_is_written_through_epath(monkeypatch):
+def test_a_bucket_workdir_is_written_through_epath(fake_gcs, monkeypatch):
     """gs:// served by an in-memory fsspec file system: the workdir checks, the lock and
     the TensorBoard files all land in the bucket, none on the local disk, and image
     folders are listed and read from it."""
-    from fsspec.implementations.memory import MemoryFileSystem
-
     from srno_jax import metric_writer, workdir
     from srno_jax.errors import ConfigError
 
-    class FakeGCS(MemoryFileSystem):
-        protocol = ("gs", "gcs")
-
-        def __init__(self, *args, finalize_on_close=None, **kwargs):
-            super().__init__(*args, **kwargs)
-
-    for name in ("gs", "gcs"):
-        monkeypatch.setitem(sys.modules["fsspec.registry"]._registry, name, FakeGCS)
     monkeypatch.chdir(Path(__file__).parent)
     run = workdir.check_writable("gs://bucket/run")
     assert str(run) == "gs://bucket/run" and not Path("gs:").exists()
