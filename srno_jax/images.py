@@ -59,6 +59,12 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     return to_rgb_uint8(open_image(path))
 
 
+def bomb_error(path, e: Exception) -> DataError:
+    """The one-line refusal of a file whose header claims more pixels than PIL allows."""
+    return DataError(f"refusing {path}: {e} If you trust the file, raise "
+                     "PIL.Image.MAX_IMAGE_PIXELS.")
+
+
 def open_image(path: str | os.PathLike, *, orient: bool = False) -> Image.Image:
     """Reads an image file as a loaded PIL image in its own mode (alpha, 16-bit kept).
 
@@ -80,8 +86,7 @@ def open_image(path: str | os.PathLike, *, orient: bool = False) -> Image.Image:
     except FileNotFoundError:
         raise DataError(f"image not found: {path}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DataError(f"refusing {path}: {e} If you trust the file, raise "
-                        "PIL.Image.MAX_IMAGE_PIXELS.") from None
+        raise bomb_error(path, e) from None
     except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad files
         raise DataError(f"cannot read image {path}: {e}; is it a complete image file?") from None
 

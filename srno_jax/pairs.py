@@ -21,7 +21,7 @@ from etils import epath
 from PIL import Image
 
 from srno_jax.errors import DataError
-from srno_jax.images import image_files, load_image
+from srno_jax.images import bomb_error, image_files, load_image
 
 _SCALE_DIR = re.compile(r"^[xX](\d+(?:\.\d+)?)$")  # X2, X3, x2.5
 _SCALE_SUFFIX = re.compile(r"[xX]\d+(?:\.\d+)?$")  # the 'x2' of 0801x2
@@ -81,6 +81,8 @@ def image_hw(path: str) -> tuple[int, int]:
             return img.height, img.width
     except FileNotFoundError:
         raise DataError(f"image not found: {path}") from None
+    except Image.DecompressionBombError as e:
+        raise bomb_error(path, e) from None
     except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad files
         raise DataError(f"cannot read image {path}: {e}; is it a complete image file?") from None
 

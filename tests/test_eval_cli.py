@@ -345,4 +345,5 @@ def test_paired_decompression_bomb_is_one_line(tmp_path, capsys):
     _bomb(root / "LR" / "b.png", 30000)
     assert _run("--data", root) == 2
     err = capsys.readouterr().err
-    assert "too large to read safely" in err and "Traceback" not in err
+    assert "refusing" in err and "b.png" in err and "MAX_IMAGE_PIXELS" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err

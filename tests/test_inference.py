@@ -170,7 +170,8 @@ def test_upscale_cli(small, tmp_path, capsys):
     rgb = np.random.default_rng(3).integers(0, 256, (12, 10, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "in.png")
     out = tmp_path / "out.png"
-    args = [str(tmp_path / "in.png"), str(out), "--checkpoint", str(_GOLDEN / "checkpoint.pth")]
+    args = [str(tmp_path / "in.png"), str(out), "--checkpoint", str(_GOLDEN / "checkpoint.pth"),
+            "--compilation_cache="]  # not the user's cache folder
     assert main([*args, "--size", "25x30"]) == 0
     np.testing.assert_array_equal(np.asarray(Image.open(out)), upscale(*small, rgb, scale=2.5))
     assert main([*args, "--scale", "-1"]) == 2
