@@ -34,6 +34,12 @@ def make_coord(shape) -> np.ndarray:
     return np.stack(grid, axis=-1).astype(np.float32)
 
 
+def _position(c, n):
+    """The reference's unnormalised position (c + 1) (n / 2) - 1/2 along an axis of n
+    pixels, in float32 (n / 2 is exact for n < 2^24); n is an int32 array, may be traced."""
+    return (c + 1.0) * (n.astype(jnp.float32) / 2) - np.float32(0.5)
+
+
 def nearest_index(c, size: int):
     """Index of the pixel nearest to coordinate `c` along an axis of `size` pixels.
 
@@ -44,19 +50,55 @@ def nearest_index(c, size: int):
 
     Args:
       c: float32 array of coordinates in [-1, 1].
-      size: number of pixels along the axis.
+      size: number of pixels along the axis (an int, or an int32 array that may be traced).
     Returns:
       int32 array shaped like `c`.
     """
-    pos = (c + 1.0) * np.float32(size / 2) - np.float32(0.5)
-    return jnp.clip(jnp.round(pos), 0, size - 1).astype(jnp.int32)
+    n = jnp.asarray(size, jnp.int32) if not isinstance(size, int) else np.int32(size)
+    return jnp.clip(jnp.round(_position(c, n)), 0, n - 1).astype(jnp.int32)
+
+
+def nearest_flat_index(coord, size):
+    """Row-major index (stride size[1]) of the pixel nearest to each coordinate.
+
+    `nearest_index` along both axes. coord (..., 2) float32 (row, col); size int32 (2,) =
+    (h, w), may be traced. Returns int32 (...).
+    """
+    return nearest_index(coord[..., 0], size[0]) * size[1] + nearest_index(coord[..., 1], size[1])
+
+
+def gather(flat, idx):
+    """flat (B, capacity, C) at idx (B, N) -> (B, N, C)."""
+    return jnp.take_along_axis(flat, idx[..., None], axis=1)
+
+
+def sample_bilinear_flat(img, coord, size):
+    """Bilinear sample with border padding of a flat-stored image at coordinates.
+
+    Exactly torch ``grid_sample(mode='bilinear', padding_mode='border',
+    align_corners=False)``, (row, col) order. img (B, capacity, C) row-major with stride
+    size[1] (rows after h * w are never read); coord (B, N, 2) float32 in [-1, 1]
+    (outside reads the border); size int32 (2,) = (h, w), may be traced. Returns (B, N, C).
+    """
+    def axis(c, n):
+        pos = jnp.clip(_position(c, n), 0, (n - 1).astype(jnp.float32))
+        i0 = jnp.floor(pos)
+        frac = pos - i0
+        i0 = i0.astype(jnp.int32)
+        return i0, jnp.minimum(i0 + 1, n - 1), frac[..., None]
+
+    h, w = size[0], size[1]
+    y0, y1, fy = axis(coord[..., 0], h)
+    x0, x1, fx = axis(coord[..., 1], w)
+    at = lambda iy, ix: gather(img, iy * w + ix)
+    return ((1 - fy) * ((1 - fx) * at(y0, x0) + fx * at(y0, x1))
+            + fy * ((1 - fx) * at(y1, x0) + fx * at(y1, x1)))
 
 
 def sample_bilinear(img, coord):
     """Bilinear sample of an image at coordinates, with border padding.
 
-    Exactly torch ``grid_sample(mode='bilinear', padding_mode='border',
-    align_corners=False)`` with the (row, col) coordinate order of this package.
+    `sample_bilinear_flat` of an image stored as (B, h, w, C).
 
     Args:
       img: (B, h, w, C) array.
@@ -66,21 +108,4 @@ def sample_bilinear(img, coord):
       (B, N, C) array.
     """
     b, h, w, ch = img.shape
-
-    def axis(c, size):
-        pos = jnp.clip((c + 1.0) * np.float32(size / 2) - np.float32(0.5), 0, size - 1)
-        i0 = jnp.floor(pos)
-        frac = pos - i0
-        i0 = i0.astype(jnp.int32)
-        return i0, jnp.minimum(i0 + 1, size - 1), frac
-
-    y0, y1, fy = axis(coord[..., 0], h)
-    x0, x1, fx = axis(coord[..., 1], w)
-    flat = img.reshape(b, h * w, ch)
-
-    def gather(iy, ix):
-        return jnp.take_along_axis(flat, (iy * w + ix)[..., None], axis=1)
-
-    fy, fx = fy[..., None], fx[..., None]
-    return ((1 - fy) * ((1 - fx) * gather(y0, x0) + fx * gather(y0, x1))
-            + fy * ((1 - fx) * gather(y1, x0) + fx * gather(y1, x1)))
+    return sample_bilinear_flat(img.reshape(b, h * w, ch), coord, np.array([h, w], np.int32))

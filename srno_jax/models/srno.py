@@ -11,7 +11,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from srno_jax.models.grid import OFFSETS, gather, lr_grid, nearest_flat_index, sample_bilinear_flat
+from srno_jax.coords import gather, nearest_flat_index, sample_bilinear_flat
+from srno_jax.models.grid import OFFSETS, lr_grid
 from srno_jax.models.layers import LinearParams, dense, gelu
 
 KERNEL_INTEGRALS = 2  # the paper's two kernel integral layers
