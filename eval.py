@@ -6,6 +6,7 @@ protocol: the repository's front door to `srno_jax.eval_cli` (installed as ``srn
 
 See ``python eval.py --help``.
 """
+
 import sys
 
 from srno_jax.eval_cli import main

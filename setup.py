@@ -1,4 +1,5 @@
 """srno-jax: the Super-Resolution Neural Operator (Wei & Zhang, CVPR 2023) in JAX/Flax."""
+
 from setuptools import find_packages, setup
 
 # Training's data and logging; the core install alone upscales (CLI and notebook).
@@ -12,7 +13,9 @@ setup(
     long_description_content_type="text/markdown",
     # flax 0.12 and orbax-checkpoint 0.12 need 3.11; on 3.10 pip would pick an older stack.
     python_requires=">=3.11",
-    packages=find_packages(include=["srno_jax", "srno_jax.*", "input_pipeline", "input_pipeline.*", "configs"]),
+    packages=find_packages(
+        include=["srno_jax", "srno_jax.*", "input_pipeline", "input_pipeline.*", "configs"]
+    ),
     install_requires=[
         "jax>=0.6",
         "flax>=0.10",
@@ -27,15 +30,25 @@ setup(
     ],
     extras_require={
         "train": TRAIN,
-        "test": [*TRAIN, "pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "nbformat>=5",
-                 "nbclient>=0.10", "ipykernel"],
+        "test": [
+            *TRAIN,
+            "pytest>=8",
+            "pytest-xdist>=3",
+            "hypothesis>=6",
+            "nbformat>=5",
+            "nbclient>=0.10",
+            "ipykernel",
+            "ruff>=0.15",  # lint and format check of .ci/run (settings in ruff.toml)
+        ],
         # examples/plot_curves.py draws the training curve with it.
         "examples": [*TRAIN, "matplotlib>=3.8"],
         "gpu": ["jax[cuda12]"],
     },
-    entry_points={"console_scripts": [
-        "srno-train=srno_jax.train_cli:main",
-        "srno-eval=srno_jax.eval_cli:main",
-        "srno-upscale=srno_jax.upscale_cli:main",
-    ]},
+    entry_points={
+        "console_scripts": [
+            "srno-train=srno_jax.train_cli:main",
+            "srno-eval=srno_jax.eval_cli:main",
+            "srno-upscale=srno_jax.upscale_cli:main",
+        ]
+    },
 )

@@ -8,6 +8,7 @@ temporary workdir; the held-out PSNR (benchmark protocol, the demo's photographs
 x2, x3 and x4 is what `main.py` prints at the end. The target: bfloat16 within 0.05 dB of
 float32 at every scale.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,9 +36,13 @@ def _child(dtype: str, steps: int) -> dict:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
         results = train_cli.run(config, workdir)
-    return {"compute_dtype": dtype, "steps": steps, "seconds": time.perf_counter() - start,
-            "psnr": {f"{s:g}": r[0] for s, r in results.items()},
-            "bicubic_psnr": {f"{s:g}": r[1] for s, r in results.items()}}
+    return {
+        "compute_dtype": dtype,
+        "steps": steps,
+        "seconds": time.perf_counter() - start,
+        "psnr": {f"{s:g}": r[0] for s, r in results.items()},
+        "bicubic_psnr": {f"{s:g}": r[1] for s, r in results.items()},
+    }
 
 
 def main() -> None:
@@ -60,8 +65,10 @@ def main() -> None:
     print(f"{'scale':>6} {'float32':>8} {'bfloat16':>9} {'diff dB':>8}")
     for s in f32["psnr"]:
         print(f"{'x' + s:>6} {f32['psnr'][s]:8.3f} {bf16['psnr'][s]:9.3f} {diff[s]:+8.3f}")
-    print(f"{a.steps} steps each: {f32['seconds']:.0f} s (float32), {bf16['seconds']:.0f} s "
-          f"(bfloat16); worst |diff| {max(abs(d) for d in diff.values()):.3f} dB (target 0.05)")
+    print(
+        f"{a.steps} steps each: {f32['seconds']:.0f} s (float32), {bf16['seconds']:.0f} s "
+        f"(bfloat16); worst |diff| {max(abs(d) for d in diff.values()):.3f} dB (target 0.05)"
+    )
     if a.json:
         write_json(a.json, {"machine": machine_info(), "runs": runs, "psnr_diff_db": diff})
 

@@ -4,6 +4,7 @@ Counted: matmuls and convolutions, 2 per multiply-add, as the reference computes
 (our fused kernel integrals do fewer; a rate in these FLOPs is "reference FLOPs per
 second"). Left out: biases, activations, layer norms, gathers and the bilinear residual.
 """
+
 from __future__ import annotations
 
 from srno_jax.models import EDSR, RDN, SRNO, Projection
@@ -28,10 +29,16 @@ def encoder_flop(encoder, h: int, w: int) -> int:
     if isinstance(encoder, RDN):
         blocks, convs, growth = RDN_CONFIGS[encoder.config]
         g0, k = encoder.g0, encoder.kernel_size
-        block = (sum(conv_flop(3, g0 + j * growth, growth, h, w) for j in range(convs))
-                 + conv_flop(1, g0 + convs * growth, g0, h, w))
-        return (conv_flop(k, 3, g0, h, w) + conv_flop(k, g0, g0, h, w) + blocks * block
-                + conv_flop(1, blocks * g0, g0, h, w) + conv_flop(k, g0, g0, h, w))
+        block = sum(conv_flop(3, g0 + j * growth, growth, h, w) for j in range(convs)) + conv_flop(
+            1, g0 + convs * growth, g0, h, w
+        )
+        return (
+            conv_flop(k, 3, g0, h, w)
+            + conv_flop(k, g0, g0, h, w)
+            + blocks * block
+            + conv_flop(1, blocks * g0, g0, h, w)
+            + conv_flop(k, g0, g0, h, w)
+        )
     raise TypeError(f"no FLOP model for encoder {type(encoder).__name__}")
 
 

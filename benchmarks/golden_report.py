@@ -5,6 +5,7 @@
 
 tests/test_golden.py asserts the tolerances; this prints how far inside them we are.
 """
+
 import sys
 from pathlib import Path
 
@@ -34,20 +35,35 @@ def report(folder: Path) -> str:
         out = apply(variables, inp, jnp.asarray(z[f"{c}/coord"]), jnp.asarray(z[f"{c}/cell"]))
         pred = max(pred, float(jnp.abs(out - nhwc(z[f"{c}/pred"])).max()))
     c = "train_batch_x3.3"
-    inp, coord, cell = nhwc(z[f"{c}/inp"]), jnp.asarray(z[f"{c}/coord"]), jnp.asarray(z[f"{c}/cell"])
+    inp, coord, cell = (
+        nhwc(z[f"{c}/inp"]),
+        jnp.asarray(z[f"{c}/coord"]),
+        jnp.asarray(z[f"{c}/cell"]),
+    )
     batch = {"inp": inp, "coord": coord, "cell": cell, "gt": (nhwc(z[f"{c}/gt"]) - 0.5) / 0.5}
     loss, grads = jax.jit(jax.value_and_grad(l1_loss), static_argnums=1)(
-        variables["params"], model, batch)
-    grad = max(np.linalg.norm(g - z[f"grad/{k}"]) / np.linalg.norm(z[f"grad/{k}"])
-               for k, g in params_to_torch(grads, model).items())
-    return (f"{folder.name:16} features {feat:.1e}  predictions {pred:.1e}  "
-            f"loss {abs(float(loss) - float(z[f'{c}/loss'])):.1e}  gradients {grad:.1e} (relative)")
+        variables["params"], model, batch
+    )
+    grad = max(
+        np.linalg.norm(g - z[f"grad/{k}"]) / np.linalg.norm(z[f"grad/{k}"])
+        for k, g in params_to_torch(grads, model).items()
+    )
+    return (
+        f"{folder.name:16} features {feat:.1e}  predictions {pred:.1e}  "
+        f"loss {abs(float(loss) - float(z[f'{c}/loss'])):.1e}  gradients {grad:.1e} (relative)"
+    )
 
 
 if __name__ == "__main__":
     repo = Path(__file__).resolve().parents[1]
     shared = repo.parent / "shared" / "golden"
-    root = Path(sys.argv[1]) if len(sys.argv) > 1 else shared if shared.is_dir() else repo / "tests" / "golden"
+    root = (
+        Path(sys.argv[1])
+        if len(sys.argv) > 1
+        else shared
+        if shared.is_dir()
+        else repo / "tests" / "golden"
+    )
     for name in ("small_edsr_srno", "edsr_srno", "rdn_srno"):
         if (root / name / "cases.npz").exists():
             print(report(root / name), flush=True)

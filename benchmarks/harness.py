@@ -5,6 +5,7 @@ A script runs each measurement in a fresh child process (`in_child`): its peak m
 compilations are then its own. The child is the same script run with the arguments
 given; it prints its result as one JSON object on the last line of its stdout.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -24,8 +25,12 @@ import jax
 def in_child(script, *args: str, env: dict | None = None) -> dict:
     """Runs ``python script *args`` and returns the JSON object on its last stdout line,
     or {'error': ...} when it fails (its stderr passes through)."""
-    proc = subprocess.run([sys.executable, str(script), *args], stdout=subprocess.PIPE,
-                          text=True, env=None if env is None else {**os.environ, **env})
+    proc = subprocess.run(
+        [sys.executable, str(script), *args],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=None if env is None else {**os.environ, **env},
+    )
     if proc.returncode:
         return {"error": f"exit status {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -74,10 +79,15 @@ def machine_info() -> dict:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         names = [row.split(":", 1)[1].strip() for row in lines if row.startswith("model name")]
         cpu = names[0] if names else cpu
-    return {"backend": jax.default_backend(), "device_kind": dev.device_kind,
-            "devices": jax.device_count(), "cpu": cpu, "cores": os.cpu_count(),
-            "jax_version": jax.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "backend": jax.default_backend(),
+        "device_kind": dev.device_kind,
+        "devices": jax.device_count(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "jax_version": jax.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def write_json(path, report: dict) -> None:

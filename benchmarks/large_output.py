@@ -14,6 +14,7 @@ on this machine, so it is measured at smaller outputs and extrapolated linearly 
 number of queries N: rss(N) = a + b N, with b / (width * 4 bytes) the number of live
 (N, width) float32 buffers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,18 +50,39 @@ def _child(mode: str, lr: int, out: int, chunk_size: int) -> dict:
         result = upscale(model, variables, img, size=(out, out), chunk_size=chunk_size)
     else:
         fn = jax.jit(model.apply)
-        result = np.asarray(fn(variables, normalise(img)[None], make_coord((out, out))[None],
-                               eval_cell((out, out), out / lr)[None]))[0]
+        result = np.asarray(
+            fn(
+                variables,
+                normalise(img)[None],
+                make_coord((out, out))[None],
+                eval_cell((out, out), out / lr)[None],
+            )
+        )[0]
     seconds = time.perf_counter() - start
     assert result.shape[:2] == (out, out)
-    return {"mode": mode, "lr": lr, "out": out, "queries": out * out,
-            "chunk_size": chunk_size if mode == "chunked" else None, "seconds": round(seconds, 1),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    return {
+        "mode": mode,
+        "lr": lr,
+        "out": out,
+        "queries": out * out,
+        "chunk_size": chunk_size if mode == "chunked" else None,
+        "seconds": round(seconds, 1),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
 
 
 def _run(mode: str, lr: int, out: int, chunk_size: int = 0) -> dict:
-    r = in_child(__file__, "--_child", mode, "--lr", str(lr), "--out", str(out),
-                 "--chunk_sizes", str(chunk_size))
+    r = in_child(
+        __file__,
+        "--_child",
+        mode,
+        "--lr",
+        str(lr),
+        "--out",
+        str(out),
+        "--chunk_sizes",
+        str(chunk_size),
+    )
     if "error" in r:
         raise SystemExit(f"{mode} at {out}x{out} failed ({r['error']})")
     return r
@@ -81,19 +103,28 @@ def main() -> None:
     width = 256
     print(f"{'mode':8} {'output':>11} {'chunk':>7} {'seconds':>8} {'peak RSS MiB':>13}", flush=True)
     rows = []
-    for mode, out, chunk in ([("onepass", int(s), 0) for s in a.onepass_sizes.split(",")]
-                             + [("chunked", a.out, int(c)) for c in a.chunk_sizes.split(",")]):
+    for mode, out, chunk in [("onepass", int(s), 0) for s in a.onepass_sizes.split(",")] + [
+        ("chunked", a.out, int(c)) for c in a.chunk_sizes.split(",")
+    ]:
         r = _run(mode, a.lr, out, chunk)
         rows.append(r)
-        print(f"{r['mode']:8} {str(r['out']) + 'x' + str(r['out']):>11} {r['chunk_size'] or '-':>7} "
-              f"{r['seconds']:8.1f} {r['peak_rss_mib']:13.1f}", flush=True)
+        print(
+            f"{r['mode']:8} {str(r['out']) + 'x' + str(r['out']):>11} {r['chunk_size'] or '-':>7} "
+            f"{r['seconds']:8.1f} {r['peak_rss_mib']:13.1f}",
+            flush=True,
+        )
     (n0, r0), (n1, r1) = ((r["queries"], r["peak_rss_mib"]) for r in rows[:2])
     slope = (r1 - r0) / (n1 - n0)  # MiB per query
     n = a.out * a.out
-    estimate = {"queries": n, "peak_rss_mib": round(r0 + slope * (n - n0), 1),
-                "live_width_buffers": round(slope * 2**20 / (width * 4), 1)}
-    print(f"one-pass at {a.out}x{a.out}, extrapolated: {estimate['peak_rss_mib']:.0f} MiB "
-          f"(about {estimate['live_width_buffers']} live (N, {width}) float32 buffers per query)")
+    estimate = {
+        "queries": n,
+        "peak_rss_mib": round(r0 + slope * (n - n0), 1),
+        "live_width_buffers": round(slope * 2**20 / (width * 4), 1),
+    }
+    print(
+        f"one-pass at {a.out}x{a.out}, extrapolated: {estimate['peak_rss_mib']:.0f} MiB "
+        f"(about {estimate['live_width_buffers']} live (N, {width}) float32 buffers per query)"
+    )
     if a.json:
         Path(a.json).write_text(json.dumps({"runs": rows, "onepass_estimate": estimate}, indent=1))
 

@@ -29,6 +29,7 @@ same run (float32 on CPU, bfloat16 on GPU/TPU), the practical peak to read
 (`benchmarks/flops.py`). ``--quick`` (2 repeats) is for
 developing the harness, not for numbers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,19 +49,33 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from harness import compile_timed, in_child, machine_info, peak_memory_mb, time_fn, write_json  # noqa: E402
 
-CASES = ("inference_x4_128_to_512", "train_step_b4_48", "train_step_b64_128",
-         "train_step_b64_128_bf16", "input_pipeline_128", "eval_mixed_sizes")
+CASES = (
+    "inference_x4_128_to_512",
+    "train_step_b4_48",
+    "train_step_b64_128",
+    "train_step_b64_128_bf16",
+    "input_pipeline_128",
+    "eval_mixed_sizes",
+)
 ACCELERATOR_ONLY = ("train_step_b64_128", "train_step_b64_128_bf16")
 # The reference PyTorch timed on this kind of machine by benchmarks/torch_reference.py.
 TORCH_RESULTS = Path(__file__).resolve().parent / "results" / "cpu_2core_torch.json"
 MACHINE_KEYS = ("backend", "device_kind", "devices", "cpu", "cores", "jax_version", "date")
-RESULT_KEYS = ("name", "median_s", "gflop", "gflops_per_s", "ceiling_gflops_per_s",
-               "peak_memory_mb", "compile_s")
+RESULT_KEYS = (
+    "name",
+    "median_s",
+    "gflop",
+    "gflops_per_s",
+    "ceiling_gflops_per_s",
+    "peak_memory_mb",
+    "compile_s",
+)
 EVAL_SCALES = (2.0, 3.0, 4.0)
 PROFILE = {"dir": None}  # in a child run with --profile: where its timed cases trace one call
 
 
 # --- records ---------------------------------------------------------------------------------
+
 
 def torch_seconds(machine: dict, path=TORCH_RESULTS) -> dict:
     """{case: median s} of the reference PyTorch from `path`, if it was measured on a CPU
@@ -73,16 +88,30 @@ def torch_seconds(machine: dict, path=TORCH_RESULTS) -> dict:
     return {r["name"]: r["median_s"] for r in report["results"]} if same else {}
 
 
-def result_record(name: str, median_s: float, gflop: float, ceiling_gflops_per_s: float | None,
-                  peak_memory_mb: float, compile_s: float | None, backend: str,
-                  torch_s: dict | None = None, **extra) -> dict:
+def result_record(
+    name: str,
+    median_s: float,
+    gflop: float,
+    ceiling_gflops_per_s: float | None,
+    peak_memory_mb: float,
+    compile_s: float | None,
+    backend: str,
+    torch_s: dict | None = None,
+    **extra,
+) -> dict:
     """One row of the JSON: the documented keys, then the case's extras; on CPU the
     reference PyTorch time (`torch_s`, from `torch_seconds`) and our speed-up over it
     where the case has one."""
-    rec = {"name": name, "median_s": median_s, "gflop": gflop,
-           "gflops_per_s": gflop / median_s if gflop else None,
-           "ceiling_gflops_per_s": ceiling_gflops_per_s, "peak_memory_mb": peak_memory_mb,
-           "compile_s": compile_s, **extra}
+    rec = {
+        "name": name,
+        "median_s": median_s,
+        "gflop": gflop,
+        "gflops_per_s": gflop / median_s if gflop else None,
+        "ceiling_gflops_per_s": ceiling_gflops_per_s,
+        "peak_memory_mb": peak_memory_mb,
+        "compile_s": compile_s,
+        **extra,
+    }
     if backend == "cpu" and name in (torch_s or {}):
         rec["torch_cpu_s"] = torch_s[name]
         rec["speedup_vs_torch"] = torch_s[name] / median_s
@@ -91,11 +120,16 @@ def result_record(name: str, median_s: float, gflop: float, ceiling_gflops_per_s
 
 def make_report(machine: dict, ceiling: dict, results: list[dict], quick: bool) -> dict:
     """The JSON document: machine, the ceiling measurement, the results, the quick flag."""
-    return {"machine": {k: machine[k] for k in MACHINE_KEYS}, "ceiling": ceiling,
-            "quick": quick, "results": results}
+    return {
+        "machine": {k: machine[k] for k in MACHINE_KEYS},
+        "ceiling": ceiling,
+        "quick": quick,
+        "results": results,
+    }
 
 
 # --- the cases (each runs in a child process) ----------------------------------------------
+
 
 def run_ceiling(repeats: int) -> dict:
     """n x n @ n x n through XLA, median of at least 5: n = 4096 float32 on CPU; on an
@@ -107,8 +141,12 @@ def run_ceiling(repeats: int) -> dict:
     b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     mm, _ = compile_timed(jax.jit(jnp.matmul), a, b)
     t = time_fn(lambda: [mm(a, b) for _ in range(per_call)], max(repeats, 5))
-    return {"ceiling_gflops_per_s": per_call * 2 * n**3 / 1e9 / t["median_s"], "matmul_n": n,
-            "matmul_dtype": jnp.dtype(dtype).name, "machine": machine_info()}
+    return {
+        "ceiling_gflops_per_s": per_call * 2 * n**3 / 1e9 / t["median_s"],
+        "matmul_n": n,
+        "matmul_dtype": jnp.dtype(dtype).name,
+        "machine": machine_info(),
+    }
 
 
 def _case_inference(repeats: int) -> dict:
@@ -127,12 +165,16 @@ def _case_inference(repeats: int) -> dict:
     run()  # compiles
     first = time.perf_counter() - start
     t = time_fn(run, repeats, warmup=0, profile_dir=PROFILE["dir"])
-    return {**t, "compile_s": max(first - t["median_s"], 0.0),
-            "gflop": flops.forward_flop(model, 1, (lr, lr), out * out) / 1e9}
+    return {
+        **t,
+        "compile_s": max(first - t["median_s"], 0.0),
+        "gflop": flops.forward_flop(model, 1, (lr, lr), out * out) / 1e9,
+    }
 
 
-def _case_train_step(repeats: int, batch: int, lr: int, queries: int,
-                     dtype: str = "float32") -> dict:
+def _case_train_step(
+    repeats: int, batch: int, lr: int, queries: int, dtype: str = "float32"
+) -> dict:
     from configs import default
     from srno_jax import sharding, train
 
@@ -145,12 +187,19 @@ def _case_train_step(repeats: int, batch: int, lr: int, queries: int,
     state = jax.device_put(state, train.state_shardings(state, mesh))
     rng = np.random.default_rng(0)
     u = lambda *shape: rng.uniform(-1, 1, shape).astype(np.float32)
-    data = sharding.to_global({"inp": u(batch, lr, lr, 3), "coord": u(batch, queries, 2),
-                               "cell": np.full((batch, 2), 1 / lr, np.float32),  # scale 2
-                               "gt": u(batch, queries, 3)}, mesh)
+    data = sharding.to_global(
+        {
+            "inp": u(batch, lr, lr, 3),
+            "coord": u(batch, queries, 2),
+            "cell": np.full((batch, 2), 1 / lr, np.float32),  # scale 2
+            "gt": u(batch, queries, 3),
+        },
+        mesh,
+    )
     votes = sharding.host_values(0, mesh)  # no host votes to stop
-    step, compile_s = compile_timed(train.compile_step(model, tx, config, 250, mesh, state),
-                                    state, data, votes)
+    step, compile_s = compile_timed(
+        train.compile_step(model, tx, config, 250, mesh, state), state, data, votes
+    )
 
     def run():  # the state is donated: carry the returned one forward
         nonlocal state
@@ -158,9 +207,13 @@ def _case_train_step(repeats: int, batch: int, lr: int, queries: int,
         return metrics
 
     t = time_fn(run, repeats, profile_dir=PROFILE["dir"])
-    return {**t, "compile_s": compile_s,
-            "gflop": flops.train_step_flop(model, batch, (lr, lr), queries) / 1e9,
-            "samples_per_s": batch / t["median_s"], "compute_dtype": dtype}
+    return {
+        **t,
+        "compile_s": compile_s,
+        "gflop": flops.train_step_flop(model, batch, (lr, lr), queries) / 1e9,
+        "samples_per_s": batch / t["median_s"],
+        "compute_dtype": dtype,
+    }
 
 
 class MemorySource:
@@ -190,14 +243,30 @@ def _case_input_pipeline(repeats: int) -> dict:
 
     batch = 64
     source = MemorySource(div2k_like_images(), "div2k-like")
-    with TrainLoader(source, global_batch=batch, seed=0, inp_size=128, scale_min=1.0,
-                     scale_max=4.0, augment=True, sample_q=128 * 128, repeat=20,
-                     workers=os.cpu_count(), prefetch=2, processes=True) as loader:
+    with TrainLoader(
+        source,
+        global_batch=batch,
+        seed=0,
+        inp_size=128,
+        scale_min=1.0,
+        scale_max=4.0,
+        augment=True,
+        sample_q=128 * 128,
+        repeat=20,
+        workers=os.cpu_count(),
+        prefetch=2,
+        processes=True,
+    ) as loader:
         # The pool never idles (the next batch is queued as one is taken), so the wait
         # for each batch in turn is the time to build one.
         t = time_fn(lambda: next(loader), repeats)
-    return {**t, "compile_s": None, "gflop": 0.0, "samples_per_s": batch / t["median_s"],
-            "workers": os.cpu_count()}
+    return {
+        **t,
+        "compile_s": None,
+        "gflop": 0.0,
+        "samples_per_s": batch / t["median_s"],
+        "workers": os.cpu_count(),
+    }
 
 
 def mixed_sizes(count: int = 20, low: int = 160, high: int = 320) -> list[tuple[int, int]]:
@@ -243,8 +312,14 @@ def eval_mixed_sizes(model, variables, sizes, scales=EVAL_SCALES) -> dict:
         for s in scales:
             lr_h, lr_w, hr_h, hr_w = eval_sizes(size, s)
             gflop += flops.forward_flop(model, 1, (lr_h, lr_w), hr_h * hr_w) / 1e9
-    return {"median_s": wall, "compile_s": clock.compile_s, "compilations": clock.compiled,
-            "gflop": gflop, "images": len(sizes), "scales": list(scales)}
+    return {
+        "median_s": wall,
+        "compile_s": clock.compile_s,
+        "compilations": clock.compiled,
+        "gflop": gflop,
+        "images": len(sizes),
+        "scales": list(scales),
+    }
 
 
 def _case_eval_mixed_sizes() -> dict:
@@ -263,20 +338,31 @@ def run_case(name: str, repeats: int, ceiling: float | None) -> dict:
         "inference_x4_128_to_512": lambda: _case_inference(repeats),
         "train_step_b4_48": lambda: _case_train_step(repeats, 4, 48, 48 * 48),
         "train_step_b64_128": lambda: _case_train_step(repeats, 64, 128, 128 * 128),
-        "train_step_b64_128_bf16": lambda: _case_train_step(repeats, 64, 128, 128 * 128,
-                                                            "bfloat16"),
+        "train_step_b64_128_bf16": lambda: _case_train_step(
+            repeats, 64, 128, 128 * 128, "bfloat16"
+        ),
         "input_pipeline_128": lambda: _case_input_pipeline(repeats),
         "eval_mixed_sizes": _case_eval_mixed_sizes,
     }
     out = runners[name]()
     mem, kind = peak_memory_mb(on_device=name != "input_pipeline_128")  # the loader is host-only
-    return result_record(name, out.pop("median_s"), out.pop("gflop"), ceiling, mem,
-                         out.pop("compile_s"), jax.default_backend(),
-                         torch_seconds(machine_info()), peak_memory_kind=kind,
-                         repeats=repeats, **out)
+    return result_record(
+        name,
+        out.pop("median_s"),
+        out.pop("gflop"),
+        ceiling,
+        mem,
+        out.pop("compile_s"),
+        jax.default_backend(),
+        torch_seconds(machine_info()),
+        peak_memory_kind=kind,
+        repeats=repeats,
+        **out,
+    )
 
 
 # --- the parent: one subprocess per case ---------------------------------------------------
+
 
 def _run_eval_mixed_sizes(args: list[str]) -> dict:
     """eval_mixed_sizes in a child with a new persistent cache, then in a second child
@@ -297,32 +383,45 @@ def _fmt(x, width: int, spec: str = ".1f") -> str:
 
 def print_table(report: dict) -> None:
     m = report["machine"]
-    print(f"\n{m['backend']} ({m['device_kind']} x{m['devices']}), {m['cpu']}, {m['cores']} cores, "
-          f"jax {m['jax_version']}, {m['date']}" + ("  [--quick]" if report["quick"] else ""))
-    head = (f"{'case':26} {'median s':>9} {'GFLOP':>8} {'GFLOP/s':>8} {'% ceil':>7} "
-            f"{'samples/s':>10} {'peak MB':>8} {'compile s':>9} {'torch s':>8} {'speed-up':>9}")
+    print(
+        f"\n{m['backend']} ({m['device_kind']} x{m['devices']}), {m['cpu']}, {m['cores']} cores, "
+        f"jax {m['jax_version']}, {m['date']}" + ("  [--quick]" if report["quick"] else "")
+    )
+    head = (
+        f"{'case':26} {'median s':>9} {'GFLOP':>8} {'GFLOP/s':>8} {'% ceil':>7} "
+        f"{'samples/s':>10} {'peak MB':>8} {'compile s':>9} {'torch s':>8} {'speed-up':>9}"
+    )
     print(head + "\n" + "-" * len(head))
     for r in report["results"]:
         if "skipped" in r or "error" in r:
             print(f"{r['name']:26} {r.get('skipped') or r.get('error')}")
             continue
-        frac = (100 * r["gflops_per_s"] / r["ceiling_gflops_per_s"]
-                if r["gflops_per_s"] and r["ceiling_gflops_per_s"] else None)
-        print(f"{r['name']:26} {r['median_s']:9.3f} {_fmt(r['gflop'] or None, 8)} "
-              f"{_fmt(r['gflops_per_s'], 8)} {_fmt(frac, 7)} {_fmt(r.get('samples_per_s'), 10)} "
-              f"{r['peak_memory_mb']:8.0f} {_fmt(r['compile_s'], 9)} "
-              f"{_fmt(r.get('torch_cpu_s'), 8, '.2f')} "
-              f"{_fmt(r.get('speedup_vs_torch'), 8, '.2f')}" + ("x" if "torch_cpu_s" in r else ""))
+        frac = (
+            100 * r["gflops_per_s"] / r["ceiling_gflops_per_s"]
+            if r["gflops_per_s"] and r["ceiling_gflops_per_s"]
+            else None
+        )
+        print(
+            f"{r['name']:26} {r['median_s']:9.3f} {_fmt(r['gflop'] or None, 8)} "
+            f"{_fmt(r['gflops_per_s'], 8)} {_fmt(frac, 7)} {_fmt(r.get('samples_per_s'), 10)} "
+            f"{r['peak_memory_mb']:8.0f} {_fmt(r['compile_s'], 9)} "
+            f"{_fmt(r.get('torch_cpu_s'), 8, '.2f')} "
+            f"{_fmt(r.get('speedup_vs_torch'), 8, '.2f')}" + ("x" if "torch_cpu_s" in r else "")
+        )
     for r in report["results"]:
         if "compile_share" in r:
             again = r.get("rerun", {})
-            print(f"{r['name']}: {r['compilations']} compilations, {r['compile_s']:.1f} s of "
-                  f"{r['median_s']:.1f} s ({100 * r['compile_share']:.0f}%); a second process "
-                  f"with the persistent cache: {again.get('compilations', '-')} compilations, "
-                  f"{again.get('median_s', float('nan')):.1f} s")
+            print(
+                f"{r['name']}: {r['compilations']} compilations, {r['compile_s']:.1f} s of "
+                f"{r['median_s']:.1f} s ({100 * r['compile_share']:.0f}%); a second process "
+                f"with the persistent cache: {again.get('compilations', '-')} compilations, "
+                f"{again.get('median_s', float('nan')):.1f} s"
+            )
     c = report["ceiling"]
-    print(f"ceiling: {c['matmul_n']}^3 {c['matmul_dtype']} matmul through XLA, "
-          f"{c['ceiling_gflops_per_s']:.0f} GFLOP/s")
+    print(
+        f"ceiling: {c['matmul_n']}^3 {c['matmul_dtype']} matmul through XLA, "
+        f"{c['ceiling_gflops_per_s']:.0f} GFLOP/s"
+    )
 
 
 def main(argv=None) -> None:
@@ -332,8 +431,11 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per case (median)")
     p.add_argument("--quick", action="store_true", help="2 repeats; for developing the harness")
     p.add_argument("--list", action="store_true", help="print the selected cases and exit")
-    p.add_argument("--profile", default=None,
-                   help="trace one more call of each timed case into PROFILE/<case> (jax.profiler)")
+    p.add_argument(
+        "--profile",
+        default=None,
+        help="trace one more call of each timed case into PROFILE/<case> (jax.profiler)",
+    )
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_ceiling", type=float, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -349,8 +451,11 @@ def main(argv=None) -> None:
     unknown = set(names) - set(CASES)
     if unknown:
         p.error(f"unknown case(s) {sorted(unknown)}; choose from {', '.join(CASES)}")
-    base = (["--repeats", str(repeats)] + (["--quick"] if a.quick else [])
-            + (["--profile", a.profile] if a.profile else []))
+    base = (
+        ["--repeats", str(repeats)]
+        + (["--quick"] if a.quick else [])
+        + (["--profile", a.profile] if a.profile else [])
+    )
     if a.list:
         print("\n".join(names))
         return
@@ -361,8 +466,9 @@ def main(argv=None) -> None:
     results = []
     for name in names:
         if name in ACCELERATOR_ONLY and machine["backend"] not in ("gpu", "tpu"):
-            results.append({"name": name, "skipped": f"needs a GPU or TPU; backend is "
-                                                     f"{machine['backend']}"})
+            results.append(
+                {"name": name, "skipped": f"needs a GPU or TPU; backend is {machine['backend']}"}
+            )
             continue
         print(f"running {name} ...", file=sys.stderr, flush=True)
         args = ["--_child", name, "--_ceiling", str(ceiling["ceiling_gflops_per_s"]), *base]

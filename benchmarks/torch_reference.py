@@ -18,6 +18,7 @@ Timed cases (width 256, 16 heads, random weights; one warm-up, then the median):
                            at once, cell 2/512 (as the reference demo runs a whole image).
   train_step_b4_48         batch 4, 48x48 LR, 2304 random queries each, L1, backward, Adam.
 """
+
 import argparse
 import datetime
 import json
@@ -31,14 +32,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 # --- EDSR-baseline (LIIF's edsr.py, no upsampling) --------------------------------------
+
 
 class MeanShift(nn.Conv2d):
     """Frozen; unused in the forward pass, kept so the reference state dict loads strictly."""
+
     def __init__(self, sign=-1, rgb_mean=(0.4488, 0.4371, 0.4040)):
         super().__init__(3, 3, kernel_size=1)
-        self.weight.data, self.bias.data = torch.eye(3).view(3, 3, 1, 1), sign * torch.tensor(rgb_mean)
+        self.weight.data, self.bias.data = (
+            torch.eye(3).view(3, 3, 1, 1),
+            sign * torch.tensor(rgb_mean),
+        )
         self.requires_grad_(False)
 
 
@@ -49,8 +54,10 @@ def conv3(c_in, c_out):  # the reference's default_conv, k = 3
 class ResBlock(nn.Module):
     def __init__(self, n_feats, res_scale=1.0):
         super().__init__()
-        self.body, self.res_scale = nn.Sequential(conv3(n_feats, n_feats), nn.ReLU(True),
-                                                  conv3(n_feats, n_feats)), res_scale
+        self.body, self.res_scale = (
+            nn.Sequential(conv3(n_feats, n_feats), nn.ReLU(True), conv3(n_feats, n_feats)),
+            res_scale,
+        )
 
     def forward(self, x):
         return self.body(x).mul(self.res_scale).add_(x)  # res += x, in place as the reference
@@ -61,8 +68,9 @@ class EDSR(nn.Module):
         super().__init__()
         self.sub_mean, self.add_mean = MeanShift(sign=-1), MeanShift(sign=1)
         self.head = nn.Sequential(conv3(3, n_feats))
-        self.body = nn.Sequential(*[ResBlock(n_feats, res_scale) for _ in range(n_resblocks)],
-                                  conv3(n_feats, n_feats))
+        self.body = nn.Sequential(
+            *[ResBlock(n_feats, res_scale) for _ in range(n_resblocks)], conv3(n_feats, n_feats)
+        )
         self.out_dim = n_feats
 
     def forward(self, x):  # the reference skips sub_mean / add_mean
@@ -71,6 +79,7 @@ class EDSR(nn.Module):
 
 
 # --- SRNO (sronet.py, galerkin.py) --------------------------------------------------------
+
 
 def make_coord(shape):
     """Pixel centres in [-1, 1], (*shape, 2), op by op in float32 as the reference's."""
@@ -83,6 +92,7 @@ def make_coord(shape):
 
 class LayerNorm(nn.Module):
     """The reference's: weight * (x - mean) / (unbiased std + eps) + bias."""
+
     def __init__(self, shape, eps=1e-5):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(shape))
@@ -97,6 +107,7 @@ class LayerNorm(nn.Module):
 
 class SimpleAttn(nn.Module):
     """Galerkin-type kernel integral: q (k^T v) / N + x, then o_proj2(gelu(o_proj1)) + x."""
+
     def __init__(self, midc, heads):
         super().__init__()
         self.headc, self.heads = midc // heads, heads
@@ -143,7 +154,9 @@ class SRNO(nn.Module):
                 coord_[:, :, :, 1] += vy * ry + eps_shift
                 coord_.clamp_(-1 + 1e-6, 1 - 1e-6)
                 # grid_sample takes (x, y): flip; nearest LR feature and its pixel centre
-                feat_s.append(F.grid_sample(feat, coord_.flip(-1), mode="nearest", align_corners=False))
+                feat_s.append(
+                    F.grid_sample(feat, coord_.flip(-1), mode="nearest", align_corners=False)
+                )
                 old = F.grid_sample(pos_lr, coord_.flip(-1), mode="nearest", align_corners=False)
                 rel = coord.permute(0, 3, 1, 2) - old
                 rel[:, 0] *= h
@@ -156,18 +169,26 @@ class SRNO(nn.Module):
         tot_area = torch.stack(areas).sum(dim=0)
         areas = areas[::-1]  # weight of neighbour i: area of the diagonally opposite one
         feat_s = [f * (a / tot_area).unsqueeze(1) for f, a in zip(feat_s, areas)]
-        grid = torch.cat([*rel_coords, *feat_s, rel_cell.unsqueeze(-1).unsqueeze(-1)
-                          .repeat(1, 1, coord.shape[1], coord.shape[2])], dim=1)
+        grid = torch.cat(
+            [
+                *rel_coords,
+                *feat_s,
+                rel_cell.unsqueeze(-1).unsqueeze(-1).repeat(1, 1, coord.shape[1], coord.shape[2]),
+            ],
+            dim=1,
+        )
         x = self.conv1(self.conv0(self.conv00(grid)))
         ret = self.fc2(F.gelu(self.fc1(x)))
-        return ret + F.grid_sample(inp, coord.flip(-1), mode="bilinear",
-                                   padding_mode="border", align_corners=False)
+        return ret + F.grid_sample(
+            inp, coord.flip(-1), mode="bilinear", padding_mode="border", align_corners=False
+        )
 
     def forward(self, inp, coord, cell):
         return self.query_rgb(inp, self.encoder(inp), coord, cell)
 
 
 # --- golden check --------------------------------------------------------------------------
+
 
 def check(golden_dir):
     """Loads each golden EDSR-baseline checkpoint strictly; compares feat, pred, loss, grads."""
@@ -176,7 +197,9 @@ def check(golden_dir):
         folder = os.path.join(golden_dir, name)
         if not os.path.isdir(folder):
             continue
-        ckpt = torch.load(os.path.join(folder, "checkpoint.pth"), map_location="cpu", weights_only=False)
+        ckpt = torch.load(
+            os.path.join(folder, "checkpoint.pth"), map_location="cpu", weights_only=False
+        )
         args = ckpt["model"]["args"]
         if args["encoder_spec"]["name"] != "edsr-baseline":
             continue
@@ -185,21 +208,28 @@ def check(golden_dir):
         model = SRNO(n_res, args.get("width", 256), args.get("blocks", 16))
         model.load_state_dict(sd, strict=True)
         z = np.load(os.path.join(folder, "cases.npz"))
-        print(f"{name}: {n_res} resblocks, width {args.get('width', 256)}, heads {args.get('blocks', 16)}")
+        print(
+            f"{name}: {n_res} resblocks, width {args.get('width', 256)}, heads {args.get('blocks', 16)}"
+        )
         for case in ("grid_x2.5", "grid_x7_mcell", "train_batch_x3.3"):
             t = {k: torch.from_numpy(z[f"{case}/{k}"]) for k in ("inp", "coord", "cell")}
             model.zero_grad()
             feat = model.encoder(t["inp"])
             pred = model.query_rgb(t["inp"], feat, t["coord"], t["cell"])
             err = np.abs(pred.detach().numpy() - z[case + "/pred"]).max()
-            line = (f"  {case:18s} feat {np.abs(feat.detach().numpy() - z[case + '/feat']).max():.2e}"
-                    f"  pred {err:.2e}")
+            line = (
+                f"  {case:18s} feat {np.abs(feat.detach().numpy() - z[case + '/feat']).max():.2e}"
+                f"  pred {err:.2e}"
+            )
             if case.startswith("train"):
                 gt = (torch.from_numpy(z[case + "/gt"]) - 0.5) / 0.5  # train.py normalises gt
                 loss = F.l1_loss(pred, gt)
                 loss.backward()
-                rel = max(np.linalg.norm(p.grad.numpy() - z["grad/" + k]) / np.linalg.norm(z["grad/" + k])
-                          for k, p in model.named_parameters() if p.requires_grad)
+                rel = max(
+                    np.linalg.norm(p.grad.numpy() - z["grad/" + k]) / np.linalg.norm(z["grad/" + k])
+                    for k, p in model.named_parameters()
+                    if p.requires_grad
+                )
                 dl = abs(loss.item() - float(z[case + "/loss"]))
                 line += f"  loss {dl:.2e}  grad max rel {rel:.2e}"
                 ok &= dl <= 1e-5 and rel <= 1e-3
@@ -210,6 +240,7 @@ def check(golden_dir):
 
 
 # --- timing --------------------------------------------------------------------------------
+
 
 def timed(fn, repeats):
     """One warm-up call, then `repeats` timed calls (seconds)."""
@@ -224,8 +255,10 @@ def timed(fn, repeats):
 
 def cpu_name():
     with open("/proc/cpuinfo") as f:
-        return next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")),
-                    platform.processor())
+        return next(
+            (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+            platform.processor(),
+        )
 
 
 def bench(repeats):
@@ -236,9 +269,11 @@ def bench(repeats):
     coord = make_coord((512, 512)).unsqueeze(0)
     cell = torch.full((1, 2), 2 / 512)
     model.eval()
+
     def infer():
         with torch.no_grad():
             model(inp, coord, cell)
+
     results.append(("inference_x4_128_to_512", timed(infer, repeats)))
     # training step: batch 4, 48x48 LR, 2304 random HR queries (as a 48x48 "grid")
     model.train()
@@ -253,6 +288,7 @@ def bench(repeats):
         opt.zero_grad()
         loss.backward()
         opt.step()
+
     results.append(("train_step_b4_48", timed(step, repeats)))
     return [{"name": n, "median_s": statistics.median(t), "times_s": t} for n, t in results]
 
@@ -268,13 +304,19 @@ def main():
     if a.check:
         raise SystemExit(check(a.check))
     results = bench(a.repeats)
-    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": a.threads,
-               "torch_version": torch.__version__,
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    machine = {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "threads": a.threads,
+        "torch_version": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
     print(f"torch {torch.__version__}, {machine['cpu']}, {a.threads} threads")
     print(f"{'case':28s} {'median_s':>9s}  times_s")
     for r in results:
-        print(f"{r['name']:28s} {r['median_s']:9.3f}  " + " ".join(f"{t:.3f}" for t in r["times_s"]))
+        print(
+            f"{r['name']:28s} {r['median_s']:9.3f}  " + " ".join(f"{t:.3f}" for t in r["times_s"])
+        )
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         with open(a.json, "w") as f:

@@ -4,6 +4,7 @@ Patch 128 (LR), scale U(1, 4) per sample, 128 x 128 query points, batch 64, L1, 
 4e-5 with a x10 linear warm-up over 50 epochs and cosine to 0 at epoch 1050; DIV2K's
 800 training images repeated 20 times = 16,000 samples (250 steps) an epoch.
 """
+
 import ml_collections
 
 
@@ -14,7 +15,9 @@ def get_config():
 
     c.model = ml_collections.ConfigDict()
     c.model.encoder = "edsr-baseline"
-    c.model.encoder_args = ml_collections.ConfigDict(dict(n_resblocks=16, n_feats=64, res_scale=1.0))
+    c.model.encoder_args = ml_collections.ConfigDict(
+        dict(n_resblocks=16, n_feats=64, res_scale=1.0)
+    )
     c.model.width = 256
     c.model.heads = 16
     c.compute_dtype = "float32"  # 'bfloat16' on GPU/TPU: bf16 compute, float32 parameters

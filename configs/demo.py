@@ -3,6 +3,7 @@
 It stops after `max_train_minutes`, then reports PSNR on held-out photographs at x2, x3
 and x4 against bicubic interpolation (benchmark protocol).
 """
+
 import ml_collections
 
 from configs import default

@@ -1,4 +1,5 @@
 """RDN-SRNO: the paper's recipe with the RDN encoder (config B: 16 blocks x 8 convs, growth 64)."""
+
 import ml_collections
 
 from configs import default

@@ -11,6 +11,7 @@ photograph (benchmark protocol: Y, border shaved) from the 8-bit images shown.
 or export folder, or a reference .pth. The photographs are scikit-image's, never trained
 on by the demo (`input_pipeline.DEMO_FILES['holdout']`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,30 +40,42 @@ def compare(model, variables, hr: np.ndarray, scale: float) -> list[tuple[np.nda
     return [(im, psnr(im / 255.0, hr / 255.0, "benchmark", scale)) for im in (bicubic, sr, hr)]
 
 
-def render(rows: list[tuple[str, list[tuple[np.ndarray, float]]]], crop, zoom: int,
-           title: str) -> Image.Image:
+def render(
+    rows: list[tuple[str, list[tuple[np.ndarray, float]]]], crop, zoom: int, title: str
+) -> Image.Image:
     """The labelled grid: one row per scale, the three COLUMNS, crops magnified by `zoom`."""
     top, left, h, w = crop
     font, small = ImageFont.load_default(size=16), ImageFont.load_default(size=13)
     pad, head, label, foot = 6, 44, 50, 20
     cell_w, cell_h = w * zoom, h * zoom
-    canvas = Image.new("RGB", (label + 3 * (cell_w + pad), head + len(rows) * (cell_h + foot + pad)),
-                       "white")
+    canvas = Image.new(
+        "RGB", (label + 3 * (cell_w + pad), head + len(rows) * (cell_h + foot + pad)), "white"
+    )
     draw = ImageDraw.Draw(canvas)
     draw.text((pad, 4), title, fill="black", font=small)
     for j, name in enumerate(COLUMNS):
-        draw.text((label + j * (cell_w + pad) + cell_w // 2, head - 4), name, fill="black",
-                  font=font, anchor="ms")
+        draw.text(
+            (label + j * (cell_w + pad) + cell_w // 2, head - 4),
+            name,
+            fill="black",
+            font=font,
+            anchor="ms",
+        )
     for i, (row_name, panels) in enumerate(rows):
         y = head + i * (cell_h + foot + pad)
         draw.text((label // 2, y + cell_h // 2), row_name, fill="black", font=font, anchor="mm")
         for j, (image, db) in enumerate(panels):
             x = label + j * (cell_w + pad)
-            tile = Image.fromarray(image[top:top + h, left:left + w])
+            tile = Image.fromarray(image[top : top + h, left : left + w])
             canvas.paste(tile.resize((cell_w, cell_h), Image.NEAREST), (x, y))
             if np.isfinite(db):
-                draw.text((x + cell_w // 2, y + cell_h + 3), f"{db:.2f} dB", fill="black",
-                          font=small, anchor="mt")
+                draw.text(
+                    (x + cell_w // 2, y + cell_h + 3),
+                    f"{db:.2f} dB",
+                    fill="black",
+                    font=small,
+                    anchor="mt",
+                )
     return canvas
 
 
@@ -80,12 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     hr = getattr(data, args.image)()
     scales = [float(s) for s in args.scales.split(",")]
     rows = [(f"x{s:g}", compare(model, variables, hr, s)) for s in scales]
-    title = (f"{args.workdir} on scikit-image's '{args.image}' (held out); crops magnified "
-             f"{args.zoom}x; PSNR of the whole photograph")
+    title = (
+        f"{args.workdir} on scikit-image's '{args.image}' (held out); crops magnified "
+        f"{args.zoom}x; PSNR of the whole photograph"
+    )
     render(rows, CROPS[args.image], args.zoom, title).save(args.out, optimize=True)
     for name, panels in rows:
-        print(name, "  ".join(f"{c} {db:.2f} dB" for c, (_, db) in zip(COLUMNS, panels)
-                              if np.isfinite(db)))
+        print(
+            name,
+            "  ".join(f"{c} {db:.2f} dB" for c, (_, db) in zip(COLUMNS, panels) if np.isfinite(db)),
+        )
     print("wrote", args.out)
     return 0
 

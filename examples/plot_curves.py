@@ -11,6 +11,7 @@ The event files are read with a reader of a few lines (`read_scalars`) on top of
 tensorboardX's own protobuf classes, so that no TensorFlow or `tensorboard` package is
 needed: tensorboardX, which wrote them, is already a training dependency.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,12 +70,17 @@ def bicubic_psnr(scales, data: str = "demo", protocol: str = "benchmark") -> dic
 
     source = input_pipeline.make_source(data, "validation")
     images = [source[i] for i in range(len(source))]
-    return {s: float(np.mean([score_image(bicubic_upsampler, hr, s, protocol)["psnr"]
-                              for hr in images])) for s in scales}
+    return {
+        s: float(
+            np.mean([score_image(bicubic_upsampler, hr, s, protocol)["psnr"] for hr in images])
+        )
+        for s in scales
+    }
 
 
-def plot(curves: dict[float, dict[int, float]], bicubic: dict[float, float], out: str,
-         title: str) -> None:
+def plot(
+    curves: dict[float, dict[int, float]], bicubic: dict[float, float], out: str, title: str
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,8 +90,9 @@ def plot(curves: dict[float, dict[int, float]], bicubic: dict[float, float], out
     for i, s in enumerate(sorted(curves)):
         colour = f"C{i}"
         steps = sorted(curves[s])
-        ax.plot(steps, [curves[s][k] for k in steps], "o-", color=colour, ms=3,
-                label=f"SRNO x{s:g}")
+        ax.plot(
+            steps, [curves[s][k] for k in steps], "o-", color=colour, ms=3, label=f"SRNO x{s:g}"
+        )
         ax.axhline(bicubic[s], color=colour, ls="--", lw=1, label=f"bicubic x{s:g}")
     ax.set_xlabel("training step")
     ax.set_ylabel("validation PSNR (dB)")
@@ -106,12 +113,19 @@ def main(argv: list[str] | None = None) -> int:
     scalars = read_scalars(os.path.join(args.workdir, "tensorboard"))
     curves = {float(m.group(1)): v for tag, v in scalars.items() if (m := VAL_TAG.match(tag))}
     if not curves:
-        print(f"no validation PSNR in {args.workdir}/tensorboard; did the run validate "
-              "(eval.every_steps)?", file=sys.stderr)
+        print(
+            f"no validation PSNR in {args.workdir}/tensorboard; did the run validate "
+            "(eval.every_steps)?",
+            file=sys.stderr,
+        )
         return 2
     bicubic = bicubic_psnr(sorted(curves), args.data, args.protocol)
-    plot(curves, bicubic, args.out, f"{args.workdir}: PSNR on the held-out photographs "
-         f"({args.protocol} protocol)")
+    plot(
+        curves,
+        bicubic,
+        args.out,
+        f"{args.workdir}: PSNR on the held-out photographs ({args.protocol} protocol)",
+    )
     for s in sorted(curves):
         last = max(curves[s])
         print(f"x{s:g}: step {last} {curves[s][last]:.2f} dB, bicubic {bicubic[s]:.2f} dB")

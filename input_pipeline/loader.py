@@ -7,6 +7,7 @@ epoch_size = len(source) * repeat and ``perm = default_rng([seed, g // epoch_siz
 is a function of (seed, step) alone: resuming, re-sharding over hosts or changing the
 number of workers gives the same samples.
 """
+
 from __future__ import annotations
 
 import collections
@@ -43,8 +44,12 @@ def _batch_layout(local: int, inp_size: int, sample_q: int) -> tuple[dict, int]:
     Returns ({key: (shape, byte offset)} for ``inp``, ``coord``, ``cell``, ``gt`` in that
     order, each offset a multiple of 64; the block's size in bytes).
     """
-    shapes = {"inp": (local, inp_size, inp_size, 3), "coord": (local, sample_q, 2),
-              "cell": (local, 2), "gt": (local, sample_q, 3)}
+    shapes = {
+        "inp": (local, inp_size, inp_size, 3),
+        "coord": (local, sample_q, 2),
+        "cell": (local, 2),
+        "gt": (local, sample_q, 3),
+    }
     layout, offset = {}, 0
     for key, shape in shapes.items():
         layout[key] = (shape, offset)
@@ -58,8 +63,10 @@ def _views(flat: np.ndarray, layout: dict) -> dict:
     Every view's ``base`` is `flat`, so `flat` lives exactly as long as some array of the
     batch (or anything made from one) does.
     """
-    return {k: flat[off:off + 4 * math.prod(shape)].view(np.float32).reshape(shape)
-            for k, (shape, off) in layout.items()}
+    return {
+        k: flat[off : off + 4 * math.prod(shape)].view(np.float32).reshape(shape)
+        for k, (shape, off) in layout.items()
+    }
 
 
 def _build_sample(source, i: int, seed: int, step: int, k: int, kw: dict) -> dict:
@@ -69,8 +76,7 @@ def _build_sample(source, i: int, seed: int, step: int, k: int, kw: dict) -> dic
     return sample_patch(source[i], rng, name=f"{source.name}[{i}]", **kw)
 
 
-def _build_rows(source, buf, layout: dict, todo: list, seed: int, step: int,
-                kw: dict) -> None:
+def _build_rows(source, buf, layout: dict, todo: list, seed: int, step: int, kw: dict) -> None:
     """Writes sample k of `step` (image i) into row `row` of each array of the batch in
     `buf`, for each (row, k, i) in `todo`."""
     out = _views(np.frombuffer(buf, np.uint8), layout)
@@ -159,7 +165,8 @@ class _Block:
                 f"no room for the loader's batches in {folder} ({nbytes >> 20} MB each: "
                 f"{e.strerror}); give the machine or container more shared memory (docker "
                 f"run --shm-size=2g), lower data.prefetch, or use worker threads "
-                f"(data.worker_processes=False)") from None
+                f"(data.worker_processes=False)"
+            ) from None
         finally:
             os.close(fd)
 
@@ -240,19 +247,37 @@ class TrainLoader:
     do not. The samples are the same either way.
     """
 
-    def __init__(self, source, *, global_batch: int, seed: int, start_step: int = 0,
-                 process_index: int = 0, process_count: int = 1, inp_size: int = 128,
-                 scale_min: float = 1.0, scale_max: float = 4.0, augment: bool = True,
-                 sample_q: int | None = None, repeat: int = 1, workers: int | None = None,
-                 prefetch: int = 2, processes: bool = False):
+    def __init__(
+        self,
+        source,
+        *,
+        global_batch: int,
+        seed: int,
+        start_step: int = 0,
+        process_index: int = 0,
+        process_count: int = 1,
+        inp_size: int = 128,
+        scale_min: float = 1.0,
+        scale_max: float = 4.0,
+        augment: bool = True,
+        sample_q: int | None = None,
+        repeat: int = 1,
+        workers: int | None = None,
+        prefetch: int = 2,
+        processes: bool = False,
+    ):
         if global_batch < 1 or global_batch % process_count:
-            raise ConfigError(f"global_batch {global_batch} must be a positive multiple of "
-                              f"process_count {process_count}")
+            raise ConfigError(
+                f"global_batch {global_batch} must be a positive multiple of "
+                f"process_count {process_count}"
+            )
         if not 0 <= process_index < process_count:
             raise ConfigError(f"process_index {process_index} not in [0, {process_count})")
         if seed < 0 or start_step < 0 or repeat < 1 or prefetch < 0:
-            raise ConfigError(f"need seed >= 0, start_step >= 0, repeat >= 1, prefetch >= 0; "
-                              f"got {seed}, {start_step}, {repeat}, {prefetch}")
+            raise ConfigError(
+                f"need seed >= 0, start_step >= 0, repeat >= 1, prefetch >= 0; "
+                f"got {seed}, {start_step}, {repeat}, {prefetch}"
+            )
         sample_q = check_config(inp_size, scale_min, scale_max, sample_q)
         self._sample_kw = dict(inp_size=inp_size, augment=augment, sample_q=sample_q)
         if isinstance(source, PairedSource):
@@ -277,13 +302,17 @@ class TrainLoader:
         self._shm_dir = None
         if processes:  # the source is sent to each process once, at its start
             self._shm_dir, lock_fd = _shared_memory_dir()
-            self._remove_shm = weakref.finalize(self, _remove_shared_memory_dir, self._shm_dir,
-                                                lock_fd)
+            self._remove_shm = weakref.finalize(
+                self, _remove_shared_memory_dir, self._shm_dir, lock_fd
+            )
             context = multiprocessing.get_context("spawn")
             decoded_dir = self._shm_dir if getattr(source, "decodes_each_read", False) else None
             self._pool = concurrent.futures.ProcessPoolExecutor(
-                workers, mp_context=context, initializer=_init_worker,
-                initargs=(source, context.Barrier(workers), decoded_dir))
+                workers,
+                mp_context=context,
+                initializer=_init_worker,
+                initargs=(source, context.Barrier(workers), decoded_dir),
+            )
         else:
             self._pool = concurrent.futures.ThreadPoolExecutor(workers, "train-loader")
         try:
@@ -314,11 +343,13 @@ class TrainLoader:
     def _submit(self, step: int):
         """Starts building the batch of `step`: one task per chunk of its samples."""
         block = self._take_block()
-        todo = [(k - self.first_k, k, self.image_index(step, k))
-                for k in range(self.first_k, self.first_k + self.local)]
+        todo = [
+            (k - self.first_k, k, self.image_index(step, k))
+            for k in range(self.first_k, self.first_k + self.local)
+        ]
         futures = []
         for c in range(0, self.local, self._chunk):
-            args = (self._layout, todo[c:c + self._chunk], self.seed, step, self._sample_kw)
+            args = (self._layout, todo[c : c + self._chunk], self.seed, step, self._sample_kw)
             if block.path is None:
                 futures.append(self._pool.submit(_build_rows, self.source, block.buf, *args))
             else:

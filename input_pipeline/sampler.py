@@ -5,6 +5,7 @@ One image (uint8, HWC) or pair and a ``np.random.Generator`` give one sample; ev
 random draw comes from that generator, in the reference's order (scale, crop corner,
 flips, query points; a pair has no scale draw).
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,15 +45,28 @@ def _upscale_to(hr: np.ndarray, short: int, name) -> np.ndarray:
         first = name not in _warned_small
         _warned_small.add(name)
     if first:
-        logging.warning("image %s is %dx%d, smaller than inp_size %d: upscaled (bicubic) "
-                        "for training", name, h, w, short)
+        logging.warning(
+            "image %s is %dx%d, smaller than inp_size %d: upscaled (bicubic) for training",
+            name,
+            h,
+            w,
+            short,
+        )
     f = short / min(h, w)
     return np.asarray(Image.fromarray(hr).resize((round(w * f), round(h * f)), Image.BICUBIC))
 
 
-def sample_patch(hr: np.ndarray, rng: np.random.Generator, *, inp_size: int = 128,
-                 scale_min: float = 1.0, scale_max: float = 4.0, augment: bool = True,
-                 sample_q: int | None = None, name=None) -> dict:
+def sample_patch(
+    hr: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    inp_size: int = 128,
+    scale_min: float = 1.0,
+    scale_max: float = 4.0,
+    augment: bool = True,
+    sample_q: int | None = None,
+    name=None,
+) -> dict:
     """One training sample from an HR image, as the reference's ``__getitem__``.
 
     s ~ U(scale_min, scale_max); the HR crop is w_hr x w_hr, w_hr = round(inp_size * s)
@@ -85,14 +99,21 @@ def sample_patch(hr: np.ndarray, rng: np.random.Generator, *, inp_size: int = 12
     w_hr = min(round(inp_size * s), h, w)
     x0 = int(rng.integers(0, h - w_hr + 1))
     y0 = int(rng.integers(0, w - w_hr + 1))
-    crop = hr[x0:x0 + w_hr, y0:y0 + w_hr]
+    crop = hr[x0 : x0 + w_hr, y0 : y0 + w_hr]
     lr = resize_bicubic(np.ascontiguousarray(crop), (inp_size, inp_size))
     return _augment_and_query(lr, crop, rng, augment, sample_q or inp_size**2)
 
 
-def sample_pair_patch(lr: np.ndarray, hr: np.ndarray, scale: float, rng: np.random.Generator,
-                      *, inp_size: int = 128, augment: bool = True,
-                      sample_q: int | None = None) -> dict:
+def sample_pair_patch(
+    lr: np.ndarray,
+    hr: np.ndarray,
+    scale: float,
+    rng: np.random.Generator,
+    *,
+    inp_size: int = 128,
+    augment: bool = True,
+    sample_q: int | None = None,
+) -> dict:
     """One training sample from a given LR / HR pair of fixed `scale` (`srno_jax.pairs`).
 
     The LR patch is inp_size x inp_size with its top-left (x0, y0) uniform in
@@ -118,13 +139,15 @@ def sample_pair_patch(lr: np.ndarray, hr: np.ndarray, scale: float, rng: np.rand
     y0 = int(rng.integers(0, w - inp_size + 1))
     hx0 = min(round(x0 * scale), hr.shape[0] - w_hr)
     hy0 = min(round(y0 * scale), hr.shape[1] - w_hr)
-    crop = hr[hx0:hx0 + w_hr, hy0:hy0 + w_hr]
-    return _augment_and_query(lr[x0:x0 + inp_size, y0:y0 + inp_size], crop, rng, augment,
-                              sample_q or inp_size**2)
+    crop = hr[hx0 : hx0 + w_hr, hy0 : hy0 + w_hr]
+    return _augment_and_query(
+        lr[x0 : x0 + inp_size, y0 : y0 + inp_size], crop, rng, augment, sample_q or inp_size**2
+    )
 
 
-def _augment_and_query(lr: np.ndarray, crop: np.ndarray, rng: np.random.Generator,
-                       augment: bool, sample_q: int) -> dict:
+def _augment_and_query(
+    lr: np.ndarray, crop: np.ndarray, rng: np.random.Generator, augment: bool, sample_q: int
+) -> dict:
     """The sample from an LR patch and its square HR crop: flips, then query points."""
     w_hr = crop.shape[0]
     flips = [rng.random() < 0.5 for _ in range(3)] if augment else [False] * 3

@@ -7,6 +7,7 @@ at once. An HR source gives ``source[i] -> (H, W, 3) uint8`` RGB; a `PairedSourc
 ``decodes_each_read``: the loader's worker processes then decode each image once for all
 of them.
 """
+
 from __future__ import annotations
 
 import importlib.resources
@@ -84,8 +85,10 @@ class FolderSource(_SkipsUnreadable):
                 self.skipped += 1
                 logging.warning("skipping unreadable image %s: %s", full, e)
         if not self.files:
-            raise DataError(f"no readable images ({', '.join(IMAGE_EXTENSIONS)}) in folder "
-                            f"{self.path}" + (f" ({self.skipped} skipped)" if self.skipped else ""))
+            raise DataError(
+                f"no readable images ({', '.join(IMAGE_EXTENSIONS)}) in folder "
+                f"{self.path}" + (f" ({self.skipped} skipped)" if self.skipped else "")
+            )
         self._cache = {} if cache else None
         self.decodes_each_read = not cache
         self._bad = set()
@@ -98,15 +101,21 @@ class FolderSource(_SkipsUnreadable):
         i = int(i)
         if self._cache is not None and i in self._cache:
             return self._cache[i]
-        img = self._read(i, len(self.files), lambda j: load_image(self.files[j]),
-                         lambda j: f"image {self.files[j]}")
+        img = self._read(
+            i,
+            len(self.files),
+            lambda j: load_image(self.files[j]),
+            lambda j: f"image {self.files[j]}",
+        )
         if self._cache is not None:
             self._cache[i] = img
         return img
 
 
-_TFDS_FIX = ("pip install tensorflow tensorflow-datasets && "
-             "tfds build {name} --file_format=array_record{dir_flag}")
+_TFDS_FIX = (
+    "pip install tensorflow tensorflow-datasets && "
+    "tfds build {name} --file_format=array_record{dir_flag}"
+)
 
 
 class TFDSSource:
@@ -124,18 +133,24 @@ class TFDSSource:
         try:
             import tensorflow_datasets as tfds
         except ImportError as e:
-            raise DataError(f"TFDS source {name!r} needs tensorflow-datasets ({e}); "
-                            f"install and prepare it with: {fix}") from None
+            raise DataError(
+                f"TFDS source {name!r} needs tensorflow-datasets ({e}); "
+                f"install and prepare it with: {fix}"
+            ) from None
         if not hasattr(tfds, "data_source"):
-            raise DataError(f"tensorflow-datasets {getattr(tfds, '__version__', '?')} has no "
-                            f"random-access data_source; upgrade: pip install -U "
-                            f"'tensorflow-datasets>=4.9'")
+            raise DataError(
+                f"tensorflow-datasets {getattr(tfds, '__version__', '?')} has no "
+                f"random-access data_source; upgrade: pip install -U "
+                f"'tensorflow-datasets>=4.9'"
+            )
         try:
             self._ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         except Exception as e:  # TFDS raises various types for data that is not prepared
-            raise DataError(f"TFDS data set {name!r} split {split!r} is not prepared in "
-                            f"array_record format under {data_dir or 'the default TFDS data dir'}"
-                            f" ({type(e).__name__}: {e}); prepare it with: {fix}") from None
+            raise DataError(
+                f"TFDS data set {name!r} split {split!r} is not prepared in "
+                f"array_record format under {data_dir or 'the default TFDS data dir'}"
+                f" ({type(e).__name__}: {e}); prepare it with: {fix}"
+            ) from None
 
     decodes_each_read = True
 
@@ -149,9 +164,20 @@ class TFDSSource:
 # Photographs that ship inside the scikit-image wheel (skimage/data/), all with a short
 # side of at least 300 px; grayscale ones become RGB. The holdout ones never train.
 DEMO_FILES = {
-    "train": ("astronaut.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg",
-              "ihc.png", "retina.jpg", "camera.png", "moon.png", "coins.png", "grass.png",
-              "gravel.png", "brick.png"),
+    "train": (
+        "astronaut.png",
+        "rocket.jpg",
+        "motorcycle_left.png",
+        "hubble_deep_field.jpg",
+        "ihc.png",
+        "retina.jpg",
+        "camera.png",
+        "moon.png",
+        "coins.png",
+        "grass.png",
+        "gravel.png",
+        "brick.png",
+    ),
     "holdout": ("chelsea.png", "coffee.png"),
 }
 
@@ -174,8 +200,10 @@ class DemoSource:
             raise DataError("the demo data needs scikit-image: pip install scikit-image") from None
         self.files = [str(folder / f) for f in DEMO_FILES[split] if (folder / f).is_file()]
         if not self.files:
-            raise DataError(f"none of the demo photos {DEMO_FILES[split]} is in {folder}; "
-                            f"reinstall scikit-image: pip install --force-reinstall scikit-image")
+            raise DataError(
+                f"none of the demo photos {DEMO_FILES[split]} is in {folder}; "
+                f"reinstall scikit-image: pip install --force-reinstall scikit-image"
+            )
         self._images = [None] * len(self.files)
 
     def __len__(self) -> int:
@@ -202,8 +230,10 @@ class PairedSource(_SkipsUnreadable):
         self.path = self.name = os.fspath(path)
         pairs = find_pairs(self.path)
         if pairs is None:
-            raise DataError(f"{self.path} is not a paired folder: it needs an HR/ subfolder "
-                            f"beside LR/ or X2/, X3/, ... (one per scale)")
+            raise DataError(
+                f"{self.path} is not a paired folder: it needs an HR/ subfolder "
+                f"beside LR/ or X2/, X3/, ... (one per scale)"
+            )
         self.pairs = pairs
         self.skipped = 0
         self._bad = set()
@@ -213,9 +243,12 @@ class PairedSource(_SkipsUnreadable):
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, float]:
-        return self._read(int(i), len(self.pairs),
-                          lambda j: (*pair_images(self.pairs[j]), self.pairs[j].scale),
-                          lambda j: f"pair {self.pairs[j].hr_path} / {self.pairs[j].lr_path}")
+        return self._read(
+            int(i),
+            len(self.pairs),
+            lambda j: (*pair_images(self.pairs[j]), self.pairs[j].scale),
+            lambda j: f"pair {self.pairs[j].hr_path} / {self.pairs[j].lr_path}",
+        )
 
     def check_inp_size(self, inp_size: int) -> None:
         """Raises `ConfigError` when an LR image is smaller than inp_size x inp_size: a
@@ -223,9 +256,11 @@ class PairedSource(_SkipsUnreadable):
         for p in self.pairs:
             h, w = image_hw(p.lr_path)
             if min(h, w) < inp_size:
-                raise ConfigError(f"LR image {p.lr_path} is {h}x{w}, smaller than "
-                                  f"data.inp_size {inp_size}; lower data.inp_size or remove "
-                                  f"the pair")
+                raise ConfigError(
+                    f"LR image {p.lr_path} is {h}x{w}, smaller than "
+                    f"data.inp_size {inp_size}; lower data.inp_size or remove "
+                    f"the pair"
+                )
 
 
 def make_source(spec: str, split: str = "train", data_dir: str | None = None):
@@ -239,11 +274,13 @@ def make_source(spec: str, split: str = "train", data_dir: str | None = None):
     if spec == "demo":
         return DemoSource("holdout" if split in ("validation", "valid", "test") else split)
     if spec == "div2k":
-        return TFDSSource("div2k", "validation" if split in ("holdout", "valid") else split,
-                          data_dir)
+        return TFDSSource(
+            "div2k", "validation" if split in ("holdout", "valid") else split, data_dir
+        )
     if not os.path.isdir(spec):
-        raise DataError(f"data source {spec!r} is neither 'demo', 'div2k' nor an existing "
-                        f"folder of images")
+        raise DataError(
+            f"data source {spec!r} is neither 'demo', 'div2k' nor an existing folder of images"
+        )
     if find_pairs(spec) is not None:
         return PairedSource(spec)
     return FolderSource(spec)

@@ -4,6 +4,7 @@ The mapping between the reference's state-dict names and this package's paramete
 lives in `torch_name` alone; both directions (import, and exporting gradients or
 parameters under torch names) use it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -112,7 +113,7 @@ def params_from_torch(state_dict: dict[str, np.ndarray], model: SRNO, source: st
     for k, v in state_dict.items():
         for old, new in _ALIASES.items():
             if k.startswith(old):
-                k = new + k[len(old):]
+                k = new + k[len(old) :]
         sd[k] = v
     target = _flat_paths(abstract_variables(model)["params"])
     n = _n_resblocks(model)
@@ -121,11 +122,14 @@ def params_from_torch(state_dict: dict[str, np.ndarray], model: SRNO, source: st
     if unknown:
         raise CheckpointError(
             f"{source}: unknown parameter(s) {unknown[:5]} for this architecture; is the "
-            f"checkpoint's model args (encoder, width, blocks) what produced these weights?")
+            f"checkpoint's model args (encoder, width, blocks) what produced these weights?"
+        )
     missing = sorted(k for k in names if k not in sd)
     if missing:
-        raise CheckpointError(f"{source}: missing parameter(s) {missing[:5]}; the file is "
-                              "incomplete or of another architecture")
+        raise CheckpointError(
+            f"{source}: missing parameter(s) {missing[:5]}; the file is "
+            "incomplete or of another architecture"
+        )
     flat = {}
     for name, path in names.items():
         want = target[path].shape
@@ -135,11 +139,13 @@ def params_from_torch(state_dict: dict[str, np.ndarray], model: SRNO, source: st
         if value.shape != torch_shape:
             raise CheckpointError(
                 f"{source}: parameter {name} has shape {tuple(value.shape)}, the model expects "
-                f"{torch_shape}; the checkpoint's architecture does not match its args")
+                f"{torch_shape}; the checkpoint's architecture does not match its args"
+            )
         if not np.issubdtype(value.dtype, np.floating):
             raise CheckpointError(
                 f"{source}: parameter {name} is {value.dtype}, not floating point; the file "
-                "holds no trained weights there (was it written by a quantising tool?)")
+                "holds no trained weights there (was it written by a quantising tool?)"
+            )
         got = from_torch_layout(value, path, len(want))
         flat[path] = jnp.asarray(got, jnp.float32)
     return _unflatten(flat)
@@ -160,10 +166,16 @@ def model_from_reference_args(args: dict, source: str = "checkpoint") -> SRNO:
     """The model described by a reference checkpoint's ``model['args']``."""
     try:
         spec = args["encoder_spec"]
-        return make_model(spec["name"], spec.get("args"), width=int(args.get("width", 256)),
-                          heads=int(args.get("blocks", 16)))
+        return make_model(
+            spec["name"],
+            spec.get("args"),
+            width=int(args.get("width", 256)),
+            heads=int(args.get("blocks", 16)),
+        )
     except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{source}: model args {args!r} lack {e}; not an SRNO checkpoint") from None
+        raise CheckpointError(
+            f"{source}: model args {args!r} lack {e}; not an SRNO checkpoint"
+        ) from None
     except ConfigError as e:
         raise CheckpointError(f"{source}: {e}") from None
 
@@ -179,7 +191,8 @@ def load_torch_checkpoint(path: str | os.PathLike):
     except (KeyError, TypeError):
         raise CheckpointError(
             f"{path}: not a reference SRNO checkpoint (expected {{'model': {{'name', 'args', "
-            f"'sd'}}}} as the reference's train.py saves)") from None
+            f"'sd'}}}} as the reference's train.py saves)"
+        ) from None
     if name != "sronet":
         raise CheckpointError(f"{path}: holds a {name!r} model; only 'sronet' (SRNO) is supported")
     model = model_from_reference_args(args, str(path))
@@ -190,8 +203,10 @@ def check_finite(params, source: str) -> None:
     """Raises `CheckpointError` naming the first parameter holding NaN or infinity."""
     for path, v in _flat_paths(params).items():
         if not np.isfinite(np.asarray(v)).all():
-            raise CheckpointError(f"{source}: parameter {path} holds NaN or infinite values; "
-                                  "the run that wrote it diverged. Use an earlier checkpoint")
+            raise CheckpointError(
+                f"{source}: parameter {path} holds NaN or infinite values; "
+                "the run that wrote it diverged. Use an earlier checkpoint"
+            )
 
 
 # --- this package's Orbax checkpoints --------------------------------------------------------
@@ -201,16 +216,22 @@ def check_finite(params, source: str) -> None:
 # Inference reads `params` and `meta` alone. Older step folders hold `state` (the whole
 # train state) instead of the first two; they are read as well.
 
+
 def model_spec(config) -> dict:
     """The model part of a training config as plain JSON, as checkpoints record it."""
     m = config.model
-    return {"encoder": m.encoder, "encoder_args": dict(m.encoder_args), "width": m.width,
-            "heads": m.heads}
+    return {
+        "encoder": m.encoder,
+        "encoder_args": dict(m.encoder_args),
+        "width": m.width,
+        "heads": m.heads,
+    }
 
 
 def model_from_spec(spec: dict, dtype="float32") -> SRNO:
-    return make_model(spec["encoder"], spec["encoder_args"], width=spec["width"],
-                      heads=spec["heads"], dtype=dtype)
+    return make_model(
+        spec["encoder"], spec["encoder_args"], width=spec["width"], heads=spec["heads"], dtype=dtype
+    )
 
 
 def manager(workdir, keep: int) -> ocp.CheckpointManager:
@@ -239,8 +260,9 @@ def managed(workdir, keep: int):
 
 
 def _abstract(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        tree, shardings)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
 
 
 class CheckpointWriteError(CheckpointError):
@@ -256,8 +278,10 @@ def _write_failed(mngr, step: int, e: Exception) -> CheckpointWriteError:
 
         with contextlib.suppress(OSError):
             where += f" ({shutil.disk_usage(where).free / 2**20:.0f} MB free)"
-    return CheckpointWriteError(f"a checkpoint write failed in {where}: {_first_line(e)}. Is the disk "
-                           f"full or the bucket unwritable? The last complete checkpoint is {last}")
+    return CheckpointWriteError(
+        f"a checkpoint write failed in {where}: {_first_line(e)}. Is the disk "
+        f"full or the bucket unwritable? The last complete checkpoint is {last}"
+    )
 
 
 def save(mngr: ocp.CheckpointManager, state, config) -> None:
@@ -267,13 +291,23 @@ def save(mngr: ocp.CheckpointManager, state, config) -> None:
     error of an earlier asynchronous save surfaces here or in `finish`.
     """
     step = int(state.step)
-    meta = {"model": model_spec(config), "seed": config.seed, "step": step,
-            "config": json.loads(config.to_json_best_effort())}
+    meta = {
+        "model": model_spec(config),
+        "seed": config.seed,
+        "step": step,
+        "config": json.loads(config.to_json_best_effort()),
+    }
     rest = {"step": state.step, "opt_state": state.opt_state, "nonfinite": state.nonfinite}
     try:
-        mngr.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params), train_state=ocp.args.StandardSave(rest),
-            meta=ocp.args.JsonSave(meta)), force=True)
+        mngr.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params),
+                train_state=ocp.args.StandardSave(rest),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=True,
+        )
     except Exception as e:  # Orbax and TensorStore raise many kinds for a failed write
         raise _write_failed(mngr, step, e) from None
 
@@ -317,8 +351,10 @@ def restore_latest(mngr: ocp.CheckpointManager, target, shardings, check_meta):
             _set_aside(mngr, steps[:i])
         return state
     if steps:
-        raise CheckpointError(f"none of the checkpoints {steps} in {mngr.directory} can be read; "
-                              "move that folder away to start afresh")
+        raise CheckpointError(
+            f"none of the checkpoints {steps} in {mngr.directory} can be read; "
+            "move that folder away to start afresh"
+        )
     return None
 
 
@@ -336,8 +372,9 @@ def _restore_state(step_dir: epath.Path, target, shardings):
         return _restore_item(step_dir / "state", target, shardings)
     rest = lambda t: {"step": t.step, "opt_state": t.opt_state, "nonfinite": t.nonfinite}
     params = _restore_item(step_dir / "params", target.params, shardings.params)
-    return target.replace(params=params, **_restore_item(step_dir / "train_state", rest(target),
-                                                         rest(shardings)))
+    return target.replace(
+        params=params, **_restore_item(step_dir / "train_state", rest(target), rest(shardings))
+    )
 
 
 def _set_aside(mngr: ocp.CheckpointManager, steps) -> None:
@@ -370,11 +407,16 @@ def _step_dirs(path: epath.Path) -> list[epath.Path]:
     if (path / "meta").is_dir():
         return [path]
     ckpts = path if path.name == "checkpoints" else path / "checkpoints"
-    steps = sorted((int(p.name) for p in ckpts.iterdir() if p.name.isdigit()),
-                   reverse=True) if ckpts.is_dir() else []
+    steps = (
+        sorted((int(p.name) for p in ckpts.iterdir() if p.name.isdigit()), reverse=True)
+        if ckpts.is_dir()
+        else []
+    )
     if not steps:
-        raise CheckpointError(f"no srno-jax checkpoint in {path}: expected a training workdir, "
-                              "its checkpoints/ folder, or a step folder such as checkpoints/1000")
+        raise CheckpointError(
+            f"no srno-jax checkpoint in {path}: expected a training workdir, "
+            "its checkpoints/ folder, or a step folder such as checkpoints/1000"
+        )
     return [ckpts / str(s) for s in steps]
 
 
@@ -395,8 +437,7 @@ def load_orbax(path) -> tuple[SRNO, dict]:
             reason = _first_line(e)
             if i + 1 == len(dirs):
                 raise CheckpointError(f"checkpoint {step_dir} cannot be read ({reason})") from None
-            log.warning("checkpoint %s is unreadable (%s); using %s", step_dir, reason,
-                        dirs[i + 1])
+            log.warning("checkpoint %s is unreadable (%s); using %s", step_dir, reason, dirs[i + 1])
     raise AssertionError("unreachable")
 
 
@@ -407,14 +448,21 @@ def _load_step(step_dir: epath.Path):
     if (step_dir / "state").exists():  # the older layout: the parameters inside the state
         like = {"params": abstract_variables(model)["params"]}
         with ocp.PyTreeCheckpointer() as checkpointer:
-            params = checkpointer.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
-                item=like, restore_args=jax.tree.map(
-                    lambda _: ocp.ArrayRestoreArgs(sharding=device), like),
-                partial_restore=True))["params"]
+            params = checkpointer.restore(
+                step_dir / "state",
+                args=ocp.args.PyTreeRestore(
+                    item=like,
+                    restore_args=jax.tree.map(
+                        lambda _: ocp.ArrayRestoreArgs(sharding=device), like
+                    ),
+                    partial_restore=True,
+                ),
+            )["params"]
     else:
         dtype = jnp.dtype(meta.get("params_dtype", "float32"))
-        like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype),
-                            abstract_variables(model)["params"])
+        like = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, dtype), abstract_variables(model)["params"]
+        )
         params = _restore_item(step_dir / "params", like, jax.tree.map(lambda _: device, like))
         params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
     check_finite(params, str(step_dir))
@@ -435,8 +483,9 @@ def export_for_inference(path, out, dtype: str = "float32") -> epath.Path:
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(out / "params", params)
     (out / "meta").mkdir()
-    (out / "meta" / "metadata").write_text(json.dumps(
-        {"model": _read_meta(step_dir)["model"], "params_dtype": dtype}))
+    (out / "meta" / "metadata").write_text(
+        json.dumps({"model": _read_meta(step_dir)["model"], "params_dtype": dtype})
+    )
     return out
 
 

@@ -6,6 +6,7 @@ about 2x faster (EDSR-baseline's forward and backward on 4 x 48 x 48: 0.98 s -> 
 The operator's inference passes ran about 6% slower with it, so only jitted functions
 dominated by convolutions ask for it (README, "Benchmarks").
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,7 +31,8 @@ def conv_options() -> dict:
         return {}
     try:
         jax.jit(jnp.matmul, compiler_options=_CPU_CONV_OPTIONS).lower(
-            jnp.ones((2, 2)), jnp.ones((2, 2))).compile()
+            jnp.ones((2, 2)), jnp.ones((2, 2))
+        ).compile()
     except jax.errors.JaxRuntimeError:
         return {}
     return dict(_CPU_CONV_OPTIONS)
@@ -69,8 +71,10 @@ class CompileClock:
     these seconds; `compiled`, the compilations the cache did not serve.
     """
 
-    TRACE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
-                    "/jax/core/compile/jaxpr_to_mlir_module_duration")
+    TRACE_EVENTS = (
+        "/jax/core/compile/jaxpr_trace_duration",
+        "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    )
     XLA_EVENT = "/jax/core/compile/backend_compile_duration"  # also on a cache hit
     CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 

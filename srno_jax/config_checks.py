@@ -1,4 +1,5 @@
 """The training config checked once, before any work: every numeric field has a range."""
+
 from __future__ import annotations
 
 import math
@@ -10,8 +11,13 @@ from srno_jax.errors import ConfigError
 
 def _int(lo, hi=None):
     def ok(v):
-        return (isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= lo
-                and (hi is None or v <= hi))
+        return (
+            isinstance(v, numbers.Integral)
+            and not isinstance(v, bool)
+            and v >= lo
+            and (hi is None or v <= hi)
+        )
+
     return ok, f"an integer >= {lo}" + (f" and <= {hi}" if hi is not None else "")
 
 
@@ -19,8 +25,8 @@ def _real(lo, hi=None, lo_open=False, hi_open=False):
     def ok(v):
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
             return False
-        return ((v > lo if lo_open else v >= lo)
-                and (hi is None or (v < hi if hi_open else v <= hi)))
+        return (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
+
     high = "" if hi is None else f" and {'<' if hi_open else '<='} {hi}"
     return ok, f"a finite number {'>' if lo_open else '>='} {lo}{high}"
 
@@ -72,12 +78,16 @@ def check_config(config) -> None:
     for field, (ok, what) in RULES.items():
         value, present = _get(config, field)
         if present and not ok(value):
-            raise ConfigError(f"config field {field} = {value!r} is invalid: it must be {what} "
-                              f"(set it with --config.{field}=...)")
+            raise ConfigError(
+                f"config field {field} = {value!r} is invalid: it must be {what} "
+                f"(set it with --config.{field}=...)"
+            )
     dtype, present = _get(config, "compute_dtype")
     if present and dtype not in COMPUTE_DTYPES:
-        raise ConfigError(f"config field compute_dtype = {dtype!r} is invalid: it must be one "
-                          f"of {', '.join(COMPUTE_DTYPES)}")
+        raise ConfigError(
+            f"config field compute_dtype = {dtype!r} is invalid: it must be one "
+            f"of {', '.join(COMPUTE_DTYPES)}"
+        )
     # The evaluation settings are checked as evaluation itself checks them.
     scales, _ = _get(config, "eval.scales")
     for s in scales or ():

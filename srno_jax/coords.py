@@ -5,6 +5,7 @@ Conventions: coordinates are float32 in [-1, 1]; the last axis is (row, col), i.
 axis of length n has its centre at -1 + (2 i + 1) / n (``align_corners=False``).
 Feature maps and images are NHWC.
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -80,6 +81,7 @@ def sample_bilinear_flat(img, coord, size):
     size[1] (rows after h * w are never read); coord (B, N, 2) float32 in [-1, 1]
     (outside reads the border); size int32 (2,) = (h, w), may be traced. Returns (B, N, C).
     """
+
     def axis(c, n):
         pos = jnp.clip(_position(c, n), 0, (n - 1).astype(jnp.float32))
         i0 = jnp.floor(pos)
@@ -91,8 +93,9 @@ def sample_bilinear_flat(img, coord, size):
     y0, y1, fy = axis(coord[..., 0], h)
     x0, x1, fx = axis(coord[..., 1], w)
     at = lambda iy, ix: gather(img, iy * w + ix)
-    return ((1 - fy) * ((1 - fx) * at(y0, x0) + fx * at(y0, x1))
-            + fy * ((1 - fx) * at(y1, x0) + fx * at(y1, x1)))
+    return (1 - fy) * ((1 - fx) * at(y0, x0) + fx * at(y0, x1)) + fy * (
+        (1 - fx) * at(y1, x0) + fx * at(y1, x1)
+    )
 
 
 def sample_bilinear(img, coord):

@@ -13,6 +13,7 @@ leaves the finished cells (``"complete": false``) and prints their table. Unread
 images are skipped with a warning and counted in the table (--strict stops instead).
 Errors print one line on stderr and exit with status 2; Ctrl-C exits with 130.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,35 +32,63 @@ def _scales(text: str) -> list[float]:
     try:
         return [float(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of numbers"
+        ) from None
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=_PROG, description=__doc__.split("\n\n")[2])
-    p.add_argument("--checkpoint", required=True, action="append",
-                   help="a .pth, an Orbax workdir or step folder, or 'bicubic'; several "
-                        "comma-separated or with the flag repeated, one table row each")
-    p.add_argument("--data", required=True,
-                   help="comma-separated dataset names (Set5, Set14, B100, Urban100, Manga109, "
-                        "div2k) or folders: of HR images, or paired (HR/ with LR/ or X2/ X3/ ...)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        action="append",
+        help="a .pth, an Orbax workdir or step folder, or 'bicubic'; several "
+        "comma-separated or with the flag repeated, one table row each",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help="comma-separated dataset names (Set5, Set14, B100, Urban100, Manga109, "
+        "div2k) or folders: of HR images, or paired (HR/ with LR/ or X2/ X3/ ...)",
+    )
     p.add_argument("--data_dir", default=None, help="folder holding benchmark/ and DIV2K_valid_HR/")
-    p.add_argument("--scales", type=_scales, default=None,
-                   help="e.g. 2,3,4,6,12 (each > 1; default 2,3,4); paired folders use "
-                        "their pairs' own scales")
+    p.add_argument(
+        "--scales",
+        type=_scales,
+        default=None,
+        help="e.g. 2,3,4,6,12 (each > 1; default 2,3,4); paired folders use "
+        "their pairs' own scales",
+    )
     p.add_argument("--protocol", default=None, help="'div2k' or 'benchmark' (default: by dataset)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
-    p.add_argument("--per_image", action="store_true", help="add per-image PSNR and SSIM to the JSON")
-    p.add_argument("--strict", action="store_true",
-                   help="stop at the first unreadable image instead of skipping it")
+    p.add_argument(
+        "--per_image", action="store_true", help="add per-image PSNR and SSIM to the JSON"
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first unreadable image instead of skipping it",
+    )
     p.add_argument("--chunk_size", type=int, default=None, help="query points per chunk")
-    p.add_argument("--max_output_pixels", type=int, default=None,
-                   help="refuse HR images larger than this many pixels "
-                        "(default: srno_jax.image_api.MAX_OUTPUT_PIXELS, 2**27)")
-    p.add_argument("--compilation_cache", default=None,
-                   help="persistent XLA compilation cache folder (default "
-                        "~/.cache/srno_jax/xla; '' turns it off)")
-    p.add_argument("--no_progress", action="store_true",
-                   help="no progress bar (it is off anyway when stderr is not a terminal)")
+    p.add_argument(
+        "--max_output_pixels",
+        type=int,
+        default=None,
+        help="refuse HR images larger than this many pixels "
+        "(default: srno_jax.image_api.MAX_OUTPUT_PIXELS, 2**27)",
+    )
+    p.add_argument(
+        "--compilation_cache",
+        default=None,
+        help="persistent XLA compilation cache folder (default "
+        "~/.cache/srno_jax/xla; '' turns it off)",
+    )
+    p.add_argument(
+        "--no_progress",
+        action="store_true",
+        help="no progress bar (it is off anyway when stderr is not a terminal)",
+    )
     return p
 
 
@@ -109,8 +138,11 @@ class _JsonOutput:
         self._tmp.unlink()
 
     def write(self, results: list[dict], complete: bool, timing: dict | None = None) -> None:
-        doc = {"checkpoints": self.checkpoints, "complete": complete,
-               "results": _json_safe(results)}
+        doc = {
+            "checkpoints": self.checkpoints,
+            "complete": complete,
+            "results": _json_safe(results),
+        }
         if timing is not None:
             doc["timing"] = timing
         self._write_text(json.dumps(doc, indent=1, allow_nan=False), self._tmp)
@@ -120,21 +152,29 @@ class _JsonOutput:
         try:
             path.write_text(text)
         except OSError as e:
-            raise DataError(f"cannot write --json {self.path}: {e.strerror or e}; choose a "
-                            "writable path") from None
+            raise DataError(
+                f"cannot write --json {self.path}: {e.strerror or e}; choose a writable path"
+            ) from None
 
 
 def _timing(clock, wall: float, cache_dir: str | None) -> tuple[dict, str]:
     """(the JSON's 'timing', the line for stderr) of a run that took `wall` seconds, from a
     `compiler.CompileClock`."""
     total = clock.compile_s
-    timing = {"wall_s": round(wall, 3), "compile_s": round(total, 3),
-              "trace_lower_s": round(clock.tracing, 3), "xla_compile_s": round(clock.xla, 3),
-              "compilations": clock.compilations, "cache_hits": clock.cache_hits}
-    line = (f"{wall:.1f} s in all, {total:.1f} s ({total / wall:.0%}) compiling: "
-            f"{clock.tracing:.1f} s tracing and lowering, {clock.xla:.1f} s in XLA for "
-            f"{clock.compilations} compilations, {clock.cache_hits} of them loaded from the "
-            f"persistent cache ({cache_dir or 'off'})")
+    timing = {
+        "wall_s": round(wall, 3),
+        "compile_s": round(total, 3),
+        "trace_lower_s": round(clock.tracing, 3),
+        "xla_compile_s": round(clock.xla, 3),
+        "compilations": clock.compilations,
+        "cache_hits": clock.cache_hits,
+    }
+    line = (
+        f"{wall:.1f} s in all, {total:.1f} s ({total / wall:.0%}) compiling: "
+        f"{clock.tracing:.1f} s tracing and lowering, {clock.xla:.1f} s in XLA for "
+        f"{clock.compilations} compilations, {clock.cache_hits} of them loaded from the "
+        f"persistent cache ({cache_dir or 'off'})"
+    )
     return timing, line
 
 
@@ -147,15 +187,23 @@ def _evaluate(args, results: list[dict], state: dict) -> None:
 
     checkpoints = _names(args.checkpoint, "--checkpoint")
     datasets = [evaluation.resolve_dataset(n, args.data_dir) for n in _names([args.data], "--data")]
-    tasks = evaluation.plan(datasets, _DEFAULT_SCALES if args.scales is None else args.scales,
-                            args.protocol, strict=args.strict, with_ssim=args.per_image,
-                            max_output_pixels=(MAX_OUTPUT_PIXELS if args.max_output_pixels is None
-                                               else args.max_output_pixels))
+    tasks = evaluation.plan(
+        datasets,
+        _DEFAULT_SCALES if args.scales is None else args.scales,
+        args.protocol,
+        strict=args.strict,
+        with_ssim=args.per_image,
+        max_output_pixels=(
+            MAX_OUTPUT_PIXELS if args.max_output_pixels is None else args.max_output_pixels
+        ),
+    )
     warn = lambda msg: tqdm.write(f"{_PROG}: {msg}", file=sys.stderr)
     if args.scales is not None:
         for path in dict.fromkeys(t.dataset for t in tasks if t.paired):
-            warn(f"note: --scales does not apply to the paired folder {path}; it is evaluated "
-                 "at its pairs' own scales")
+            warn(
+                f"note: --scales does not apply to the paired folder {path}; it is evaluated "
+                "at its pairs' own scales"
+            )
     skips = {}  # one warning per image and reason, with the scales it applies to
     for t in tasks:
         for image, why in t.skipped:
@@ -166,15 +214,20 @@ def _evaluate(args, results: list[dict], state: dict) -> None:
     if args.json:
         state["json"] = _JsonOutput(args.json, checkpoints)
     total = len(checkpoints) * sum(len(t.items) for t in tasks)
-    state["bar"] = bar = tqdm(total=total, unit="img", leave=False,
-                              disable=True if args.no_progress else None)
+    state["bar"] = bar = tqdm(
+        total=total, unit="img", leave=False, disable=True if args.no_progress else None
+    )
     for checkpoint, upsampler in upsamplers:
         for task in tasks:
             bar.set_description(f"{task.dataset} x{task.scale:g}")
             row = evaluation.evaluate_task(
-                upsampler, task, per_image=args.per_image, strict=args.strict,
+                upsampler,
+                task,
+                per_image=args.per_image,
+                strict=args.strict,
                 on_image=lambda image: bar.update(1),
-                on_skip=lambda image, why: warn(f"warning: skipping {task.dataset}/{image}: {why}"))
+                on_skip=lambda image, why: warn(f"warning: skipping {task.dataset}/{image}: {why}"),
+            )
             results.append({"checkpoint": checkpoint, **row})
             if "json" in state:
                 state["json"].write(results, complete=False)
@@ -189,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         from srno_jax import compiler
 
         cache = compiler.enable_compilation_cache(
-            compiler.DEFAULT_CACHE_DIR if args.compilation_cache is None else args.compilation_cache)
+            compiler.DEFAULT_CACHE_DIR if args.compilation_cache is None else args.compilation_cache
+        )
         with compiler.CompileClock() as clock:
             _evaluate(args, results, state)
         status = 0

@@ -12,6 +12,7 @@ Images are read as training reads them (`images.load_image`): the pixels as stor
 orientation is ignored, as in the reference (the benchmark PNGs carry none); an LR
 image and its HR are both read as stored, so a pair stays aligned.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,14 +21,29 @@ import os
 from typing import Callable
 
 import numpy as np
+
 from srno_jax import pairs
 from srno_jax.errors import ConfigError, DataError
 from srno_jax.images import IMAGE_EXTENSIONS, image_files, load_image, open_image, resize_bicubic
-from srno_jax.metrics import (check_evaluable, check_protocol, check_scale, default_protocol,
-                              eval_sizes, make_eval_pair, psnr, ssim)
+from srno_jax.metrics import (
+    check_evaluable,
+    check_protocol,
+    check_scale,
+    default_protocol,
+    eval_sizes,
+    make_eval_pair,
+    psnr,
+    ssim,
+)
 
-_BENCHMARKS = {"set5": "Set5", "set14": "Set14", "b100": "B100", "bsd100": "B100",
-               "urban100": "Urban100", "manga109": "Manga109"}
+_BENCHMARKS = {
+    "set5": "Set5",
+    "set14": "Set14",
+    "b100": "B100",
+    "bsd100": "B100",
+    "urban100": "Urban100",
+    "manga109": "Manga109",
+}
 
 # (lr uint8 (h, w, 3), HR size (H, W), scale) -> float (H, W, 3) in [0, 1]
 Upsampler = Callable[[np.ndarray, tuple, float], np.ndarray]
@@ -36,6 +52,7 @@ Upsampler = Callable[[np.ndarray, tuple, float], np.ndarray]
 @dataclasses.dataclass(frozen=True)
 class Item:
     """One image to score: its HR file and, in a paired folder, its LR file."""
+
     name: str
     hr_path: str
     lr_path: str | None = None  # None: the LR is made from the HR with PIL bicubic
@@ -50,6 +67,7 @@ class Task:
     (image, reason) for the images found unusable before any work; ``paired`` tells a
     paired folder, whose scale is its pairs'.
     """
+
     dataset: str
     path: str
     scale: float
@@ -76,11 +94,14 @@ def resolve_dataset(name: str, data_dir: str | None) -> tuple[str, str]:
     elif key in ("div2k", "div2k_valid"):
         display, parts = "DIV2K", ("DIV2K_valid_HR",)
     else:
-        raise DataError(f"dataset {name!r} is neither a folder nor one of Set5, Set14, B100, "
-                        "Urban100, Manga109, div2k")
+        raise DataError(
+            f"dataset {name!r} is neither a folder nor one of Set5, Set14, B100, "
+            "Urban100, Manga109, div2k"
+        )
     if data_dir is None:
-        raise DataError(f"dataset {name!r} needs --data_dir (the folder holding benchmark/ "
-                        "and DIV2K_valid_HR/)")
+        raise DataError(
+            f"dataset {name!r} needs --data_dir (the folder holding benchmark/ and DIV2K_valid_HR/)"
+        )
     path = os.path.normpath(os.path.join(data_dir, *parts))
     if not os.path.isdir(path):
         raise DataError(f"dataset {name!r}: folder {path} not found")
@@ -128,9 +149,15 @@ def check_image(path: str) -> tuple[int, int]:
     return img.height, img.width
 
 
-def plan(datasets: list[tuple[str, str]], scales: list[float], protocol: str | None = None,
-         *, strict: bool = False, with_ssim: bool = False,
-         max_output_pixels: int | None = None) -> list[Task]:
+def plan(
+    datasets: list[tuple[str, str]],
+    scales: list[float],
+    protocol: str | None = None,
+    *,
+    strict: bool = False,
+    with_ssim: bool = False,
+    max_output_pixels: int | None = None,
+) -> list[Task]:
     """The tasks of an evaluation, every argument and image checked before any work.
 
     Args:
@@ -177,7 +204,8 @@ def plan(datasets: list[tuple[str, str]], scales: list[float], protocol: str | N
                     raise ConfigError(
                         f"{item.hr_path} at x{s:g} needs a {hw[0]}x{hw[1]} output "
                         f"({hw[0] * hw[1]} pixels), more than the limit of {max_output_pixels}; "
-                        "raise it with --max_output_pixels or leave the image out")
+                        "raise it with --max_output_pixels or leave the image out"
+                    )
                 kept.append(item)
             tasks.append(Task(name, folder, s, proto, tuple(kept), tuple(skipped), paired))
     return tasks
@@ -198,8 +226,7 @@ def _items_by_scale(folder: str, scales: list[float]) -> tuple[dict[float, list[
     return by_scale, True
 
 
-def _hr_grid(size: Callable[[str], tuple[int, int]], item: Item,
-             scale: float) -> tuple[int, int]:
+def _hr_grid(size: Callable[[str], tuple[int, int]], item: Item, scale: float) -> tuple[int, int]:
     """(H, W) of the HR grid scored for `item` at `scale`, its files' sizes from `size`
     (`check_image`): the crop of `metrics.eval_sizes`, or for a pair the grid its LR
     covers (as `pairs.pair_images`)."""
@@ -228,12 +255,19 @@ def model_upsampler(model, variables, chunk_size: int | None = None) -> Upsample
     """An upsampler running SRNO with exact chunked inference (`image_api.super_resolve`)."""
     from srno_jax.image_api import super_resolve
 
-    return lambda lr, hr_size, scale: super_resolve(model, variables, lr, hr_size, scale,
-                                                    chunk_size)
+    return lambda lr, hr_size, scale: super_resolve(
+        model, variables, lr, hr_size, scale, chunk_size
+    )
 
 
-def score_pair(upsampler: Upsampler, lr: np.ndarray, hr: np.ndarray, scale: float,
-               protocol: str | None, with_ssim: bool = False) -> dict:
+def score_pair(
+    upsampler: Upsampler,
+    lr: np.ndarray,
+    hr: np.ndarray,
+    scale: float,
+    protocol: str | None,
+    with_ssim: bool = False,
+) -> dict:
     """{'psnr'[, 'ssim']} of upsampling the uint8 `lr` to its uint8 ground truth `hr`."""
     sr = upsampler(lr, hr.shape[:2], scale)
     hr = hr.astype(np.float64) / 255.0
@@ -243,14 +277,20 @@ def score_pair(upsampler: Upsampler, lr: np.ndarray, hr: np.ndarray, scale: floa
     return row
 
 
-def score_image(upsampler: Upsampler, hr_uint8: np.ndarray, scale: float, protocol: str | None,
-                with_ssim: bool = False) -> dict:
+def score_image(
+    upsampler: Upsampler,
+    hr_uint8: np.ndarray,
+    scale: float,
+    protocol: str | None,
+    with_ssim: bool = False,
+) -> dict:
     """{'psnr'[, 'ssim']} of one HR image at `scale`: the reference protocol for one image."""
     return score_pair(upsampler, *make_eval_pair(hr_uint8, scale), scale, protocol, with_ssim)
 
 
-def score_item(upsampler: Upsampler, item: Item, scale: float, protocol: str,
-               with_ssim: bool = False) -> dict:
+def score_item(
+    upsampler: Upsampler, item: Item, scale: float, protocol: str, with_ssim: bool = False
+) -> dict:
     """`score_image` of an HR file, or `score_pair` of a paired folder's files."""
     if item.lr_path is None:
         return score_image(upsampler, load_image(item.hr_path), scale, protocol, with_ssim)
@@ -258,9 +298,15 @@ def score_item(upsampler: Upsampler, item: Item, scale: float, protocol: str,
     return score_pair(upsampler, lr, hr, scale, protocol, with_ssim)
 
 
-def evaluate_task(upsampler: Upsampler, task: Task, *, per_image: bool = False,
-                  strict: bool = False, on_image: Callable[[str], None] = lambda image: None,
-                  on_skip: Callable[[str, str], None] = lambda image, reason: None) -> dict:
+def evaluate_task(
+    upsampler: Upsampler,
+    task: Task,
+    *,
+    per_image: bool = False,
+    strict: bool = False,
+    on_image: Callable[[str], None] = lambda image: None,
+    on_skip: Callable[[str, str], None] = lambda image, reason: None,
+) -> dict:
     """Mean PSNR of `upsampler` over a task's images.
 
     An image that fails to load is skipped (`on_skip(image, reason)`) unless `strict`,
@@ -274,31 +320,41 @@ def evaluate_task(upsampler: Upsampler, task: Task, *, per_image: bool = False,
     rows, skipped = [], [{"image": n, "reason": r} for n, r in task.skipped]
     for item in task.items:
         try:
-            rows.append({"image": item.name,
-                         **score_item(upsampler, item, task.scale, task.protocol, per_image)})
+            rows.append(
+                {
+                    "image": item.name,
+                    **score_item(upsampler, item, task.scale, task.protocol, per_image),
+                }
+            )
         except DataError as e:
             if strict:
                 raise DataError(f"{task.dataset}: {item.name}: {e}") from None
             skipped.append({"image": item.name, "reason": str(e)})
             on_skip(item.name, str(e))
         on_image(item.name)
-    result = {"dataset": task.dataset, "path": task.path, "scale": task.scale,
-              "protocol": task.protocol,
-              "psnr": float(np.mean([r["psnr"] for r in rows])) if rows else None,
-              "images": len(rows), "skipped": skipped}
+    result = {
+        "dataset": task.dataset,
+        "path": task.path,
+        "scale": task.scale,
+        "protocol": task.protocol,
+        "psnr": float(np.mean([r["psnr"] for r in rows])) if rows else None,
+        "images": len(rows),
+        "skipped": skipped,
+    }
     if per_image:
         result["per_image"] = rows
     return result
 
 
-def comparison_strip(upsampler: Upsampler, hr_uint8: np.ndarray, scale: float,
-                     size: int = 96) -> np.ndarray:
+def comparison_strip(
+    upsampler: Upsampler, hr_uint8: np.ndarray, scale: float, size: int = 96
+) -> np.ndarray:
     """A (size, 3 * size, 3) uint8 strip of the centre: bicubic | upsampler | ground truth."""
     lr, hr = make_eval_pair(hr_uint8, scale)
     sr = np.round(upsampler(lr, hr.shape[:2], scale) * 255).astype(np.uint8)
     bic = resize_bicubic(lr, hr.shape[:2])
     y, x = max(hr.shape[0] - size, 0) // 2, max(hr.shape[1] - size, 0) // 2
-    return np.concatenate([im[y:y + size, x:x + size] for im in (bic, sr, hr)], axis=1)
+    return np.concatenate([im[y : y + size, x : x + size] for im in (bic, sr, hr)], axis=1)
 
 
 def format_table(results: list[dict]) -> str:
@@ -327,9 +383,11 @@ def format_table(results: list[dict]) -> str:
             if r.get("skipped"):
                 text += "*"
                 n = len(r["skipped"])
-                notes.append(f"* {m} {d} x{s:g}: {r.get('images', 0)} images scored, {n} "
-                             f"skipped ({', '.join(x['image'] for x in r['skipped'][:3])}"
-                             f"{' ...' if n > 3 else ''})")
+                notes.append(
+                    f"* {m} {d} x{s:g}: {r.get('images', 0)} images scored, {n} "
+                    f"skipped ({', '.join(x['image'] for x in r['skipped'][:3])}"
+                    f"{' ...' if n > 3 else ''})"
+                )
             row.append(text)
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines + ([""] + list(dict.fromkeys(notes)) if notes else []))
@@ -341,14 +399,22 @@ def validate(model, params, images, scales, protocol: str = "benchmark"):
     Returns {scale: (model_psnr, bicubic_psnr)} under the reference protocol.
     """
     sr = model_upsampler(model, {"params": params})
-    return {s: tuple(float(np.mean([score_image(up, hr, s, protocol)["psnr"]
-                                    for hr in images]))
-                     for up in (sr, bicubic_upsampler))
-            for s in scales}
+    return {
+        s: tuple(
+            float(np.mean([score_image(up, hr, s, protocol)["psnr"] for hr in images]))
+            for up in (sr, bicubic_upsampler)
+        )
+        for s in scales
+    }
 
 
 def format_results(results: dict) -> str:
     """`format_table` of {scale: (psnr, bicubic psnr)}: rows 'bicubic' and 'SRNO',
     columns the scales ascending."""
-    return format_table([{"checkpoint": name, "scale": s, "psnr": results[s][i]}
-                         for i, name in ((1, "bicubic"), (0, "SRNO")) for s in sorted(results)])
+    return format_table(
+        [
+            {"checkpoint": name, "scale": s, "psnr": results[s][i]}
+            for i, name in ((1, "bicubic"), (0, "SRNO"))
+            for s in sorted(results)
+        ]
+    )

@@ -3,6 +3,7 @@
 Owns output sizes, image modes and their conversions; the numerics are
 `inference.predict` (exact chunked prediction) and `metrics.eval_cell`.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,16 +20,30 @@ from srno_jax.metrics import eval_cell
 MAX_OUTPUT_PIXELS = 2**27  # e.g. 16384 x 8192; the float32 prediction alone takes 1.5 GiB
 
 
-def super_resolve(model, variables, lr: np.ndarray, size: tuple[int, int], scale: float,
-                  chunk_size: int | None = None, tile: int = DEFAULT_TILE) -> np.ndarray:
+def super_resolve(
+    model,
+    variables,
+    lr: np.ndarray,
+    size: tuple[int, int],
+    scale: float,
+    chunk_size: int | None = None,
+    tile: int = DEFAULT_TILE,
+) -> np.ndarray:
     """The model's (H, W, 3) float image in [0, 1] of size = (H, W) from an LR uint8 RGB image.
 
     Queries the pixel centres of the whole output grid (`make_coord`) with cell
     `metrics.eval_cell(size, scale)` (enlarged beyond x4, the reference's "mcell") and
     returns clip(pred * 0.5 + 0.5, 0, 1), not quantised.
     """
-    pred = predict(model, variables, normalise(lr)[None], make_coord(size)[None],
-                   eval_cell(size, scale)[None], chunk_size, tile)[0]
+    pred = predict(
+        model,
+        variables,
+        normalise(lr)[None],
+        make_coord(size)[None],
+        eval_cell(size, scale)[None],
+        chunk_size,
+        tile,
+    )[0]
     return np.clip(pred * 0.5 + 0.5, 0, 1)
 
 
@@ -39,25 +54,40 @@ def output_size(hw: tuple[int, int], scale, size) -> tuple[int, int]:
     if (scale is None) == (size is None):
         raise ConfigError("give exactly one of scale (e.g. 3.7) or size (height, width)")
     if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float, np.number)) \
-                or not math.isfinite(scale) or scale <= 1:
-            raise ConfigError(f"scale must be a finite number > 1 (SRNO enlarges; to shrink an "
-                              f"image use PIL's resize), got {scale!r}")
+        if (
+            isinstance(scale, bool)
+            or not isinstance(scale, (int, float, np.number))
+            or not math.isfinite(scale)
+            or scale <= 1
+        ):
+            raise ConfigError(
+                f"scale must be a finite number > 1 (SRNO enlarges; to shrink an "
+                f"image use PIL's resize), got {scale!r}"
+            )
         out = (max(round(hw[0] * scale), 1), max(round(hw[1] * scale), 1))
         if out == tuple(hw):
-            raise ConfigError(f"scale {scale:g} leaves the {hw[0]}x{hw[1]} (height x width) "
-                              f"input at {out[0]}x{out[1]} after rounding; give a larger scale")
+            raise ConfigError(
+                f"scale {scale:g} leaves the {hw[0]}x{hw[1]} (height x width) "
+                f"input at {out[0]}x{out[1]} after rounding; give a larger scale"
+            )
     else:
-        if (not isinstance(size, (tuple, list)) or len(size) != 2
-                or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in size)):
+        if (
+            not isinstance(size, (tuple, list))
+            or len(size) != 2
+            or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in size)
+        ):
             raise ConfigError(f"size must be (height, width) integers, got {size!r}")
         out = (int(size[0]), int(size[1]))
         if out[0] < hw[0] or out[1] < hw[1] or out == tuple(hw):
-            raise ConfigError(f"size {out[0]}x{out[1]} (height x width) does not enlarge the "
-                              f"{hw[0]}x{hw[1]} input; SRNO only enlarges: give a larger size")
+            raise ConfigError(
+                f"size {out[0]}x{out[1]} (height x width) does not enlarge the "
+                f"{hw[0]}x{hw[1]} input; SRNO only enlarges: give a larger size"
+            )
     if out[0] * out[1] > MAX_OUTPUT_PIXELS:
-        raise ConfigError(f"output {out[0]}x{out[1]} has {out[0] * out[1]} pixels, more than the "
-                          f"limit {MAX_OUTPUT_PIXELS}; upscale in tiles or choose a smaller size")
+        raise ConfigError(
+            f"output {out[0]}x{out[1]} has {out[0] * out[1]} pixels, more than the "
+            f"limit {MAX_OUTPUT_PIXELS}; upscale in tiles or choose a smaller size"
+        )
     return out
 
 
@@ -69,17 +99,27 @@ def _as_pil(image) -> Image.Image:
     a = np.asarray(image)
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[..., 0]
-    ok = (a.dtype == np.uint8 and (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4)))) \
-        or (a.dtype == np.uint16 and a.ndim == 2)
+    ok = (a.dtype == np.uint8 and (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4)))) or (
+        a.dtype == np.uint16 and a.ndim == 2
+    )
     if not ok or min(a.shape[:2], default=0) < 1:
-        raise DataError(f"expected a PIL image, a uint8 (H, W[, 1|3|4]) array or a uint16 "
-                        f"(H, W) array, got {a.dtype} of shape {a.shape}")
+        raise DataError(
+            f"expected a PIL image, a uint8 (H, W[, 1|3|4]) array or a uint16 "
+            f"(H, W) array, got {a.dtype} of shape {a.shape}"
+        )
     return Image.fromarray(a)
 
 
-def upscale(model, variables, image, *, scale: float | None = None,
-            size: tuple[int, int] | None = None, chunk_size: int | None = None,
-            tile: int = DEFAULT_TILE) -> np.ndarray:
+def upscale(
+    model,
+    variables,
+    image,
+    *,
+    scale: float | None = None,
+    size: tuple[int, int] | None = None,
+    chunk_size: int | None = None,
+    tile: int = DEFAULT_TILE,
+) -> np.ndarray:
     """Resizes an image with SRNO to any scale or size, exactly and in bounded memory.
 
     Args:
@@ -109,8 +149,9 @@ def upscale(model, variables, image, *, scale: float | None = None,
     out_h, out_w = output_size((pil.height, pil.width), scale, size)
     rgb = to_rgb_uint8(pil)
     s = max(out_h / pil.height, out_w / pil.width)
-    out = np.round(super_resolve(model, variables, rgb, (out_h, out_w), s, chunk_size, tile)
-                   * 255).astype(np.uint8)
+    out = np.round(
+        super_resolve(model, variables, rgb, (out_h, out_w), s, chunk_size, tile) * 255
+    ).astype(np.uint8)
     if pil.mode in ("L", "LA", "I", "F") or pil.mode.startswith("I;16"):
         out = np.asarray(Image.fromarray(out).convert("L"))
     if "A" in pil.mode or "transparency" in pil.info:

@@ -3,6 +3,7 @@
 Layout everywhere: HWC numpy arrays. ``uint8`` images hold 0..255; float images hold
 [0, 1] unless a docstring says "normalised", which means (x - 0.5) / 0.5 in [-1, 1].
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,8 +17,15 @@ from PIL import Image, ImageOps
 from srno_jax.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-WRITE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP",
-                 ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
+WRITE_FORMATS = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".webp": "WEBP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".bmp": "BMP",
+}
 DEFAULT_QUALITY = 95  # JPEG and WebP: an upscaler's output is about fine detail (PIL's own is 75)
 ORIENTATION_TAG = 0x0112  # EXIF "Orientation": 1 is upright
 
@@ -27,8 +35,11 @@ def image_files(folder: str | os.PathLike) -> list[str]:
 
     `folder` may be local or a bucket (``gs://...``): it is listed through `etils.epath`.
     """
-    return sorted(str(p) for p in epath.Path(folder).iterdir()
-                  if p.name.lower().endswith(IMAGE_EXTENSIONS) and p.is_file())
+    return sorted(
+        str(p)
+        for p in epath.Path(folder).iterdir()
+        if p.name.lower().endswith(IMAGE_EXTENSIONS) and p.is_file()
+    )
 
 
 def to_rgb_uint8(img: Image.Image) -> np.ndarray:
@@ -61,8 +72,9 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
 
 def bomb_error(path, e: Exception) -> DataError:
     """The one-line refusal of a file whose header claims more pixels than PIL allows."""
-    return DataError(f"refusing {path}: {e} If you trust the file, raise "
-                     "PIL.Image.MAX_IMAGE_PIXELS.")
+    return DataError(
+        f"refusing {path}: {e} If you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS."
+    )
 
 
 def open_image(path: str | os.PathLike, *, orient: bool = False) -> Image.Image:
@@ -108,8 +120,10 @@ def output_format(path: str | os.PathLike) -> str:
     """
     ext = os.path.splitext(os.fspath(path))[1].lower()
     if ext not in WRITE_FORMATS:
-        raise ConfigError(f"cannot tell the output format of {os.fspath(path)!r} from its "
-                          f"extension; end the name with one of {', '.join(WRITE_FORMATS)}")
+        raise ConfigError(
+            f"cannot tell the output format of {os.fspath(path)!r} from its "
+            f"extension; end the name with one of {', '.join(WRITE_FORMATS)}"
+        )
     return WRITE_FORMATS[ext]
 
 
@@ -128,8 +142,11 @@ def save_image(path: str | os.PathLike, img: np.ndarray, quality: int | None = N
     pil = Image.fromarray(np.asarray(img, np.uint8))
     if fmt in ("JPEG", "BMP") and pil.mode in ("LA", "RGBA"):
         pil = pil.convert(pil.mode[:-1])
-    options = {"quality": DEFAULT_QUALITY if quality is None else quality} \
-        if fmt in ("JPEG", "WEBP") else {}
+    options = (
+        {"quality": DEFAULT_QUALITY if quality is None else quality}
+        if fmt in ("JPEG", "WEBP")
+        else {}
+    )
     # Written beside and renamed: an interrupted write never leaves half a file at `path`.
     folder, name = os.path.split(os.fspath(path))
     partial = os.path.join(folder, f".{name}.partial")

@@ -27,6 +27,7 @@ compiles nothing.
 Large LR inputs are encoded in overlapping windows whose halo covers the encoder's
 receptive field, which gives the full-image features (see `encode`).
 """
+
 from __future__ import annotations
 
 import math
@@ -78,19 +79,23 @@ def _encoder():
     (built on first use, since choosing the options initialises the backend).
     capacity None: returns the (B, H', W', C) features; an int: returns the features and
     the input flat (`_flat`), as the operator takes them."""
+
     def encode_fn(model, variables, inp, size, capacity):
         h, w = inp.shape[1:3]
         mask = (jnp.arange(h)[:, None] < size[0]) & (jnp.arange(w)[None, :] < size[1])
-        feat = model.apply(variables, inp, mask[None, :, :, None],
-                           method=lambda m, x, k: m.encode(x, k))
+        feat = model.apply(
+            variables, inp, mask[None, :, :, None], method=lambda m, x, k: m.encode(x, k)
+        )
         if capacity is None:
             return feat
         return _flat(feat, size, capacity), _flat(inp, size, capacity)
+
     return jax.jit(encode_fn, static_argnums=(0, 4), compiler_options=compiler.conv_options())
 
 
-_flatten = jax.jit(lambda xs, size, capacity: [_flat(x, size, capacity) for x in xs],
-                   static_argnums=2)
+_flatten = jax.jit(
+    lambda xs, size, capacity: [_flat(x, size, capacity) for x in xs], static_argnums=2
+)
 
 
 def _windows(n: int, tile: int, halo: int):
@@ -128,18 +133,23 @@ def _encode_padded(model, variables, inp, tile: int, capacity: int | None = None
         return out if capacity else (out, inp)
     halo = model.encoder.receptive_radius
     if tile <= 2 * halo:
-        raise ConfigError(f"encoder tile {tile} must exceed twice the encoder's receptive "
-                          f"radius {halo}, i.e. be at least {2 * halo + 1}")
+        raise ConfigError(
+            f"encoder tile {tile} must exceed twice the encoder's receptive "
+            f"radius {halo}, i.e. be at least {2 * halo + 1}"
+        )
     rows = []
     for ys, y0, y1 in _windows(hp, tile, halo):
         cols = []
         for xs, x0, x1 in _windows(wp, tile, halo):
-            out = _encoder()(model, variables, inp[:, ys:ys + tile, xs:xs + tile], window, None)
-            cols.append(out[:, y0 - ys:y1 - ys, x0 - xs:x1 - xs])
+            out = _encoder()(model, variables, inp[:, ys : ys + tile, xs : xs + tile], window, None)
+            cols.append(out[:, y0 - ys : y1 - ys, x0 - xs : x1 - xs])
         rows.append(jnp.concatenate(cols, axis=2))
     feat = jnp.concatenate(rows, axis=1)
-    return (feat, inp) if capacity is None else tuple(
-        _flatten([feat, inp], np.array([h, w], np.int32), capacity))
+    return (
+        (feat, inp)
+        if capacity is None
+        else tuple(_flatten([feat, inp], np.array([h, w], np.int32), capacity))
+    )
 
 
 def encode(model, variables, inp, tile: int = DEFAULT_TILE) -> jax.Array:
@@ -203,19 +213,23 @@ def _table(model, variables, feat):
 @partial(jax.jit, static_argnums=(0, 10))
 def _moments(model, variables, lr, coord, cell, grid, kvs, mask, total, count, sub):
     """Adds the chunk's sum of k^T v of layer len(kvs) to `total` (recomputing z)."""
+
     def piece(c, mk):
         layer = len(kvs)
         fn = lambda m: m.kernel_integrals[layer].moments(_lift_mix(m, lr, c, cell, grid, kvs), mk)
         return model.apply(variables, method=fn)
+
     return total + _sub_sum(piece, sub, count, coord, mask)
 
 
 @partial(jax.jit, static_argnums=(0, 9))
 def _project(model, variables, inp, lr, coord, cell, grid, kvs, count, sub):
     """Prediction (B, C, 3) of a chunk given every layer's kv."""
+
     def piece(c):
         fn = lambda m: m.project(_lift_mix(m, lr, c, cell, grid, kvs), inp, c, grid)
         return model.apply(variables, method=fn)
+
     return _sub_map(piece, sub, count, coord)
 
 
@@ -223,12 +237,14 @@ def _project(model, variables, inp, lr, coord, cell, grid, kvs, count, sub):
 def _one_chunk(model, variables, inp, lr, coord, cell, grid, mask, n, count, sub):
     """All queries in one padded chunk: each layer's input z is kept between the passes
     (2 x chunk x width floats), so nothing is computed twice."""
+
     def run(fn, *xs):  # fn(module, *pieces) over the pieces of xs holding queries
         return _sub_map(lambda *p: model.apply(variables, *p, method=fn), sub, count, *xs)
 
     def moments(i, z):
-        fn = lambda *p: model.apply(variables, *p, method=lambda m, zz, mk:
-                                    m.kernel_integrals[i].moments(zz, mk))
+        fn = lambda *p: model.apply(
+            variables, *p, method=lambda m, zz, mk: m.kernel_integrals[i].moments(zz, mk)
+        )
         return _sub_sum(fn, sub, count, z, mask) / n
 
     z = run(lambda m, c: _lift(m, lr, c, cell, grid), coord)
@@ -236,8 +252,9 @@ def _one_chunk(model, variables, inp, lr, coord, cell, grid, mask, n, count, sub
         kv = moments(i, z)
         if i + 1 < KERNEL_INTEGRALS:
             z = run(lambda m, zz: m.kernel_integrals[i].mix(zz, kv), z)
-    return run(lambda m, zz, c: m.project(m.kernel_integrals[-1].mix(zz, kv), inp, c, grid),
-               z, coord)
+    return run(
+        lambda m, zz, c: m.project(m.kernel_integrals[-1].mix(zz, kv), inp, c, grid), z, coord
+    )
 
 
 def _chunk_len(n: int, chunk_size: int | None) -> tuple[int, int]:
@@ -254,8 +271,9 @@ def _chunk_len(n: int, chunk_size: int | None) -> tuple[int, int]:
     return -(-chunk // sub) * sub, sub
 
 
-def predict(model, variables, inp, coord, cell, chunk_size: int | None = None,
-            tile: int = DEFAULT_TILE) -> np.ndarray:
+def predict(
+    model, variables, inp, coord, cell, chunk_size: int | None = None, tile: int = DEFAULT_TILE
+) -> np.ndarray:
     """The model's output at every query, exactly as one-pass ``model.apply``.
 
     Args:
@@ -278,8 +296,10 @@ def predict(model, variables, inp, coord, cell, chunk_size: int | None = None,
     n_chunks = -(-n // chunk)
     # Pad with copies of the last query: real coordinates, masked out of the sums.
     flat = np.concatenate([flat, np.repeat(flat[:, -1:], n_chunks * chunk - n, axis=1)], axis=1)
-    mask = np.broadcast_to((np.arange(n_chunks * chunk) < n).astype(np.float32)
-                           .reshape(n_chunks, 1, chunk), (n_chunks, b, chunk))
+    mask = np.broadcast_to(
+        (np.arange(n_chunks * chunk) < n).astype(np.float32).reshape(n_chunks, 1, chunk),
+        (n_chunks, b, chunk),
+    )
     coords = flat.reshape(b, n_chunks, chunk, 2)
     # Pieces of each chunk that hold queries; the rest is skipped.
     counts = [np.int32(-(-min(chunk, n - i * chunk) // sub)) for i in range(n_chunks)]
@@ -292,19 +312,44 @@ def predict(model, variables, inp, coord, cell, chunk_size: int | None = None,
         lr = _table(model, variables, lr)
     grid, cell = lr_grid(h, w, capacity), np.asarray(cell, np.float32)
     if n_chunks == 1:
-        out = np.asarray(_one_chunk(model, variables, inp, lr, coords[:, 0], cell, grid,
-                                    mask[0], np.float32(n), counts[0], sub))
+        out = np.asarray(
+            _one_chunk(
+                model,
+                variables,
+                inp,
+                lr,
+                coords[:, 0],
+                cell,
+                grid,
+                mask[0],
+                np.float32(n),
+                counts[0],
+                sub,
+            )
+        )
     else:
         d = model.width // model.heads
         kvs = ()
         for _ in range(KERNEL_INTEGRALS):
             total = jnp.zeros((b, model.heads, d, d), jnp.float32)
             for i in range(n_chunks):
-                total = _moments(model, variables, lr, coords[:, i], cell, grid, kvs, mask[i],
-                                 total, counts[i], sub)
+                total = _moments(
+                    model,
+                    variables,
+                    lr,
+                    coords[:, i],
+                    cell,
+                    grid,
+                    kvs,
+                    mask[i],
+                    total,
+                    counts[i],
+                    sub,
+                )
             kvs += (total / n,)
         out = np.empty((b, n_chunks * chunk, 3), np.float32)
         for i in range(n_chunks):
-            out[:, i * chunk:(i + 1) * chunk] = _project(model, variables, inp, lr, coords[:, i],
-                                                         cell, grid, kvs, counts[i], sub)
+            out[:, i * chunk : (i + 1) * chunk] = _project(
+                model, variables, inp, lr, coords[:, i], cell, grid, kvs, counts[i], sub
+            )
     return out[:, :n].reshape(*coord.shape[:-1], 3)

@@ -5,6 +5,7 @@ to `<workdir>/tensorboard` through tensorboardX (in the `[train]` extra); withou
 log lines still come and one warning says so. Paths with a scheme (``gs://``) are
 written through `etils.epath`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -55,11 +56,12 @@ class MetricWriter:
         if jax.process_index() != 0:
             return
         try:
-            from tensorboardX import SummaryWriter
-            from tensorboardX import record_writer
+            from tensorboardX import SummaryWriter, record_writer
         except ImportError:
-            log.warning("tensorboardX is not installed: no TensorBoard summaries "
-                        "(pip install 'srno-jax[train]')")
+            log.warning(
+                "tensorboardX is not installed: no TensorBoard summaries "
+                "(pip install 'srno-jax[train]')"
+            )
             return
         logdir = workdir_lib.resolve(workdir) / "tensorboard"
         if "://" in str(logdir):

@@ -3,6 +3,7 @@
 Layout everywhere: HWC numpy arrays. ``uint8`` images hold 0..255; float images hold
 [0, 1]. The functions are pure numpy; reductions run in float64.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,10 +27,15 @@ def check_scale(scale: float) -> float:
     Scale 1 is refused: it has nothing to super-resolve, and its bicubic baseline is the
     identity, whose PSNR is infinite. Raises `ConfigError`.
     """
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.number)) \
-            or not (math.isfinite(scale) and scale > 1):
-        raise ConfigError(f"scale {scale} is invalid: evaluation scales must be finite numbers "
-                          "> 1 (e.g. 2, 3.5, 4)")
+    if (
+        isinstance(scale, bool)
+        or not isinstance(scale, (int, float, np.number))
+        or not (math.isfinite(scale) and scale > 1)
+    ):
+        raise ConfigError(
+            f"scale {scale} is invalid: evaluation scales must be finite numbers "
+            "> 1 (e.g. 2, 3.5, 4)"
+        )
     return scale
 
 
@@ -55,8 +61,10 @@ def eval_sizes(hr_shape: tuple[int, ...], scale: float) -> tuple[int, int, int, 
     # The 1e-9 keeps exact multiples (333 / 3.7 = 89.999...) from flooring one pixel low.
     h_lr, w_lr = math.floor(h / scale + 1e-9), math.floor(w / scale + 1e-9)
     if h_lr < 1 or w_lr < 1:
-        raise DataError(f"an image of {h}x{w} is smaller than one LR pixel at scale {scale:g}; "
-                        "use a smaller scale or a larger image")
+        raise DataError(
+            f"an image of {h}x{w} is smaller than one LR pixel at scale {scale:g}; "
+            "use a smaller scale or a larger image"
+        )
     return h_lr, w_lr, round(h_lr * scale), round(w_lr * scale)
 
 
@@ -116,21 +124,27 @@ def _shave(protocol: str | None, scale: float) -> int:
     return math.ceil(scale) + (6 if protocol == "div2k" else 0)
 
 
-def check_evaluable(hw: tuple[int, int], protocol: str | None, scale: float,
-                    with_ssim: bool = False) -> None:
+def check_evaluable(
+    hw: tuple[int, int], protocol: str | None, scale: float, with_ssim: bool = False
+) -> None:
     """Raises `DataError` unless an (H, W) = hw image keeps at least one pixel (11 x 11
     with SSIM, its window) after `psnr`'s shave for `protocol` and `scale`."""
     shave, least = _shave(protocol, scale), 11 if with_ssim else 1
     h, w = hw
     if min(h, w) - 2 * shave < least:
-        raise DataError(f"a {h}x{w} image is too small to evaluate after shaving {shave} pixels "
-                        f"at each border (needs at least {least} pixels left)")
+        raise DataError(
+            f"a {h}x{w} image is too small to evaluate after shaving {shave} pixels "
+            f"at each border (needs at least {least} pixels left)"
+        )
 
 
-def _check_pair(sr: np.ndarray, hr: np.ndarray, protocol: str | None, scale: float,
-                with_ssim: bool) -> None:
+def _check_pair(
+    sr: np.ndarray, hr: np.ndarray, protocol: str | None, scale: float, with_ssim: bool
+) -> None:
     if sr.shape != hr.shape or sr.ndim != 3 or sr.shape[2] != 3:
-        raise DataError(f"expected two (H, W, 3) images of one shape, got {sr.shape} and {hr.shape}")
+        raise DataError(
+            f"expected two (H, W, 3) images of one shape, got {sr.shape} and {hr.shape}"
+        )
     check_evaluable(sr.shape[:2], protocol, scale, with_ssim)
 
 
@@ -149,7 +163,7 @@ def psnr(sr: np.ndarray, hr: np.ndarray, protocol: str | None = None, scale: flo
     if protocol == "benchmark":
         diff = rgb_to_y(diff)
     h, w = diff.shape[:2]
-    mse = np.mean(diff[shave:h - shave, shave:w - shave] ** 2)
+    mse = np.mean(diff[shave : h - shave, shave : w - shave] ** 2)
     return float("inf") if mse == 0 else float(-10.0 * np.log10(mse))
 
 
@@ -172,7 +186,7 @@ def ssim(sr: np.ndarray, hr: np.ndarray, protocol: str | None = None, scale: flo
     _check_pair(sr, hr, protocol, scale, True)
     shave = _shave(protocol, scale)
     h, w = sr.shape[:2]
-    x, y = (255.0 * rgb_to_ycbcr_y(im[shave:h - shave, shave:w - shave]) for im in (sr, hr))
+    x, y = (255.0 * rgb_to_ycbcr_y(im[shave : h - shave, shave : w - shave]) for im in (sr, hr))
     g = np.exp(-((np.arange(11) - 5.0) ** 2) / (2 * 1.5**2))
     g /= g.sum()
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2

@@ -10,6 +10,7 @@ trailing ``x<s>`` (``0801x2``, ``0801x2.5``; either case). Each pair has a fixed
 read from the two images' sizes (``pair_scale``), so real camera pairs and non-integer
 scales need no configuration. Folders may be local or in a bucket (``gs://...``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,6 +35,7 @@ class Pair:
     ``name`` is unique within a folder: the HR stem, prefixed with ``<lr folder>/`` when
     the layout has several LR folders. ``scale`` (>= 1) is ``pair_scale`` of the sizes.
     """
+
     name: str
     hr_path: str
     lr_path: str
@@ -61,13 +63,17 @@ def pair_scale(hr_hw: tuple[int, int], lr_hw: tuple[int, int], names: str = "") 
         raise DataError(f"empty image in pair{what}: HR {hh}x{hw}, LR {lh}x{lw}")
     s = min(hh / lh, hw / lw)
     if s < 1:
-        raise DataError(f"the LR image is larger than the HR image{what}: HR {hh}x{hw}, "
-                        f"LR {lh}x{lw} (H x W); are the two folders swapped?")
+        raise DataError(
+            f"the LR image is larger than the HR image{what}: HR {hh}x{hw}, "
+            f"LR {lh}x{lw} (H x W); are the two folders swapped?"
+        )
     if round(hh / s) != lh or round(hw / s) != lw:
-        raise DataError(f"the sizes match no single scale{what}: HR {hh}x{hw}, LR {lh}x{lw} "
-                        f"(H x W) give x{hh / lh:.4g} vertically and x{hw / lw:.4g} "
-                        f"horizontally; resize or crop one of the two so that both axes share "
-                        f"one scale")
+        raise DataError(
+            f"the sizes match no single scale{what}: HR {hh}x{hw}, LR {lh}x{lw} "
+            f"(H x W) give x{hh / lh:.4g} vertically and x{hw / lw:.4g} "
+            f"horizontally; resize or crop one of the two so that both axes share "
+            f"one scale"
+        )
     return s
 
 
@@ -89,8 +95,11 @@ def image_hw(path: str) -> tuple[int, int]:
 
 def _lr_folders(folder: str) -> list[str]:
     """The LR subfolders of a paired layout: 'LR' and every 'X<s>', sorted by name."""
-    return sorted(p.name for p in epath.Path(folder).iterdir()
-                  if (p.name == "LR" or _SCALE_DIR.match(p.name)) and p.is_dir())
+    return sorted(
+        p.name
+        for p in epath.Path(folder).iterdir()
+        if (p.name == "LR" or _SCALE_DIR.match(p.name)) and p.is_dir()
+    )
 
 
 def _by_stem(paths: list[str], where: str) -> dict[str, str]:
@@ -98,9 +107,11 @@ def _by_stem(paths: list[str], where: str) -> dict[str, str]:
     for p in paths:
         stem = os.path.splitext(os.path.basename(p))[0]
         if stem in out:
-            raise DataError(f"two images with the stem {stem!r} in {where}: "
-                            f"{os.path.basename(out[stem])} and {os.path.basename(p)}; "
-                            f"keep one")
+            raise DataError(
+                f"two images with the stem {stem!r} in {where}: "
+                f"{os.path.basename(out[stem])} and {os.path.basename(p)}; "
+                f"keep one"
+            )
         out[stem] = p
     return out
 
@@ -142,9 +153,11 @@ def find_pairs(folder: str | os.PathLike) -> list[Pair] | None:
             scale = pair_scale(image_hw(hr_path), image_hw(lr_path), names)
             nominal = _SCALE_DIR.match(lr_name)
             if nominal and abs(scale - float(nominal.group(1))) > 1e-6 * scale:
-                raise DataError(f"{names} are x{scale:.4g} apart, but the folder {lr_name}/ "
-                                f"says x{nominal.group(1)}; move the LR image to the folder "
-                                f"of its scale")
+                raise DataError(
+                    f"{names} are x{scale:.4g} apart, but the folder {lr_name}/ "
+                    f"says x{nominal.group(1)}; move the LR image to the folder "
+                    f"of its scale"
+                )
             matched_hr.add(hr_stem)
             name = hr_stem if len(lr_names) == 1 else f"{lr_name}/{hr_stem}"
             pairs.append(Pair(name, hr_path, lr_path, scale))
@@ -152,18 +165,23 @@ def find_pairs(folder: str | os.PathLike) -> list[Pair] | None:
             raise DataError(_missing(unmatched, lr_dir, hr_dir))
     lonely = sorted(os.path.basename(p) for s, p in hr_by_stem.items() if s not in matched_hr)
     if lonely:
-        raise DataError(_missing(lonely, hr_dir, " or ".join(
-            os.path.join(folder, d) for d in lr_names)))
+        raise DataError(
+            _missing(lonely, hr_dir, " or ".join(os.path.join(folder, d) for d in lr_names))
+        )
     if not pairs:
-        raise DataError(f"no images in the paired folder {folder} (HR/ and "
-                        f"{', '.join(d + '/' for d in lr_names)} are empty)")
+        raise DataError(
+            f"no images in the paired folder {folder} (HR/ and "
+            f"{', '.join(d + '/' for d in lr_names)} are empty)"
+        )
     return pairs
 
 
 def _missing(files: list[str], where: str, partner_dir: str) -> str:
     shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
-    return (f"{len(files)} image(s) in {where} have no partner in {partner_dir}: {shown}; "
-            f"add the partners or remove these files")
+    return (
+        f"{len(files)} image(s) in {where} have no partner in {partner_dir}: {shown}; "
+        f"add the partners or remove these files"
+    )
 
 
 def pair_images(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
@@ -182,7 +200,9 @@ def pair_images(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
     names = f"{pair.hr_path} and {pair.lr_path}"
     s = pair_scale(hr.shape[:2], lr.shape[:2], names)
     if s != pair.scale:
-        raise DataError(f"{names} changed size since they were listed (x{pair.scale:.4g}, now "
-                        f"x{s:.4g}); restart to list the folder again")
+        raise DataError(
+            f"{names} changed size since they were listed (x{pair.scale:.4g}, now "
+            f"x{s:.4g}); restart to list the folder again"
+        )
     h, w = lr.shape[:2]
-    return lr, hr[:round(h * s), :round(w * s)]
+    return lr, hr[: round(h * s), : round(w * s)]

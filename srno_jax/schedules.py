@@ -1,4 +1,5 @@
 """The reference's learning-rate schedule: epoch-wise warm-up, then cosine to zero."""
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -24,4 +25,3 @@ def lr_at_epoch(epoch, base_lr=4e-5, warmup_mult=10.0, warmup_epochs=50, total_e
     rest = (total_epochs + 1.0 - e) / max(total_epochs - warmup_epochs, 1)
     cos = peak * xp.sin(np.pi / 2 * xp.clip(rest, 0.0, 1.0)) ** 2
     return xp.where(e <= warmup_epochs + 1, warm, cos)
-

@@ -2,13 +2,15 @@
 
 Also how a process joins a multi-host run, and how all hosts agree on a decision.
 """
+
 from __future__ import annotations
 
 import logging
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from srno_jax.errors import ConfigError
 
@@ -28,12 +30,17 @@ def detect_cluster() -> tuple[str, int] | None:
     for env in clusters.ClusterEnv._cluster_types:
         if not env.opt_in_only_method and env.is_env_present():
             count = env.get_process_count()
-            return (env.name if hasattr(env, "name") else env.__name__, count) if count > 1 else None
+            return (
+                (env.name if hasattr(env, "name") else env.__name__, count) if count > 1 else None
+            )
     return None
 
 
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> str:
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> str:
     """Joins a multi-host run with `jax.distributed.initialize`; returns how, for the log.
 
     Explicit arguments (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)
@@ -49,8 +56,9 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     # default; older versions defaulted to none, and the first all-reduce failed.
     if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") in (None, "", "none"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
     how = "explicit flags" if explicit else f"cluster {cluster[0]}"
     return f"{how}: process {jax.process_index()} of {jax.process_count()}"
 
@@ -62,8 +70,7 @@ def make_mesh() -> jax.sharding.Mesh:
     the gradient all-reduce (newer JAX defaults to Explicit, which would need sharding
     annotations on every gather of the lifting).
     """
-    return jax.make_mesh((jax.device_count(),), ("data",),
-                         axis_types=(jax.sharding.AxisType.Auto,))
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def replicated(mesh) -> NamedSharding:
@@ -80,8 +87,10 @@ def check_batch_size(global_batch: int, mesh) -> int:
     n_dev, n_proc = mesh.devices.size, jax.process_count()
     if global_batch % n_dev:
         ok = n_dev * max(1, round(global_batch / n_dev))
-        raise ConfigError(f"batch_size {global_batch} is not divisible by the {n_dev} devices; "
-                          f"use a multiple of {n_dev}, e.g. --config.batch_size={ok}")
+        raise ConfigError(
+            f"batch_size {global_batch} is not divisible by the {n_dev} devices; "
+            f"use a multiple of {n_dev}, e.g. --config.batch_size={ok}"
+        )
     return global_batch // n_proc
 
 
@@ -100,8 +109,7 @@ def host_values(value: int, mesh) -> jax.Array:
     """An int32 array with one entry per device, each host filling its own devices' entries
     with `value`: how a host's vote enters a jitted step sharded over 'data'."""
     local = np.full(len(mesh.local_devices), value, np.int32)
-    return jax.make_array_from_process_local_data(batch_sharded(mesh), local,
-                                                  (mesh.devices.size,))
+    return jax.make_array_from_process_local_data(batch_sharded(mesh), local, (mesh.devices.size,))
 
 
 def agree(vote: int) -> int:

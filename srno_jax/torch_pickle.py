@@ -20,6 +20,7 @@
 Nothing from the file is ever executed: each global maps to a fixed function of this
 module. Anything else raises ``CheckpointError`` naming the problem and the file.
 """
+
 from __future__ import annotations
 
 import collections
@@ -278,8 +279,9 @@ class _RebuildTensorV2:
 
     __slots__ = ()
 
-    def __call__(self, storage, storage_offset, size, stride, requires_grad, backward_hooks,
-                 metadata=None):
+    def __call__(
+        self, storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None
+    ):
         if not isinstance(storage, _Storage):
             raise TypeError(f"_rebuild_tensor_v2 got {type(storage).__name__}, not a storage")
         return storage.archive.tensor(storage, storage_offset, size, stride)

@@ -6,6 +6,7 @@ all-reduce. Host p builds only its share of each global batch. Every decision to
 (a signal, the time limit, divergence) is shared by all hosts: each host's vote rides in
 the step itself, so all of them stop after the same step and save the same checkpoint.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,6 +42,7 @@ class TrainingDiverged(SRNOError):
 
 class TrainState(struct.PyTreeNode):
     """Everything a resumed run needs; the data position is `step` (one batch a step)."""
+
     step: jax.Array
     params: Any
     opt_state: Any
@@ -56,14 +58,16 @@ class TrainData:
     steps_per_epoch: batches in one epoch (the schedule's unit).
     val_images: HR uint8 images for validation (process 0 only; empty: none).
     """
+
     batches: Callable[[int], ContextManager[Iterator[dict]]]
     steps_per_epoch: int
     val_images: Sequence[np.ndarray] = ()
 
 
 def model_from_config(config) -> SRNO:
-    return checkpoints.model_from_spec(checkpoints.model_spec(config),
-                                       config.get("compute_dtype", "float32"))
+    return checkpoints.model_from_spec(
+        checkpoints.model_spec(config), config.get("compute_dtype", "float32")
+    )
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -78,14 +82,23 @@ def make_optimizer(config) -> optax.GradientTransformation:
 
 def learning_rate(step, config, steps_per_epoch: int):
     o = config.optim
-    return lr_at_epoch(step // steps_per_epoch + 1, base_lr=o.lr, warmup_mult=o.warmup_mult,
-                       warmup_epochs=o.warmup_epochs, total_epochs=o.epochs)
+    return lr_at_epoch(
+        step // steps_per_epoch + 1,
+        base_lr=o.lr,
+        warmup_mult=o.warmup_mult,
+        warmup_epochs=o.warmup_epochs,
+        total_epochs=o.epochs,
+    )
 
 
 def init_state(model: SRNO, tx, seed: int) -> TrainState:
     params = init_variables(model, seed)["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      nonfinite=jnp.zeros((), jnp.int32))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        nonfinite=jnp.zeros((), jnp.int32),
+    )
 
 
 def l1_loss(params, model: SRNO, batch) -> jax.Array:
@@ -98,8 +111,9 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
 
 
-def train_step(state: TrainState, batch, stop_votes, *, model: SRNO, tx, config,
-               steps_per_epoch: int):
+def train_step(
+    state: TrainState, batch, stop_votes, *, model: SRNO, tx, config, steps_per_epoch: int
+):
     """One step of L1 + Adam. A non-finite loss, gradient, learning rate or updated
     parameter leaves the state as it was (but for the step and the non-finite count).
     `stop_votes` holds one vote per device; their max comes back as metrics['stop']."""
@@ -110,11 +124,19 @@ def train_step(state: TrainState, batch, stop_votes, *, model: SRNO, tx, config,
     params = optax.apply_updates(state.params, jax.tree.map(lambda u: -lr * u, updates))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(lr) & _all_finite(params)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new = state.replace(step=state.step + 1, params=keep(params, state.params),
-                        opt_state=keep(opt_state, state.opt_state),
-                        nonfinite=jnp.where(finite, 0, state.nonfinite + 1))
-    return new, {"loss": loss, "lr": lr, "grad_norm": grad_norm, "finite": finite,
-                 "stop": jnp.max(stop_votes)}
+    new = state.replace(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        nonfinite=jnp.where(finite, 0, state.nonfinite + 1),
+    )
+    return new, {
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "finite": finite,
+        "stop": jnp.max(stop_votes),
+    }
 
 
 def state_shardings(state, mesh):
@@ -123,12 +145,17 @@ def state_shardings(state, mesh):
 
 def compile_step(model, tx, config, steps_per_epoch, mesh, state):
     """The jitted step: batch and votes sharded over 'data', state replicated and donated."""
-    fn = lambda s, b, v: train_step(s, b, v, model=model, tx=tx, config=config,
-                                    steps_per_epoch=steps_per_epoch)
+    fn = lambda s, b, v: train_step(
+        s, b, v, model=model, tx=tx, config=config, steps_per_epoch=steps_per_epoch
+    )
     ss, data = state_shardings(state, mesh), sharding.batch_sharded(mesh)
-    return jax.jit(fn, in_shardings=(ss, data, data),
-                   out_shardings=(ss, sharding.replicated(mesh)), donate_argnums=0,
-                   compiler_options=compiler.conv_options())
+    return jax.jit(
+        fn,
+        in_shardings=(ss, data, data),
+        out_shardings=(ss, sharding.replicated(mesh)),
+        donate_argnums=0,
+        compiler_options=compiler.conv_options(),
+    )
 
 
 def restore_or_init(mngr, model, tx, config, mesh) -> TrainState:
@@ -145,13 +172,15 @@ def restore_or_init(mngr, model, tx, config, mesh) -> TrainState:
             raise CheckpointError(
                 f"{mngr.directory} holds a checkpoint of model {meta['model']}, but the config "
                 f"asks for {checkpoints.model_spec(config)}; use another --workdir or the "
-                "matching config")
+                "matching config"
+            )
         old = meta.get("config", {}).get("batch_size", config.batch_size)
         if old != config.batch_size:
             raise ConfigError(
                 f"{mngr.directory} was trained with batch_size {old}; resuming with "
                 f"{config.batch_size} would shift the data order and the learning-rate epochs. "
-                f"Resume with --config.batch_size={old}, or start a new --workdir")
+                f"Resume with --config.batch_size={old}, or start a new --workdir"
+            )
 
     restored = checkpoints.restore_latest(mngr, state, shardings, check)
     if restored is not None:
@@ -184,8 +213,9 @@ class StopVote:
             signal.signal(sig, handler)
 
     def votes(self, mesh) -> jax.Array:
-        late = (self.deadline is not None and jax.process_index() == 0
-                and time.time() > self.deadline)
+        late = (
+            self.deadline is not None and jax.process_index() == 0 and time.time() > self.deadline
+        )
         vote = (STOP_SIGNAL if self.signal else 0) | (STOP_TIME if late else 0)
         return sharding.host_values(vote, mesh)
 
@@ -232,21 +262,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data: TrainDa
         state = restore_or_init(mngr, model, tx, config, mesh)
         start = int(state.step)
         if start >= total:
-            log.info("the checkpoint at step %d already reaches total_steps %d: nothing to train",
-                     start, total)
+            log.info(
+                "the checkpoint at step %d already reaches total_steps %d: nothing to train",
+                start,
+                total,
+            )
             return {}
         step_fn = compile_step(model, tx, config, spe, mesh, state)
         writer = MetricWriter(workdir)
-        writer.log("training %s on %d device(s) of %d host(s): batch %d (%d per host), "
-                   "%d steps/epoch, steps %d..%d", config.model.encoder, jax.device_count(),
-                   jax.process_count(), config.batch_size,
-                   config.batch_size // jax.process_count(), spe, start, total)
+        writer.log(
+            "training %s on %d device(s) of %d host(s): batch %d (%d per host), "
+            "%d steps/epoch, steps %d..%d",
+            config.model.encoder,
+            jax.device_count(),
+            jax.process_count(),
+            config.batch_size,
+            config.batch_size // jax.process_count(),
+            spe,
+            start,
+            total,
+        )
         results = {}
         with data.batches(start) as batches, StopVote(config.max_train_minutes) as stop:
             prev, last_log, last_t = None, start, time.time()
             for step in range(start + 1, total + 1):
-                state, metrics = step_fn(state, sharding.to_global(next(batches), mesh),
-                                         stop.votes(mesh))
+                state, metrics = step_fn(
+                    state, sharding.to_global(next(batches), mesh), stop.votes(mesh)
+                )
                 # The previous step's agreed vote: the same on every host.
                 reason = stop.reason(int(prev["stop"])) if prev is not None else None
                 prev = metrics
@@ -258,13 +300,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data: TrainDa
                 if step % config.checkpoint.every_steps == 0 or step == total or reason:
                     if int(state.nonfinite) == 0:  # never save a state that just failed
                         checkpoints.save(mngr, state, config)
-                if data.val_images and (step % config.eval.every_steps == 0 or step == total
-                                        or reason):
-                    results = _validate(writer, model, state.params, data.val_images, config,
-                                        step)
+                if data.val_images and (
+                    step % config.eval.every_steps == 0 or step == total or reason
+                ):
+                    results = _validate(writer, model, state.params, data.val_images, config, step)
                 if reason:
-                    log.info("stopping at step %d (%s); checkpoint saved, rerun to resume",
-                             step, reason)
+                    log.info(
+                        "stopping at step %d (%s); checkpoint saved, rerun to resume", step, reason
+                    )
                     break
         checkpoints.finish(mngr)
         writer.close()
@@ -284,20 +327,32 @@ def _check_divergence(state, step, config, mngr, workdir):
     checkpoints.finish(mngr)
     first_bad = step - n + 1
     kept = checkpoints.delete_after(mngr, first_bad - 1)
-    good = (f"the last good checkpoint, step {kept}, is kept in {workdir}" if kept is not None
-            else f"no checkpoint before the divergence is left in {workdir}")
+    good = (
+        f"the last good checkpoint, step {kept}, is kept in {workdir}"
+        if kept is not None
+        else f"no checkpoint before the divergence is left in {workdir}"
+    )
     raise TrainingDiverged(
         f"loss or update non-finite for {n} steps in a row, steps {first_bad}..{step}; {good}. "
-        "Lower optim.lr or check the data.")
+        "Lower optim.lr or check the data."
+    )
 
 
 def _log_progress(writer, step, total, metrics, rate, batch_size):
     m = jax.device_get(metrics)
     eta = (total - step) * batch_size / max(rate, 1e-9)
-    writer.log("step %d/%d  loss %.4f  lr %.3g  %.1f samples/s  ETA %s", step, total,
-               m["loss"], m["lr"], rate, _hms(eta))
-    writer.scalars(step, "train", loss=m["loss"], lr=m["lr"], grad_norm=m["grad_norm"],
-                   samples_per_s=rate)
+    writer.log(
+        "step %d/%d  loss %.4f  lr %.3g  %.1f samples/s  ETA %s",
+        step,
+        total,
+        m["loss"],
+        m["lr"],
+        rate,
+        _hms(eta),
+    )
+    writer.scalars(
+        step, "train", loss=m["loss"], lr=m["lr"], grad_norm=m["grad_norm"], samples_per_s=rate
+    )
 
 
 def _validate(writer, model, params, images, config, step):
@@ -308,8 +363,9 @@ def _validate(writer, model, params, images, config, step):
         writer.scalars(step, "val", **{f"psnr_x{s:g}": p})
     sr = evaluation.model_upsampler(model, {"params": params})
     for s in config.eval.scales:
-        writer.image(step, f"val/x{s:g}_bicubic_sr_gt",
-                     evaluation.comparison_strip(sr, images[0], s))
+        writer.image(
+            step, f"val/x{s:g}_bicubic_sr_gt", evaluation.comparison_strip(sr, images[0], s)
+        )
     return results
 
 

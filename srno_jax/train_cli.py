@@ -8,6 +8,7 @@ one (default, demo, rdn); fields are overridden with ``--config.FIELD=VALUE``. T
 where the input pipeline is wired to `train.train_and_evaluate`: the one module of
 srno_jax that imports `input_pipeline`, which itself depends on srno_jax.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -20,13 +21,24 @@ from ml_collections import config_flags
 
 BUILTIN_CONFIGS = ("default", "demo", "rdn")
 
-flags.DEFINE_string("workdir", None, "Where checkpoints and TensorBoard logs go (a local "
-                    "folder or a bucket such as gs://b/run).", required=True)
-config_flags.DEFINE_config_file("config", "default", "A config file, or the name of a "
-                                f"built-in config: {', '.join(BUILTIN_CONFIGS)}.",
-                                lock_config=True)
-flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 "
-                    "(found by itself on SLURM, Open MPI, Cloud TPU and Kubernetes).")
+flags.DEFINE_string(
+    "workdir",
+    None,
+    "Where checkpoints and TensorBoard logs go (a local folder or a bucket such as gs://b/run).",
+    required=True,
+)
+config_flags.DEFINE_config_file(
+    "config",
+    "default",
+    f"A config file, or the name of a built-in config: {', '.join(BUILTIN_CONFIGS)}.",
+    lock_config=True,
+)
+flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "Multi-host: host:port of process 0 "
+    "(found by itself on SLURM, Open MPI, Cloud TPU and Kubernetes).",
+)
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 FLAGS = flags.FLAGS
@@ -67,9 +79,11 @@ def parse_flags(argv: list[str]):
         msg = (e.args[0] if e.args and isinstance(e.args[0], str) else str(e)).replace("\n", " ")
         keys = set(re.findall(r"""["']([A-Za-z_]\w*)["']""", msg))
         given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-        bad = [g for g in given if keys & set(g[len("--config."):].split("."))] or given
-        sys.exit(f"error: unknown config field {msg} (in {', '.join(bad)}); "
-                 "see the config file for the valid fields")
+        bad = [g for g in given if keys & set(g[len("--config.") :].split("."))] or given
+        sys.exit(
+            f"error: unknown config field {msg} (in {', '.join(bad)}); "
+            "see the config file for the valid fields"
+        )
 
 
 def training_data(config):
@@ -81,24 +95,36 @@ def training_data(config):
     from srno_jax.train import TrainData
 
     d = config.data
-    sample_q = input_pipeline.check_config(d.inp_size, d.scale_min, d.scale_max,
-                                           d.sample_q or None)
+    sample_q = input_pipeline.check_config(d.inp_size, d.scale_min, d.scale_max, d.sample_q or None)
     source = input_pipeline.make_source(d.train, "train", d.get("data_dir") or None)
     val = []
     if d.val and jax.process_index() == 0:
         val_src = input_pipeline.make_source(d.val, "validation", d.get("data_dir") or None)
         if isinstance(val_src, input_pipeline.PairedSource):
-            raise ConfigError(f"data.val {d.val} is a paired folder; point it at its HR/ "
-                              f"subfolder, or evaluate the pairs with eval.py --data {d.val}")
+            raise ConfigError(
+                f"data.val {d.val} is a paired folder; point it at its HR/ "
+                f"subfolder, or evaluate the pairs with eval.py --data {d.val}"
+            )
         val = [val_src[i] for i in range(min(len(val_src), config.eval.max_images))]
 
     def batches(start_step: int):
         return input_pipeline.TrainLoader(
-            source, global_batch=config.batch_size, seed=config.seed, start_step=start_step,
-            process_index=jax.process_index(), process_count=jax.process_count(),
-            inp_size=d.inp_size, scale_min=d.scale_min, scale_max=d.scale_max,
-            augment=d.augment, sample_q=sample_q, repeat=d.repeat, workers=d.workers or None,
-            prefetch=d.prefetch, processes=d.worker_processes)
+            source,
+            global_batch=config.batch_size,
+            seed=config.seed,
+            start_step=start_step,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            inp_size=d.inp_size,
+            scale_min=d.scale_min,
+            scale_max=d.scale_max,
+            augment=d.augment,
+            sample_q=sample_q,
+            repeat=d.repeat,
+            workers=d.workers or None,
+            prefetch=d.prefetch,
+            processes=d.worker_processes,
+        )
 
     spe = input_pipeline.steps_per_epoch(len(source), d.repeat, config.batch_size)
     return TrainData(batches, spe, val)
@@ -123,8 +149,9 @@ def _main(argv):
     train.setup_logging()
     try:
         check_config(FLAGS.config)  # before joining a cluster: a typo costs no one's time
-        how = sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                              FLAGS.process_id)
+        how = sharding.initialize_distributed(
+            FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+        )
         train.log.info("distributed: %s", how)
         compiler.enable_compilation_cache()
         results = run(FLAGS.config, FLAGS.workdir)

@@ -13,6 +13,7 @@ upright (their EXIF orientation applied); grayscale stays grayscale, alpha is ke
 the format has it, 16-bit input is written as 8-bit. Errors print one line on stderr and
 exit with status 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,13 +25,16 @@ import sys
 from srno_jax.errors import CheckpointError, ConfigError, DataError, SRNOError
 
 DEFAULT_NAME = "{stem}_x{scale}.png"
-NAME_FIELDS = "{stem} (input name without extension), {ext} (input extension), " \
-              "{scale} (as given, or WIDTHxHEIGHT for --size), {width}, {height} (output)"
+NAME_FIELDS = (
+    "{stem} (input name without extension), {ext} (input extension), "
+    "{scale} (as given, or WIDTHxHEIGHT for --size), {width}, {height} (output)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Job:
     """One image to upscale: input file, output file and output (height, width)."""
+
     input: str
     output: str
     size: tuple[int, int]
@@ -57,34 +61,58 @@ def _parser() -> argparse.ArgumentParser:
     from srno_jax.compiler import DEFAULT_CACHE_DIR
     from srno_jax.images import DEFAULT_QUALITY
 
-    p = argparse.ArgumentParser(prog="srno-upscale", description=__doc__.split("\n\n")[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n")[2])
-    p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="INPUT... [OUTPUT]: image files or folders of images, then the output "
-                   "file (one input) or an existing output folder (unless --out_dir is given)")
+    p = argparse.ArgumentParser(
+        prog="srno-upscale",
+        description=__doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n")[2],
+    )
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="INPUT... [OUTPUT]: image files or folders of images, then the output "
+        "file (one input) or an existing output folder (unless --out_dir is given)",
+    )
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--scale", type=float, help="scale factor, any number > 1 (e.g. 3.7)")
     how.add_argument("--size", type=_size, help="output size as WIDTHxHEIGHT, e.g. 1920x1080")
     weights = p.add_mutually_exclusive_group()
-    weights.add_argument("--checkpoint", help="a reference .pth (e.g. edsr-baseline_epoch-1000"
-                         ".pth), a training workdir, one of its step folders or an export "
-                         "such as examples/assets/demo_srno")
-    weights.add_argument("--random_weights", action="store_true",
-                         help="try the tool with an UNTRAINED EDSR-baseline SRNO (the output is "
-                         "not a real super-resolution)")
+    weights.add_argument(
+        "--checkpoint",
+        help="a reference .pth (e.g. edsr-baseline_epoch-1000"
+        ".pth), a training workdir, one of its step folders or an export "
+        "such as examples/assets/demo_srno",
+    )
+    weights.add_argument(
+        "--random_weights",
+        action="store_true",
+        help="try the tool with an UNTRAINED EDSR-baseline SRNO (the output is "
+        "not a real super-resolution)",
+    )
     p.add_argument("--out_dir", help="existing folder to write into; then every path is an input")
-    p.add_argument("--name", default=DEFAULT_NAME, help=f"output name pattern in a folder "
-                   f"(default {DEFAULT_NAME!r}); fields: {NAME_FIELDS}")
-    p.add_argument("--quality", type=int,
-                   help=f"JPEG and WebP quality, 1..100 (default {DEFAULT_QUALITY})")
-    p.add_argument("--overwrite", action="store_true",
-                   help="allow writing over an input image")
-    p.add_argument("--chunk_size", type=int, default=None,
-                   help="query points per chunk; lower it to use less memory")
-    p.add_argument("--compilation_cache", default=DEFAULT_CACHE_DIR, metavar="DIR",
-                   help="persistent XLA cache, so that a rerun compiles nothing "
-                   f"(default {DEFAULT_CACHE_DIR}; '' turns it off)")
+    p.add_argument(
+        "--name",
+        default=DEFAULT_NAME,
+        help=f"output name pattern in a folder (default {DEFAULT_NAME!r}); fields: {NAME_FIELDS}",
+    )
+    p.add_argument(
+        "--quality", type=int, help=f"JPEG and WebP quality, 1..100 (default {DEFAULT_QUALITY})"
+    )
+    p.add_argument("--overwrite", action="store_true", help="allow writing over an input image")
+    p.add_argument(
+        "--chunk_size",
+        type=int,
+        default=None,
+        help="query points per chunk; lower it to use less memory",
+    )
+    p.add_argument(
+        "--compilation_cache",
+        default=DEFAULT_CACHE_DIR,
+        metavar="DIR",
+        help="persistent XLA cache, so that a rerun compiles nothing "
+        f"(default {DEFAULT_CACHE_DIR}; '' turns it off)",
+    )
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     return p
 
@@ -118,14 +146,18 @@ def output_name(pattern: str, input_path: str, scale_text: str, size: tuple[int,
     """
     stem, ext = os.path.splitext(os.path.basename(input_path))
     try:
-        name = pattern.format(stem=stem, ext=ext.lstrip("."), scale=scale_text,
-                              height=size[0], width=size[1])
+        name = pattern.format(
+            stem=stem, ext=ext.lstrip("."), scale=scale_text, height=size[0], width=size[1]
+        )
     except (KeyError, IndexError, ValueError) as e:
-        raise ConfigError(f"--name {pattern!r} is not a valid pattern ({e!r}); its fields "
-                          f"are {NAME_FIELDS}") from None
+        raise ConfigError(
+            f"--name {pattern!r} is not a valid pattern ({e!r}); its fields are {NAME_FIELDS}"
+        ) from None
     if not name or os.path.basename(name) != name:
-        raise ConfigError(f"--name {pattern!r} gives {name!r}, not a file name; the output "
-                          "folder is --out_dir or the last argument")
+        raise ConfigError(
+            f"--name {pattern!r} gives {name!r}, not a file name; the output "
+            "folder is --out_dir or the last argument"
+        )
     return name
 
 
@@ -147,8 +179,10 @@ def check_output(path: str, inputs: list[str], overwrite: bool) -> None:
     if os.path.isdir(path):
         raise DataError(f"output {path} is a folder; give a file name or use --out_dir")
     if not overwrite and any(os.path.exists(path) and os.path.samefile(path, i) for i in inputs):
-        raise DataError(f"output {path} is an input image; writing it would destroy the "
-                        "input: choose another name, or pass --overwrite")
+        raise DataError(
+            f"output {path} is an input image; writing it would destroy the "
+            "input: choose another name, or pass --overwrite"
+        )
 
 
 def plan(args) -> list[Job]:
@@ -163,15 +197,19 @@ def plan(args) -> list[Job]:
     paths, out_dir, out_file = list(args.paths), args.out_dir, None
     if out_dir is None:
         if len(paths) < 2:
-            raise ConfigError("give an output: srno-upscale INPUT OUTPUT, an output folder as "
-                              "the last argument, or --out_dir FOLDER")
+            raise ConfigError(
+                "give an output: srno-upscale INPUT OUTPUT, an output folder as "
+                "the last argument, or --out_dir FOLDER"
+            )
         if os.path.isdir(paths[-1]):
             out_dir = paths.pop()
         elif len(paths) == 2 and not os.path.isdir(paths[0]):
             out_file = paths.pop()
         else:
-            raise DataError(f"several inputs need an output folder, and {paths[-1]} is not an "
-                            "existing folder; create it, or pass --out_dir FOLDER")
+            raise DataError(
+                f"several inputs need an output folder, and {paths[-1]} is not an "
+                "existing folder; create it, or pass --out_dir FOLDER"
+            )
     elif not os.path.isdir(out_dir):
         raise DataError(f"--out_dir {out_dir} is not an existing folder; create it first")
     inputs = expand_inputs(paths)
@@ -187,8 +225,10 @@ def plan(args) -> list[Job]:
     for job in jobs:
         key = os.path.normcase(os.path.abspath(job.output))
         if key in seen:
-            raise ConfigError(f"{seen[key]} and {job.input} would both be written to "
-                              f"{job.output}; put {{ext}} or another field in --name")
+            raise ConfigError(
+                f"{seen[key]} and {job.input} would both be written to "
+                f"{job.output}; put {{ext}} or another field in --name"
+            )
         seen[key] = job.input
     return jobs
 
@@ -199,18 +239,23 @@ def _model(args):
 
     if args.checkpoint:
         return load_checkpoint(os.path.expanduser(args.checkpoint))
-    print("warning: --random_weights: using a randomly initialised EDSR-baseline SRNO. Its "
-          "weights are UNTRAINED, so the output is NOT a real super-resolution.", file=sys.stderr)
+    print(
+        "warning: --random_weights: using a randomly initialised EDSR-baseline SRNO. Its "
+        "weights are UNTRAINED, so the output is NOT a real super-resolution.",
+        file=sys.stderr,
+    )
     model = make_model()
     return model, init_variables(model)
 
 
 def _check_arguments(args) -> None:
     if not args.checkpoint and not args.random_weights:
-        raise ConfigError("--checkpoint is required: pass a reference .pth (e.g. the official "
-                          "edsr-baseline_epoch-1000.pth), a training workdir such as runs/demo, "
-                          "or examples/assets/demo_srno; --random_weights tries the tool "
-                          "with untrained weights")
+        raise ConfigError(
+            "--checkpoint is required: pass a reference .pth (e.g. the official "
+            "edsr-baseline_epoch-1000.pth), a training workdir such as runs/demo, "
+            "or examples/assets/demo_srno; --random_weights tries the tool "
+            "with untrained weights"
+        )
     if args.checkpoint and not os.path.exists(os.path.expanduser(args.checkpoint)):
         raise CheckpointError(f"checkpoint not found: {args.checkpoint}")
     if args.chunk_size is not None and args.chunk_size < 1:
@@ -223,8 +268,10 @@ def _check_quality(quality: int | None, jobs: list[Job]) -> None:
     from srno_jax.images import output_format
 
     if quality is not None and not any(output_format(j.output) in ("JPEG", "WEBP") for j in jobs):
-        raise ConfigError("--quality applies to JPEG and WebP outputs only; name the output "
-                          ".jpg or .webp, or drop --quality")
+        raise ConfigError(
+            "--quality applies to JPEG and WebP outputs only; name the output "
+            ".jpg or .webp, or drop --quality"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,8 +293,13 @@ def main(argv: list[str] | None = None) -> int:
         with tqdm(jobs, unit="image", disable=None, file=sys.stderr) as bar:
             for job in bar:
                 bar.set_postfix_str(os.path.basename(job.input))
-                out = upscale(model, variables, open_image(job.input, orient=True),
-                              size=job.size, chunk_size=args.chunk_size)
+                out = upscale(
+                    model,
+                    variables,
+                    open_image(job.input, orient=True),
+                    size=job.size,
+                    chunk_size=args.chunk_size,
+                )
                 save_image(job.output, out, args.quality)
                 done += 1
                 bar.write(f"wrote {job.output} ({job.size[1]}x{job.size[0]})", file=sys.stdout)

@@ -7,6 +7,7 @@ run refuses to start while the lock is live, and takes it over when its holder i
 on the same host when that process no longer exists, on another host when the
 heartbeat is older than `STALE_S`. In a multi-host run process 0 holds it for all.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,8 +48,10 @@ def check_writable(workdir: str | os.PathLike) -> epath.Path:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"--workdir {path} is not writable ({e.strerror or e}); "
-                          "choose a folder you can write to") from None
+        raise ConfigError(
+            f"--workdir {path} is not writable ({e.strerror or e}); "
+            "choose a folder you can write to"
+        ) from None
     return path
 
 
@@ -83,8 +86,12 @@ class WorkdirLock:
         self._thread = None
 
     def _info(self) -> dict:
-        return {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
-                "heartbeat": time.time()}
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "token": self.token,
+            "heartbeat": time.time(),
+        }
 
     def acquire(self) -> None:
         """Takes the lock or raises `ConfigError` naming the run that holds it."""
@@ -92,12 +99,16 @@ class WorkdirLock:
         if info is not None:
             age = time.time() - self.path.stat().mtime if not info else 0.0
             if (info and _holder_alive(info)) or (not info and age < STALE_S):
-                who = (f"process {info.get('pid')} on host {info.get('host')}" if info
-                       else "another run")
+                who = (
+                    f"process {info.get('pid')} on host {info.get('host')}"
+                    if info
+                    else "another run"
+                )
                 raise ConfigError(
                     f"workdir {self.path.parent} is in use by {who} (lock file {self.path}); "
                     "wait for it to finish, use another --workdir, or delete the lock file "
-                    "if that run is gone")
+                    "if that run is gone"
+                )
             self.path.unlink(missing_ok=True)  # its holder is gone: take it over
         self._create()
         self._thread = threading.Thread(target=self._heartbeat, name="workdir-lock", daemon=True)
@@ -109,8 +120,10 @@ class WorkdirLock:
             try:  # local: atomic, so two runs started together cannot both win
                 fd = os.open(os.fspath(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
-                raise ConfigError(f"workdir {self.path.parent} was just locked by another run "
-                                  "started at the same time; use another --workdir") from None
+                raise ConfigError(
+                    f"workdir {self.path.parent} was just locked by another run "
+                    "started at the same time; use another --workdir"
+                ) from None
             with os.fdopen(fd, "w") as f:
                 f.write(data)
             return
@@ -118,8 +131,10 @@ class WorkdirLock:
         self.path.write_text(data)
         time.sleep(1.0)
         if (_read(self.path) or {}).get("token") != self.token:
-            raise ConfigError(f"workdir {self.path.parent} was just locked by another run "
-                              "started at the same time; use another --workdir")
+            raise ConfigError(
+                f"workdir {self.path.parent} was just locked by another run "
+                "started at the same time; use another --workdir"
+            )
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):

@@ -1,4 +1,5 @@
 """Shared fixtures: where the golden vectors live, and the small golden model."""
+
 from pathlib import Path
 
 import numpy as np

@@ -1,5 +1,6 @@
 """The benchmark harness: FLOP formulas against a hand count, timing, compile counts,
 case selection, the JSON report."""
+
 import importlib.util
 import json
 import subprocess
@@ -66,10 +67,17 @@ def test_time_fn_warms_up_then_times_each_call():
 
 def test_report_has_documented_keys(tmp_path):
     machine = {k: "x" for k in run.MACHINE_KEYS}
-    rec = run.result_record("train_step_b4_48", median_s=0.25, gflop=100.0,
-                            ceiling_gflops_per_s=400.0, peak_memory_mb=1000.0, compile_s=3.0,
-                            backend="cpu", torch_s={"train_step_b4_48": 0.5},
-                            samples_per_s=16.0)
+    rec = run.result_record(
+        "train_step_b4_48",
+        median_s=0.25,
+        gflop=100.0,
+        ceiling_gflops_per_s=400.0,
+        peak_memory_mb=1000.0,
+        compile_s=3.0,
+        backend="cpu",
+        torch_s={"train_step_b4_48": 0.5},
+        samples_per_s=16.0,
+    )
     path = tmp_path / "out.json"
     harness.write_json(path, run.make_report(machine, {"ceiling_gflops_per_s": 400.0}, [rec], True))
     report = json.loads(path.read_text())
@@ -78,15 +86,29 @@ def test_report_has_documented_keys(tmp_path):
     assert set(run.RESULT_KEYS) <= set(r)
     assert r["gflops_per_s"] == pytest.approx(400.0)
     assert r["speedup_vs_torch"] == pytest.approx(0.50 / 0.25)
-    gpu = run.result_record("train_step_b4_48", 0.25, 100.0, 400.0, 1.0, 3.0, backend="gpu",
-                            torch_s={"train_step_b4_48": 0.5})
+    gpu = run.result_record(
+        "train_step_b4_48",
+        0.25,
+        100.0,
+        400.0,
+        1.0,
+        3.0,
+        backend="gpu",
+        torch_s={"train_step_b4_48": 0.5},
+    )
     assert "speedup_vs_torch" not in gpu  # the PyTorch reference is a CPU figure
 
 
 def test_torch_baseline_only_from_the_same_cpu(tmp_path):
     path = tmp_path / "torch.json"
-    path.write_text(json.dumps({"machine": {"cpu": "Xeon X", "cores": 2},
-                                "results": [{"name": "train_step_b4_48", "median_s": 0.8}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "machine": {"cpu": "Xeon X", "cores": 2},
+                "results": [{"name": "train_step_b4_48", "median_s": 0.8}],
+            }
+        )
+    )
     assert run.torch_seconds({"cpu": "Xeon X", "cores": 2}, path) == {"train_step_b4_48": 0.8}
     assert run.torch_seconds({"cpu": "EPYC Y", "cores": 2}, path) == {}
     assert run.torch_seconds({"cpu": "Xeon X", "cores": 16}, path) == {}
@@ -105,8 +127,10 @@ def test_only_selects_cases(capsys):
 
 def test_in_child_returns_the_last_json_line(tmp_path):
     script = tmp_path / "child.py"
-    script.write_text("import json, os, sys\nprint('log line')\n"
-                      "print(json.dumps({'args': sys.argv[1:], 'env': os.environ.get('X')}))\n")
+    script.write_text(
+        "import json, os, sys\nprint('log line')\n"
+        "print(json.dumps({'args': sys.argv[1:], 'env': os.environ.get('X')}))\n"
+    )
     assert harness.in_child(script, "a", env={"X": "1"}) == {"args": ["a"], "env": "1"}
     script.write_text("raise SystemExit(3)\n")
     assert harness.in_child(script) == {"error": "exit status 3"}
@@ -134,13 +158,19 @@ def test_no_machine_specific_paths():
 
 def test_gpu_script_dry_run(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out")}
-    proc = subprocess.run(["bash", str(_BENCH / "gpu.sh"), "--dry-run"], capture_output=True,
-                          text=True, env=env, check=True)
+    proc = subprocess.run(
+        ["bash", str(_BENCH / "gpu.sh"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     (line,) = [row for row in proc.stdout.splitlines() if "benchmarks/run.py" in row]
     cases = line.split("--only ")[1].split()[0].split(",")
     assert cases and set(cases) <= set(run.CASES)  # every case it asks for exists
     assert "--profile" in line and str(tmp_path / "out" / "gpu.json") in line
     assert not (tmp_path / "out").exists()  # a dry run does nothing
-    bad = subprocess.run(["bash", str(_BENCH / "gpu.sh"), "--no-such"], capture_output=True,
-                         text=True, env=env)
+    bad = subprocess.run(
+        ["bash", str(_BENCH / "gpu.sh"), "--no-such"], capture_output=True, text=True, env=env
+    )
     assert bad.returncode == 2 and "unknown argument" in bad.stderr

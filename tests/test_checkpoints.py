@@ -1,13 +1,14 @@
 """Importing reference checkpoints: architecture from args, every key and shape checked."""
+
 import jax
 import numpy as np
 import pytest
-
 from conftest import require_golden
+from test_torch_pickle import Storage, tensor, write_ckpt
+
 from srno_jax import CheckpointError, load_checkpoint, make_model
 from srno_jax.checkpoints import abstract_variables, params_from_torch, params_to_torch
 from srno_jax.torch_pickle import read_pth
-from test_torch_pickle import Storage, tensor, write_ckpt
 
 
 def save_pth(path, obj):
@@ -53,12 +54,17 @@ def test_rewritten_checkpoint_loads_the_same(tmp_path, small_ckpt):
 def test_shape_mismatch(tmp_path, small_ckpt):
     args = dict(small_ckpt["model"]["args"], width=128, blocks=4)
     path = save_pth(tmp_path / "wide.pth", with_model(small_ckpt, args=args))
-    with pytest.raises(CheckpointError, match=r"parameter conv\S+ has shape \(.*\), the model expects \(.*\); the checkpoint.s architecture"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"parameter conv\S+ has shape \(.*\), the model expects \(.*\); the checkpoint.s architecture",
+    ):
         load_checkpoint(path)
 
 
 def test_other_architecture(tmp_path, small_ckpt):
-    args = dict(small_ckpt["model"]["args"], encoder_spec={"name": "rdn", "args": {"RDNconfig": "A"}})
+    args = dict(
+        small_ckpt["model"]["args"], encoder_spec={"name": "rdn", "args": {"RDNconfig": "A"}}
+    )
     path = save_pth(tmp_path / "rdn.pth", with_model(small_ckpt, args=args))
     with pytest.raises(CheckpointError, match=r"unknown parameter\(s\) \['encoder\.body"):
         load_checkpoint(path)
@@ -84,17 +90,22 @@ def test_not_an_srno_checkpoint(tmp_path, small_ckpt):
         load_checkpoint(tmp_path / "nope.pth")
 
 
-@pytest.mark.parametrize("encoder, args", [
-    ("edsr-baseline", {"n_resblocks": 3}),
-    ("edsr", {"n_resblocks": 2}),  # 256 features: a 4 * 258 + 2 = 1034-channel lifting
-    ("rdn", {"RDNconfig": "A"}),
-    ("rdn", {"RDNconfig": "B"}),
-])
+@pytest.mark.parametrize(
+    "encoder, args",
+    [
+        ("edsr-baseline", {"n_resblocks": 3}),
+        ("edsr", {"n_resblocks": 2}),  # 256 features: a 4 * 258 + 2 = 1034-channel lifting
+        ("rdn", {"RDNconfig": "A"}),
+        ("rdn", {"RDNconfig": "B"}),
+    ],
+)
 def test_torch_names_round_trip(encoder, args):
     """Every parameter has one torch name with the reference's shape, and maps back."""
     model = make_model(encoder, args, width=32, heads=4)
-    params = jax.tree.map(lambda s: np.random.default_rng(0).standard_normal(s.shape).astype(np.float32),
-                          abstract_variables(model)["params"])
+    params = jax.tree.map(
+        lambda s: np.random.default_rng(0).standard_normal(s.shape).astype(np.float32),
+        abstract_variables(model)["params"],
+    )
     sd = params_to_torch(params, model)
     if encoder == "edsr":
         assert sd["conv00.weight"].shape == (32, 1034, 1, 1)

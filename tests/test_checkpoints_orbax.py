@@ -1,4 +1,5 @@
 """This package's Orbax checkpoints: layouts old and new, refusals, and unreadable steps."""
+
 import logging
 import shutil
 from pathlib import Path
@@ -7,24 +8,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_train import image_dir, tiny_config  # noqa: F401  (image_dir is a fixture)
 
 from srno_jax import CheckpointError, checkpoints, load_checkpoint, train, train_cli
-from test_train import image_dir, tiny_config  # noqa: F401  (image_dir is a fixture)
 
 LEGACY = Path(__file__).resolve().parent / "data" / "legacy_workdir"
 
 
 def assert_same(a, b, atol=1e-6):
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0,
-                                                         atol=atol), a, b)
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=atol),
+        a,
+        b,
+    )
 
 
 @pytest.fixture(scope="module")
 def run4(image_dir, tmp_path_factory):
     """A 4-step run with checkpoints at steps 2 and 4."""
     wd = tmp_path_factory.mktemp("run4")
-    train_cli.run(tiny_config(image_dir, total_steps=4, checkpoint=dict(every_steps=2, keep=5)),
-                  wd)
+    train_cli.run(tiny_config(image_dir, total_steps=4, checkpoint=dict(every_steps=2, keep=5)), wd)
     return wd
 
 
@@ -75,11 +78,15 @@ def _truncate_params(step_dir):
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
 
 
-@pytest.mark.parametrize("damage", [
-    _truncate_params,
-    lambda d: shutil.rmtree(d / "params"),
-    lambda d: (d / "meta" / "metadata").write_text("{not json"),
-], ids=["truncated", "missing-item", "edited-metadata"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        _truncate_params,
+        lambda d: shutil.rmtree(d / "params"),
+        lambda d: (d / "meta" / "metadata").write_text("{not json"),
+    ],
+    ids=["truncated", "missing-item", "edited-metadata"],
+)
 def test_unreadable_latest_falls_back(image_dir, tmp_path, run4, damage, caplog):
     wd = tmp_path / "run"
     shutil.copytree(run4, wd)

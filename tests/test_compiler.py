@@ -1,4 +1,5 @@
 """The XLA options of `srno_jax.compiler`: they change speed, never the numbers."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,8 +18,9 @@ def test_conv_options_keep_the_encoder_output():
     plain = jax.jit(fn)(variables, inp)
     fast = jax.jit(fn, compiler_options=options)(variables, inp)
     np.testing.assert_allclose(fast, plain, atol=1e-5, rtol=1e-5)
-    grad = lambda opts: jax.jit(jax.grad(lambda v: jnp.sum(fn(v, inp) ** 2)),
-                                compiler_options=opts)(variables)
+    grad = lambda opts: jax.jit(
+        jax.grad(lambda v: jnp.sum(fn(v, inp) ** 2)), compiler_options=opts
+    )(variables)
     for a, b in zip(jax.tree.leaves(grad(options)), jax.tree.leaves(grad({}))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
 

@@ -1,4 +1,5 @@
 """The sampling functions on hand-made cases: ties, borders, non-square inputs."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -26,17 +27,20 @@ def test_make_coord_is_torchs_float32_arithmetic():
         np.testing.assert_array_equal(make_coord((n,))[..., 0], expected)
 
 
-@pytest.mark.parametrize("c, size, expected", [
-    (-0.5, 4, 0),   # position 0.5: a tie, rounds to the even index 0
-    (0.0, 4, 2),    # 1.5 -> 2
-    (0.5, 4, 2),    # 2.5 -> 2 (half to even, not half up)
-    (0.0, 2, 0),    # 0.5 -> 0
-    (0.0, 3, 1),    # a pixel centre
-    (-1.0, 5, 0),   # left border: -0.5 -> -0 -> 0
-    (1.0, 5, 4),    # right border: 4.5 -> 4
-    (1.0, 4, 3),    # 3.5 -> 4, outside; clipped to the last pixel
-    (-0.99, 3, 0),
-])
+@pytest.mark.parametrize(
+    "c, size, expected",
+    [
+        (-0.5, 4, 0),  # position 0.5: a tie, rounds to the even index 0
+        (0.0, 4, 2),  # 1.5 -> 2
+        (0.5, 4, 2),  # 2.5 -> 2 (half to even, not half up)
+        (0.0, 2, 0),  # 0.5 -> 0
+        (0.0, 3, 1),  # a pixel centre
+        (-1.0, 5, 0),  # left border: -0.5 -> -0 -> 0
+        (1.0, 5, 4),  # right border: 4.5 -> 4
+        (1.0, 4, 3),  # 3.5 -> 4, outside; clipped to the last pixel
+        (-0.99, 3, 0),
+    ],
+)
 def test_nearest_index_ties_and_borders(c, size, expected):
     assert int(nearest_index(jnp.float32(c), size)) == expected
 
@@ -49,8 +53,9 @@ def _torch_bilinear_border(img, y, x):
     y0, x0 = int(np.floor(py)), int(np.floor(px))
     y1, x1 = min(y0 + 1, h - 1), min(x0 + 1, w - 1)
     fy, fx = py - y0, px - x0
-    return ((1 - fy) * ((1 - fx) * img[y0, x0] + fx * img[y0, x1])
-            + fy * ((1 - fx) * img[y1, x0] + fx * img[y1, x1]))
+    return (1 - fy) * ((1 - fx) * img[y0, x0] + fx * img[y0, x1]) + fy * (
+        (1 - fx) * img[y1, x0] + fx * img[y1, x1]
+    )
 
 
 def test_sample_bilinear_non_square_and_borders():
@@ -59,8 +64,10 @@ def test_sample_bilinear_non_square_and_borders():
     centres = make_coord((3, 5)).reshape(1, -1, 2)
     out = sample_bilinear(jnp.asarray(img[None]), jnp.asarray(centres))[0]
     np.testing.assert_allclose(out, img.reshape(-1, 2), atol=1e-6)  # centres give pixels
-    pts = np.array([[-1, -1], [1, 1], [-1.5, 0.3], [0.2, 2.0], [0.0, 0.0], [-0.3, 0.7],
-                    [1 / 3, -0.6]], np.float32)
+    pts = np.array(
+        [[-1, -1], [1, 1], [-1.5, 0.3], [0.2, 2.0], [0.0, 0.0], [-0.3, 0.7], [1 / 3, -0.6]],
+        np.float32,
+    )
     out = sample_bilinear(jnp.asarray(img[None]), jnp.asarray(pts[None]))[0]
     expected = [_torch_bilinear_border(img, y, x) for y, x in pts]
     np.testing.assert_allclose(out, expected, atol=1e-6)
@@ -82,5 +89,6 @@ def test_lifting_weights_are_bilinear_and_sum_to_one():
     coincident = (np.abs(z[:, 0:8]).reshape(-1, 4, 2).min(-1) == 0).all(-1)
     assert coincident.any()
     np.testing.assert_allclose(weights[coincident], 0.25, atol=1e-6)
-    np.testing.assert_allclose(z[:, -2:], np.broadcast_to([2 / hh * h, 2 / hh * w], (hh * ww, 2)),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        z[:, -2:], np.broadcast_to([2 / hh * h, 2 / hh * w], (hh * ww, 2)), rtol=1e-6
+    )

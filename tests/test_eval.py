@@ -1,4 +1,5 @@
 """Tests of eval.py (srno_jax.eval_cli) and srno_jax.evaluation on the golden photograph."""
+
 import json
 import math
 import subprocess
@@ -10,8 +11,14 @@ import pytest
 from PIL import Image
 
 _ROOT = Path(__file__).resolve().parents[1]
-_GOLDEN = next((d / "small_edsr_srno" for d in (_ROOT.parent / "shared" / "golden", _ROOT / "tests" / "golden")
-                if (d / "small_edsr_srno" / "cases.npz").exists()), None)
+_GOLDEN = next(
+    (
+        d / "small_edsr_srno"
+        for d in (_ROOT.parent / "shared" / "golden", _ROOT / "tests" / "golden")
+        if (d / "small_edsr_srno" / "cases.npz").exists()
+    ),
+    None,
+)
 
 from srno_jax import eval_cli
 
@@ -25,8 +32,10 @@ def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     refs = {}
     with np.load(_GOLDEN / "cases.npz") as z:
-        for case, folder, name, scale in (("benchmark_x4", "benchmark/Set5/HR", "Set5", 4.0),
-                                          ("div2k_x2", "DIV2K_valid_HR", "DIV2K", 2.0)):
+        for case, folder, name, scale in (
+            ("benchmark_x4", "benchmark/Set5/HR", "Set5", 4.0),
+            ("div2k_x2", "DIV2K_valid_HR", "DIV2K", 2.0),
+        ):
             (root / folder).mkdir(parents=True)
             hr = (z[f"psnr/{case}/hr"].transpose(1, 2, 0) * 255).round().astype(np.uint8)
             Image.fromarray(hr).save(root / folder / "photo.png")
@@ -37,12 +46,30 @@ def data_dir(tmp_path_factory):
 def test_bicubic_matches_reference_psnr(data_dir, tmp_path):
     root, refs = data_dir
     out = tmp_path / "r.json"
-    proc = subprocess.run([sys.executable, str(_ROOT / "eval.py"), "--checkpoint", "bicubic",
-                           "--data", "Set5,div2k", "--data_dir", str(root), "--scales", "2,4",
-                           "--json", str(out)], capture_output=True, text=True, cwd=_ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(_ROOT / "eval.py"),
+            "--checkpoint",
+            "bicubic",
+            "--data",
+            "Set5,div2k",
+            "--data_dir",
+            str(root),
+            "--scales",
+            "2,4",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=_ROOT,
+    )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[:2] == ["| method | Set5 x2 | Set5 x4 | DIV2K x2 | DIV2K x4 |",
-                                            "|---|---|---|---|---|"]
+    assert proc.stdout.splitlines()[:2] == [
+        "| method | Set5 x2 | Set5 x4 | DIV2K x2 | DIV2K x4 |",
+        "|---|---|---|---|---|",
+    ]
     assert proc.stdout.splitlines()[2].startswith("| bicubic | ")
     doc = json.loads(out.read_text())
     assert doc["complete"] is True and doc["checkpoints"] == ["bicubic"]
@@ -62,9 +89,25 @@ def test_checkpoints_give_one_row_each(data_dir, tmp_path, capsys):
     Image.fromarray(hr).save(small / "crop.png")
     out = tmp_path / "r.json"
     pth = str(_GOLDEN / "checkpoint.pth")
-    rc = eval_cli.main(["--checkpoint", f"bicubic,{pth}", "--checkpoint", "bicubic",
-                           "--data", str(small), "--scales", "2.5", "--json", str(out),
-                           "--per_image", "--chunk_size", "1000", "--compilation_cache", ""])
+    rc = eval_cli.main(
+        [
+            "--checkpoint",
+            f"bicubic,{pth}",
+            "--checkpoint",
+            "bicubic",
+            "--data",
+            str(small),
+            "--scales",
+            "2.5",
+            "--json",
+            str(out),
+            "--per_image",
+            "--chunk_size",
+            "1000",
+            "--compilation_cache",
+            "",
+        ]
+    )
     assert rc == 0
     doc = json.loads(out.read_text())
     assert doc["complete"] is True and doc["checkpoints"] == ["bicubic", pth]
@@ -76,8 +119,11 @@ def test_checkpoints_give_one_row_each(data_dir, tmp_path, capsys):
     assert img["image"] == "crop.png" and img["psnr"] == r["psnr"] and -1 <= img["ssim"] <= 1
     captured = capsys.readouterr()
     assert captured.out.splitlines() == [
-        "| method | small x2.5 |", "|---|---|",
-        f"| bicubic | {bic['psnr']:.2f} |", f"| {pth} | {r['psnr']:.2f} |"]
+        "| method | small x2.5 |",
+        "|---|---|",
+        f"| bicubic | {bic['psnr']:.2f} |",
+        f"| {pth} | {r['psnr']:.2f} |",
+    ]
     # The compile share: the model compiled here; bicubic compiles nothing.
     timing = doc["timing"]
     assert timing["compilations"] >= 3 and 0 < timing["compile_s"] < timing["wall_s"]
@@ -85,26 +131,46 @@ def test_checkpoints_give_one_row_each(data_dir, tmp_path, capsys):
     assert "img/s" not in captured.err and "%|" not in captured.err  # stderr is no terminal: no bar
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--data", "/no/such/folder"], "neither a folder"),
-    (["--data", "Set14"], "not found"),
-    (["--data", "Set5", "--scales", "0.5"], "scale"),
-    (["--data", "Set5", "--scales", "1"], "> 1"),
-    (["--data", ","], "--data names nothing"),
-    (["--data", "Set5", "--protocol", "y"], "protocol"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--data", "/no/such/folder"], "neither a folder"),
+        (["--data", "Set14"], "not found"),
+        (["--data", "Set5", "--scales", "0.5"], "scale"),
+        (["--data", "Set5", "--scales", "1"], "> 1"),
+        (["--data", ","], "--data names nothing"),
+        (["--data", "Set5", "--protocol", "y"], "protocol"),
+    ],
+)
 def test_bad_arguments_exit_2(data_dir, capsys, args, message):
     root, _ = data_dir
-    assert eval_cli.main(["--checkpoint", "bicubic", "--data_dir", str(root),
-                             "--compilation_cache", "", *args]) == 2
+    assert (
+        eval_cli.main(
+            ["--checkpoint", "bicubic", "--data_dir", str(root), "--compilation_cache", "", *args]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 
 
 def test_empty_checkpoint_list_exit_2(data_dir, capsys):
     root, _ = data_dir
-    assert eval_cli.main(["--checkpoint", ", ", "--data", "Set5", "--data_dir", str(root),
-                          "--compilation_cache", ""]) == 2
+    assert (
+        eval_cli.main(
+            [
+                "--checkpoint",
+                ", ",
+                "--data",
+                "Set5",
+                "--data_dir",
+                str(root),
+                "--compilation_cache",
+                "",
+            ]
+        )
+        == 2
+    )
     assert "--checkpoint names nothing" in capsys.readouterr().err
 
 

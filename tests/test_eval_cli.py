@@ -1,4 +1,5 @@
 """srno-eval under bad input and faults, and on paired folders (small synthetic images)."""
+
 import json
 import os
 import struct
@@ -16,8 +17,14 @@ from srno_jax.images import resize_bicubic
 from srno_jax.metrics import make_eval_pair, psnr
 
 _ROOT = Path(__file__).resolve().parents[1]
-_GOLDEN = next((d / "small_edsr_srno" for d in (_ROOT.parent / "shared" / "golden", _ROOT / "tests" / "golden")
-                if (d / "small_edsr_srno" / "checkpoint.pth").exists()), None)
+_GOLDEN = next(
+    (
+        d / "small_edsr_srno"
+        for d in (_ROOT.parent / "shared" / "golden", _ROOT / "tests" / "golden")
+        if (d / "small_edsr_srno" / "checkpoint.pth").exists()
+    ),
+    None,
+)
 
 
 def _image(path, hw, seed=0, smooth=False):
@@ -25,7 +32,7 @@ def _image(path, hw, seed=0, smooth=False):
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     if smooth:
-        y, x = np.mgrid[:hw[0], :hw[1]]
+        y, x = np.mgrid[: hw[0], : hw[1]]
         img = np.stack([(x * 3 + y) % 256, (y * 5) % 256, np.full(hw, 128)], -1)
     else:
         img = rng.integers(0, 256, (*hw, 3))
@@ -34,13 +41,17 @@ def _image(path, hw, seed=0, smooth=False):
 
 
 def _run(*args, checkpoint="bicubic"):
-    return eval_cli.main(["--checkpoint", str(checkpoint), "--compilation_cache", "", *map(str, args)])
+    return eval_cli.main(
+        ["--checkpoint", str(checkpoint), "--compilation_cache", "", *map(str, args)]
+    )
 
 
 def _strict_json(path):
     """The JSON document, refusing Infinity and NaN, which are not JSON."""
+
     def refuse(name):
         raise ValueError(f"not JSON: {name}")
+
     return json.loads(Path(path).read_text(), parse_constant=refuse)
 
 
@@ -53,6 +64,7 @@ def forward_passes(monkeypatch):
     def counted(upsampler, *args, **kwargs):
         calls.append(args[-3])
         return score_pair(upsampler, *args, **kwargs)
+
     monkeypatch.setattr(evaluation, "score_pair", counted)
     return calls
 
@@ -74,18 +86,29 @@ def test_folders_with_the_same_name_are_both_evaluated(tmp_path, capsys):
 
 def test_unique_dataset_names():
     sep = os.sep
-    assert evaluation.unique_datasets([("imgs", f"x{sep}a{sep}imgs"), ("imgs", f"y{sep}a{sep}imgs"),
-                                       ("Set5", f"p{sep}Set5{sep}HR"), ("Set5", f"q{sep}Set5{sep}HR"),
-                                       ("c", "c"), ("c", "c")]) == [
-        ("x/a/imgs", f"x{sep}a{sep}imgs"), ("y/a/imgs", f"y{sep}a{sep}imgs"),
-        ("p/Set5", f"p{sep}Set5{sep}HR"), ("q/Set5", f"q{sep}Set5{sep}HR"), ("c", "c")]
+    assert evaluation.unique_datasets(
+        [
+            ("imgs", f"x{sep}a{sep}imgs"),
+            ("imgs", f"y{sep}a{sep}imgs"),
+            ("Set5", f"p{sep}Set5{sep}HR"),
+            ("Set5", f"q{sep}Set5{sep}HR"),
+            ("c", "c"),
+            ("c", "c"),
+        ]
+    ) == [
+        ("x/a/imgs", f"x{sep}a{sep}imgs"),
+        ("y/a/imgs", f"y{sep}a{sep}imgs"),
+        ("p/Set5", f"p{sep}Set5{sep}HR"),
+        ("q/Set5", f"q{sep}Set5{sep}HR"),
+        ("c", "c"),
+    ]
 
 
 def _broken_images(folder):
     """A truncated PNG and a text file named .png in `folder`."""
     _image(folder / "cut.png", (32, 32), seed=2)
     data = (folder / "cut.png").read_bytes()
-    (folder / "cut.png").write_bytes(data[:len(data) // 2])
+    (folder / "cut.png").write_bytes(data[: len(data) // 2])
     (folder / "text.png").write_text("not an image")
 
 
@@ -100,7 +123,10 @@ def test_bad_images_are_skipped_and_counted(tmp_path, capsys):
     assert "skipping second/cut.png" in captured.err and "skipping second/text.png" in captured.err
     _, r = _strict_json(out)["results"]
     assert r["images"] == 1 and [s["image"] for s in r["skipped"]] == ["cut.png", "text.png"]
-    assert r["psnr"] == evaluation.score_image(evaluation.bicubic_upsampler, hr, 2, "benchmark")["psnr"]
+    assert (
+        r["psnr"]
+        == evaluation.score_image(evaluation.bicubic_upsampler, hr, 2, "benchmark")["psnr"]
+    )
     assert f"| {r['psnr']:.2f}* |" in captured.out
     assert "second x2: 1 images scored, 2 skipped (cut.png, text.png)" in captured.out
 
@@ -143,8 +169,18 @@ def test_failed_checks_keep_an_existing_json(tmp_path, capsys):
     _image(tmp_path / "imgs" / "a.png", (32, 32))
     out = tmp_path / "r.json"
     out.write_text('{"earlier": "results"}')
-    assert _run("--data", tmp_path / "imgs", "--scales", "2", "--json", out,
-                checkpoint=tmp_path / "no_such.pth") == 2
+    assert (
+        _run(
+            "--data",
+            tmp_path / "imgs",
+            "--scales",
+            "2",
+            "--json",
+            out,
+            checkpoint=tmp_path / "no_such.pth",
+        )
+        == 2
+    )
     assert "no_such.pth" in capsys.readouterr().err
     assert out.read_text() == '{"earlier": "results"}'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "r.json"]
@@ -157,6 +193,7 @@ def _interrupt_at_scale(monkeypatch, scale, error):
         if s == scale:
             raise error
         return score_item(upsampler, item, s, *args)
+
     monkeypatch.setattr(evaluation, "score_item", failing)
 
 
@@ -215,6 +252,7 @@ def test_output_size_limit(tmp_path, capsys, monkeypatch, forward_passes):
     assert "40x40 output (1600 pixels), more than the limit of 1000" in err
     assert "raise it with --max_output_pixels" in err
     from srno_jax import image_api
+
     monkeypatch.setattr(image_api, "MAX_OUTPUT_PIXELS", 1599)  # the default limit
     assert _run("--data", tmp_path / "imgs", "--scales", "2") == 2
     assert forward_passes == []
@@ -244,10 +282,12 @@ def test_exif_orientation_is_ignored(tmp_path):
     assert sizes == [(40, 60)]  # the stored 41 x 60 cropped to x2, not the displayed 60 x 41
 
 
-@pytest.mark.parametrize("protocol,scale", [("y", 2.0), (None, 1.0), (None, float("inf")),
-                                            (None, float("nan"))])
+@pytest.mark.parametrize(
+    "protocol,scale", [("y", 2.0), (None, 1.0), (None, float("inf")), (None, float("nan"))]
+)
 def test_plan_refuses_bad_protocol_and_scale(tmp_path, protocol, scale):
     from srno_jax.errors import ConfigError
+
     _image(tmp_path / "a.png", (32, 32))
     with pytest.raises(ConfigError):
         evaluation.plan([("x", str(tmp_path))], [scale], protocol)
@@ -255,10 +295,12 @@ def test_plan_refuses_bad_protocol_and_scale(tmp_path, protocol, scale):
 
 def test_format_results_of_training():
     assert evaluation.format_results({3.0: (31.5, 30.65), 2.0: (34.434, 32.92)}) == (
-        "| method | x2 | x3 |\n|---|---|---|\n| bicubic | 32.92 | 30.65 |\n| SRNO | 34.43 | 31.50 |")
+        "| method | x2 | x3 |\n|---|---|---|\n| bicubic | 32.92 | 30.65 |\n| SRNO | 34.43 | 31.50 |"
+    )
 
 
 # Paired folders: the given LR images, at the pairs' own scales.
+
 
 def _nearest(hr, hw):
     """An LR image that no bicubic downsample gives: nearest-neighbour."""
@@ -288,8 +330,12 @@ def test_paired_folder_uses_the_given_lr_images(tmp_path, capsys):
     for r, lr, hr in zip(rows, (lr_b, lr_a), (hr_b, hr_a)):
         expected = psnr(resize_bicubic(lr, hr.shape[:2]) / 255, hr / 255, "benchmark", r["scale"])
         assert r["psnr"] == pytest.approx(expected, abs=1e-9)
-        made = psnr(resize_bicubic(make_eval_pair(hr, r["scale"])[0], hr.shape[:2]) / 255,
-                    hr / 255, "benchmark", r["scale"])
+        made = psnr(
+            resize_bicubic(make_eval_pair(hr, r["scale"])[0], hr.shape[:2]) / 255,
+            hr / 255,
+            "benchmark",
+            r["scale"],
+        )
         assert abs(r["psnr"] - made) > 0.1  # not the LR that bicubic would have made
 
 
@@ -301,7 +347,9 @@ def test_paired_div2k_layout(tmp_path, capsys):
     assert _run("--data", root, "--json", out) == 0
     rows = _strict_json(out)["results"]
     assert [(r["dataset"], r["scale"], r["protocol"], r["images"]) for r in rows] == [
-        ("DIV2K_valid", 2.0, "div2k", 1), ("DIV2K_valid", 3.0, "div2k", 1)]
+        ("DIV2K_valid", 2.0, "div2k", 1),
+        ("DIV2K_valid", 3.0, "div2k", 1),
+    ]
     assert "--scales" not in capsys.readouterr().err
 
 
@@ -323,10 +371,26 @@ def test_second_run_compiles_nothing(tmp_path):
     for run in range(2):
         out = tmp_path / f"r{run}.json"
         proc = subprocess.run(
-            [sys.executable, str(_ROOT / "eval.py"), "--checkpoint", str(_GOLDEN / "checkpoint.pth"),
-             "--data", str(tmp_path / "imgs"), "--scales", "2", "--json", str(out),
-             "--compilation_cache", str(tmp_path / "xla")],
-            capture_output=True, text=True, cwd=_ROOT, env=env, timeout=300)
+            [
+                sys.executable,
+                str(_ROOT / "eval.py"),
+                "--checkpoint",
+                str(_GOLDEN / "checkpoint.pth"),
+                "--data",
+                str(tmp_path / "imgs"),
+                "--scales",
+                "2",
+                "--json",
+                str(out),
+                "--compilation_cache",
+                str(tmp_path / "xla"),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=_ROOT,
+            env=env,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr
         timings.append(_strict_json(out)["timing"])
         assert f"{timings[-1]['compilations']} compilations" in proc.stderr

@@ -1,10 +1,11 @@
 """The Flax SRNO against the reference PyTorch SRNO's golden vectors (tolerances from its README)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import require_golden
+
 from srno_jax import load_checkpoint
 from srno_jax.checkpoints import params_to_torch
 from srno_jax.schedules import lr_at_epoch
@@ -33,7 +34,9 @@ def test_forward(golden):
         inp = nhwc(z[f"{case}/inp"])
         feat = encode(variables, inp)
         np.testing.assert_allclose(feat, nhwc(z[f"{case}/feat"]), atol=1e-4, rtol=0, err_msg=case)
-        pred = apply(variables, inp, jnp.asarray(z[f"{case}/coord"]), jnp.asarray(z[f"{case}/cell"]))
+        pred = apply(
+            variables, inp, jnp.asarray(z[f"{case}/coord"]), jnp.asarray(z[f"{case}/cell"])
+        )
         assert pred.shape == z[f"{case}/coord"].shape[:-1] + (3,)
         np.testing.assert_allclose(pred, nhwc(z[f"{case}/pred"]), atol=1e-4, rtol=0, err_msg=case)
 
@@ -42,7 +45,11 @@ def test_flat_queries_equal_grid(golden):
     """A (B, N, 2) query set gives the grid's prediction, flattened."""
     _, model, variables, z = golden
     case = "grid_x2.5"
-    inp, coord, cell = nhwc(z[f"{case}/inp"]), jnp.asarray(z[f"{case}/coord"]), jnp.asarray(z[f"{case}/cell"])
+    inp, coord, cell = (
+        nhwc(z[f"{case}/inp"]),
+        jnp.asarray(z[f"{case}/coord"]),
+        jnp.asarray(z[f"{case}/cell"]),
+    )
     grid = model.apply(variables, inp, coord, cell)
     flat = model.apply(variables, inp, coord.reshape(1, -1, 2), cell)
     np.testing.assert_allclose(flat, grid.reshape(1, -1, 3), atol=1e-6)
@@ -52,7 +59,11 @@ def test_loss_and_every_gradient(golden):
     """The training-batch L1 loss within 1e-5; each gradient within 1e-3 relative (Frobenius)."""
     name, model, variables, z = golden
     case = "train_batch_x3.3"
-    inp, coord, cell = nhwc(z[f"{case}/inp"]), jnp.asarray(z[f"{case}/coord"]), jnp.asarray(z[f"{case}/cell"])
+    inp, coord, cell = (
+        nhwc(z[f"{case}/inp"]),
+        jnp.asarray(z[f"{case}/coord"]),
+        jnp.asarray(z[f"{case}/cell"]),
+    )
     gt = (nhwc(z[f"{case}/gt"]) - 0.5) / 0.5  # the reference normalises gt like inp
 
     def loss_fn(params):
@@ -61,7 +72,7 @@ def test_loss_and_every_gradient(golden):
     loss, grads = jax.jit(jax.value_and_grad(loss_fn))(variables["params"])
     assert abs(float(loss) - float(z[f"{case}/loss"])) < 1e-5
     torch_grads = params_to_torch(grads, model)
-    expected = {k[len("grad/"):] for k in z.files if k.startswith("grad/")}
+    expected = {k[len("grad/") :] for k in z.files if k.startswith("grad/")}
     assert set(torch_grads) == expected, "every trainable parameter has a gradient, no more"
     for k, g in torch_grads.items():
         ref = z[f"grad/{k}"]

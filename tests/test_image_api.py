@@ -1,4 +1,5 @@
 """The image-level API and image I/O: sizes, EXIF orientation, PIL's pixel limit, formats."""
+
 import os
 import zlib
 
@@ -30,9 +31,15 @@ def test_a_scale_that_changes_one_side_is_accepted():
     assert output_size((64, 64), 1.01, None) == (65, 65)
 
 
-@pytest.mark.parametrize("orientation,upright", [(1, lambda a: a), (3, lambda a: a[::-1, ::-1]),
-                                                 (6, lambda a: np.rot90(a, -1)),
-                                                 (8, lambda a: np.rot90(a))])
+@pytest.mark.parametrize(
+    "orientation,upright",
+    [
+        (1, lambda a: a),
+        (3, lambda a: a[::-1, ::-1]),
+        (6, lambda a: np.rot90(a, -1)),
+        (8, lambda a: np.rot90(a)),
+    ],
+)
 def test_upscale_applies_exif_orientation(tiny, tmp_path, orientation, upright):
     rgb = np.random.default_rng(0).integers(0, 256, (6, 9, 3), dtype=np.uint8)
     exif = Image.Exif()
@@ -41,16 +48,19 @@ def test_upscale_applies_exif_orientation(tiny, tmp_path, orientation, upright):
     expected = upscale(*tiny, np.ascontiguousarray(upright(rgb)), scale=2)
     with Image.open(tmp_path / "p.png") as img:  # a PIL input, as a user opens it
         np.testing.assert_array_equal(upscale(*tiny, img, scale=2), expected)
-    np.testing.assert_array_equal(np.asarray(open_image(tmp_path / "p.png", orient=True)),
-                                  upright(rgb))
+    np.testing.assert_array_equal(
+        np.asarray(open_image(tmp_path / "p.png", orient=True)), upright(rgb)
+    )
     np.testing.assert_array_equal(np.asarray(open_image(tmp_path / "p.png")), rgb)
 
 
 def png_header(width, height):
     """The bytes of a PNG whose header claims width x height RGB pixels (and holds none)."""
+
     def chunk(kind, data):
-        return (len(data).to_bytes(4, "big") + kind + data
-                + zlib.crc32(kind + data).to_bytes(4, "big"))
+        return (
+            len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+        )
 
     ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
@@ -64,8 +74,9 @@ def test_decompression_bomb_is_a_data_error(tmp_path, side):
         open_image(path)
 
 
-@pytest.mark.parametrize("mode,shape", [("L", (5, 7)), ("LA", (5, 7, 2)), ("RGB", (5, 7, 3)),
-                                        ("RGBA", (5, 7, 4))])
+@pytest.mark.parametrize(
+    "mode,shape", [("L", (5, 7)), ("LA", (5, 7, 2)), ("RGB", (5, 7, 3)), ("RGBA", (5, 7, 4))]
+)
 @pytest.mark.parametrize("ext", [".png", ".jpg", ".webp", ".tiff", ".bmp"])
 def test_save_image_by_extension(tmp_path, mode, shape, ext):
     a = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)

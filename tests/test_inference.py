@@ -1,4 +1,5 @@
 """Tests of srno_jax.inference: exact chunked prediction, tiled encoding, upscale."""
+
 from pathlib import Path
 
 import jax
@@ -14,8 +15,14 @@ from srno_jax.inference import _encoder, _moments, _one_chunk, _project, encode,
 from srno_jax.models import init_variables, make_model
 
 _HERE = Path(__file__).resolve().parent
-_GOLDEN = next((d / "small_edsr_srno" for d in (_HERE.parents[1] / "shared" / "golden", _HERE / "golden")
-                if (d / "small_edsr_srno" / "cases.npz").exists()), None)
+_GOLDEN = next(
+    (
+        d / "small_edsr_srno"
+        for d in (_HERE.parents[1] / "shared" / "golden", _HERE / "golden")
+        if (d / "small_edsr_srno" / "cases.npz").exists()
+    ),
+    None,
+)
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +31,11 @@ def small():
     if _GOLDEN is not None:
         return load_checkpoint(_GOLDEN / "checkpoint.pth")
     model = make_model(encoder_args={"n_resblocks": 2}, width=64, heads=4)
-    dummy = (np.zeros((1, 8, 8, 3), np.float32), np.zeros((1, 4, 2), np.float32),
-             np.zeros((1, 2), np.float32))
+    dummy = (
+        np.zeros((1, 8, 8, 3), np.float32),
+        np.zeros((1, 4, 2), np.float32),
+        np.zeros((1, 2), np.float32),
+    )
     return model, model.init(jax.random.key(0), *dummy)
 
 
@@ -33,8 +43,12 @@ def _case(name):
     if _GOLDEN is None:
         pytest.skip("golden cases.npz not found")
     with np.load(_GOLDEN / "cases.npz") as z:
-        return (z[f"{name}/inp"].transpose(0, 2, 3, 1), z[f"{name}/coord"], z[f"{name}/cell"],
-                z[f"{name}/pred"].transpose(0, 2, 3, 1))
+        return (
+            z[f"{name}/inp"].transpose(0, 2, 3, 1),
+            z[f"{name}/coord"],
+            z[f"{name}/cell"],
+            z[f"{name}/pred"].transpose(0, 2, 3, 1),
+        )
 
 
 @pytest.mark.parametrize("name,chunks", [("grid_x2.5", (1000, 10**6)), ("grid_x7_mcell", (777,))])
@@ -73,14 +87,28 @@ def test_tiled_encoder_equals_full(small):
 
 
 def test_lr_bucket():
-    assert [lr_bucket(n) for n in (1, 7, 9, 33, 64, 65, 100, 128, 129, 161, 300, 512)] == \
-        [1, 8, 12, 48, 64, 96, 128, 128, 160, 192, 320, 512]
+    assert [lr_bucket(n) for n in (1, 7, 9, 33, 64, 65, 100, 128, 129, 161, 300, 512)] == [
+        1,
+        8,
+        12,
+        48,
+        64,
+        96,
+        128,
+        128,
+        160,
+        192,
+        320,
+        512,
+    ]
 
 
 # Measured: EDSR's padded features are bit for bit the unpadded ones; RDN's differ in the
 # last bit (XLA picks another loop order for its 1x1 fusions at another shape).
-@pytest.mark.parametrize("encoder,args,atol", [("edsr-baseline", {"n_resblocks": 2}, 0.0),
-                                                ("rdn", {"G0": 8, "RDNconfig": "A"}, 1e-6)])
+@pytest.mark.parametrize(
+    "encoder,args,atol",
+    [("edsr-baseline", {"n_resblocks": 2}, 0.0), ("rdn", {"G0": 8, "RDNconfig": "A"}, 1e-6)],
+)
 def test_padded_input_gives_the_unpadded_result(encoder, args, atol):
     """Odd LR sizes padded to their bucket: the features equal those of the unpadded
     input (the mask reproduces the zero padding at the true border; without it they
@@ -95,13 +123,20 @@ def test_padded_input_gives_the_unpadded_result(encoder, args, atol):
         np.testing.assert_allclose(encode(model, variables, inp), unpadded, atol=atol, rtol=0)
         hp, wp = lr_bucket(h), lr_bucket(w)
         padded = np.pad(inp, [(0, 0), (0, hp - h), (0, wp - w), (0, 0)])
-        unmasked = _encoder()(model, variables, padded, np.array([hp, wp], np.int32), None)[:, :h, :w]
+        unmasked = _encoder()(model, variables, padded, np.array([hp, wp], np.int32), None)[
+            :, :h, :w
+        ]
         assert np.abs(unmasked - unpadded).max() > 1e-3
         size = (int(h * 2.7), int(w * 2.7))
         coord, cell = make_coord(size)[None], np.array([[2 / size[0], 2 / size[1]]], np.float32)
         one_pass = jax.jit(model.apply)(variables, inp, coord, cell)
-        np.testing.assert_allclose(predict(model, variables, inp, coord, cell), one_pass,
-                                   atol=1e-6, rtol=0, err_msg=f"{h}x{w}")
+        np.testing.assert_allclose(
+            predict(model, variables, inp, coord, cell),
+            one_pass,
+            atol=1e-6,
+            rtol=0,
+            err_msg=f"{h}x{w}",
+        )
 
 
 def test_compiles_once_per_bucket_and_chunk(small):
@@ -114,8 +149,12 @@ def test_compiles_once_per_bucket_and_chunk(small):
         predict(model, variables, inp, make_coord(out)[None], cell, chunk_size=chunk_size)
 
     def sizes():
-        return (_encoder()._cache_size(), _moments._cache_size(), _project._cache_size(),
-                _one_chunk._cache_size())
+        return (
+            _encoder()._cache_size(),
+            _moments._cache_size(),
+            _project._cache_size(),
+            _one_chunk._cache_size(),
+        )
 
     run(9, 11, (30, 31), chunk_size=256)
     run(9, 11, (30, 31))
@@ -139,18 +178,31 @@ def test_upscale_scale_size_and_modes(small):
     assert out4.shape == (30, 25, 4)
     np.testing.assert_array_equal(out4[..., :3], out)
     assert np.all(out4[..., 3] == 200)
-    u16 = (rgb[..., 0].astype(np.uint16) * 257)
-    np.testing.assert_array_equal(upscale(model, variables, u16, scale=2.5),
-                                  upscale(model, variables, Image.fromarray(rgb[..., 0]), scale=2.5))
+    u16 = rgb[..., 0].astype(np.uint16) * 257
+    np.testing.assert_array_equal(
+        upscale(model, variables, u16, scale=2.5),
+        upscale(model, variables, Image.fromarray(rgb[..., 0]), scale=2.5),
+    )
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(scale=0), "scale"), (dict(scale=-2), "scale"), (dict(scale=float("nan")), "scale"),
-    (dict(scale=1), r"scale must be a finite number > 1"), (dict(scale=0.5), "> 1"),
-    (dict(size=(0, 5)), "does not enlarge"), (dict(size=(3, 8)), "does not enlarge"),
-    (dict(size=(4, 4)), "does not enlarge"), (dict(size=(5,)), "height, width"),
-    (dict(scale=2, size=(4, 4)), "exactly one"), (dict(), "exactly one"),
-    (dict(size=(100000, 100000)), "limit"), (dict(scale=2, chunk_size=0), "chunk_size")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(scale=0), "scale"),
+        (dict(scale=-2), "scale"),
+        (dict(scale=float("nan")), "scale"),
+        (dict(scale=1), r"scale must be a finite number > 1"),
+        (dict(scale=0.5), "> 1"),
+        (dict(size=(0, 5)), "does not enlarge"),
+        (dict(size=(3, 8)), "does not enlarge"),
+        (dict(size=(4, 4)), "does not enlarge"),
+        (dict(size=(5,)), "height, width"),
+        (dict(scale=2, size=(4, 4)), "exactly one"),
+        (dict(), "exactly one"),
+        (dict(size=(100000, 100000)), "limit"),
+        (dict(scale=2, chunk_size=0), "chunk_size"),
+    ],
+)
 def test_upscale_bad_arguments(small, kwargs, match):
     model, variables = small
     with pytest.raises(ConfigError, match=match):
@@ -170,8 +222,13 @@ def test_upscale_cli(small, tmp_path, capsys):
     rgb = np.random.default_rng(3).integers(0, 256, (12, 10, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "in.png")
     out = tmp_path / "out.png"
-    args = [str(tmp_path / "in.png"), str(out), "--checkpoint", str(_GOLDEN / "checkpoint.pth"),
-            "--compilation_cache="]  # not the user's cache folder
+    args = [
+        str(tmp_path / "in.png"),
+        str(out),
+        "--checkpoint",
+        str(_GOLDEN / "checkpoint.pth"),
+        "--compilation_cache=",
+    ]  # not the user's cache folder
     assert main([*args, "--size", "25x30"]) == 0
     np.testing.assert_array_equal(np.asarray(Image.open(out)), upscale(*small, rgb, scale=2.5))
     assert main([*args, "--scale", "-1"]) == 2

@@ -1,5 +1,6 @@
 """Tests of input_pipeline: the sampler against the reference's rules, the sources and the
 deterministic loader. Small images only; nothing is downloaded."""
+
 import itertools
 import logging
 import multiprocessing
@@ -10,9 +11,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from input_pipeline import (DEMO_FILES, DemoSource, FolderSource, PairedSource, TFDSSource,
-                            TrainLoader, check_config, make_source, sample_pair_patch,
-                            sample_patch, steps_per_epoch)
+from input_pipeline import (
+    DEMO_FILES,
+    DemoSource,
+    FolderSource,
+    PairedSource,
+    TFDSSource,
+    TrainLoader,
+    check_config,
+    make_source,
+    sample_pair_patch,
+    sample_patch,
+    steps_per_epoch,
+)
 from srno_jax.coords import make_coord
 from srno_jax.errors import ConfigError, DataError
 from srno_jax.images import resize_bicubic
@@ -51,8 +62,9 @@ def reconstruct(hr, out, inp_size):
             found.append((int(x0[0]), int(y0[0]), w, flips))
     assert len(found) == 1, found
     x0, y0, w, flips = found[0]
-    np.testing.assert_array_equal(to_uint8(out["gt"]), augment(hr[x0:x0 + w, y0:y0 + w], *flips)
-                                  [idx[:, 0], idx[:, 1]])
+    np.testing.assert_array_equal(
+        to_uint8(out["gt"]), augment(hr[x0 : x0 + w, y0 : y0 + w], *flips)[idx[:, 0], idx[:, 1]]
+    )
     return found[0]
 
 
@@ -61,17 +73,26 @@ def test_sample_matches_reference_rules(augment_on):
     hr = positional_image(90, 100)
     inp_size, flips_seen = 16, set()
     for seed in range(12):
-        out = sample_patch(hr, np.random.default_rng(seed), inp_size=inp_size, scale_min=1.0,
-                           scale_max=4.0, augment=augment_on)
+        out = sample_patch(
+            hr,
+            np.random.default_rng(seed),
+            inp_size=inp_size,
+            scale_min=1.0,
+            scale_max=4.0,
+            augment=augment_on,
+        )
         assert {k: (v.shape, v.dtype) for k, v in out.items()} == {
-            "inp": ((16, 16, 3), np.float32), "coord": ((256, 2), np.float32),
-            "cell": ((2,), np.float32), "gt": ((256, 3), np.float32)}
+            "inp": ((16, 16, 3), np.float32),
+            "coord": ((256, 2), np.float32),
+            "cell": ((2,), np.float32),
+            "gt": ((256, 3), np.float32),
+        }
         for k in ("inp", "gt", "coord"):
             assert -1 <= out[k].min() and out[k].max() <= 1
         assert len(np.unique(out["coord"], axis=0)) == 256
         x0, y0, w, flips = reconstruct(hr, out, inp_size)
         assert 16 <= w <= 64 and x0 + w <= 90 and y0 + w <= 100
-        lr = resize_bicubic(np.ascontiguousarray(hr[x0:x0 + w, y0:y0 + w]), (16, 16))
+        lr = resize_bicubic(np.ascontiguousarray(hr[x0 : x0 + w, y0 : y0 + w]), (16, 16))
         np.testing.assert_array_equal(to_uint8(out["inp"]), augment(lr, *flips))
         flips_seen.add(flips)
     if augment_on:
@@ -89,7 +110,7 @@ def test_sample_replays_reference_draws():
         w_hr = round(16 * s)
         x0 = rng.integers(0, hr.shape[0] - w_hr + 1)
         y0 = rng.integers(0, hr.shape[1] - w_hr + 1)
-        crop_hr = hr[x0:x0 + w_hr, y0:y0 + w_hr].transpose(2, 0, 1)
+        crop_hr = hr[x0 : x0 + w_hr, y0 : y0 + w_hr].transpose(2, 0, 1)
         crop_lr = resize_bicubic(np.ascontiguousarray(crop_hr.transpose(1, 2, 0)), (16, 16))
         crop_lr = crop_lr.transpose(2, 0, 1)
         hflip, vflip, dflip = (rng.random() < 0.5 for _ in range(3))
@@ -120,10 +141,12 @@ def test_sample_q_and_scale_one():
 
 def test_config_checked_once_not_per_sample(tmp_path, monkeypatch):
     import input_pipeline.loader
+
     calls = []
     checked = input_pipeline.loader.check_config
-    monkeypatch.setattr(input_pipeline.loader, "check_config",
-                        lambda *a: calls.append(a) or checked(*a))
+    monkeypatch.setattr(
+        input_pipeline.loader, "check_config", lambda *a: calls.append(a) or checked(*a)
+    )
     source = FolderSource(write_images(tmp_path / "imgs", 2))
     batches(source, 3, workers=2)
     assert calls == [(8, 1.0, 4.0, None)]
@@ -132,8 +155,14 @@ def test_config_checked_once_not_per_sample(tmp_path, monkeypatch):
 def test_small_images(caplog, tmp_path):
     hr = positional_image(30, 100)  # shorter than w_hr for most scales
     for seed in range(5):
-        out = sample_patch(hr, np.random.default_rng(seed), inp_size=16, scale_min=3.0,
-                           scale_max=4.0, augment=False)
+        out = sample_patch(
+            hr,
+            np.random.default_rng(seed),
+            inp_size=16,
+            scale_min=3.0,
+            scale_max=4.0,
+            augment=False,
+        )
         x0, y0, w, _ = reconstruct(hr, out, 16)
         assert w == 30 and x0 == 0
     tiny = positional_image(10, 30)  # shorter than inp_size: upscaled to 16 x 48
@@ -150,7 +179,8 @@ def write_images(folder, n, size=(64, 80), seed=0):
     folder.mkdir(exist_ok=True)
     for i in range(n):
         Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(
-            folder / f"img{i:02d}.png")
+            folder / f"img{i:02d}.png"
+        )
     return folder
 
 
@@ -207,7 +237,7 @@ def test_loader_epochs_and_config(tmp_path):
 def test_folder_bad_files_are_skipped(tmp_path, caplog):
     folder = write_images(tmp_path / "imgs", 2)
     good = (folder / "img00.png").read_bytes()
-    (folder / "a_truncated.png").write_bytes(good[:len(good) // 2])
+    (folder / "a_truncated.png").write_bytes(good[: len(good) // 2])
     (folder / "b_text.png").write_text("not an image")
     (folder / "c_empty.png").write_bytes(b"")
     (folder / "notes.txt").write_text("ignored: not an image extension")
@@ -315,7 +345,8 @@ def write_pairs(folder, hr_lr_sizes, seed=0):
         for sub, hw in (("HR", hr_hw), ("LR", lr_hw)):
             (folder / sub).mkdir(parents=True, exist_ok=True)
             Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8)).save(
-                folder / sub / f"{stem}.png")
+                folder / sub / f"{stem}.png"
+            )
     return folder
 
 
@@ -329,19 +360,24 @@ def test_pair_patch_is_aligned(scale):
     w_hr = round(p * scale)
     flips_seen = set()
     for seed in range(10):
-        out = sample_pair_patch(lr, hr, scale, np.random.default_rng(seed), inp_size=p,
-                                sample_q=50)
+        out = sample_pair_patch(lr, hr, scale, np.random.default_rng(seed), inp_size=p, sample_q=50)
         assert {k: v.shape for k, v in out.items()} == {
-            "inp": (p, p, 3), "coord": (50, 2), "cell": (2,), "gt": (50, 3)}
+            "inp": (p, p, 3),
+            "coord": (50, 2),
+            "cell": (2,),
+            "gt": (50, 3),
+        }
         hx0, hy0, w_found, flips = reconstruct(hr, out, p)
         assert w_found == w_hr
         inp = to_uint8(out["inp"])
         fr, fc, tr = flips  # undo the augmentation: transpose first, then the flips
         x0, y0 = [int(v) for v in augment(augment(inp, False, False, tr), fr, fc, False)[0, 0, :2]]
         assert x0 <= h - p and y0 <= w - p
-        np.testing.assert_array_equal(inp, augment(lr[x0:x0 + p, y0:y0 + p], *flips))
-        assert (hx0, hy0) == (min(round(x0 * scale), hr.shape[0] - w_hr),
-                              min(round(y0 * scale), hr.shape[1] - w_hr))
+        np.testing.assert_array_equal(inp, augment(lr[x0 : x0 + p, y0 : y0 + p], *flips))
+        assert (hx0, hy0) == (
+            min(round(x0 * scale), hr.shape[0] - w_hr),
+            min(round(y0 * scale), hr.shape[1] - w_hr),
+        )
         if scale == 2.0:
             assert (hx0, hy0) == (2 * x0, 2 * y0)
         flips_seen.add(flips)
@@ -351,8 +387,7 @@ def test_pair_patch_is_aligned(scale):
 def test_paired_folder_loader(tmp_path):
     """A paired folder becomes a PairedSource; each sample has its pair's scale; threads
     and processes give the same batches; an LR smaller than inp_size is refused once."""
-    folder = write_pairs(tmp_path / "pairs", {"a": ((32, 40), (16, 20)),
-                                              "b": ((40, 50), (16, 20))})
+    folder = write_pairs(tmp_path / "pairs", {"a": ((32, 40), (16, 20)), "b": ((40, 50), (16, 20))})
     source = make_source(str(folder))
     assert isinstance(source, PairedSource) and len(source) == 2
     assert [source[i][2] for i in range(2)] == [2.0, 2.5]
@@ -365,8 +400,11 @@ def test_paired_folder_loader(tmp_path):
             for k in range(4):
                 s = source.pairs[threads.image_index(step, k)].scale
                 assert a["cell"][k, 0] == np.float32(2 / round(8 * s))
-    with pytest.raises(ConfigError, match=r"LR image .*a\.png is 16x20, smaller than "
-                                          r"data\.inp_size 17"):
+    with pytest.raises(
+        ConfigError,
+        match=r"LR image .*a\.png is 16x20, smaller than "
+        r"data\.inp_size 17",
+    ):
         TrainLoader(source, **{**kw, "inp_size": 17, "sample_q": 1})
 
 
@@ -396,10 +434,12 @@ def test_full_shared_memory_is_one_clear_error(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     import input_pipeline.loader
+
     made = []
     make_dir = input_pipeline.loader._shared_memory_dir
-    monkeypatch.setattr(input_pipeline.loader, "_shared_memory_dir",
-                        lambda: made.append(make_dir()) or made[-1])
+    monkeypatch.setattr(
+        input_pipeline.loader, "_shared_memory_dir", lambda: made.append(make_dir()) or made[-1]
+    )
     monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
     with pytest.raises(ConfigError, match=r"no room for the loader's batches .*--shm-size"):
         TrainLoader(source, **LOADER_KW, workers=1, processes=True)
@@ -411,6 +451,7 @@ def test_folders_of_killed_loaders_are_removed(tmp_path):
     """A loader killed before its cleanup leaves its folder in /dev/shm; the next loader
     removes it, but never the folder of a loader that still runs."""
     import input_pipeline.loader
+
     source = FolderSource(write_images(tmp_path / "imgs", 2))
     stale, fd = input_pipeline.loader._shared_memory_dir()
     (open(os.path.join(stale, "0"), "wb")).close()
@@ -439,9 +480,12 @@ def test_images_are_decoded_once_for_all_workers(tmp_path, monkeypatch):
 
     source = FolderSource(write_images(tmp_path / "imgs", 2))
     reads = []
-    monkeypatch.setattr(FolderSource, "__getitem__",
-                        lambda self, i, read=FolderSource.__getitem__: reads.append(i) or
-                        read(self, i))
+    monkeypatch.setattr(
+        FolderSource,
+        "__getitem__",
+        lambda self, i, read=FolderSource.__getitem__: reads.append(i) or read(self, i),
+    )
+
     class Roomy:  # statvfs of a file system with 90% of its 4 GB free
         f_bavail, f_blocks, f_frsize = 900_000, 1_000_000, 4096
 

@@ -1,4 +1,5 @@
 """Tests of srno_jax.metrics: the golden PSNR cases of the reference and hand-made checks."""
+
 import math
 from pathlib import Path
 
@@ -7,13 +8,27 @@ import pytest
 
 from srno_jax.errors import ConfigError, DataError
 from srno_jax.images import resize_bicubic
-from srno_jax.metrics import (check_evaluable, default_protocol, eval_cell, eval_sizes, make_eval_pair, psnr,
-                              rgb_to_y, rgb_to_ycbcr_y, ssim)
+from srno_jax.metrics import (
+    check_evaluable,
+    default_protocol,
+    eval_cell,
+    eval_sizes,
+    make_eval_pair,
+    psnr,
+    rgb_to_y,
+    rgb_to_ycbcr_y,
+    ssim,
+)
 
 _HERE = Path(__file__).resolve().parent
-_CASES = next((d / "small_edsr_srno" / "cases.npz"
-               for d in (_HERE.parents[0] / ".." / "shared" / "golden", _HERE / "golden")
-               if (d / "small_edsr_srno" / "cases.npz").exists()), None)
+_CASES = next(
+    (
+        d / "small_edsr_srno" / "cases.npz"
+        for d in (_HERE.parents[0] / ".." / "shared" / "golden", _HERE / "golden")
+        if (d / "small_edsr_srno" / "cases.npz").exists()
+    ),
+    None,
+)
 
 
 def _golden(name):
@@ -21,7 +36,9 @@ def _golden(name):
     if _CASES is None:
         pytest.skip("golden cases.npz not found")
     with np.load(_CASES) as z:
-        hr, lr, bic = (z[f"psnr/{name}/{k}"].transpose(1, 2, 0) for k in ("hr", "lr", "bicubic_pil"))
+        hr, lr, bic = (
+            z[f"psnr/{name}/{k}"].transpose(1, 2, 0) for k in ("hr", "lr", "bicubic_pil")
+        )
         return hr, lr, bic, float(z[f"psnr/{name}/psnr"])
 
 
@@ -29,7 +46,9 @@ def _u8(x):
     return (x * 255).round().astype(np.uint8)
 
 
-@pytest.mark.parametrize("name,protocol,scale", [("benchmark_x4", "benchmark", 4), ("div2k_x2", "div2k", 2)])
+@pytest.mark.parametrize(
+    "name,protocol,scale", [("benchmark_x4", "benchmark", 4), ("div2k_x2", "div2k", 2)]
+)
 def test_golden_psnr_cases(name, protocol, scale):
     hr, lr, bic, ref = _golden(name)
     lr_u8, hr_u8 = make_eval_pair(_u8(hr), scale)
@@ -78,7 +97,9 @@ def test_eval_cell_golden_mcell():
     if _CASES is None:
         pytest.skip("golden cases.npz not found")
     with np.load(_CASES) as z:
-        np.testing.assert_array_equal(eval_cell((70, 84), 7), z["grid_x7_mcell/cell"].reshape(-1, 2)[0])
+        np.testing.assert_array_equal(
+            eval_cell((70, 84), 7), z["grid_x7_mcell/cell"].reshape(-1, 2)[0]
+        )
 
 
 def test_y_coefficients():
@@ -139,11 +160,13 @@ def _ssim_naive(x, y):
     vals = []
     for i in range(x.shape[0] - 10):
         for j in range(x.shape[1] - 10):
-            a, b = x[i:i + 11, j:j + 11], y[i:i + 11, j:j + 11]
+            a, b = x[i : i + 11, j : j + 11], y[i : i + 11, j : j + 11]
             ma, mb = (win * a).sum(), (win * b).sum()
             va, vb = (win * a * a).sum() - ma**2, (win * b * b).sum() - mb**2
             cab = (win * a * b).sum() - ma * mb
-            vals.append((2 * ma * mb + c1) * (2 * cab + c2) / ((ma**2 + mb**2 + c1) * (va + vb + c2)))
+            vals.append(
+                (2 * ma * mb + c1) * (2 * cab + c2) / ((ma**2 + mb**2 + c1) * (va + vb + c2))
+            )
     return np.mean(vals)
 
 
@@ -156,8 +179,9 @@ def test_ssim():
     assert value < 1
     y = lambda im: 16 + im @ np.array([65.481, 128.553, 24.966])
     assert value == pytest.approx(_ssim_naive(y(sr), y(hr)), abs=1e-12)
-    assert ssim(sr, hr, "benchmark", 2) == pytest.approx(_ssim_naive(y(sr[2:-2, 2:-2]), y(hr[2:-2, 2:-2])),
-                                                         abs=1e-12)
+    assert ssim(sr, hr, "benchmark", 2) == pytest.approx(
+        _ssim_naive(y(sr[2:-2, 2:-2]), y(hr[2:-2, 2:-2])), abs=1e-12
+    )
 
 
 def test_ssim_constant_images():

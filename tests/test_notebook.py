@@ -1,5 +1,6 @@
 """examples/: the notebook runs top to bottom with the shipped trained model and beats
 bicubic; the figure and curve scripts work (CPU, offline)."""
+
 import re
 import struct
 import sys
@@ -18,19 +19,30 @@ def test_notebook_runs_and_the_shipped_model_beats_bicubic():
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
     nb = nbformat.read(EXAMPLES / "upscale.ipynb", as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
-                                     resources={"metadata": {"path": str(EXAMPLES)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(EXAMPLES)}}
+    )
     client.execute()
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    rows = re.findall(r"x([\d.]+): (\d+)x(\d+) -> (\d+)x(\d+)  PSNR bicubic ([\d.]+) dB, "
-                      r"SRNO ([\d.]+) dB", text)
+    rows = re.findall(
+        r"x([\d.]+): (\d+)x(\d+) -> (\d+)x(\d+)  PSNR bicubic ([\d.]+) dB, "
+        r"SRNO ([\d.]+) dB",
+        text,
+    )
     assert [r[0] for r in rows] == ["2", "3.7", "4"]
     for scale, w, h, out_w, out_h, bicubic, srno in rows:
-        assert (int(out_w), int(out_h)) == (round(int(w) * float(scale)),
-                                            round(int(h) * float(scale)))
+        assert (int(out_w), int(out_h)) == (
+            round(int(w) * float(scale)),
+            round(int(h) * float(scale)),
+        )
         assert float(srno) > float(bicubic) + 0.3, (scale, bicubic, srno)
-    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
-              if "image/png" in o.get("data", {})]
+    images = [
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        if "image/png" in o.get("data", {})
+    ]
     assert len(images) == 4  # three scales and the zoomed crop
 
 
@@ -57,7 +69,9 @@ def test_plot_curves_reads_tensorboardx_event_files(tmp_path):
     # A run killed mid-write: a record header promising 16 bytes, 3 of them written.
     path.write_bytes(path.read_bytes() + struct.pack("<Q", 16) + bytes(4) + b"abc")
     assert plot_curves.read_scalars(str(tmp_path / "first")) == {
-        "val/psnr_x2": {250: 30.5, 500: 31.25}, "train/loss": {100: 0.5}}
+        "val/psnr_x2": {250: 30.5, 500: 31.25},
+        "train/loss": {100: 0.5},
+    }
     pytest.importorskip("skimage")
     # The demo's own validation logs "bicubic 32.92" at x2 (benchmark protocol).
     assert round(plot_curves.bicubic_psnr([2.0])[2.0], 2) == 32.92

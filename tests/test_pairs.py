@@ -1,4 +1,5 @@
 """Tests of srno_jax.pairs: the two paired layouts, scales read from sizes, clear errors."""
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -24,8 +25,9 @@ def test_pair_scale_rules():
     assert pair_scale((101, 90), (40, 36)) == 2.5
     assert pair_scale((90, 101), (36, 40)) == 2.5
     assert pair_scale((10, 10), (10, 10)) == 1.0
-    with pytest.raises(DataError,
-                       match=r"no single scale \(a\.png and b\.png\).*x4 vertically and x5"):
+    with pytest.raises(
+        DataError, match=r"no single scale \(a\.png and b\.png\).*x4 vertically and x5"
+    ):
         pair_scale((64, 80), (16, 16), "a.png and b.png")
     with pytest.raises(DataError, match="swapped"):
         pair_scale((16, 20), (64, 80))
@@ -38,9 +40,10 @@ def test_hr_lr_layout_with_non_integer_scale(tmp_path):
     lr_b = save(tmp_path / "LR" / "bx4.png", (12, 16), 4)
     (tmp_path / "notes.txt").write_text("not an image")
     pairs = find_pairs(tmp_path)
-    assert pairs == [Pair("a", str(tmp_path / "HR" / "a.png"), str(tmp_path / "LR" / "a.png"), 2.5),
-                     Pair("b", str(tmp_path / "HR" / "b.png"), str(tmp_path / "LR" / "bx4.png"),
-                          4.0)]
+    assert pairs == [
+        Pair("a", str(tmp_path / "HR" / "a.png"), str(tmp_path / "LR" / "a.png"), 2.5),
+        Pair("b", str(tmp_path / "HR" / "b.png"), str(tmp_path / "LR" / "bx4.png"), 4.0),
+    ]
     lr, hr = pair_images(pairs[0])
     assert lr.shape == (40, 36, 3) and lr.dtype == np.uint8
     np.testing.assert_array_equal(hr, hr_a[:100, :90])  # top-left kept
@@ -59,8 +62,13 @@ def test_div2k_layout(tmp_path):
     (tmp_path / "other").mkdir()  # not an LR folder: ignored
     pairs = find_pairs(tmp_path)
     assert [(p.name, p.scale) for p in pairs] == [
-        ("X2/0801", 2.0), ("X2/0802", 2.0), ("X3/0801", 3.0), ("X3/0802", 3.0),
-        ("X4/0801", 4.0), ("X4/0802", 4.0)]
+        ("X2/0801", 2.0),
+        ("X2/0802", 2.0),
+        ("X3/0801", 3.0),
+        ("X3/0802", 3.0),
+        ("X4/0801", 4.0),
+        ("X4/0802", 4.0),
+    ]
     assert pairs[2].lr_path.endswith("0801x3.png") and pairs[2].hr_path.endswith("0801.png")
     lr, hr = pair_images(pairs[2])
     assert lr.shape == (16, 24, 3) and hr.shape == (48, 72, 3)
@@ -92,8 +100,11 @@ def test_missing_partners(tmp_path):
     save(tmp_path / "HR" / "a.png", (16, 16))
     save(tmp_path / "LR" / "a.png", (8, 8))
     save(tmp_path / "LR" / "orphan.png", (8, 8))
-    with pytest.raises(DataError, match=r"1 image\(s\) in .*LR have no partner in .*HR: "
-                                        r"orphan\.png"):
+    with pytest.raises(
+        DataError,
+        match=r"1 image\(s\) in .*LR have no partner in .*HR: "
+        r"orphan\.png",
+    ):
         find_pairs(tmp_path)
     (tmp_path / "LR" / "orphan.png").unlink()
     save(tmp_path / "HR" / "lonely.png", (16, 16))

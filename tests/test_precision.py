@@ -1,4 +1,5 @@
 """bfloat16 compute with float32 parameters (compute_dtype='bfloat16'): bounded difference."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,8 +13,11 @@ def bf16(model):
 
 def test_bf16_prediction_close_to_float32(small_golden):
     model, variables, z = small_golden
-    inputs = [jnp.asarray(z["grid_x7_mcell/inp"].transpose(0, 2, 3, 1)),
-              jnp.asarray(z["grid_x7_mcell/coord"]), jnp.asarray(z["grid_x7_mcell/cell"])]
+    inputs = [
+        jnp.asarray(z["grid_x7_mcell/inp"].transpose(0, 2, 3, 1)),
+        jnp.asarray(z["grid_x7_mcell/coord"]),
+        jnp.asarray(z["grid_x7_mcell/cell"]),
+    ]
     p32 = jax.jit(model.apply)(variables, *inputs)
     p16 = jax.jit(bf16(model).apply)(variables, *inputs)
     assert p16.dtype == jnp.float32  # the output is float32 whatever the compute dtype
@@ -37,6 +41,10 @@ def test_bf16_training_loss_and_gradient_close(small_golden):
     (l32, g32), (l16, g16) = loss_grad(model), loss_grad(bf16(model))
     assert abs(float(l16) - float(l32)) < 1e-3
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(g16))  # float32 parameters
-    n32 = np.sqrt(sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(g32)))
-    nd = np.sqrt(sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g32))))
+    n32 = np.sqrt(sum(float(jnp.sum(g**2)) for g in jax.tree.leaves(g32)))
+    nd = np.sqrt(
+        sum(
+            float(jnp.sum((a - b) ** 2)) for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g32))
+        )
+    )
     assert nd / n32 < 0.1, nd / n32

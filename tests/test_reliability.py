@@ -4,6 +4,7 @@ Most tests run `main.py` in a subprocess with the tiny model of `test_train.tiny
 (through tests/tiny_main_config.py). The subprocesses share a persistent compilation
 cache, so only the first one pays XLA's compile time.
 """
+
 import functools
 import os
 import random
@@ -19,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_train import image_dir, tiny_config  # noqa: F401  (image_dir is a fixture)
 
 from srno_jax import checkpoints, load_checkpoint, train
-from test_train import image_dir, tiny_config  # noqa: F401  (image_dir is a fixture)
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -32,26 +33,49 @@ STRAIGHT_STEPS = 60  # the uninterrupted run keeps a checkpoint of every step up
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     cache = tmp_path_factory.mktemp("jax_cache")
-    e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT)]),
-             JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1", PYTHONUNBUFFERED="1")
+    e = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT)]),
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+        PYTHONUNBUFFERED="1",
+    )
     e.pop("XLA_FLAGS", None)
     return e
 
 
 def main_cmd(image_dir, workdir, *flags):
-    return [sys.executable, str(ROOT / "main.py"), f"--config={TESTS / 'tiny_main_config.py'}:"
-            f"{image_dir}", f"--workdir={workdir}", *flags]
+    return [
+        sys.executable,
+        str(ROOT / "main.py"),
+        f"--config={TESTS / 'tiny_main_config.py'}:{image_dir}",
+        f"--workdir={workdir}",
+        *flags,
+    ]
 
 
 def run_main(env, image_dir, workdir, *flags, timeout=300, **extra_env):
-    return subprocess.run(main_cmd(image_dir, workdir, *flags), env=dict(env, **extra_env),
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        main_cmd(image_dir, workdir, *flags),
+        env=dict(env, **extra_env),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def start_main(env, image_dir, workdir, *flags):
-    return subprocess.Popen(main_cmd(image_dir, workdir, *flags), env=env, cwd=ROOT, text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        main_cmd(image_dir, workdir, *flags),
+        env=env,
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def wait_for_step(proc, min_step, lines, timeout=240):
@@ -81,15 +105,18 @@ def params_of(path):
 
 
 def assert_same_params(a, b, atol=1e-6):
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0,
-                                                         atol=atol), a, b)
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=atol),
+        a,
+        b,
+    )
 
 
 def assert_clean_error(proc, *needles):
     """A non-zero exit with a one-line `error: ...` naming each needle, and no traceback."""
     assert proc.returncode != 0, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
-    errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, proc.stderr
     for n in needles:
         assert n in errors[0], proc.stderr
@@ -99,9 +126,15 @@ def assert_clean_error(proc, *needles):
 def straight(env, image_dir, tmp_path_factory):
     """An uninterrupted run with a checkpoint at every step: the reference for any step."""
     wd = tmp_path_factory.mktemp("straight")
-    p = run_main(env, image_dir, wd, f"--config.total_steps={STRAIGHT_STEPS}",
-                 "--config.checkpoint.every_steps=1", "--config.checkpoint.keep=1000",
-                 "--config.log_every_steps=20")
+    p = run_main(
+        env,
+        image_dir,
+        wd,
+        f"--config.total_steps={STRAIGHT_STEPS}",
+        "--config.checkpoint.every_steps=1",
+        "--config.checkpoint.keep=1000",
+        "--config.log_every_steps=20",
+    )
     assert p.returncode == 0, p.stderr
     assert steps_in(wd) == list(range(1, STRAIGHT_STEPS + 1))
     return wd
@@ -112,6 +145,7 @@ def straight_params(straight, step):
 
 
 # --- 1. preemption -------------------------------------------------------------------------
+
 
 def test_sigterm_and_sigint_save_and_resume(env, image_dir, tmp_path, straight):
     wd = tmp_path / "run"
@@ -124,8 +158,9 @@ def test_sigterm_and_sigint_save_and_resume(env, image_dir, tmp_path, straight):
         rc, log = finish(proc, lines)
         assert rc == 0, log
         assert "Traceback" not in log, log
-        m = re.search(rf"stopping at step (\d+) \({sig.name}\); checkpoint saved, rerun to resume",
-                      log)
+        m = re.search(
+            rf"stopping at step (\d+) \({sig.name}\); checkpoint saved, rerun to resume", log
+        )
         assert m, log
         stopped.append(int(m.group(1)))
         assert steps_in(wd)[-1] == stopped[-1]
@@ -138,8 +173,9 @@ def test_sigterm_and_sigint_save_and_resume(env, image_dir, tmp_path, straight):
     assert_same_params(params_of(wd), straight_params(straight, total))
 
 
-def test_kill9_during_async_saves_keeps_last_complete_checkpoint(env, image_dir, tmp_path,
-                                                                 straight):
+def test_kill9_during_async_saves_keeps_last_complete_checkpoint(
+    env, image_dir, tmp_path, straight
+):
     """kill -9 at random points of a run that saves (asynchronously) at every step."""
     rng = random.Random(0)
     wd, total, flags = tmp_path / "run", 24, ("--config.checkpoint.every_steps=1",)
@@ -158,8 +194,10 @@ def test_kill9_during_async_saves_keeps_last_complete_checkpoint(env, image_dir,
         assert steps_in(wd), names
         resumed_from = steps_in(wd)[-1]
         # Every finalised step folder is complete: it restores and matches the reference.
-        assert_same_params(params_of(wd / "checkpoints" / str(resumed_from)),
-                           straight_params(straight, resumed_from))
+        assert_same_params(
+            params_of(wd / "checkpoints" / str(resumed_from)),
+            straight_params(straight, resumed_from),
+        )
         assert resumed_from < total - 2, f"the run got too far before the kill: {names}"
     # A leftover unfinished save, even of a later step, must not be taken for a checkpoint.
     for junk in (f"{total - 1}{TMP_SUFFIX}", f"{total - 2}{TMP_SUFFIX}-1234567890"):
@@ -185,33 +223,51 @@ def test_orbax_saves_to_a_tmp_folder_then_renames(image_dir, tmp_path, monkeypat
         return await original(src, dst)
 
     monkeypatch.setattr(async_path, "rename", spy)
-    state = train.TrainState(step=jnp.asarray(7, jnp.int32), params={"w": jnp.ones(3)},
-                             opt_state=(), nonfinite=jnp.zeros((), jnp.int32))
+    state = train.TrainState(
+        step=jnp.asarray(7, jnp.int32),
+        params={"w": jnp.ones(3)},
+        opt_state=(),
+        nonfinite=jnp.zeros((), jnp.int32),
+    )
     mngr = checkpoints.manager(tmp_path, keep=3)
     checkpoints.save(mngr, state, tiny_config(image_dir))
     mngr.wait_until_finished()
     mngr.close()
-    assert any(re.fullmatch(rf"7{re.escape(TMP_SUFFIX)}(-\d+)?", s) and d == "7"
-               for s, d in renames), renames
+    assert any(
+        re.fullmatch(rf"7{re.escape(TMP_SUFFIX)}(-\d+)?", s) and d == "7" for s, d in renames
+    ), renames
     assert os.listdir(tmp_path / "checkpoints") == ["7"]
 
 
 # --- 2. divergence -------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny_step(image_dir):
     config = tiny_config(image_dir)
     model, tx = train.model_from_config(config), train.make_optimizer(config)
     state = jax.jit(lambda: train.init_state(model, tx, 0))()
-    step = jax.jit(functools.partial(train.train_step, stop_votes=jnp.zeros(1, jnp.int32),
-                                     model=model, tx=tx, config=config, steps_per_epoch=10))
+    step = jax.jit(
+        functools.partial(
+            train.train_step,
+            stop_votes=jnp.zeros(1, jnp.int32),
+            model=model,
+            tx=tx,
+            config=config,
+            steps_per_epoch=10,
+        )
+    )
     return state, step
 
 
 def _batch(seed, bad=False):
     r = np.random.default_rng(seed)
-    b = {"inp": r.uniform(-1, 1, (2, 8, 8, 3)), "coord": r.uniform(-1, 1, (2, 16, 2)),
-         "cell": np.full((2, 2), 0.1), "gt": r.uniform(-1, 1, (2, 16, 3))}
+    b = {
+        "inp": r.uniform(-1, 1, (2, 8, 8, 3)),
+        "coord": r.uniform(-1, 1, (2, 16, 2)),
+        "cell": np.full((2, 2), 0.1),
+        "gt": r.uniform(-1, 1, (2, 16, 3)),
+    }
     if bad:
         b["gt"][1, 3, 0] = np.nan
     return {k: jnp.asarray(v, jnp.float32) for k, v in b.items()}
@@ -225,8 +281,9 @@ def test_single_nonfinite_step_is_skipped(tiny_step):
     assert_same_params(s1.opt_state, state.opt_state, atol=0)
     s2, m2 = step(s1, _batch(1))
     assert bool(m2["finite"]) and int(s2.nonfinite) == 0 and int(s2.step) == 2
-    moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), s2.params,
-                                         s1.params))
+    moved = jax.tree.leaves(
+        jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), s2.params, s1.params)
+    )
     assert max(moved) > 0
 
 
@@ -237,10 +294,20 @@ def test_divergence_keeps_the_last_good_checkpoint(env, image_dir, tmp_path):
     wd = tmp_path / "run"
     p = run_main(env, image_dir, wd, "--config.total_steps=4", "--config.checkpoint.every_steps=1")
     assert p.returncode == 0, p.stderr
-    p = run_main(env, image_dir, wd, "--config.total_steps=50", "--config.optim.lr=1e38",
-                 "--config.max_nonfinite_steps=3", "--config.checkpoint.every_steps=1")
-    assert_clean_error(p, "non-finite for 3 steps in a row, steps 6..8",
-                       f"the last good checkpoint, step 4, is kept in {wd}")
+    p = run_main(
+        env,
+        image_dir,
+        wd,
+        "--config.total_steps=50",
+        "--config.optim.lr=1e38",
+        "--config.max_nonfinite_steps=3",
+        "--config.checkpoint.every_steps=1",
+    )
+    assert_clean_error(
+        p,
+        "non-finite for 3 steps in a row, steps 6..8",
+        f"the last good checkpoint, step 4, is kept in {wd}",
+    )
     assert steps_in(wd) == [2, 3, 4], steps_in(wd)
     assert not [n for n in os.listdir(wd / "checkpoints") if TMP_SUFFIX in n]
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params_of(wd)))
@@ -252,29 +319,54 @@ def test_nan_learning_rate_never_reaches_the_parameters(tiny_step):
     config = tiny_config(".")
     config.optim.lr = float("nan")
     model, tx = train.model_from_config(config), train.make_optimizer(config)
-    s1, m1 = jax.jit(functools.partial(train.train_step, stop_votes=jnp.zeros(1, jnp.int32),
-                                       model=model, tx=tx, config=config,
-                                       steps_per_epoch=10))(state, _batch(0))
+    s1, m1 = jax.jit(
+        functools.partial(
+            train.train_step,
+            stop_votes=jnp.zeros(1, jnp.int32),
+            model=model,
+            tx=tx,
+            config=config,
+            steps_per_epoch=10,
+        )
+    )(state, _batch(0))
     assert np.isfinite(float(m1["loss"])) and not bool(m1["finite"]) and int(s1.nonfinite) == 1
     assert_same_params(s1.params, state.params, atol=0)
 
 
 # --- 3. and 4. bad data and arguments: one clear line before any work --------------------
 
-@pytest.mark.parametrize("flags, extra_env, needles", [
-    (["--config.data.train=/missing/path"], {}, ["/missing/path", "neither"]),
-    (["--config.batch_size=12"], {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
-     ["batch_size 12 is not divisible by the 8 devices", "--config.batch_size=16"]),
-    (["--config.modle.width=3"], {}, ["modle", 'Did you mean "model"']),
-    (["--config.data.scale_min=0.5"], {}, ["scale_min", "0.5"]),
-    (["--config.data.scale_min=3", "--config.data.scale_max=2"], {}, ["scale_max", "3", "2"]),
-    (["--config.batch_size=0"], {}, ["batch_size = 0", "an integer >= 1"]),
-    (["--config.log_every_steps=0"], {}, ["log_every_steps = 0"]),
-    (["--config.checkpoint.every_steps=0"], {}, ["checkpoint.every_steps = 0"]),
-    (["--config.optim.lr=nan"], {}, ["optim.lr = nan", "finite number > 0"]),
-    (["--config.batch_size=8", "--config.modle.width=3"], {}, ["in --config.modle.width)"]),
-], ids=["missing-data", "batch-vs-devices", "unknown-key", "scale-min", "scale-max",
-        "batch-zero", "log-every-zero", "checkpoint-every-zero", "lr-nan", "typo-named-alone"])
+
+@pytest.mark.parametrize(
+    "flags, extra_env, needles",
+    [
+        (["--config.data.train=/missing/path"], {}, ["/missing/path", "neither"]),
+        (
+            ["--config.batch_size=12"],
+            {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+            ["batch_size 12 is not divisible by the 8 devices", "--config.batch_size=16"],
+        ),
+        (["--config.modle.width=3"], {}, ["modle", 'Did you mean "model"']),
+        (["--config.data.scale_min=0.5"], {}, ["scale_min", "0.5"]),
+        (["--config.data.scale_min=3", "--config.data.scale_max=2"], {}, ["scale_max", "3", "2"]),
+        (["--config.batch_size=0"], {}, ["batch_size = 0", "an integer >= 1"]),
+        (["--config.log_every_steps=0"], {}, ["log_every_steps = 0"]),
+        (["--config.checkpoint.every_steps=0"], {}, ["checkpoint.every_steps = 0"]),
+        (["--config.optim.lr=nan"], {}, ["optim.lr = nan", "finite number > 0"]),
+        (["--config.batch_size=8", "--config.modle.width=3"], {}, ["in --config.modle.width)"]),
+    ],
+    ids=[
+        "missing-data",
+        "batch-vs-devices",
+        "unknown-key",
+        "scale-min",
+        "scale-max",
+        "batch-zero",
+        "log-every-zero",
+        "checkpoint-every-zero",
+        "lr-nan",
+        "typo-named-alone",
+    ],
+)
 def test_bad_arguments_fail_fast(env, image_dir, tmp_path, flags, extra_env, needles):
     t0 = time.time()
     p = run_main(env, image_dir, tmp_path / "run", *flags, timeout=120, **extra_env)
@@ -292,8 +384,14 @@ def test_flag_value_error_is_clear(env, image_dir, tmp_path):
 
 
 def test_resume_of_another_architecture_is_refused(env, image_dir, straight):
-    p = run_main(env, image_dir, straight, f"--config.total_steps={STRAIGHT_STEPS + 5}",
-                 "--config.model.width=24", timeout=120)
+    p = run_main(
+        env,
+        image_dir,
+        straight,
+        f"--config.total_steps={STRAIGHT_STEPS + 5}",
+        "--config.model.width=24",
+        timeout=120,
+    )
     assert_clean_error(p, "holds a checkpoint of model", "'width': 16", "'width': 24")
     assert steps_in(straight)[-1] == STRAIGHT_STEPS
 
@@ -306,11 +404,16 @@ def test_workdir_that_is_a_file_or_unwritable(env, image_dir, tmp_path):
     assert_clean_error(run_main(env, image_dir, "/proc/srno-run", timeout=120), "not writable")
 
 
-def test_second_run_on_a_workdir_is_refused_and_a_dead_ones_lock_taken_over(env, image_dir,
-                                                                          tmp_path):
+def test_second_run_on_a_workdir_is_refused_and_a_dead_ones_lock_taken_over(
+    env, image_dir, tmp_path
+):
     wd = tmp_path / "run"
-    proc, lines = start_main(env, image_dir, wd, "--config.total_steps=100000",
-                             "--config.checkpoint.every_steps=1"), []
+    proc, lines = (
+        start_main(
+            env, image_dir, wd, "--config.total_steps=100000", "--config.checkpoint.every_steps=1"
+        ),
+        [],
+    )
     wait_for_step(proc, 2, lines)
     p = run_main(env, image_dir, wd, "--config.total_steps=3", timeout=120)
     assert_clean_error(p, f"is in use by process {proc.pid}", "LOCK")
@@ -326,8 +429,10 @@ def test_resume_surprises_are_explicit(env, image_dir, straight):
     """A smaller total_steps says so in one line; another batch size is refused."""
     p = run_main(env, image_dir, straight, "--config.total_steps=10", timeout=120)
     assert p.returncode == 0, p.stderr
-    assert f"the checkpoint at step {STRAIGHT_STEPS} already reaches total_steps 10: nothing " \
-           "to train" in p.stderr, p.stderr
+    assert (
+        f"the checkpoint at step {STRAIGHT_STEPS} already reaches total_steps 10: nothing "
+        "to train" in p.stderr
+    ), p.stderr
     p = run_main(env, image_dir, straight, "--config.batch_size=16", timeout=120)
     assert_clean_error(p, "trained with batch_size 8", "--config.batch_size=8")
     assert steps_in(straight)[-1] == STRAIGHT_STEPS
@@ -335,17 +440,38 @@ def test_resume_surprises_are_explicit(env, image_dir, straight):
 
 def test_full_disk_is_one_line_naming_the_last_checkpoint(env, image_dir, tmp_path):
     """Writes beyond 30 kB fail (ulimit -f, as on a full disk): one line, exit non-zero."""
-    limited = ["bash", "-c", "ulimit -f 30; trap '' XFSZ; exec \"$@\"", "-",
-               *main_cmd(image_dir, tmp_path / "run", "--config.total_steps=4",
-                         "--config.checkpoint.every_steps=2")]
-    p = subprocess.run(limited, env=dict(env, JAX_COMPILATION_CACHE_DIR=""), cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
-    assert_clean_error(p, "a checkpoint write failed in", "MB free", "File too large",
-                       "The last complete checkpoint is none yet")
+    limited = [
+        "bash",
+        "-c",
+        "ulimit -f 30; trap '' XFSZ; exec \"$@\"",
+        "-",
+        *main_cmd(
+            image_dir,
+            tmp_path / "run",
+            "--config.total_steps=4",
+            "--config.checkpoint.every_steps=2",
+        ),
+    ]
+    p = subprocess.run(
+        limited,
+        env=dict(env, JAX_COMPILATION_CACHE_DIR=""),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert_clean_error(
+        p,
+        "a checkpoint write failed in",
+        "MB free",
+        "File too large",
+        "The last complete checkpoint is none yet",
+    )
     assert len(p.stderr.splitlines()) < 15, p.stderr
 
 
 # --- 5. several hosts ----------------------------------------------------------------------
+
 
 def _port_is_free(port):
     with socket.socket() as s:
@@ -360,17 +486,30 @@ def _slurm_env(env, task):
     """What SLURM gives task `task` of a 2-task step on this machine: no flags needed.
     JAX derives the coordinator's port from the job id (61440 + id % 4096)."""
     port = next(p for p in random.sample(range(61440, 65536), 4096) if _port_is_free(p))
-    return dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                SLURM_JOB_ID=str(port - 61440), SLURM_STEP_NODELIST="localhost",
-                SLURM_NTASKS="2", SLURM_PROCID=str(task), SLURM_LOCALID=str(task))
+    return dict(
+        env,
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        SLURM_JOB_ID=str(port - 61440),
+        SLURM_STEP_NODELIST="localhost",
+        SLURM_NTASKS="2",
+        SLURM_PROCID=str(task),
+        SLURM_LOCALID=str(task),
+    )
 
 
 def _start_two_hosts(env, image_dir, workdir, *flags):
     port_env = _slurm_env(env, 0)
-    return [subprocess.Popen(main_cmd(image_dir, workdir, *flags),
-                             env=dict(port_env, SLURM_PROCID=str(i), SLURM_LOCALID=str(i)),
-                             cwd=ROOT, text=True, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE) for i in range(2)]
+    return [
+        subprocess.Popen(
+            main_cmd(image_dir, workdir, *flags),
+            env=dict(port_env, SLURM_PROCID=str(i), SLURM_LOCALID=str(i)),
+            cwd=ROOT,
+            text=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(2)
+    ]
 
 
 def _finish_all(procs, timeout=300):
@@ -432,9 +571,15 @@ def test_sigterm_to_one_host_stops_both_at_one_step(env, image_dir, tmp_path, st
 
 def test_divergence_on_two_hosts_ends_both_keeping_no_bad_checkpoint(env, image_dir, tmp_path):
     wd = tmp_path / "two"
-    procs = _start_two_hosts(env, image_dir, wd, "--config.total_steps=50",
-                             "--config.optim.lr=1e38", "--config.max_nonfinite_steps=3",
-                             "--config.checkpoint.every_steps=1")
+    procs = _start_two_hosts(
+        env,
+        image_dir,
+        wd,
+        "--config.total_steps=50",
+        "--config.optim.lr=1e38",
+        "--config.max_nonfinite_steps=3",
+        "--config.checkpoint.every_steps=1",
+    )
     logs = _finish_all(procs)
     for p, log in zip(procs, logs):
         assert p.returncode != 0 and "Traceback" not in log, log
@@ -458,4 +603,5 @@ def test_hosts_load_disjoint_halves_of_each_batch(image_dir):
     for step in range(2):
         for key in full[step]:
             np.testing.assert_array_equal(
-                np.concatenate([halves[0][step][key], halves[1][step][key]]), full[step][key])
+                np.concatenate([halves[0][step][key], halves[1][step][key]]), full[step][key]
+            )

@@ -1,4 +1,5 @@
 """How the code is laid out: dependencies point one way, and workdir I/O goes through epath."""
+
 import pkgutil
 import re
 import subprocess
@@ -13,14 +14,25 @@ WIRING = {"srno_jax.train_cli"}
 
 
 def test_srno_jax_never_imports_input_pipeline():
-    modules = sorted(m.name for m in pkgutil.walk_packages(srno_jax.__path__, "srno_jax.")
-                     if m.name not in WIRING)
+    modules = sorted(
+        m.name
+        for m in pkgutil.walk_packages(srno_jax.__path__, "srno_jax.")
+        if m.name not in WIRING
+    )
     assert "srno_jax.train" in modules and "srno_jax.checkpoints" in modules
-    code = ("import importlib, sys\n"
-            f"for m in {modules!r}: importlib.import_module(m)\n"
-            "print(sorted(k for k in sys.modules if k.split('.')[0] in ('input_pipeline', 'configs')))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120, check=True).stdout
+    code = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        "print(sorted(k for k in sys.modules if k.split('.')[0] in ('input_pipeline', 'configs')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
     assert out.strip() == "[]", out
 
 
@@ -29,9 +41,12 @@ def test_workdir_io_goes_through_epath():
     a gs:// workdir is not turned into a local path."""
     for name in ("train", "checkpoints", "workdir", "metric_writer", "train_cli"):
         text = (ROOT / "srno_jax" / f"{name}.py").read_text()
-        code = "\n".join(l.split("#")[0] for l in text.splitlines())
-        assert not re.search(r"os\.path\.(abspath|join|isdir|exists|basename|dirname)|os\.listdir"
-                             r"|(?<![\w.])(?<!def )open\(", code.replace("os.path.join(list(spec", "")), name
+        code = "\n".join(line.split("#")[0] for line in text.splitlines())
+        assert not re.search(
+            r"os\.path\.(abspath|join|isdir|exists|basename|dirname)|os\.listdir"
+            r"|(?<![\w.])(?<!def )open\(",
+            code.replace("os.path.join(list(spec", ""),
+        ), name
 
 
 def test_a_bucket_workdir_is_written_through_epath(fake_gcs, monkeypatch):

@@ -1,4 +1,5 @@
 """Tests for srno_jax.torch_pickle: golden checkpoints, crafted files, refusals, fuzzing."""
+
 from __future__ import annotations
 
 import collections
@@ -61,8 +62,15 @@ class Storage:
 
 
 def tensor(storage, offset, size, stride):
-    return Call(Global("torch._utils", "_rebuild_tensor_v2"), storage, offset, size, stride,
-                False, collections.OrderedDict())
+    return Call(
+        Global("torch._utils", "_rebuild_tensor_v2"),
+        storage,
+        offset,
+        size,
+        stride,
+        False,
+        collections.OrderedDict(),
+    )
 
 
 class Writer(pickle._Pickler):
@@ -102,22 +110,51 @@ def small_entries() -> dict[str, bytes]:
 EDSR_SPEC = {"name": "edsr-baseline", "args": {"no_upsampling": True}}
 
 
-@pytest.mark.parametrize("name, args, shapes", [
-    ("small_edsr_srno",
-     {"encoder_spec": {"name": "edsr-baseline", "args": {"no_upsampling": True, "n_resblocks": 2}},
-      "width": 64, "blocks": 4},
-     {"encoder.head.0.weight": (64, 3, 3, 3), "conv00.weight": (64, 266, 1, 1),
-      "conv0.qkv_proj.weight": (192, 64, 1, 1), "fc2.weight": (3, 256, 1, 1)}),
-    ("edsr_srno", {"encoder_spec": EDSR_SPEC, "width": 256, "blocks": 16},
-     {"encoder.head.0.weight": (64, 3, 3, 3), "conv00.weight": (256, 266, 1, 1),
-      "conv0.qkv_proj.weight": (768, 256, 1, 1), "fc2.bias": (3,)}),
-    ("rdn_srno",
-     {"encoder_spec": {"name": "rdn", "args": {"no_upsampling": True, "RDNconfig": "A"}},
-      "width": 256, "blocks": 16},
-     {"encoder.SFENet1.weight": (64, 3, 3, 3),
-      "encoder.RDBs.0.convs.0.conv.0.weight": (32, 64, 3, 3),
-      "conv00.weight": (256, 266, 1, 1)}),
-])
+@pytest.mark.parametrize(
+    "name, args, shapes",
+    [
+        (
+            "small_edsr_srno",
+            {
+                "encoder_spec": {
+                    "name": "edsr-baseline",
+                    "args": {"no_upsampling": True, "n_resblocks": 2},
+                },
+                "width": 64,
+                "blocks": 4,
+            },
+            {
+                "encoder.head.0.weight": (64, 3, 3, 3),
+                "conv00.weight": (64, 266, 1, 1),
+                "conv0.qkv_proj.weight": (192, 64, 1, 1),
+                "fc2.weight": (3, 256, 1, 1),
+            },
+        ),
+        (
+            "edsr_srno",
+            {"encoder_spec": EDSR_SPEC, "width": 256, "blocks": 16},
+            {
+                "encoder.head.0.weight": (64, 3, 3, 3),
+                "conv00.weight": (256, 266, 1, 1),
+                "conv0.qkv_proj.weight": (768, 256, 1, 1),
+                "fc2.bias": (3,),
+            },
+        ),
+        (
+            "rdn_srno",
+            {
+                "encoder_spec": {"name": "rdn", "args": {"no_upsampling": True, "RDNconfig": "A"}},
+                "width": 256,
+                "blocks": 16,
+            },
+            {
+                "encoder.SFENet1.weight": (64, 3, 3, 3),
+                "encoder.RDBs.0.convs.0.conv.0.weight": (32, 64, 3, 3),
+                "conv00.weight": (256, 266, 1, 1),
+            },
+        ),
+    ],
+)
 def test_golden_checkpoints_load(name, args, shapes):
     ckpt = read_pth(golden(name) / "checkpoint.pth")
     assert ckpt["epoch"] == 1
@@ -137,7 +174,7 @@ def test_small_keys_match_golden_gradients():
     root = golden("small_edsr_srno")
     sd = read_pth(root / "checkpoint.pth")["model"]["sd"]
     with np.load(root / "cases.npz") as cases:
-        grads = {k[len("grad/"):]: cases[k].shape for k in cases.files if k.startswith("grad/")}
+        grads = {k[len("grad/") :]: cases[k].shape for k in cases.files if k.startswith("grad/")}
     means = {f"encoder.{m}.{p}" for m in ("sub_mean", "add_mean") for p in ("weight", "bias")}
     assert set(sd) == set(grads) | means
     assert all(sd[k].shape == shape for k, shape in grads.items())
@@ -146,9 +183,12 @@ def test_small_keys_match_golden_gradients():
 def test_values_match_the_raw_storage():
     """Find conv00.weight's storage key in the pickle text and decode the record by hand."""
     entries = small_entries()
-    strings = [arg for op, arg, _ in pickletools.genops(entries["checkpoint/data.pkl"])
-               if op.name == "BINUNICODE"]
-    after = strings[strings.index("conv00.weight") + 1:]
+    strings = [
+        arg
+        for op, arg, _ in pickletools.genops(entries["checkpoint/data.pkl"])
+        if op.name == "BINUNICODE"
+    ]
+    after = strings[strings.index("conv00.weight") + 1 :]
     key = next(s for s in after if s.isdigit())
     raw = np.frombuffer(entries[f"checkpoint/data/{key}"], "<f4")
     loaded = read_pth(golden("small_edsr_srno") / "checkpoint.pth")["model"]["sd"]["conv00.weight"]
@@ -161,8 +201,12 @@ def test_values_match_the_raw_storage():
 def test_offset_stride_and_big_endian(tmp_path):
     values = np.arange(40, dtype=">f8")
     s = Storage("DoubleStorage", "7", 40)
-    obj = {"t": tensor(s, 3, (3, 4), (1, 6)), "bcast": tensor(s, 39, (2, 3), (0, 0)),
-           "flat": tensor(s, 0, (40,), (1,)), "empty": tensor(s, 0, (0, 5), (5, 1))}
+    obj = {
+        "t": tensor(s, 3, (3, 4), (1, 6)),
+        "bcast": tensor(s, 39, (2, 3), (0, 0)),
+        "flat": tensor(s, 0, (40,), (1,)),
+        "empty": tensor(s, 0, (0, 5), (5, 1)),
+    }
     got = read_pth(write_ckpt(tmp_path / "c.pth", obj, {"7": values.tobytes()}, byteorder=b"big"))
     i, j = np.meshgrid(np.arange(3), np.arange(4), indexing="ij")
     np.testing.assert_array_equal(got["t"], 3 + i + 6 * j)
@@ -172,23 +216,35 @@ def test_offset_stride_and_big_endian(tmp_path):
     assert got["empty"].shape == (0, 5)
 
 
-@pytest.mark.parametrize("kind, raw, expected", [
-    ("FloatStorage", np.array([1.5, -2], "<f4"), np.array([1.5, -2], np.float32)),
-    ("HalfStorage", np.array([0.5, 3], "<f2"), np.array([0.5, 3], np.float16)),
-    ("BFloat16Storage", np.array([1.0, -2.5, 0.15625], "<f4").view("<u4") >> 16,
-     np.array([1.0, -2.5, 0.15625], np.float32)),
-    ("LongStorage", np.array([-(2**40), 5], "<i8"), np.array([-(2**40), 5], np.int64)),
-    ("IntStorage", np.array([-7, 9], "<i4"), np.array([-7, 9], np.int32)),
-    ("ShortStorage", np.array([-300, 2], "<i2"), np.array([-300, 2], np.int16)),
-    ("CharStorage", np.array([-5, 6], "i1"), np.array([-5, 6], np.int8)),
-    ("ByteStorage", np.array([200, 6], "u1"), np.array([200, 6], np.uint8)),
-    ("BoolStorage", np.array([0, 1, 2], "u1"), np.array([False, True, True])),
-])
+@pytest.mark.parametrize(
+    "kind, raw, expected",
+    [
+        ("FloatStorage", np.array([1.5, -2], "<f4"), np.array([1.5, -2], np.float32)),
+        ("HalfStorage", np.array([0.5, 3], "<f2"), np.array([0.5, 3], np.float16)),
+        (
+            "BFloat16Storage",
+            np.array([1.0, -2.5, 0.15625], "<f4").view("<u4") >> 16,
+            np.array([1.0, -2.5, 0.15625], np.float32),
+        ),
+        ("LongStorage", np.array([-(2**40), 5], "<i8"), np.array([-(2**40), 5], np.int64)),
+        ("IntStorage", np.array([-7, 9], "<i4"), np.array([-7, 9], np.int32)),
+        ("ShortStorage", np.array([-300, 2], "<i2"), np.array([-300, 2], np.int16)),
+        ("CharStorage", np.array([-5, 6], "i1"), np.array([-5, 6], np.int8)),
+        ("ByteStorage", np.array([200, 6], "u1"), np.array([200, 6], np.uint8)),
+        ("BoolStorage", np.array([0, 1, 2], "u1"), np.array([False, True, True])),
+    ],
+)
 def test_dtypes(tmp_path, kind, raw, expected):
     raw = raw.astype("<u2") if kind == "BFloat16Storage" else raw
     s = Storage(kind, "0", len(raw))
-    obj = [Call(Global("torch._utils", "_rebuild_parameter"), tensor(s, 0, (len(raw),), (1,)),
-                True, collections.OrderedDict())]
+    obj = [
+        Call(
+            Global("torch._utils", "_rebuild_parameter"),
+            tensor(s, 0, (len(raw),), (1,)),
+            True,
+            collections.OrderedDict(),
+        )
+    ]
     got = read_pth(write_ckpt(tmp_path / "c.pth", obj, {"0": raw.tobytes()}))[0]
     assert got.dtype == expected.dtype
     np.testing.assert_array_equal(got, expected)
@@ -205,10 +261,13 @@ def test_refuses_os_system_without_running_it(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("func, arg, refused", [
-    (eval, "1 + 1", "builtins.eval"),
-    (os.system, "echo pwned", f"{os.system.__module__}.system"),  # posix.system on Linux
-])
+@pytest.mark.parametrize(
+    "func, arg, refused",
+    [
+        (eval, "1 + 1", "builtins.eval"),
+        (os.system, "echo pwned", f"{os.system.__module__}.system"),  # posix.system on Linux
+    ],
+)
 @pytest.mark.parametrize("protocol", [2, 4])
 def test_refuses_real_pickles_of_functions(tmp_path, func, arg, refused, protocol):
     pkl = pickle.dumps(Call(func, arg), protocol=protocol, fix_imports=False)
@@ -229,24 +288,30 @@ def test_refuses_huge_memo_index_fast(tmp_path):
         read_pth(write_ckpt(tmp_path / "c.pth", pkl=pkl))
 
 
-@pytest.mark.parametrize("pkl, match", [
-    (b"\x80\x02}q\x00(X", "malformed pickle archive/data.pkl in .*: ValueError"),
-    (b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n)R.", "malformed pickle .*TypeError"),
-    (b"\x80\x02ctorch\nFloatStorage\n)R.", "malformed pickle .*TypeError"),
-    (b"\x80\x02h\x05.", "malformed pickle .*UnpicklingError"),
-])
+@pytest.mark.parametrize(
+    "pkl, match",
+    [
+        (b"\x80\x02}q\x00(X", "malformed pickle archive/data.pkl in .*: ValueError"),
+        (b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n)R.", "malformed pickle .*TypeError"),
+        (b"\x80\x02ctorch\nFloatStorage\n)R.", "malformed pickle .*TypeError"),
+        (b"\x80\x02h\x05.", "malformed pickle .*UnpicklingError"),
+    ],
+)
 def test_malformed_pickles(tmp_path, pkl, match):
     with pytest.raises(CheckpointError, match=match):
         read_pth(write_ckpt(tmp_path / "c.pth", pkl=pkl))
 
 
-@pytest.mark.parametrize("pid", [
-    ("storage", "FloatStorage", "0", "cpu", 4),  # a str, not the storage global
-    ("storage", Global("torch", "FloatStorage"), 0, "cpu", 4),
-    ("storage", Global("torch", "FloatStorage"), "0", "cpu", -1),
-    ("module", Global("torch", "FloatStorage"), "0", "cpu", 4),
-    "storage",
-])
+@pytest.mark.parametrize(
+    "pid",
+    [
+        ("storage", "FloatStorage", "0", "cpu", 4),  # a str, not the storage global
+        ("storage", Global("torch", "FloatStorage"), 0, "cpu", 4),
+        ("storage", Global("torch", "FloatStorage"), "0", "cpu", -1),
+        ("module", Global("torch", "FloatStorage"), "0", "cpu", 4),
+        "storage",
+    ],
+)
 def test_refuses_malformed_storage_references(tmp_path, pid):
     s = Storage("FloatStorage", "0", 4)
     s.pid = pid
@@ -325,23 +390,29 @@ def test_missing_storage(tmp_path):
         read_pth(write_ckpt(tmp_path / "c.pth", obj, {"0": bytes(16)}))
 
 
-@pytest.mark.parametrize("numel, record, offset, size, stride", [
-    (4, 16, 1, (4,), (1,)),  # the offset pushes past the end
-    (4, 16, 0, (2, 2), (1, 3)),  # the stride does
-    (5, 16, 0, (5,), (1,)),  # the record is shorter than numel says
-    (3, 16, 0, (4,), (1,)),  # numel is smaller than the record
-])
+@pytest.mark.parametrize(
+    "numel, record, offset, size, stride",
+    [
+        (4, 16, 1, (4,), (1,)),  # the offset pushes past the end
+        (4, 16, 0, (2, 2), (1, 3)),  # the stride does
+        (5, 16, 0, (5,), (1,)),  # the record is shorter than numel says
+        (3, 16, 0, (4,), (1,)),  # numel is smaller than the record
+    ],
+)
 def test_storage_too_small(tmp_path, numel, record, offset, size, stride):
     obj = tensor(Storage("FloatStorage", "0", numel), offset, size, stride)
     with pytest.raises(CheckpointError, match="storage archive/data/0 in .* is too small"):
         read_pth(write_ckpt(tmp_path / "c.pth", obj, {"0": bytes(record)}))
 
 
-@pytest.mark.parametrize("size, stride, match", [
-    ((10**6,) * 4, (10**18, 10**12, 10**6, 1), "is too small"),
-    ((2**70,), (1,), "is too small"),
-    ((2**31, 2**31), (0, 0), "has more elements than its storage archive/data/0: expanded"),
-])
+@pytest.mark.parametrize(
+    "size, stride, match",
+    [
+        ((10**6,) * 4, (10**18, 10**12, 10**6, 1), "is too small"),
+        ((2**70,), (1,), "is too small"),
+        ((2**31, 2**31), (0, 0), "has more elements than its storage archive/data/0: expanded"),
+    ],
+)
 def test_huge_shape_fails_fast(tmp_path, size, stride, match):
     obj = tensor(Storage("FloatStorage", "0", 2**62), 0, size, stride)
     path = write_ckpt(tmp_path / "c.pth", obj, {"0": bytes(16)})
@@ -351,16 +422,19 @@ def test_huge_shape_fails_fast(tmp_path, size, stride, match):
     assert time.perf_counter() - start < 1.0
 
 
-@pytest.mark.parametrize("offset, size, stride",
-                         [(-1, (4,), (1,)), (0, (-4,), (1,)), (0, (4,), (-1,))])
+@pytest.mark.parametrize(
+    "offset, size, stride", [(-1, (4,), (1,)), (0, (-4,), (1,)), (0, (4,), (-1,))]
+)
 def test_negative_layout(tmp_path, offset, size, stride):
     obj = tensor(Storage("FloatStorage", "0", 4), offset, size, stride)
     with pytest.raises(CheckpointError, match="negative offset, size or stride in"):
         read_pth(write_ckpt(tmp_path / "c.pth", obj, {"0": bytes(16)}))
 
 
-@pytest.mark.parametrize("offset, size, stride", [
-    (0.0, (4,), (1,)), (0, (4, 1), (1,)), (0, "4", (1,)), (0, (True,), (1,))])
+@pytest.mark.parametrize(
+    "offset, size, stride",
+    [(0.0, (4,), (1,)), (0, (4, 1), (1,)), (0, "4", (1,)), (0, (True,), (1,))],
+)
 def test_malformed_layout(tmp_path, offset, size, stride):
     obj = tensor(Storage("FloatStorage", "0", 4), offset, size, stride)
     with pytest.raises(CheckpointError, match="malformed tensor layout in"):
@@ -387,16 +461,19 @@ def mutate(draw, base: bytes, hot: int):
     data = bytearray(base)
     for _ in range(draw(st.integers(1, 4))):
         n = len(data)
-        i = draw(st.one_of(st.integers(0, n), st.integers(0, min(n, hot)),
-                           st.integers(max(0, n - hot), n)))
+        i = draw(
+            st.one_of(
+                st.integers(0, n), st.integers(0, min(n, hot)), st.integers(max(0, n - hot), n)
+            )
+        )
         kind = draw(st.sampled_from(["flip", "overwrite", "delete", "insert"]))
         if kind == "flip" and i < n:
             data[i] ^= 1 << draw(st.integers(0, 7))
         elif kind == "overwrite":
             chunk = draw(st.binary(min_size=1, max_size=8))
-            data[i:i + len(chunk)] = chunk
+            data[i : i + len(chunk)] = chunk
         elif kind == "delete":
-            del data[i:i + draw(st.integers(1, 64))]
+            del data[i : i + draw(st.integers(1, 64))]
         else:
             data[i:i] = draw(st.binary(min_size=1, max_size=8))
     return bytes(data)

@@ -1,4 +1,5 @@
 """Training: loss falls, 1 device == 8 devices, a resumed run == an uninterrupted one."""
+
 import os
 import subprocess
 import sys
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from srno_jax import load_checkpoint, sharding, train, train_cli
 from configs import demo
+from srno_jax import load_checkpoint, sharding, train, train_cli
 
 TESTS = Path(__file__).resolve().parent
 
@@ -66,8 +67,9 @@ def assert_loss_falls(config, steps=40):
     losses = []
     with train_cli.training_data(config).batches(0) as loader:
         for _ in range(steps):
-            state, m = step(state, sharding.to_global(next(loader), mesh),
-                            sharding.host_values(0, mesh))
+            state, m = step(
+                state, sharding.to_global(next(loader), mesh), sharding.host_values(0, mesh)
+            )
             losses.append(float(m["loss"]))
     assert np.isfinite(losses).all()
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5]), losses
@@ -86,8 +88,11 @@ def test_resume_equals_uninterrupted(image_dir, tmp_path):
     a, b = params_of(tmp_path / "straight"), params_of(tmp_path / "resumed")
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-6), a, b)
     # Training moved the parameters (so the comparison above means something).
-    init = train.init_state(train.model_from_config(tiny_config(image_dir)), train.make_optimizer(
-        tiny_config(image_dir)), 0).params
+    init = train.init_state(
+        train.model_from_config(tiny_config(image_dir)),
+        train.make_optimizer(tiny_config(image_dir)),
+        0,
+    ).params
     assert float(jnp.abs(a["lifting"]["kernel"] - init["lifting"]["kernel"]).max()) > 1e-4
 
 
@@ -95,11 +100,26 @@ def test_one_device_equals_eight(image_dir, tmp_path):
     """The same global batches on 1 and on 8 (fake CPU) devices give the same parameters."""
     out = {}
     for n in (1, 8):
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
-                   JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent)]))
-        subprocess.run([sys.executable, str(TESTS / "train_worker.py"), str(image_dir),
-                        str(tmp_path / f"w{n}"), str(tmp_path / f"p{n}.npz"), "3"],
-                       env=env, check=True, capture_output=True, timeout=300)
+        env = dict(
+            os.environ,
+            XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+            JAX_PLATFORMS="cpu",
+            PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent)]),
+        )
+        subprocess.run(
+            [
+                sys.executable,
+                str(TESTS / "train_worker.py"),
+                str(image_dir),
+                str(tmp_path / f"w{n}"),
+                str(tmp_path / f"p{n}.npz"),
+                "3",
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
         out[n] = np.load(tmp_path / f"p{n}.npz")
     assert int(out[1]["devices"]) == 1 and int(out[8]["devices"]) == 8
     for k in out[1].files:
@@ -119,13 +139,29 @@ def test_batch_not_divisible_by_devices(image_dir):
 
 def test_resume_on_another_device_count(image_dir, tmp_path):
     """A checkpoint written on 1 device resumes on 8 and ends as an uninterrupted run."""
+
     def run(n, workdir, steps):
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
-                   JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent)]))
-        p = subprocess.run([sys.executable, str(TESTS / "train_worker.py"), str(image_dir),
-                            str(workdir), str(tmp_path / f"{workdir.name}_{n}_{steps}.npz"),
-                            str(steps)], env=env, check=True, capture_output=True, text=True,
-                           timeout=300)
+        env = dict(
+            os.environ,
+            XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+            JAX_PLATFORMS="cpu",
+            PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent)]),
+        )
+        p = subprocess.run(
+            [
+                sys.executable,
+                str(TESTS / "train_worker.py"),
+                str(image_dir),
+                str(workdir),
+                str(tmp_path / f"{workdir.name}_{n}_{steps}.npz"),
+                str(steps),
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         return np.load(tmp_path / f"{workdir.name}_{n}_{steps}.npz"), p.stderr
 
     straight, _ = run(1, tmp_path / "straight", 4)
@@ -161,10 +197,12 @@ def test_every_numeric_config_field_has_a_range():
 
     config = default.get_config()
     check_config(config)
-    numeric = {f"{k}.{kk}" if isinstance(v, dict) else k
-               for k, v in config.to_dict().items()
-               for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)])
-               if isinstance(vv, (int, float)) and not isinstance(vv, bool)}
+    numeric = {
+        f"{k}.{kk}" if isinstance(v, dict) else k
+        for k, v in config.to_dict().items()
+        for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)])
+        if isinstance(vv, (int, float)) and not isinstance(vv, bool)
+    }
     assert "optim.lr" in numeric and numeric <= set(RULES), numeric - set(RULES)
     for field in RULES:
         bad = default.get_config()

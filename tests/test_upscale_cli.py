@@ -1,15 +1,16 @@
 """srno-upscale: output formats, folders and name patterns, the progress bar, and refusals
 that come before any work (no checkpoint, clashing or unwritable outputs, bad images)."""
+
 import io
 import os
 from importlib.metadata import version
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import require_golden
+from PIL import Image
 from test_image_api import png_header
+
 from srno_jax import upscale_cli
 from srno_jax.image_api import upscale
 
@@ -55,8 +56,17 @@ def photo(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("ext,fmt", [(".png", "PNG"), (".jpg", "JPEG"), (".JPEG", "JPEG"),
-                                     (".webp", "WEBP"), (".tif", "TIFF"), (".bmp", "BMP")])
+@pytest.mark.parametrize(
+    "ext,fmt",
+    [
+        (".png", "PNG"),
+        (".jpg", "JPEG"),
+        (".JPEG", "JPEG"),
+        (".webp", "WEBP"),
+        (".tif", "TIFF"),
+        (".bmp", "BMP"),
+    ],
+)
 def test_writes_the_format_the_name_asks_for(small, ckpt, photo, tmp_path, ext, fmt):
     out = tmp_path / f"out{ext}"
     assert run(photo, out, "--scale", 2.5, "--checkpoint", ckpt) == 0
@@ -100,29 +110,53 @@ def test_folder_and_several_inputs_with_a_name_pattern(small, ckpt, tmp_path):
     # An output folder as last argument; then the same with --out_dir and a pattern.
     assert run(src, extra, results, "--scale", 2, "--checkpoint", ckpt) == 0
     assert sorted(os.listdir(results)) == ["a_x2.png", "b_x2.png", "c_x2.png"]
-    np.testing.assert_array_equal(np.asarray(Image.open(results / "c_x2.png")),
-                                  upscale(*small, _rgb(7), scale=2))
-    assert run(src, "--out_dir", results, "--name", "{stem}-{width}x{height}.{ext}",
-               "--size", "20x24", "--checkpoint", ckpt) == 0
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(results / "c_x2.png")), upscale(*small, _rgb(7), scale=2)
+    )
+    assert (
+        run(
+            src,
+            "--out_dir",
+            results,
+            "--name",
+            "{stem}-{width}x{height}.{ext}",
+            "--size",
+            "20x24",
+            "--checkpoint",
+            ckpt,
+        )
+        == 0
+    )
     assert {"a-20x24.png", "b-20x24.PNG"} <= set(os.listdir(results))
     assert Image.open(results / "b-20x24.PNG").size == (20, 24)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["{src}", "{tmp}/nowhere/", "--scale", "2"], "not an existing folder"),
-    (["{src}", "--out_dir", "{tmp}/nowhere", "--scale", "2"], "not an existing folder"),
-    (["{src}/a.png", "{tmp}/a.png", "--out_dir", "{src}", "--scale", "2"], "would both be written"),
-    (["{src}", "--out_dir", "{tmp}", "--name", "{{stem}}_{{colour}}.png", "--scale", "2"],
-     "not a valid pattern"),
-    (["{src}", "--out_dir", "{tmp}", "--name", "x/{{stem}}.png", "--scale", "2"], "not a file name"),
-    (["{src}/a.png", "{tmp}/missing/out.png", "--scale", "2"], "does not exist"),
-    (["{src}/a.png", "{tmp}/out.png", "--scale=-1"], "scale must be a finite number > 1"),
-    (["{src}/a.png", "{tmp}/out.png", "--scale", "1.0001"], "after rounding"),
-    (["{src}/a.png", "{tmp}/out.png", "--size", "64x64"], "does not enlarge"),
-    (["{src}/a.png", "{tmp}/out.png", "--scale", "2", "--chunk_size", "0"], "--chunk_size"),
-    (["{src}/a.png", "--scale", "2"], "give an output"),
-    (["{tmp}/missing.png", "{tmp}/out.png", "--scale", "2"], "image not found"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["{src}", "{tmp}/nowhere/", "--scale", "2"], "not an existing folder"),
+        (["{src}", "--out_dir", "{tmp}/nowhere", "--scale", "2"], "not an existing folder"),
+        (
+            ["{src}/a.png", "{tmp}/a.png", "--out_dir", "{src}", "--scale", "2"],
+            "would both be written",
+        ),
+        (
+            ["{src}", "--out_dir", "{tmp}", "--name", "{{stem}}_{{colour}}.png", "--scale", "2"],
+            "not a valid pattern",
+        ),
+        (
+            ["{src}", "--out_dir", "{tmp}", "--name", "x/{{stem}}.png", "--scale", "2"],
+            "not a file name",
+        ),
+        (["{src}/a.png", "{tmp}/missing/out.png", "--scale", "2"], "does not exist"),
+        (["{src}/a.png", "{tmp}/out.png", "--scale=-1"], "scale must be a finite number > 1"),
+        (["{src}/a.png", "{tmp}/out.png", "--scale", "1.0001"], "after rounding"),
+        (["{src}/a.png", "{tmp}/out.png", "--size", "64x64"], "does not enlarge"),
+        (["{src}/a.png", "{tmp}/out.png", "--scale", "2", "--chunk_size", "0"], "--chunk_size"),
+        (["{src}/a.png", "--scale", "2"], "give an output"),
+        (["{tmp}/missing.png", "{tmp}/out.png", "--scale", "2"], "image not found"),
+    ],
+)
 def test_refusals_come_before_any_work(ckpt, tmp_path, capsys, loads, args, message):
     src = tmp_path / "src"
     src.mkdir()
@@ -135,12 +169,14 @@ def test_refusals_come_before_any_work(ckpt, tmp_path, capsys, loads, args, mess
     assert not loads and not (tmp_path / "out.png").exists()
 
 
-def test_unwritable_output_folder_is_refused_before_any_work(ckpt, photo, tmp_path, capsys,
-                                                            loads, monkeypatch):
+def test_unwritable_output_folder_is_refused_before_any_work(
+    ckpt, photo, tmp_path, capsys, loads, monkeypatch
+):
     # chmod does not stop root, so the permission answer itself is replaced.
     real = os.access
-    monkeypatch.setattr(os, "access", lambda p, m: False if os.fspath(p) == str(tmp_path)
-                        else real(p, m))
+    monkeypatch.setattr(
+        os, "access", lambda p, m: False if os.fspath(p) == str(tmp_path) else real(p, m)
+    )
     assert run(photo, tmp_path / "out.png", "--scale", 2, "--checkpoint", ckpt) == 2
     assert "not writable" in capsys.readouterr().err and not loads
 
@@ -166,9 +202,11 @@ def test_random_weights_run_loudly(photo, tmp_path, capsys, monkeypatch):
     import srno_jax.models as models
 
     real = models.make_model
-    monkeypatch.setattr(models, "make_model", lambda: real(encoder_args={"n_resblocks": 1,
-                                                                         "n_feats": 8},
-                                                           width=16, heads=2))
+    monkeypatch.setattr(
+        models,
+        "make_model",
+        lambda: real(encoder_args={"n_resblocks": 1, "n_feats": 8}, width=16, heads=2),
+    )
     assert run(photo, tmp_path / "out.png", "--scale", 2, "--random_weights") == 0
     assert "UNTRAINED" in capsys.readouterr().err
     assert Image.open(tmp_path / "out.png").size == (20, 24)
@@ -182,7 +220,11 @@ class _Terminal(io.StringIO):
 def test_progress_bar_on_a_terminal_only(ckpt, photo, tmp_path, capsys, monkeypatch):
     assert run(photo, tmp_path / "a.png", "--scale", 2, "--checkpoint", ckpt) == 0
     captured = capsys.readouterr()
-    assert "it/s" not in captured.err and "image/s" not in captured.err and "s/image" not in captured.err
+    assert (
+        "it/s" not in captured.err
+        and "image/s" not in captured.err
+        and "s/image" not in captured.err
+    )
     assert "wrote" in captured.out and captured.err == ""
     terminal = _Terminal()
     monkeypatch.setattr("sys.stderr", terminal)
@@ -202,10 +244,13 @@ def test_exif_orientation_is_applied(small, ckpt, tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.fromarray(rgb).save(tmp_path / "phone.png", exif=exif)
-    assert run(tmp_path / "phone.png", tmp_path / "out.png", "--scale", 2, "--checkpoint", ckpt) == 0
+    assert (
+        run(tmp_path / "phone.png", tmp_path / "out.png", "--scale", 2, "--checkpoint", ckpt) == 0
+    )
     upright = np.rot90(rgb, k=-1)
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out.png")),
-                                  upscale(*small, upright, scale=2))
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / "out.png")), upscale(*small, upright, scale=2)
+    )
 
 
 def test_decompression_bomb_is_one_line(ckpt, tmp_path, capsys, loads):
@@ -231,6 +276,8 @@ def test_interrupt_keeps_finished_images(ckpt, tmp_path, capsys, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(image_api, "upscale", second_interrupted)
-    assert run(tmp_path / "a.png", tmp_path / "b.png", out, "--scale", 2, "--checkpoint", ckpt) == 130
+    assert (
+        run(tmp_path / "a.png", tmp_path / "b.png", out, "--scale", 2, "--checkpoint", ckpt) == 130
+    )
     assert "interrupted; 1 image(s) written" in capsys.readouterr().err
     assert os.listdir(out) == ["a_x2.png"]

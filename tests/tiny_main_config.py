@@ -2,6 +2,7 @@
 
 The tiny model of `test_train.tiny_config`; override with e.g. `--config.total_steps=8`.
 """
+
 import os
 import sys
 

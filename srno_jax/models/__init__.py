@@ -1,4 +1,5 @@
 """Flax modules of SRNO and its encoders, and a factory from the reference's specs."""
+
 from __future__ import annotations
 
 from srno_jax.errors import ConfigError
@@ -20,15 +21,21 @@ def make_encoder(name: str, args: dict | None = None, dtype="float32"):
     args = {k: v for k, v in (args or {}).items() if k != "no_upsampling"}
     unknown = set(args) - set(ENCODER_DEFAULTS[name])
     if unknown:
-        raise ConfigError(f"unknown argument(s) {sorted(unknown)} for encoder {name!r}; "
-                          f"known: {sorted(ENCODER_DEFAULTS[name])}")
+        raise ConfigError(
+            f"unknown argument(s) {sorted(unknown)} for encoder {name!r}; "
+            f"known: {sorted(ENCODER_DEFAULTS[name])}"
+        )
     a = {**ENCODER_DEFAULTS[name], **args}
     if name == "rdn":
         if a["RDNconfig"] not in RDN_CONFIGS:
             raise ConfigError(f"RDNconfig {a['RDNconfig']!r} is not one of {sorted(RDN_CONFIGS)}")
         return RDN(g0=a["G0"], config=a["RDNconfig"], kernel_size=a["RDNkSize"], dtype=dtype)
-    return EDSR(n_resblocks=a["n_resblocks"], n_feats=a["n_feats"],
-                res_scale=float(a["res_scale"]), dtype=dtype)
+    return EDSR(
+        n_resblocks=a["n_resblocks"],
+        n_feats=a["n_feats"],
+        res_scale=float(a["res_scale"]),
+        dtype=dtype,
+    )
 
 
 def init_variables(model: SRNO, seed: int = 0) -> dict:
@@ -40,13 +47,28 @@ def init_variables(model: SRNO, seed: int = 0) -> dict:
     return model.init(jax.random.key(seed), *dummy)
 
 
-def make_model(encoder: str = "edsr-baseline", encoder_args: dict | None = None,
-               width: int = 256, heads: int = 16, dtype="float32") -> SRNO:
+def make_model(
+    encoder: str = "edsr-baseline",
+    encoder_args: dict | None = None,
+    width: int = 256,
+    heads: int = 16,
+    dtype="float32",
+) -> SRNO:
     """SRNO from the reference's model args (`blocks` there is `heads` here)."""
     if width % heads:
         raise ConfigError(f"width {width} must be divisible by heads {heads}")
     return SRNO(make_encoder(encoder, encoder_args, dtype), width=width, heads=heads, dtype=dtype)
 
 
-__all__ = ["EDSR", "RDN", "SRNO", "GalerkinAttention", "Projection", "lifting_inputs",
-           "make_encoder", "make_model", "init_variables", "ENCODER_DEFAULTS"]
+__all__ = [
+    "EDSR",
+    "RDN",
+    "SRNO",
+    "GalerkinAttention",
+    "Projection",
+    "lifting_inputs",
+    "make_encoder",
+    "make_model",
+    "init_variables",
+    "ENCODER_DEFAULTS",
+]

@@ -6,6 +6,7 @@ so the next convolution sees zeros beyond the image edge, as its 'same' zero pad
 gives an unpadded image. The features inside the image then equal the unpadded
 encoder's, and one compiled encoder serves every image that fits its padded size.
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -20,6 +21,7 @@ def _masked(y, mask):
 
 class ResBlock(nn.Module):
     """EDSR residual block: x + res_scale * conv(relu(conv(x)))."""
+
     features: int
     res_scale: float = 1.0
     dtype: jnp.dtype = jnp.float32
@@ -37,6 +39,7 @@ class EDSR(nn.Module):
     EDSR-baseline: 16 blocks, 64 features, res_scale 1; EDSR: 32 x 256, res_scale 0.1.
     Input (B, h, w, 3) normalised; output (B, h, w, n_feats).
     """
+
     n_resblocks: int = 16
     n_feats: int = 64
     res_scale: float = 1.0
@@ -63,6 +66,7 @@ class EDSR(nn.Module):
 
 class RDB(nn.Module):
     """Residual dense block: n_convs densely connected conv+ReLU, 1x1 local fusion, skip."""
+
     g0: int
     growth: int
     n_convs: int
@@ -86,6 +90,7 @@ class RDN(nn.Module):
 
     Input (B, h, w, 3) normalised; output (B, h, w, g0).
     """
+
     g0: int = 64
     config: str = "B"
     kernel_size: int = 3

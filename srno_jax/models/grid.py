@@ -11,6 +11,7 @@ The tables hold the float32 numbers the reference computes (``make_coord`` centr
 1 / h shifts) built in numpy on the host: computed in float32 on the device some would
 round differently (README, "Architecture").
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,6 +32,6 @@ def lr_grid(h: int, w: int, capacity: int | None = None) -> dict:
     """
     capacity = h * w if capacity is None else capacity
     centres = np.zeros((capacity, 2), np.float32)
-    centres[:h * w] = make_coord((h, w)).reshape(h * w, 2)
+    centres[: h * w] = make_coord((h, w)).reshape(h * w, 2)
     shift = np.array([[vx / h + EPS_SHIFT, vy / w + EPS_SHIFT] for vx, vy in OFFSETS], np.float32)
     return {"size": np.array([h, w], np.int32), "shift": shift, "centres": centres}

@@ -1,4 +1,5 @@
 """Layers initialised like PyTorch's, so a model trained from scratch starts as the reference."""
+
 from __future__ import annotations
 
 import math
@@ -30,26 +31,41 @@ def gelu(x):
     return 0.5 * x * (1 + jax.lax.erf(x * jnp.asarray(1 / math.sqrt(2), x.dtype)))
 
 
-def conv(features: int, kernel: int, fan_in_channels: int, name: str | None = None,
-         dtype=jnp.float32) -> nn.Conv:
+def conv(
+    features: int, kernel: int, fan_in_channels: int, name: str | None = None, dtype=jnp.float32
+) -> nn.Conv:
     """A stride-1, 'same'-padded kernel x kernel convolution with torch's init (NHWC)."""
-    return nn.Conv(features, (kernel, kernel), padding="SAME", name=name, dtype=dtype,
-                   kernel_init=torch_kernel_init,
-                   bias_init=torch_bias_init(fan_in_channels * kernel * kernel))
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        padding="SAME",
+        name=name,
+        dtype=dtype,
+        kernel_init=torch_kernel_init,
+        bias_init=torch_bias_init(fan_in_channels * kernel * kernel),
+    )
 
 
 def dense(features: int, fan_in: int, name: str | None = None, dtype=jnp.float32) -> nn.Dense:
     """A 1x1 convolution of the reference, as a Dense layer over the last axis."""
-    return nn.Dense(features, name=name, dtype=dtype, kernel_init=torch_kernel_init,
-                    bias_init=torch_bias_init(fan_in))
+    return nn.Dense(
+        features,
+        name=name,
+        dtype=dtype,
+        kernel_init=torch_kernel_init,
+        bias_init=torch_bias_init(fan_in),
+    )
 
 
 class LinearParams(nn.Module):
     """The kernel (in, out) and bias of a 1x1 layer, for callers that fold it into others."""
+
     features: int
     fan_in: int
 
     @nn.compact
     def __call__(self):
-        return (self.param("kernel", torch_kernel_init, (self.fan_in, self.features)),
-                self.param("bias", torch_bias_init(self.fan_in), (self.features,)))
+        return (
+            self.param("kernel", torch_kernel_init, (self.fan_in, self.features)),
+            self.param("bias", torch_bias_init(self.fan_in), (self.features,)),
+        )

@@ -4,6 +4,7 @@ Layouts: `inp` (B, h, w, 3) normalised to [-1, 1]; `coord` (B, H, W, 2) or (B, N
 (row, col) in [-1, 1]; `cell` (B, 2), the size of one output pixel in the same units.
 Inside, query points are flat: (B, N, channels).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -85,6 +86,7 @@ class HeadLayerNorm(nn.Module):
     Note the *unbiased* std (n - 1) and eps added to the std, not the variance.
     Input (..., heads, d); scale and bias have shape (heads, d).
     """
+
     eps: float = 1e-5
 
     @nn.compact
@@ -105,6 +107,7 @@ class GalerkinAttention(nn.Module):
     Cost O(N width^2). `moments` and `mix` split the layer at the sum over points, so
     inference can accumulate k^T v over chunks of queries and stay exact.
     """
+
     width: int
     heads: int
     dtype: Any = jnp.float32
@@ -136,7 +139,9 @@ class GalerkinAttention(nn.Module):
 
         def project(part):  # k (part 0) or v (part 1): a 2-D (B N, width) x (width, width) product
             cols = slice(part * d, (part + 1) * d)
-            out = z.reshape(-1, self.width) @ w[..., cols].reshape(self.width, -1).astype(self.dtype)
+            out = z.reshape(-1, self.width) @ w[..., cols].reshape(self.width, -1).astype(
+                self.dtype
+            )
             return out.reshape(*z.shape[:2], self.heads, d) + b[:, cols].astype(self.dtype)
 
         # Two products rather than one of width 2 x width: XLA:CPU would copy k and v out
@@ -156,7 +161,9 @@ class GalerkinAttention(nn.Module):
         mixing = jnp.einsum("chd,bhde->bche", wq, kv).reshape(b, self.width, self.width)
         fused = jnp.einsum("bcw,wo->bco", mixing + jnp.eye(self.width), w1)
         shift = jnp.einsum("hd,bhde->bhe", bq, kv).reshape(b, self.width) @ w1 + b1
-        h = jnp.einsum("bnc,bco->bno", z, fused.astype(self.dtype)) + shift[:, None].astype(self.dtype)
+        h = jnp.einsum("bnc,bco->bno", z, fused.astype(self.dtype)) + shift[:, None].astype(
+            self.dtype
+        )
         return self.o_proj2(gelu(h)) + z
 
     def __call__(self, z):
@@ -165,6 +172,7 @@ class GalerkinAttention(nn.Module):
 
 class Projection(nn.Module):
     """Q: width -> 256 -> 3 with an exact GELU between (the reference's fc1, fc2)."""
+
     width: int
     hidden: int = 256
     out_channels: int = 3
@@ -182,6 +190,7 @@ class SRNO(nn.Module):
     ``model.apply(variables, inp, coord, cell)`` -> prediction shaped like `coord` with 3
     channels, normalised like `inp` (add 1, halve and clamp to [0, 1] for an image).
     """
+
     encoder: nn.Module
     width: int = 256
     heads: int = 16
@@ -191,8 +200,9 @@ class SRNO(nn.Module):
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         self.lifting = LinearParams(self.width, 4 * (self.encoder.out_dim + 2) + 2)
-        self.kernel_integrals = [GalerkinAttention(self.width, self.heads, self.dtype)
-                                 for _ in range(KERNEL_INTEGRALS)]
+        self.kernel_integrals = [
+            GalerkinAttention(self.width, self.heads, self.dtype) for _ in range(KERNEL_INTEGRALS)
+        ]
         self.projection = Projection(self.width, dtype=self.dtype)
 
     def encode(self, inp, mask=None):
@@ -213,7 +223,7 @@ class SRNO(nn.Module):
         h w products instead of N (16x fewer at x4), 4 x width floats per LR pixel."""
         kernel, _ = self.lifting()
         b, p, c = feat.shape
-        rows = kernel[4 * 2:4 * (c + 2)].reshape(4, c, self.width).astype(jnp.float32)
+        rows = kernel[4 * 2 : 4 * (c + 2)].reshape(4, c, self.width).astype(jnp.float32)
         return jnp.einsum("bpc,icw->bpiw", feat.astype(jnp.float32), rows).reshape(b, 4 * p, -1)
 
     def lift_from_table(self, table, coord, cell, grid):
@@ -226,8 +236,11 @@ class SRNO(nn.Module):
         rows = jnp.stack([4 * idx + i for i, idx in enumerate(idxs)], -1).reshape(b, 4 * n)
         feats = gather(table, rows).reshape(b, n, len(idxs), -1)
         geometry = jnp.concatenate([*rels, rel_cell], -1)  # the 1x1 layer's first 8 and last 2 rows
-        z = (geometry @ jnp.concatenate([kernel[:4 * 2], kernel[-2:]]) + bias
-             + jnp.einsum("bni,bniw->bnw", jnp.stack(weights, -1), feats))
+        z = (
+            geometry @ jnp.concatenate([kernel[: 4 * 2], kernel[-2:]])
+            + bias
+            + jnp.einsum("bni,bniw->bnw", jnp.stack(weights, -1), feats)
+        )
         return z.astype(self.dtype)
 
     def project(self, z, inp, coord, grid=None):
@@ -236,8 +249,9 @@ class SRNO(nn.Module):
         if grid is None:
             b, h, w, c = inp.shape
             inp, grid = inp.reshape(b, h * w, c), lr_grid(h, w)
-        return (self.projection(z).astype(jnp.float32)
-                + sample_bilinear_flat(inp, coord, grid["size"]))
+        return self.projection(z).astype(jnp.float32) + sample_bilinear_flat(
+            inp, coord, grid["size"]
+        )
 
     def query(self, inp, feat, coord, cell):
         """The operator at a set of queries (all at once; see inference.py for chunks)."""
