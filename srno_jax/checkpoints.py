@@ -269,19 +269,41 @@ class CheckpointWriteError(CheckpointError):
     """A checkpoint could not be written (a full disk, an unwritable bucket)."""
 
 
-def _write_failed(mngr, step: int, e: Exception) -> CheckpointWriteError:
+def _last_complete(mngr, step: int) -> str:
     done = [s for s in mngr.all_steps() if s != step]
-    last = f"step {max(done)}" if done else "none yet"
-    where = os.fspath(mngr.directory)
-    if "://" not in where:  # a local disk: say how full it is
-        import shutil
+    return f"step {max(done)}" if done else "none yet"
 
-        with contextlib.suppress(OSError):
-            where += f" ({shutil.disk_usage(where).free / 2**20:.0f} MB free)"
+
+def _free_bytes(mngr) -> int | None:
+    """Free bytes on the disk of a local checkpoint folder; None for a bucket."""
+    where = os.fspath(mngr.directory)
+    if "://" in where:
+        return None
+    import shutil
+
+    return shutil.disk_usage(where).free
+
+
+def _write_failed(mngr, step: int, e: Exception) -> CheckpointWriteError:
+    free = _free_bytes(mngr)
+    where = os.fspath(mngr.directory) + ("" if free is None else f" ({free / 2**20:.0f} MB free)")
     return CheckpointWriteError(
-        f"a checkpoint write failed in {where}: {_first_line(e)}. Is the disk "
-        f"full or the bucket unwritable? The last complete checkpoint is {last}"
+        f"a checkpoint write failed in {where}: {_first_line(e)}. Is the disk full or the bucket "
+        f"unwritable? The last complete checkpoint is {_last_complete(mngr, step)}"
     )
+
+
+def _check_room(mngr, state, step: int) -> None:
+    """Refuses a save that cannot fit on a local disk, before writing anything: a write
+    that fails half-way leaves TensorStore's writer threads printing tracebacks."""
+    free = _free_bytes(mngr)
+    need = sum(x.nbytes for x in jax.tree.leaves(state))
+    if free is not None and free < need + 2**20:
+        raise CheckpointWriteError(
+            f"the disk of {mngr.directory} is full: {free / 2**20:.0f} MB free, checkpoint "
+            f"{step} needs about {need / 2**20:.0f} MB. Free some space and rerun to resume; "
+            f"the last complete checkpoint is {_last_complete(mngr, step)}"
+        )
 
 
 def save(mngr: ocp.CheckpointManager, state, config) -> None:
@@ -298,6 +320,7 @@ def save(mngr: ocp.CheckpointManager, state, config) -> None:
         "config": json.loads(config.to_json_best_effort()),
     }
     rest = {"step": state.step, "opt_state": state.opt_state, "nonfinite": state.nonfinite}
+    _check_room(mngr, state, step)
     try:
         mngr.save(
             step,

@@ -47,12 +47,14 @@ def enable_compilation_cache(cache_dir: str | None = DEFAULT_CACHE_DIR) -> str |
     A rerun of a command-line tool then loads its compiled functions instead of
     compiling them again. Every compilation is cached, however short (the tools compile
     a handful of functions, each worth keeping). Environment settings win: when
-    JAX_COMPILATION_CACHE_DIR is set, that directory is used. Returns the directory used,
-    or None when the cache is off. Call it before the first compilation.
+    JAX_COMPILATION_CACHE_DIR is set, that directory is used, and set empty it turns the
+    cache off. Returns the directory used, or None when the cache is off. Call it before
+    the first compilation.
     """
-    if not cache_dir:
+    env = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    path = (env if env is not None else cache_dir and os.path.expanduser(cache_dir)) or None
+    if path is None:
         return None
-    path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.expanduser(cache_dir)
     jax.config.update("jax_compilation_cache_dir", path)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

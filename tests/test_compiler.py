@@ -48,3 +48,17 @@ def test_compile_clock_counts_compilations():
     assert again.compilations == before >= 2
     jax.jit(lambda x: x / 5)(jnp.ones(2))  # after the block: not counted
     assert again.compilations == before
+
+
+def test_compilation_cache_switch(tmp_path, monkeypatch):
+    """The tools' cache: a folder, off with '' or None, and JAX_COMPILATION_CACHE_DIR wins
+    (set empty, it turns the cache off)."""
+    monkeypatch.setattr(jax.config, "update", lambda *a: None)  # decide only, change nothing
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    assert compiler.enable_compilation_cache(str(tmp_path)) == str(tmp_path)
+    assert compiler.enable_compilation_cache("") is None
+    assert compiler.enable_compilation_cache(None) is None
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "env"))
+    assert compiler.enable_compilation_cache("") == str(tmp_path / "env")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "")
+    assert compiler.enable_compilation_cache(str(tmp_path)) is None
