@@ -58,8 +58,8 @@ CASES = (
     "eval_mixed_sizes",
 )
 ACCELERATOR_ONLY = ("train_step_b64_128", "train_step_b64_128_bf16")
-# The reference PyTorch timed on this kind of machine by benchmarks/torch_reference.py.
-TORCH_RESULTS = Path(__file__).resolve().parent / "results" / "cpu_2core_torch.json"
+# The reference PyTorch timed by benchmarks/torch_reference.py: one *_torch.json per machine.
+TORCH_RESULTS = Path(__file__).resolve().parent / "results"
 MACHINE_KEYS = ("backend", "device_kind", "devices", "cpu", "cores", "jax_version", "date")
 RESULT_KEYS = (
     "name",
@@ -77,15 +77,15 @@ PROFILE = {"dir": None}  # in a child run with --profile: where its timed cases 
 # --- records ---------------------------------------------------------------------------------
 
 
-def torch_seconds(machine: dict, path=TORCH_RESULTS) -> dict:
-    """{case: median s} of the reference PyTorch from `path`, if it was measured on a CPU
-    of this model with this many cores; else {} (no like-for-like baseline)."""
-    try:
-        report = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        return {}
-    same = all(report["machine"].get(k) == machine.get(k) for k in ("cpu", "cores"))
-    return {r["name"]: r["median_s"] for r in report["results"]} if same else {}
+def torch_seconds(machine: dict, folder=TORCH_RESULTS) -> dict:
+    """{case: median s} of the reference PyTorch from the `*_torch.json` in `folder` that
+    was measured on a CPU of this model with this many cores; {} if none was (no
+    like-for-like baseline)."""
+    for path in sorted(Path(folder).glob("*_torch.json")):
+        report = json.loads(path.read_text())
+        if all(report["machine"].get(k) == machine.get(k) for k in ("cpu", "cores")):
+            return {r["name"]: r["median_s"] for r in report["results"]}
+    return {}
 
 
 def result_record(

@@ -100,7 +100,8 @@ def test_report_has_documented_keys(tmp_path):
 
 
 def test_torch_baseline_only_from_the_same_cpu(tmp_path):
-    path = tmp_path / "torch.json"
+    path = tmp_path / "xeon_torch.json"
+    (tmp_path / "other.json").write_text("not read")
     path.write_text(
         json.dumps(
             {
@@ -109,10 +110,11 @@ def test_torch_baseline_only_from_the_same_cpu(tmp_path):
             }
         )
     )
-    assert run.torch_seconds({"cpu": "Xeon X", "cores": 2}, path) == {"train_step_b4_48": 0.8}
-    assert run.torch_seconds({"cpu": "EPYC Y", "cores": 2}, path) == {}
-    assert run.torch_seconds({"cpu": "Xeon X", "cores": 16}, path) == {}
-    assert run.torch_seconds({"cpu": "Xeon X", "cores": 2}, tmp_path / "none.json") == {}
+    folder = tmp_path
+    assert run.torch_seconds({"cpu": "Xeon X", "cores": 2}, folder) == {"train_step_b4_48": 0.8}
+    assert run.torch_seconds({"cpu": "EPYC Y", "cores": 2}, folder) == {}
+    assert run.torch_seconds({"cpu": "Xeon X", "cores": 16}, folder) == {}
+    assert run.torch_seconds({"cpu": "Xeon X", "cores": 2}, tmp_path / "none") == {}
 
 
 def test_unknown_case_is_rejected():
