@@ -8,17 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import golden_dir
 from PIL import Image
 
 _ROOT = Path(__file__).resolve().parents[1]
-_GOLDEN = next(
-    (
-        d / "small_edsr_srno"
-        for d in (_ROOT.parent / "shared" / "golden", _ROOT / "tests" / "golden")
-        if (d / "small_edsr_srno" / "cases.npz").exists()
-    ),
-    None,
-)
+_GOLDEN = golden_dir("small_edsr_srno")
 
 from srno_jax import eval_cli
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import golden_dir
 from PIL import Image
 
 from srno_jax import eval_cli, evaluation
@@ -17,14 +18,7 @@ from srno_jax.images import resize_bicubic
 from srno_jax.metrics import make_eval_pair, psnr
 
 _ROOT = Path(__file__).resolve().parents[1]
-_GOLDEN = next(
-    (
-        d / "small_edsr_srno"
-        for d in (_ROOT.parent / "shared" / "golden", _ROOT / "tests" / "golden")
-        if (d / "small_edsr_srno" / "checkpoint.pth").exists()
-    ),
-    None,
-)
+_GOLDEN = golden_dir("small_edsr_srno")
 
 
 def _image(path, hw, seed=0, smooth=False):

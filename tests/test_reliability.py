@@ -28,7 +28,14 @@ from srno_jax import checkpoints, load_checkpoint, train
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
-STRAIGHT_STEPS = 60  # the uninterrupted run keeps a checkpoint of every step up to here
+STRAIGHT_STEPS = 60
+# lr=1e38 blows the parameters up in one step; the steps after it are non-finite.
+DIVERGING = (
+    "--config.total_steps=50",
+    "--config.optim.lr=1e38",
+    "--config.max_nonfinite_steps=3",
+    "--config.checkpoint.every_steps=1",
+)  # the uninterrupted run keeps a checkpoint of every step up to here
 
 
 @pytest.fixture(scope="module")
@@ -243,21 +250,23 @@ def test_orbax_saves_to_a_tmp_folder_then_renames(image_dir, tmp_path, monkeypat
 # --- 2. divergence -------------------------------------------------------------------------
 
 
+def _jit_step(config):
+    """The tiny model's train step, jitted on one device (a single stop vote)."""
+    model, tx = train.model_from_config(config), train.make_optimizer(config)
+    step = functools.partial(
+        train.train_step,
+        stop_votes=jnp.zeros(1, jnp.int32),
+        model=model,
+        tx=tx,
+        config=config,
+        steps_per_epoch=10,
+    )
+    return jax.jit(step), jax.jit(lambda: train.init_state(model, tx, 0))()
+
+
 @pytest.fixture(scope="module")
 def tiny_step(image_dir):
-    config = tiny_config(image_dir)
-    model, tx = train.model_from_config(config), train.make_optimizer(config)
-    state = jax.jit(lambda: train.init_state(model, tx, 0))()
-    step = jax.jit(
-        functools.partial(
-            train.train_step,
-            stop_votes=jnp.zeros(1, jnp.int32),
-            model=model,
-            tx=tx,
-            config=config,
-            steps_per_epoch=10,
-        )
-    )
+    step, state = _jit_step(tiny_config(image_dir))
     return state, step
 
 
@@ -295,15 +304,7 @@ def test_divergence_keeps_the_last_good_checkpoint(env, image_dir, tmp_path):
     wd = tmp_path / "run"
     p = run_main(env, image_dir, wd, "--config.total_steps=4", "--config.checkpoint.every_steps=1")
     assert p.returncode == 0, p.stderr
-    p = run_main(
-        env,
-        image_dir,
-        wd,
-        "--config.total_steps=50",
-        "--config.optim.lr=1e38",
-        "--config.max_nonfinite_steps=3",
-        "--config.checkpoint.every_steps=1",
-    )
+    p = run_main(env, image_dir, wd, *DIVERGING)
     assert_clean_error(
         p,
         "non-finite for 3 steps in a row, steps 6..8",
@@ -319,17 +320,7 @@ def test_nan_learning_rate_never_reaches_the_parameters(tiny_step):
     state, _ = tiny_step
     config = tiny_config(".")
     config.optim.lr = float("nan")
-    model, tx = train.model_from_config(config), train.make_optimizer(config)
-    s1, m1 = jax.jit(
-        functools.partial(
-            train.train_step,
-            stop_votes=jnp.zeros(1, jnp.int32),
-            model=model,
-            tx=tx,
-            config=config,
-            steps_per_epoch=10,
-        )
-    )(state, _batch(0))
+    s1, m1 = _jit_step(config)[0](state, _batch(0))
     assert np.isfinite(float(m1["loss"])) and not bool(m1["finite"]) and int(s1.nonfinite) == 1
     assert_same_params(s1.params, state.params, atol=0)
 
@@ -593,15 +584,7 @@ def test_sigterm_to_one_host_stops_both_at_one_step(env, image_dir, tmp_path, st
 
 def test_divergence_on_two_hosts_ends_both_keeping_no_bad_checkpoint(env, image_dir, tmp_path):
     wd = tmp_path / "two"
-    procs = _start_two_hosts(
-        env,
-        image_dir,
-        wd,
-        "--config.total_steps=50",
-        "--config.optim.lr=1e38",
-        "--config.max_nonfinite_steps=3",
-        "--config.checkpoint.every_steps=1",
-    )
+    procs = _start_two_hosts(env, image_dir, wd, *DIVERGING)
     logs = _finish_all(procs)
     for p, log in zip(procs, logs):
         assert p.returncode != 0 and "Traceback" not in log, log
