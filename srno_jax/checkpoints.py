@@ -446,9 +446,9 @@ def _step_dirs(path: epath.Path) -> list[epath.Path]:
 def load_orbax(path) -> tuple[SRNO, dict]:
     """(model, {'params': ...}) from one of this package's Orbax checkpoints, on one device.
 
-    Reads only the parameters (and, in the older layout, the train state's shapes from
-    the recorded config). A newest step that cannot be read gives way to the one before
-    with a warning.
+    Reads only the parameters (in the older layout, the parameters part of the stored
+    train state). A newest step that cannot be read gives way to the one before with a
+    warning, as in `restore_latest`.
     """
     dirs = _step_dirs(workdir_lib.resolve(path))
     for i, step_dir in enumerate(dirs):
@@ -457,10 +457,11 @@ def load_orbax(path) -> tuple[SRNO, dict]:
         except CheckpointError:
             raise
         except Exception as e:
-            reason = _first_line(e)
             if i + 1 == len(dirs):
-                raise CheckpointError(f"checkpoint {step_dir} cannot be read ({reason})") from None
-            log.warning("checkpoint %s is unreadable (%s); using %s", step_dir, reason, dirs[i + 1])
+                raise CheckpointError(
+                    f"checkpoint {step_dir} cannot be read ({_first_line(e)})"
+                ) from None
+            _warn_unreadable(step_dir, e)
     raise AssertionError("unreachable")
 
 
