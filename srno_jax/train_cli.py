@@ -147,6 +147,7 @@ def _main(argv):
     from srno_jax.errors import SRNOError
 
     train.setup_logging()
+    compiler.retain_freed_memory()  # before XLA starts its threads
     try:
         check_config(FLAGS.config)  # before joining a cluster: a typo costs no one's time
         how = sharding.initialize_distributed(
