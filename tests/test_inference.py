@@ -236,3 +236,34 @@ def test_upscale_cli(small, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "scale must be a finite number > 1" in err and "image not found" in err
     assert "Traceback" not in err
+
+
+def test_moments_are_the_layer_normed_sums(small):
+    """`moments` applies the LayerNorms' affine maps to sums over the points; it equals
+    sum_n LN(k_n)^T LN(v_n) over the unmasked points, LN as the reference writes it."""
+    model, variables = small
+    params = jax.tree.map(np.asarray, variables["params"])
+    rng = np.random.default_rng(0)
+    for name in ("k_norm", "v_norm"):  # an affine map far from the identity
+        norm = params["kernel_integrals_0"][name]
+        norm["scale"] = rng.uniform(0.5, 2.0, norm["scale"].shape).astype(np.float32)
+        norm["bias"] = rng.normal(0, 1, norm["bias"].shape).astype(np.float32)
+    width, heads = model.width, model.heads
+    d = width // heads
+    z = rng.normal(0, 1, (2, 37, width)).astype(np.float32)
+    mask = (rng.uniform(size=(2, 37)) < 0.7).astype(np.float32)
+
+    def layer_norm(x, p):  # the reference: unbiased std, eps added to the std
+        mean = x.mean(-1, keepdims=True)
+        std = np.sqrt(((x - mean) ** 2).sum(-1, keepdims=True) / (d - 1))
+        return (x - mean) / (std + 1e-5) * p["scale"] + p["bias"]
+
+    p = params["kernel_integrals_0"]
+    qkv = (z @ p["qkv_proj"]["kernel"] + p["qkv_proj"]["bias"]).reshape(2, 37, heads, 3 * d)
+    k = layer_norm(qkv[..., d : 2 * d], p["k_norm"]) * mask[..., None, None]
+    v = layer_norm(qkv[..., 2 * d :], p["v_norm"])
+    want = np.einsum("bnhd,bnhe->bhde", k.astype(np.float64), v)
+    got = model.apply(
+        {"params": params}, z, mask, method=lambda m, z, mk: m.kernel_integrals[0].moments(z, mk)
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
