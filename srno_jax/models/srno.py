@@ -84,25 +84,21 @@ class HeadLayerNorm(nn.Module):
     """The reference's per-head LayerNorm: (x - mean) / (unbiased std + eps) * scale + bias.
 
     Note the *unbiased* std (n - 1) and eps added to the std, not the variance.
-    Input (..., heads, d); scale and bias have shape (heads, d). `GalerkinAttention`
-    uses its two halves apart: `standardize` at every point, the affine (`scale`,
-    `bias`) on the sums over the points.
+    Input (..., heads, d) with mean 0 over d already: `GalerkinAttention` centres the
+    projection before it, so the mean is not subtracted here. Scale and bias have shape
+    (heads, d).
     """
 
-    heads: int
-    d: int
     eps: float = 1e-5
 
-    def setup(self):
-        self.scale = self.param("scale", nn.initializers.ones, (self.heads, self.d))
-        self.bias = self.param("bias", nn.initializers.zeros, (self.heads, self.d))
-
-    def standardize(self, x):
-        """x / (unbiased std + eps) over the last axis, for x with mean 0 there (the
-        projection before it is centred); computed in float32, returned in x's dtype."""
+    @nn.compact
+    def __call__(self, x):
+        heads, d = x.shape[-2:]
+        scale = self.param("scale", nn.initializers.ones, (heads, d))
+        bias = self.param("bias", nn.initializers.zeros, (heads, d))
         x32 = x.astype(jnp.float32)
-        std = jnp.sqrt(jnp.sum(x32 * x32, -1, keepdims=True) / (x.shape[-1] - 1))
-        return (x32 / (std + self.eps)).astype(x.dtype)
+        std = jnp.sqrt(jnp.sum(x32 * x32, -1, keepdims=True) / (d - 1))
+        return (x32 / (std + self.eps) * scale + bias).astype(x.dtype)
 
 
 class GalerkinAttention(nn.Module):
@@ -119,9 +115,8 @@ class GalerkinAttention(nn.Module):
 
     def setup(self):
         self.qkv_proj = LinearParams(3 * self.width, self.width)
-        d = self.width // self.heads
-        self.k_norm = HeadLayerNorm(self.heads, d)
-        self.v_norm = HeadLayerNorm(self.heads, d)
+        self.k_norm = HeadLayerNorm()
+        self.v_norm = HeadLayerNorm()
         self.o_proj1 = LinearParams(self.width, self.width)
         self.o_proj2 = dense(self.width, self.width, dtype=self.dtype)
 
@@ -143,38 +138,22 @@ class GalerkinAttention(nn.Module):
         _, (w, b) = self._qkv_params()
         d = self.width // self.heads
 
-        def standardized(part, norm):  # k (part 0) or v (part 1), layer-normed but for its affine
-            # The per-head mean of z W + b is z mean(W) + mean(b): centring the kernel's
-            # columns saves the LayerNorm a pass over the (B, N, width) output.
+        def project(part):  # k (part 0) or v (part 1), centred per head
             cols = slice(part * d, (part + 1) * d)
+            # The per-head mean of z W + b is z mean(W) + mean(b): centring the columns of
+            # W and b here saves the LayerNorm a pass over the (B, N, width) output.
             wp, bp = w[..., cols], b[:, cols]
             wp, bp = wp - wp.mean(-1, keepdims=True), bp - bp.mean(-1, keepdims=True)
-            # A 2-D (B N, width) x (width, width) product: XLA:CPU would copy k and v out of
-            # one product of width 2 x width, and concatenate their gradients back.
+            # A 2-D (B N, width) x (width, width) product.
             out = z.reshape(-1, self.width) @ wp.reshape(self.width, -1).astype(self.dtype)
-            x = out.reshape(*z.shape[:2], self.heads, d) + bp.astype(self.dtype)
-            return norm.standardize(x)
+            return out.reshape(*z.shape[:2], self.heads, d) + bp.astype(self.dtype)
 
-        k, v = standardized(0, self.k_norm), standardized(1, self.v_norm)
-        if mask is None:
-            count = jnp.full(z.shape[:1], z.shape[1], jnp.float32)
-        else:
-            mask = jnp.broadcast_to(mask, z.shape[:2]).astype(jnp.float32)
-            count = mask.sum(1)
-            k = k * mask[..., None, None].astype(k.dtype)
-        sum_k = k.astype(jnp.float32).sum(1)  # (B, heads, d)
-        sum_v = (v.astype(jnp.float32) if mask is None else v * mask[..., None, None]).sum(1)
-        kv = jnp.einsum("bnhd,bnhe->bhde", k, v, preferred_element_type=jnp.float32)
-        # The LayerNorms' affine maps, applied to the sums: sum (k s + t)^T (v s' + t') =
-        # s k^T v s' + (s sum k)^T t' + t^T (s' sum v) + count t^T t', with no pass over the
-        # (B, N, width) tensors for them and none in the gradient.
-        sk, tk, sv, tv = self.k_norm.scale, self.k_norm.bias, self.v_norm.scale, self.v_norm.bias
-        return (
-            sk[:, :, None] * kv * sv[:, None, :]
-            + (sum_k * sk)[..., :, None] * tv[:, None, :]
-            + tk[:, :, None] * (sum_v * sv)[..., None, :]
-            + count[:, None, None, None] * (tk[:, :, None] * tv[:, None, :])
-        )
+        # Two products rather than one of width 2 x width: XLA:CPU would copy k and v out
+        # of the joint output, and concatenate their gradients back.
+        k, v = self.k_norm(project(0)), self.v_norm(project(1))
+        if mask is not None:
+            k = k * jnp.broadcast_to(mask, k.shape[:2])[..., None, None].astype(k.dtype)
+        return jnp.einsum("bnhd,bnhe->bhde", k, v, preferred_element_type=jnp.float32)
 
     def mix(self, z, kv):
         """The layer's output at points z given kv = (sum of k^T v) / N (B, heads, d, d)."""
