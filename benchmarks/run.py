@@ -10,8 +10,10 @@ Cases (the paper's EDSR-baseline SRNO, width 256, 16 heads, random weights):
   train_step_b64_128        the paper's step: batch 64, 128 x 128 LR, 16,384 queries
   train_step_b64_128_bf16   (GPU/TPU only), in float32 and in bfloat16 compute.
   input_pipeline_128        `TrainLoader` alone, the paper's patch (scale U(1, 4),
-                            augment), batch 64, one thread per core, over in-memory
-                            2040 x 1356 photographs.
+                            augment), batch 64, one worker process per core, over
+                            in-memory 2040 x 1356 photographs; and one worker thread
+                            alone on the same batches (``single_process_samples_per_s``,
+                            ``per_core_share`` = the rate per core over that).
   eval_mixed_sizes          eval.py's path (`evaluation.evaluate`, model upsampler) over
                             20 HR images of 20 sizes (160..320 a side) at x2, x3, x4,
                             once, with the persistent compilation cache in a new
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -238,13 +241,18 @@ def div2k_like_images(count: int = 4, size=(1356, 2040)) -> list[np.ndarray]:
     return [resize_bicubic(demo[i % len(demo)], size) for i in range(count)]
 
 
-def _case_input_pipeline(repeats: int) -> dict:
+def _case_input_pipeline(repeats: int, rounds: int = 4) -> dict:
+    """The loader as main.py runs it (one worker process per core), and the same batches
+    built by one worker thread with nothing in flight: the single-process rate that
+    each core's share is read against. The two alternate, `rounds` times `repeats`
+    batches each, a new pool each round (so none works while the single thread is
+    timed); the medians over all batches are kept, since other work on a shared
+    machine takes its time from both alike."""
     from input_pipeline import TrainLoader
 
-    batch = 64
+    batch, cores = 64, os.cpu_count()
     source = MemorySource(div2k_like_images(), "div2k-like")
-    with TrainLoader(
-        source,
+    kw = dict(
         global_batch=batch,
         seed=0,
         inp_size=128,
@@ -253,19 +261,30 @@ def _case_input_pipeline(repeats: int) -> dict:
         augment=True,
         sample_q=128 * 128,
         repeat=20,
-        workers=os.cpu_count(),
-        prefetch=2,
-        processes=True,
-    ) as loader:
-        # The pool never idles (the next batch is queued as one is taken), so the wait
-        # for each batch in turn is the time to build one.
-        t = time_fn(lambda: next(loader), repeats)
+    )
+    single, pool = [], []
+    with TrainLoader(source, workers=1, prefetch=0, **kw) as loader:
+        for _ in range(rounds):
+            first = loader.step
+            single += time_fn(lambda: next(loader), repeats)["times_s"]
+            with TrainLoader(  # the same batches: content varies the time per batch
+                source, workers=cores, prefetch=2, processes=True, start_step=first, **kw
+            ) as workers:
+                # The pool never idles (the next batch is queued as one is taken), so the
+                # wait for each batch in turn is the time to build one.
+                pool += time_fn(lambda: next(workers), repeats)["times_s"]
+    median, single_median = statistics.median(pool), statistics.median(single)
+    rate, single_rate = batch / median, batch / single_median
     return {
-        **t,
+        "median_s": median,
+        "times_s": pool,
         "compile_s": None,
         "gflop": 0.0,
-        "samples_per_s": batch / t["median_s"],
-        "workers": os.cpu_count(),
+        "samples_per_s": rate,
+        "workers": cores,
+        "single_process_samples_per_s": single_rate,
+        "single_process_times_s": single,
+        "per_core_share": rate / cores / single_rate,
     }
 
 
@@ -417,6 +436,12 @@ def print_table(report: dict) -> None:
                 f"with the persistent cache: {again.get('compilations', '-')} compilations, "
                 f"{again.get('median_s', float('nan')):.1f} s"
             )
+        if "per_core_share" in r:
+            print(
+                f"{r['name']}: {r['samples_per_s']:.0f} samples/s on {r['workers']} worker "
+                f"processes; one process alone {r['single_process_samples_per_s']:.0f}/s; "
+                f"per core {100 * r['per_core_share']:.0f}% of that"
+            )
     c = report["ceiling"]
     print(
         f"ceiling: {c['matmul_n']}^3 {c['matmul_dtype']} matmul through XLA, "
@@ -440,6 +465,10 @@ def main(argv=None) -> None:
     p.add_argument("--_ceiling", type=float, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     repeats = 2 if a.quick else a.repeats
+    if a._child:  # as the command-line tools do, the ceiling's run included
+        from srno_jax import compiler
+
+        compiler.retain_freed_memory()
     if a._child == "ceiling":
         print(json.dumps(run_ceiling(repeats)))
         return
