@@ -465,10 +465,10 @@ def main(argv=None) -> None:
     p.add_argument("--_ceiling", type=float, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     repeats = 2 if a.quick else a.repeats
-    if a._child:  # as the command-line tools do, the ceiling's run included
+    if a._child == "ceiling" or (a._child or "").startswith("train_step"):
         from srno_jax import compiler
 
-        compiler.retain_freed_memory()
+        compiler.retain_freed_memory()  # as main.py does; eval.py and srno-upscale do not
     if a._child == "ceiling":
         print(json.dumps(run_ceiling(repeats)))
         return

@@ -51,11 +51,15 @@ def retain_freed_memory() -> bool:
     KiB with fresh mmaps and unmaps them when they are freed, so every training step or
     prediction page-faults its whole working set in again: on the 2-core machines of
     this project a 38 MB elementwise pass took 14.6 ms that way and 2.5 ms in reused
-    memory, and the training step 10% longer. With mmap off and the heap trimmed only
-    beyond 2 GiB free, freed buffers stay in the heap and the next call reuses them; the
-    process keeps its peak memory instead of returning it between calls. Process-wide,
-    so the command-line tools and benchmarks call it, not the library on import. True
-    when applied; False where the C library has no mallopt (not glibc).
+    memory, and the training step 10% longer. With one arena for all threads (only the
+    main arena grows without mmap), mmap off and the heap trimmed only beyond 2 GiB
+    free, freed buffers stay in the heap and the next call reuses them; the process
+    keeps its peak memory instead of returning it between calls. The one arena makes
+    XLA's compilations about 15% slower, so it pays where one function runs many times:
+    main.py's training calls it (and the benchmarks of the training step), while
+    eval.py and srno-upscale, which compile per size bucket, do not. Process-wide and
+    best called before XLA starts its threads. True when applied; False where the C
+    library has no mallopt (not glibc).
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt

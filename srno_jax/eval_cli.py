@@ -241,7 +241,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from srno_jax import compiler
 
-        compiler.retain_freed_memory()
         cache = compiler.enable_compilation_cache(
             compiler.DEFAULT_CACHE_DIR if args.compilation_cache is None else args.compilation_cache
         )

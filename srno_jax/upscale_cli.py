@@ -283,11 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         _check_quality(args.quality, jobs)
         from tqdm import tqdm
 
-        from srno_jax.compiler import enable_compilation_cache, retain_freed_memory
+        from srno_jax.compiler import enable_compilation_cache
         from srno_jax.image_api import upscale
         from srno_jax.images import open_image, save_image
 
-        retain_freed_memory()
         enable_compilation_cache(args.compilation_cache)
         model, variables = _model(args)
         # disable=None: a bar on a terminal, none in logs and pipes.
