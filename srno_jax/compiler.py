@@ -1,10 +1,12 @@
-"""The XLA options SRNO compiles with, chosen in one place and by measurement.
+"""The XLA options SRNO compiles with, and how its CPU runs use host memory, chosen in
+one place and by measurement.
 
 On XLA:CPU (jaxlib 0.10) convolutions and their gradients run through XLA's own
 emitters at 30-90 GFLOP/s on a 2-core AVX-512 machine; routed through YNNPACK they ran
 about 2x faster (EDSR-baseline's forward and backward on 4 x 48 x 48: 0.98 s -> 0.46 s).
 The operator's inference passes ran about 6% slower with it, so only jitted functions
-dominated by convolutions ask for it (README, "Benchmarks").
+dominated by convolutions ask for it (README, "Benchmarks"). `retain_freed_memory`
+keeps XLA:CPU's per-call buffers in malloc's heap for training.
 """
 
 from __future__ import annotations

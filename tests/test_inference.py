@@ -239,8 +239,9 @@ def test_upscale_cli(small, tmp_path, capsys):
 
 
 def test_moments_are_the_layer_normed_sums(small):
-    """`moments` applies the LayerNorms' affine maps to sums over the points; it equals
-    sum_n LN(k_n)^T LN(v_n) over the unmasked points, LN as the reference writes it."""
+    """`moments` centres the k and v projections' columns in place of the LayerNorm's
+    mean; it equals sum_n LN(k_n)^T LN(v_n) over the unmasked points, LN as the
+    reference writes it (mean subtracted, unbiased std, eps added to the std)."""
     model, variables = small
     params = jax.tree.map(np.asarray, variables["params"])
     rng = np.random.default_rng(0)
