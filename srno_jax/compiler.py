@@ -5,7 +5,10 @@ On XLA:CPU (jaxlib 0.10) convolutions and their gradients run through XLA's own
 emitters at 30-90 GFLOP/s on a 2-core AVX-512 machine; routed through YNNPACK they ran
 about 2x faster (EDSR-baseline's forward and backward on 4 x 48 x 48: 0.98 s -> 0.46 s).
 The operator's inference passes ran about 6% slower with it, so only jitted functions
-dominated by convolutions ask for it (README, "Benchmarks"). `retain_freed_memory`
+dominated by convolutions ask for it (README, "Benchmarks"). Naming the dot fusion
+replaces YNNPACK's default fusion types, so its reductions are named as well: without
+them XLA rewrites each large sum (the bias and LayerNorm gradients of the training step)
+into a tree of reduce-windows that ran 4x slower, 2.5% of the step. `retain_freed_memory`
 keeps XLA:CPU's per-call buffers in malloc's heap for training.
 """
 
@@ -18,14 +21,16 @@ import os
 import jax
 import jax.numpy as jnp
 
-_CPU_CONV_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+_CPU_CONV_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+}
 
 
 @functools.cache
 def conv_options() -> dict:
     """`compiler_options` for `jax.jit` of a convolution-heavy function.
 
-    YNNPACK for dots and convolutions when the default backend is the CPU and this
+    YNNPACK for dots, convolutions and reductions when the default backend is the CPU and this
     jaxlib knows the option (it is experimental; without it we fall back to XLA's
     default); {} on GPU and TPU. Call it after `jax.distributed.initialize`, since it
     initialises the backend.
