@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -31,6 +32,63 @@ def gelu(x):
     return 0.5 * x * (1 + jax.lax.erf(x * jnp.asarray(1 / math.sqrt(2), x.dtype)))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_same(x, kernel, dimension_numbers, precision):
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), "SAME", dimension_numbers=dimension_numbers, precision=precision
+    )
+
+
+def _conv_same_fwd(x, kernel, dimension_numbers, precision):
+    return _conv_same(x, kernel, dimension_numbers, precision), (x, kernel)
+
+
+def _conv_same_bwd(dimension_numbers, precision, residuals, g):
+    x, kernel = residuals
+    conv = functools.partial(
+        jax.lax.conv_general_dilated,
+        window_strides=(1, 1),
+        dimension_numbers=dimension_numbers,
+        precision=precision,
+    )
+    (dx,) = jax.linear_transpose(lambda x: conv(x, kernel, padding="SAME"), x)(g)
+    if jax.default_backend() != "cpu":
+        (dk,) = jax.linear_transpose(lambda k: conv(x, k, padding="SAME"), kernel)(g)
+        return dx, dk
+    # XLA:CPU computes the kernel gradient of a padded convolution 30% slower than that
+    # of an unpadded one on the padded input (7.0 vs 5.0 ms for 64 channels at 4 x 48 x
+    # 48): the same sums, the padding done once by a copy.
+    h, w = kernel.shape[:2]
+    padded = jnp.pad(x, ((0, 0), ((h - 1) // 2, h // 2), ((w - 1) // 2, w // 2), (0, 0)))
+    (dk,) = jax.linear_transpose(lambda k: conv(padded, k, padding="VALID"), kernel)(g)
+    return dx, dk
+
+
+_conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
+
+
+def conv_same(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    precision=None,
+):
+    """`lax.conv_general_dilated` for `nn.Conv`'s NHWC / HWIO 'same' convolutions at
+    stride 1, with the kernel gradient of `_conv_same_bwd`; anything else is refused."""
+    nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+    plain = (tuple(window_strides), lhs_dilation or (1, 1), rhs_dilation or (1, 1))
+    if padding != "SAME" or plain != ((1, 1),) * 3 or feature_group_count != 1:
+        raise ValueError("conv_same: only stride-1 'SAME' convolutions without dilation")
+    if jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != nhwc:
+        raise ValueError(f"conv_same: NHWC / HWIO only, got {dimension_numbers}")
+    return _conv_same(lhs, rhs, nhwc, precision)
+
+
 def conv(
     features: int, kernel: int, fan_in_channels: int, name: str | None = None, dtype=jnp.float32
 ) -> nn.Conv:
@@ -43,6 +101,7 @@ def conv(
         dtype=dtype,
         kernel_init=torch_kernel_init,
         bias_init=torch_bias_init(fan_in_channels * kernel * kernel),
+        conv_general_dilated=conv_same if kernel > 1 else None,
     )
 
 
