@@ -23,7 +23,9 @@ Cases (the paper's EDSR-baseline SRNO, width 256, 16 heads, random weights):
 
 Each case runs in its own subprocess, so its peak memory is its own: the device's
 ``peak_bytes_in_use`` on GPU/TPU, the process's peak RSS on CPU. A jitted case is
-compiled once (``compile_s``), run once to warm up, then timed `repeats` times
+compiled once (``compile_s``), run once to warm up (a training step three times:
+its first calls grow the heap that `compiler.retain_freed_memory` then keeps, a cost
+paid once per run), then timed `repeats` times
 (``block_until_ready``); ``median_s`` is the median (for eval_mixed_sizes, the wall
 time of its one run). ``ceiling_gflops_per_s`` is a large XLA matmul measured in the
 same run (float32 on CPU, bfloat16 on GPU/TPU), the practical peak to read
@@ -209,7 +211,7 @@ def _case_train_step(
         state, metrics = step(state, data, votes)
         return metrics
 
-    t = time_fn(run, repeats, profile_dir=PROFILE["dir"])
+    t = time_fn(run, repeats, warmup=3, profile_dir=PROFILE["dir"])
     return {
         **t,
         "compile_s": compile_s,
