@@ -36,23 +36,27 @@ def in_child(script, *args: str, env: dict | None = None) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def time_fn(fn, repeats: int, warmup: int = 1, profile_dir=None) -> dict:
+def time_fn(fn, repeats: int, warmup: int = 1, profile_dir=None, paired=None) -> dict:
     """Calls fn() `warmup` times, then times `repeats` calls, each until its result is ready;
-    with `profile_dir`, one more call is traced there (`jax.profiler.trace`).
+    with `paired`, one call of paired() is timed after each timed call of fn (the two then
+    see the same moments of a shared machine); with `profile_dir`, one more call is traced
+    there (`jax.profiler.trace`).
 
-    Returns {'median_s', 'times_s'}.
+    Returns {'median_s', 'times_s'}, and 'paired_times_s' with `paired`.
     """
     for _ in range(warmup):
         jax.block_until_ready(fn())
-    times = []
+    times, paired_times = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
+        for f, out in ((fn, times), (paired, paired_times)) if paired else ((fn, times),):
+            t = time.perf_counter()
+            jax.block_until_ready(f())
+            out.append(time.perf_counter() - t)
     if profile_dir is not None:
         with jax.profiler.trace(str(profile_dir)):
             jax.block_until_ready(fn())
-    return {"median_s": statistics.median(times), "times_s": times}
+    result = {"median_s": statistics.median(times), "times_s": times}
+    return {**result, "paired_times_s": paired_times} if paired else result
 
 
 def compile_timed(jitted, *args):

@@ -27,10 +27,12 @@ compiled once (``compile_s``), run once to warm up (a training step three times:
 its first calls grow the heap that `compiler.retain_freed_memory` then keeps, a cost
 paid once per run), then timed `repeats` times
 (``block_until_ready``); ``median_s`` is the median (for eval_mixed_sizes, the wall
-time of its one run). ``ceiling_gflops_per_s`` is a large XLA matmul measured in the
-same run (float32 on CPU, bfloat16 on GPU/TPU), the practical peak to read
-``gflops_per_s`` against; ``gflop`` counts the reference model's operations
-(`benchmarks/flops.py`). ``--quick`` (2 repeats) is for
+time of its one run). ``ceiling_gflops_per_s`` is a large XLA matmul (float32 on CPU,
+bfloat16 on GPU/TPU), the practical peak to read ``gflops_per_s`` against: for the
+inference and training cases it is timed in the case's own process, once after each
+timed call, so that both see the same moments of a machine whose speed drifts; the
+other rows carry the run's, measured first (``ceiling`` in the JSON). ``gflop`` counts
+the reference model's operations (`benchmarks/flops.py`). ``--quick`` (2 repeats) is for
 developing the harness, not for numbers.
 """
 
@@ -136,22 +138,46 @@ def make_report(machine: dict, ceiling: dict, results: list[dict], quick: bool) 
 # --- the cases (each runs in a child process) ----------------------------------------------
 
 
-def run_ceiling(repeats: int) -> dict:
-    """n x n @ n x n through XLA, median of at least 5: n = 4096 float32 on CPU; on an
-    accelerator n = 8192 bfloat16, 10 products queued per timed call, since one (about
-    1.4 ms on an H200) is too short to time against dispatch and sync overhead."""
+def ceiling_matmul():
+    """(call, GFLOP per call) of the ceiling, compiled and run once: n x n @ n x n
+    through XLA, n = 4096 float32 on CPU; on an accelerator n = 8192 bfloat16, 10
+    products queued per call, since one (about 1.4 ms on an H200) is too short to time
+    against dispatch and sync overhead."""
     cpu = jax.default_backend() == "cpu"
     n, dtype, per_call = (4096, jnp.float32, 1) if cpu else (8192, jnp.bfloat16, 10)
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     mm, _ = compile_timed(jax.jit(jnp.matmul), a, b)
-    t = time_fn(lambda: [mm(a, b) for _ in range(per_call)], max(repeats, 5))
+    call = lambda: [mm(a, b) for _ in range(per_call)]
+    jax.block_until_ready(call())
+    return call, per_call * 2 * n**3 / 1e9
+
+
+def run_ceiling(repeats: int) -> dict:
+    """The run's ceiling: `ceiling_matmul`, median of at least 5 calls."""
+    call, gflop = ceiling_matmul()
+    t = time_fn(call, max(repeats, 5), warmup=0)
+    cpu = jax.default_backend() == "cpu"
     return {
-        "ceiling_gflops_per_s": per_call * 2 * n**3 / 1e9 / t["median_s"],
-        "matmul_n": n,
-        "matmul_dtype": jnp.dtype(dtype).name,
+        "ceiling_gflops_per_s": gflop / t["median_s"],
+        "matmul_n": 4096 if cpu else 8192,
+        "matmul_dtype": "float32" if cpu else "bfloat16",
         "machine": machine_info(),
     }
+
+
+def time_against_ceiling(run, repeats: int, warmup: int = 1) -> dict:
+    """`time_fn` of a case with the ceiling matmul timed after each of its calls (a
+    shared machine's speed drifts by 10% within a minute; paired, case and ceiling see
+    the same drift). The case's peak memory is read after `warmup` and `repeats` calls
+    of it alone, before the matmul's arrays exist. Returns time_fn's dict of the paired
+    calls, 'ceiling_gflops_per_s' and 'peak_memory'."""
+    time_fn(run, repeats, warmup)
+    memory = peak_memory_mb()
+    call, gflop = ceiling_matmul()
+    t = time_fn(run, repeats, warmup=0, profile_dir=PROFILE["dir"], paired=call)
+    ceiling = gflop / statistics.median(t["paired_times_s"])
+    return {**t, "ceiling_gflops_per_s": ceiling, "peak_memory": memory}
 
 
 def _case_inference(repeats: int) -> dict:
@@ -169,7 +195,7 @@ def _case_inference(repeats: int) -> dict:
     start = time.perf_counter()
     run()  # compiles
     first = time.perf_counter() - start
-    t = time_fn(run, repeats, warmup=0, profile_dir=PROFILE["dir"])
+    t = time_against_ceiling(run, repeats, warmup=0)
     return {
         **t,
         "compile_s": max(first - t["median_s"], 0.0),
@@ -211,7 +237,7 @@ def _case_train_step(
         state, metrics = step(state, data, votes)
         return metrics
 
-    t = time_fn(run, repeats, warmup=3, profile_dir=PROFILE["dir"])
+    t = time_against_ceiling(run, repeats, warmup=3)
     return {
         **t,
         "compile_s": compile_s,
@@ -366,12 +392,13 @@ def run_case(name: str, repeats: int, ceiling: float | None) -> dict:
         "eval_mixed_sizes": _case_eval_mixed_sizes,
     }
     out = runners[name]()
-    mem, kind = peak_memory_mb(on_device=name != "input_pipeline_128")  # the loader is host-only
+    # The loader is host-only.
+    mem, kind = out.pop("peak_memory", None) or peak_memory_mb(name != "input_pipeline_128")
     return result_record(
         name,
         out.pop("median_s"),
         out.pop("gflop"),
-        ceiling,
+        out.pop("ceiling_gflops_per_s", ceiling),
         mem,
         out.pop("compile_s"),
         jax.default_backend(),
@@ -447,7 +474,8 @@ def print_table(report: dict) -> None:
     c = report["ceiling"]
     print(
         f"ceiling: {c['matmul_n']}^3 {c['matmul_dtype']} matmul through XLA, "
-        f"{c['ceiling_gflops_per_s']:.0f} GFLOP/s"
+        f"{c['ceiling_gflops_per_s']:.0f} GFLOP/s at the start; the inference and training "
+        f"rows timed it after each of their calls (their % ceil)"
     )
 
 

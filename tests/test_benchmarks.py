@@ -65,6 +65,15 @@ def test_time_fn_warms_up_then_times_each_call():
     assert out["median_s"] == sorted(out["times_s"])[1]
 
 
+def test_time_fn_pairs_each_timed_call():
+    order = []
+    out = harness.time_fn(
+        lambda: order.append("case") or 0, 3, warmup=1, paired=lambda: order.append("ceiling")
+    )
+    assert order == ["case"] + ["case", "ceiling"] * 3
+    assert len(out["times_s"]) == len(out["paired_times_s"]) == 3
+
+
 def test_report_has_documented_keys(tmp_path):
     machine = {k: "x" for k in run.MACHINE_KEYS}
     rec = run.result_record(
