@@ -139,7 +139,8 @@ def make_report(machine: dict, ceiling: dict, results: list[dict], quick: bool) 
 
 
 def ceiling_matmul():
-    """(call, GFLOP per call) of the ceiling, compiled and run once: n x n @ n x n
+    """(call, GFLOP per call, {'matmul_n', 'matmul_dtype'}) of the ceiling, compiled and
+    run once: n x n @ n x n
     through XLA, n = 4096 float32 on CPU; on an accelerator n = 8192 bfloat16, 10
     products queued per call, since one (about 1.4 ms on an H200) is too short to time
     against dispatch and sync overhead."""
@@ -150,20 +151,14 @@ def ceiling_matmul():
     mm, _ = compile_timed(jax.jit(jnp.matmul), a, b)
     call = lambda: [mm(a, b) for _ in range(per_call)]
     jax.block_until_ready(call())
-    return call, per_call * 2 * n**3 / 1e9
+    return call, per_call * 2 * n**3 / 1e9, {"matmul_n": n, "matmul_dtype": jnp.dtype(dtype).name}
 
 
 def run_ceiling(repeats: int) -> dict:
     """The run's ceiling: `ceiling_matmul`, median of at least 5 calls."""
-    call, gflop = ceiling_matmul()
+    call, gflop, matmul = ceiling_matmul()
     t = time_fn(call, max(repeats, 5), warmup=0)
-    cpu = jax.default_backend() == "cpu"
-    return {
-        "ceiling_gflops_per_s": gflop / t["median_s"],
-        "matmul_n": 4096 if cpu else 8192,
-        "matmul_dtype": "float32" if cpu else "bfloat16",
-        "machine": machine_info(),
-    }
+    return {"ceiling_gflops_per_s": gflop / t["median_s"], **matmul, "machine": machine_info()}
 
 
 def time_against_ceiling(run, repeats: int, warmup: int = 1) -> dict:
@@ -174,7 +169,7 @@ def time_against_ceiling(run, repeats: int, warmup: int = 1) -> dict:
     calls, 'ceiling_gflops_per_s' and 'peak_memory'."""
     time_fn(run, repeats, warmup)
     memory = peak_memory_mb()
-    call, gflop = ceiling_matmul()
+    call, gflop, _ = ceiling_matmul()
     t = time_fn(run, repeats, warmup=0, profile_dir=PROFILE["dir"], paired=call)
     ceiling = gflop / statistics.median(t["paired_times_s"])
     return {**t, "ceiling_gflops_per_s": ceiling, "peak_memory": memory}

@@ -28,14 +28,14 @@ from srno_jax import checkpoints, load_checkpoint, train
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
-STRAIGHT_STEPS = 60
+STRAIGHT_STEPS = 60  # the uninterrupted run keeps a checkpoint of every step up to here
 # lr=1e38 blows the parameters up in one step; the steps after it are non-finite.
 DIVERGING = (
     "--config.total_steps=50",
     "--config.optim.lr=1e38",
     "--config.max_nonfinite_steps=3",
     "--config.checkpoint.every_steps=1",
-)  # the uninterrupted run keeps a checkpoint of every step up to here
+)
 
 
 @pytest.fixture(scope="module")
