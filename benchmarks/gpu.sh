@@ -3,22 +3,28 @@
 #
 #   bash benchmarks/gpu.sh                      # results in $OUT (default: gpu_out/)
 #   bash benchmarks/gpu.sh --dry-run            # print the steps, run nothing
-#   bash benchmarks/gpu.sh --fetch-wheels DIR   # where PyPI is reachable: the wheels a
-#                                               # machine without network needs
+#   bash benchmarks/gpu.sh --fetch-wheels DIR   # where PyPI is reachable: the wheels that
+#                                               # a machine without network needs
 #
-# It makes a fresh virtualenv that sees the system's packages (a CUDA image's JAX is
-# used as it is) and installs there what is missing: JAX for CUDA from PyPI when JAX
-# cannot see a GPU, and the project's small pure-Python dependencies, from $WHEELS
-# (a folder made by --fetch-wheels, carried to a machine without network) or PyPI.
-# Then it runs the cases in $CASES and leaves in $OUT: gpu.json (the report),
-# profile.tgz (a jax.profiler trace of one timed call of each case: open it with
-# TensorBoard's profile plugin or xprof), nvidia-smi.txt and log.txt.
+# It runs with the Python that already has JAX for the GPU ($PYTHON, default python3: a
+# CUDA image's, often itself a virtualenv, used as it is). Where that Python lacks JAX for
+# the GPU, it makes a virtualenv and installs JAX for CUDA and the project's dependencies
+# from PyPI. The project's small pure-Python dependencies that are missing are installed
+# into a private folder put on PYTHONPATH, from $WHEELS (a folder made by --fetch-wheels
+# and carried to a machine without network) or PyPI; nothing else is changed.
+# Then it runs the cases in $CASES with $RUN_ARGS (e.g. "--repeats 10") and leaves in
+# $OUT: gpu.json (the report), profile.tgz (a jax.profiler trace of one timed call of each
+# case: open it with TensorBoard's profile plugin or xprof), nvidia-smi.txt and log.txt.
+# $BACKEND (default gpu) is the JAX backend required; `BACKEND=cpu` checks the script
+# itself on a machine without a GPU.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 out=${OUT:-$repo/gpu_out}
 cases=${CASES:-train_step_b64_128_bf16,train_step_b64_128,inference_x4_128_to_512,eval_mixed_sizes,input_pipeline_128}
-# What the benchmarks import beyond a CUDA image's scientific stack.
+backend=${BACKEND:-gpu}
+py=${PYTHON:-python3}
+# What the benchmarks import beyond a CUDA image's scientific stack (package = module name).
 extras=(ml_collections tensorboardX)
 dry=""
 
@@ -37,27 +43,41 @@ case "${1:-}" in
   *) echo "gpu.sh: unknown argument $1 (use --dry-run or --fetch-wheels DIR)" >&2; exit 2 ;;
 esac
 
+has_backend() { "$py" -c "import jax; assert jax.default_backend() == '$backend'" 2>/dev/null; }
+
 if [[ -n $dry ]]; then work='$WORK'; else work=$(mktemp -d); fi
-venv=$work/venv
-py=$venv/bin/python
 run mkdir -p "$out"
-run python3 -m venv --system-site-packages "$venv"
-if [[ -n $dry ]] || ! "$py" -c 'import jax; assert jax.default_backend() == "gpu"' 2>/dev/null; then
-  run "$py" -m pip install -q -U "jax[cuda12]"
+if [[ -n $dry ]] || ! has_backend; then
+  echo "# $py has no JAX for $backend: a virtualenv with jax[cuda12] from PyPI"
+  run python3 -m venv "$work/venv"
+  py=$work/venv/bin/python
+  run "$py" -m pip install -q -U "jax[cuda12]" -e "$repo"
 fi
-if [[ -n ${WHEELS:-} ]]; then
-  run "$py" -m pip install -q --no-index --find-links "$WHEELS" "${extras[@]}"
-else
-  run "$py" -m pip install -q "${extras[@]}"
+missing=()
+for m in "${extras[@]}"; do
+  if [[ -n $dry ]] || ! "$py" -c "import $m" 2>/dev/null; then missing+=("$m"); fi
+done
+if ((${#missing[@]})); then
+  if [[ -n ${WHEELS:-} ]]; then
+    src=(--no-index --find-links "$WHEELS")
+  else
+    src=()
+  fi
+  # --no-deps: their own needs (absl-py, PyYAML, protobuf, numpy) come with such images,
+  # and pip must not replace the image's packages.
+  run "$py" -m pip install -q --no-deps --target "$work/site" "${src[@]}" "${missing[@]}"
+  export PYTHONPATH=$work/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-run "$py" -c 'import jax; print(jax.__version__, jax.devices()); assert jax.default_backend() == "gpu"'
+run "$py" -c "import jax; print(jax.__version__, jax.devices()); assert jax.default_backend() == '$backend'"
 if [[ -z $dry ]]; then
   nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
 fi
-echo "+ $py benchmarks/run.py --only $cases --json $out/gpu.json --profile $work/profile"
+# shellcheck disable=SC2086  # RUN_ARGS is a list of words
+echo "+ $py benchmarks/run.py --only $cases --json $out/gpu.json --profile $work/profile ${RUN_ARGS:-}"
 if [[ -z $dry ]]; then
   cd "$repo"
+  # shellcheck disable=SC2086
   PYTHONUNBUFFERED=1 "$py" benchmarks/run.py --only "$cases" --json "$out/gpu.json" \
-    --profile "$work/profile" 2>&1 | tee "$out/log.txt"
-  tar czf "$out/profile.tgz" -C "$work" profile
+    --profile "$work/profile" ${RUN_ARGS:-} 2>&1 | tee "$out/log.txt"
+  if [[ -d $work/profile ]]; then tar czf "$out/profile.tgz" -C "$work" profile; fi
 fi
