@@ -8,7 +8,9 @@ given; it prints its result as one JSON object on the last line of its stdout.
 
 from __future__ import annotations
 
+import collections
 import datetime
+import gzip
 import json
 import os
 import platform
@@ -40,9 +42,10 @@ def time_fn(fn, repeats: int, warmup: int = 1, profile_dir=None, paired=None) ->
     """Calls fn() `warmup` times, then times `repeats` calls, each until its result is ready;
     with `paired`, one call of paired() is timed after each timed call of fn (the two then
     see the same moments of a shared machine); with `profile_dir`, one more call is traced
-    there (`jax.profiler.trace`).
+    there (`jax.profiler.trace`) and summarised (`trace_summary`).
 
-    Returns {'median_s', 'times_s'}, and 'paired_times_s' with `paired`.
+    Returns {'median_s', 'times_s'}, 'paired_times_s' with `paired`, and 'profile' (the
+    summary) with `profile_dir`.
     """
     for _ in range(warmup):
         jax.block_until_ready(fn())
@@ -52,11 +55,51 @@ def time_fn(fn, repeats: int, warmup: int = 1, profile_dir=None, paired=None) ->
             t = time.perf_counter()
             jax.block_until_ready(f())
             out.append(time.perf_counter() - t)
-    if profile_dir is not None:
-        with jax.profiler.trace(str(profile_dir)):
-            jax.block_until_ready(fn())
     result = {"median_s": statistics.median(times), "times_s": times}
-    return {**result, "paired_times_s": paired_times} if paired else result
+    if paired:
+        result["paired_times_s"] = paired_times
+    if profile_dir is not None:
+        with jax.profiler.trace(str(profile_dir), create_perfetto_trace=True):
+            jax.block_until_ready(fn())
+        result["profile"] = trace_summary(profile_dir)
+    return result
+
+
+def trace_summary(trace_dir, top: int = 40) -> dict:
+    """What the newest perfetto trace under `trace_dir` spent its time on, readable
+    without a trace viewer: {'busy_ms': {process and thread: ms of its events}, 'top':
+    the `top` (thread, event name) pairs by total time as {'where', 'name', 'ms',
+    'calls'}}. The Python thread (the caller's own functions) is left out; on a GPU the
+    rest are the kernels of each stream, on the CPU XLA's thunks."""
+    paths = sorted(Path(trace_dir).rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    if not paths:
+        return {"busy_ms": {}, "top": []}
+    with gzip.open(paths[-1]) as f:
+        doc = json.load(f)
+    events = doc["traceEvents"] if isinstance(doc, dict) else doc
+    names = {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name"):
+            tid = e.get("tid") if e["name"] == "thread_name" else None
+            names[e["name"], e["pid"], tid] = e["args"]["name"]
+    ops = collections.defaultdict(lambda: [0.0, 0])
+    busy = collections.defaultdict(float)
+    for e in events:
+        thread = names.get(("thread_name", e.get("pid"), e.get("tid")), str(e.get("tid")))
+        if e.get("ph") != "X" or thread == "python":
+            continue
+        where = f"{names.get(('process_name', e['pid'], None), e['pid'])} {thread}"
+        ms = e.get("dur", 0) / 1e3
+        ops[where, e["name"]][0] += ms
+        ops[where, e["name"]][1] += 1
+        busy[where] += ms
+    rows = sorted(ops.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        "busy_ms": {k: round(v, 3) for k, v in sorted(busy.items(), key=lambda kv: -kv[1])},
+        "top": [
+            {"where": w, "name": n, "ms": round(ms, 3), "calls": c} for (w, n), (ms, c) in rows
+        ],
+    }
 
 
 def compile_timed(jitted, *args):

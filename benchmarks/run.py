@@ -32,8 +32,11 @@ bfloat16 on GPU/TPU), the practical peak to read ``gflops_per_s`` against: for t
 inference and training cases it is timed in the case's own process, once after each
 timed call, so that both see the same moments of a machine whose speed drifts; the
 other rows carry the run's, measured first (``ceiling`` in the JSON). ``gflop`` counts
-the reference model's operations (`benchmarks/flops.py`). ``--quick`` (2 repeats) is for
-developing the harness, not for numbers.
+the reference model's operations (`benchmarks/flops.py`). With ``--profile DIR`` the
+inference and training cases trace one more call into DIR/<case> and record in the JSON
+(``profile``) and the printed table its longest operations (on a GPU, its kernels), so the
+report alone says where the time went. ``--quick`` (2 repeats) is for developing the
+harness, not for numbers.
 """
 
 from __future__ import annotations
@@ -466,6 +469,13 @@ def print_table(report: dict) -> None:
                 f"processes; one process alone {r['single_process_samples_per_s']:.0f}/s; "
                 f"per core {100 * r['per_core_share']:.0f}% of that"
             )
+        if r.get("profile", {}).get("top"):
+            busy = ", ".join(
+                f"{w} {ms:.1f} ms" for w, ms in list(r["profile"]["busy_ms"].items())[:4]
+            )
+            print(f"{r['name']}, one traced call: {busy}; its longest operations:")
+            for op in r["profile"]["top"][:12]:
+                print(f"  {op['ms']:9.3f} ms {op['calls']:5d}x  {op['name'][:90]}")
     c = report["ceiling"]
     print(
         f"ceiling: {c['matmul_n']}^3 {c['matmul_dtype']} matmul through XLA, "

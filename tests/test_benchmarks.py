@@ -185,3 +185,21 @@ def test_gpu_script_dry_run(tmp_path):
         ["bash", str(_BENCH / "gpu.sh"), "--no-such"], capture_output=True, text=True, env=env
     )
     assert bad.returncode == 2 and "unknown argument" in bad.stderr
+
+
+def test_time_fn_profile_summarises_the_traced_call(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    f = jax.jit(lambda a: jnp.tanh(a @ a).sum())
+    a = jnp.ones((256, 256))
+    out = harness.time_fn(lambda: f(a), repeats=1, profile_dir=tmp_path)
+    prof = out["profile"]
+    assert prof["top"] and prof["busy_ms"]
+    assert all(op["ms"] >= 0 and op["calls"] >= 1 for op in prof["top"])
+    assert [op["ms"] for op in prof["top"]] == sorted(
+        (op["ms"] for op in prof["top"]), reverse=True
+    )
+    # The caller's own thread is left out.
+    assert not any(w.endswith(" python") for w in prof["busy_ms"])
+    json.dumps(prof)  # goes into the report as it is
