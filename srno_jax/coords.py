@@ -22,8 +22,9 @@ def make_coord(shape) -> np.ndarray:
       axis k. Along an axis of length n the values are
       ``float32(-1 + 1/n) + float32(2/n) * float32(i)``, rounded to float32 after each
       operation as torch does; built in numpy because an XLA multiply-add may fuse and
-      round once, which moves some coordinates by one ulp (and the output at odd
-      integer scales by ~0.03, see docs).
+      round once, which moves some coordinates by one ulp: at odd integer scales some
+      HR centres then no longer coincide with LR centres, and the output moves by up
+      to 0.03 (the golden case `grid_x7_mcell`, README "Architecture").
     """
     axes = []
     for n in shape:
@@ -46,11 +47,13 @@ def nearest_index(c, size: int):
 
     Exactly torch ``grid_sample(mode='nearest', align_corners=False)`` on CPU: the
     unnormalised position ``(c + 1) * (size / 2) - 0.5`` in float32, rounded half to
-    even. The result is clipped to [0, size - 1]; torch would read zeros outside, but
-    every caller here clamps coordinates into (-1, 1) first, where no clipping occurs.
+    even. The result is clipped to [0, size - 1], where torch would read zeros; the
+    clip acts only within half an ulp of +-1 (c = 1 gives size - 1), and the lifting,
+    this function's caller, clamps coordinates to [-1 + 1e-6, 1 - 1e-6] first as the
+    reference does.
 
     Args:
-      c: float32 array of coordinates in [-1, 1].
+      c: float32 array of coordinates.
       size: number of pixels along the axis (an int, or an int32 array that may be traced).
     Returns:
       int32 array shaped like `c`.
@@ -76,10 +79,14 @@ def gather(flat, idx):
 def sample_bilinear_flat(img, coord, size):
     """Bilinear sample with border padding of a flat-stored image at coordinates.
 
-    Exactly torch ``grid_sample(mode='bilinear', padding_mode='border',
-    align_corners=False)``, (row, col) order. img (B, capacity, C) row-major with stride
-    size[1] (rows after h * w are never read); coord (B, N, 2) float32 in [-1, 1]
-    (outside reads the border); size int32 (2,) = (h, w), may be traced. Returns (B, N, C).
+    torch ``grid_sample(mode='bilinear', padding_mode='border', align_corners=False)``
+    in (row, col) order: the same four pixels and fractions, in float32; the weighted
+    sum is taken as (1 - fy) row0 + fy row1, which can differ from torch's order in
+    the last bit (up to 4e-7 on values in [-1, 1]). img (B, capacity, C) row-major with
+    stride size[1] (rows after h * w are never read); coord (B, N, 2) float32 in
+    [-1, 1] (outside reads the border); size int32 (2,) = (h, w), may be traced.
+    Returns (B, N, C) in the promoted dtype of img and coord (float32 for a bfloat16
+    image).
     """
 
     def axis(c, n):

@@ -122,10 +122,23 @@ def _json_safe(x):
     return x
 
 
+def _is_eval_json(path) -> bool:
+    """Whether `path` holds a document that `_JsonOutput.write` wrote."""
+    try:
+        with path.open("rb") as f:
+            if f.read(1) != b"{":  # a checkpoint or an image is not read whole
+                return False
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and {"checkpoints", "complete", "results"} <= doc.keys()
+
+
 class _JsonOutput:
     """The --json file. Created checks that it can be written, leaving an existing file
     as it is; each `write` replaces it whole, through a temporary file and a rename, so
-    it is valid JSON at every moment."""
+    it is valid JSON at every moment. An existing file is replaced only if it is an
+    earlier srno-eval result: anything else (a checkpoint, an image) is a mistyped path."""
 
     def __init__(self, path: str, checkpoints: list[str]):
         from etils import epath
@@ -134,6 +147,11 @@ class _JsonOutput:
         self._tmp = self.path.with_name(self.path.name + ".partial")
         if self.path.is_dir():
             raise DataError(f"cannot write --json {self.path}: it is a folder; give a file name")
+        if self.path.exists() and not _is_eval_json(self.path):
+            raise DataError(
+                f"--json {self.path} exists and is not an srno-eval result (a checkpoint or "
+                "an image?); it is left as it is: choose another file name"
+            )
         self._write_text("", self._tmp)
         self._tmp.unlink()
 

@@ -54,7 +54,8 @@ def eval_sizes(hr_shape: tuple[int, ...], scale: float) -> tuple[int, int, int, 
     ``SRImplicitDownsampled`` with ``inp_size=None``.
 
     Raises `ConfigError` for a scale that `check_scale` refuses, `DataError` when the
-    image is smaller than one LR pixel at this scale.
+    image is smaller than one LR pixel at this scale, or when the scale is so close to 1
+    that the pair's HR crop is no larger than its LR image (nothing to super-resolve).
     """
     check_scale(scale)
     h, w = int(hr_shape[0]), int(hr_shape[1])
@@ -65,7 +66,13 @@ def eval_sizes(hr_shape: tuple[int, ...], scale: float) -> tuple[int, int, int, 
             f"an image of {h}x{w} is smaller than one LR pixel at scale {scale:g}; "
             "use a smaller scale or a larger image"
         )
-    return h_lr, w_lr, round(h_lr * scale), round(w_lr * scale)
+    h_hr, w_hr = round(h_lr * scale), round(w_lr * scale)
+    if (h_hr, w_hr) == (h_lr, w_lr):
+        raise DataError(
+            f"at scale {scale} an image of {h}x{w} gives a {h_lr}x{w_lr} input and an "
+            "output of the same size: nothing to super-resolve; use a larger scale"
+        )
+    return h_lr, w_lr, h_hr, w_hr
 
 
 def make_eval_pair(hr: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -87,9 +94,13 @@ def eval_cell(hr_size: tuple[int, int], scale: float) -> np.ndarray:
 
     cell = (2 / H, 2 / W) * max(scale / 4, 1): the reference's test-time "mcell", which
     enlarges the cell for scales beyond the training range x1..x4 (out of distribution).
+    Rounded as the reference does: 2 / H and the factor each to float32, then their
+    float32 product (one rounding of the float64 product differs by 1 ulp in about a
+    fifth of the sizes beyond x4).
     """
     h, w = hr_size
-    return (np.array([2.0 / h, 2.0 / w]) * max(scale / 4.0, 1.0)).astype(np.float32)
+    factor = np.float32(max(scale / 4.0, 1.0))
+    return np.array([2.0 / h, 2.0 / w], np.float32) * factor
 
 
 def rgb_to_y(img: np.ndarray) -> np.ndarray:
@@ -145,6 +156,17 @@ def _check_pair(
         raise DataError(
             f"expected two (H, W, 3) images of one shape, got {sr.shape} and {hr.shape}"
         )
+    for name, img in (("sr", sr), ("hr", hr)):
+        # uint8 or [0, 255] floats would give a PSNR some 48 dB off without any error.
+        if not np.issubdtype(img.dtype, np.floating):
+            raise DataError(f"{name} is {img.dtype}: pass float images in [0, 1] (uint8 / 255)")
+        if not np.isfinite(img).all():
+            raise DataError(f"{name} has NaN or infinite values (a broken model or input)")
+        if img.size and not (img.min() >= 0 and img.max() <= 1):
+            raise DataError(
+                f"{name} has values in [{img.min():g}, {img.max():g}]: pass float images "
+                "in [0, 1] (clamp the prediction; divide 8-bit images by 255)"
+            )
     check_evaluable(sr.shape[:2], protocol, scale, with_ssim)
 
 
@@ -155,7 +177,8 @@ def psnr(sr: np.ndarray, hr: np.ndarray, protocol: str | None = None, scale: flo
     'benchmark': Y of the difference (`rgb_to_y`), shave ceil(scale) pixels at each
     border; 'div2k': RGB, shave ceil(scale) + 6; None: RGB, no shave.
     PSNR = -10 log10(mean squared error), the mean in float64; identical images give inf.
-    Raises `ConfigError` for an unknown protocol, `DataError` for mismatched or too small images.
+    Raises `ConfigError` for an unknown protocol, `DataError` for mismatched or too small
+    images, or images that are not floats in [0, 1].
     """
     _check_pair(sr, hr, protocol, scale, False)
     shave = _shave(protocol, scale)

@@ -84,6 +84,10 @@ def test_lifting_weights_are_bilinear_and_sum_to_one():
     assert z.shape == (hh * ww, 4 * (1 + 2) + 2)
     weights = z[:, 8:12]  # features are 1, so the weighted features are the weights
     np.testing.assert_allclose(weights.sum(-1), 1, atol=1e-6)
+    # Bilinear: neighbour i weighs the area |rel_y rel_x| of the diagonally opposite one.
+    rel = z[:, 0:8].reshape(-1, 4, 2).astype(np.float64)
+    area = np.abs(rel[..., 0] * rel[..., 1]) + 1e-9
+    np.testing.assert_allclose(weights, area[:, ::-1] / area.sum(-1, keepdims=True), atol=1e-6)
     # Where an HR centre is an LR centre every neighbour shares its row or column: all four
     # areas are 1e-9 and the weights 1/4 each.
     coincident = (np.abs(z[:, 0:8]).reshape(-1, 4, 2).min(-1) == 0).all(-1)

@@ -6,23 +6,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import golden_dir
+from conftest import SMALL_GOLDEN
 from PIL import Image
 
 _ROOT = Path(__file__).resolve().parents[1]
-_GOLDEN = golden_dir("small_edsr_srno")
+_GOLDEN = SMALL_GOLDEN
 
-from srno_jax import eval_cli
+from srno_jax import eval_cli, load_checkpoint
+from srno_jax.coords import make_coord
+from srno_jax.metrics import eval_cell, make_eval_pair, psnr
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """<tmp>/benchmark/Set5/HR and <tmp>/DIV2K_valid_HR, each holding the golden HR photo;
     returns (folder, {(dataset, scale): reference PSNR})."""
-    if _GOLDEN is None:
-        pytest.skip("golden cases.npz not found")
     root = tmp_path_factory.mktemp("data")
     refs = {}
     with np.load(_GOLDEN / "cases.npz") as z:
@@ -83,6 +85,7 @@ def test_checkpoints_give_one_row_each(data_dir, tmp_path, capsys):
     Image.fromarray(hr).save(small / "crop.png")
     out = tmp_path / "r.json"
     pth = str(_GOLDEN / "checkpoint.pth")
+    jax.clear_caches()  # compilations are counted: none may come from earlier tests
     rc = eval_cli.main(
         [
             "--checkpoint",
@@ -109,6 +112,14 @@ def test_checkpoints_give_one_row_each(data_dir, tmp_path, capsys):
     assert (bic["checkpoint"], r["checkpoint"]) == ("bicubic", pth)
     assert r["dataset"] == "small" and r["scale"] == 2.5 and r["protocol"] == "benchmark"
     assert math.isfinite(r["psnr"]) and r["images"] == 1 and r["psnr"] != bic["psnr"]
+    # The same protocol by hand: the reference's test pair, one-pass model, clamp, PSNR.
+    lr, hr_c = make_eval_pair(hr, 2.5)
+    model, variables = load_checkpoint(pth)
+    inp = jnp.asarray(lr[None] / 255.0 * 2 - 1, jnp.float32)
+    coord = jnp.asarray(make_coord(hr_c.shape[:2])[None])
+    cell = jnp.asarray(eval_cell(hr_c.shape[:2], 2.5)[None])
+    sr = np.clip((np.asarray(model.apply(variables, inp, coord, cell))[0] + 1) / 2, 0, 1)
+    assert r["psnr"] == pytest.approx(psnr(sr, hr_c / 255.0, "benchmark", 2.5), abs=1e-4)
     (img,) = r["per_image"]
     assert img["image"] == "crop.png" and img["psnr"] == r["psnr"] and -1 <= img["ssim"] <= 1
     captured = capsys.readouterr()

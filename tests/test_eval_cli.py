@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import golden_dir
+from conftest import SMALL_GOLDEN
 from PIL import Image
 
 from srno_jax import eval_cli, evaluation
@@ -18,7 +18,7 @@ from srno_jax.images import resize_bicubic
 from srno_jax.metrics import make_eval_pair, psnr
 
 _ROOT = Path(__file__).resolve().parents[1]
-_GOLDEN = golden_dir("small_edsr_srno")
+_GOLDEN = SMALL_GOLDEN
 
 
 def _image(path, hw, seed=0, smooth=False):
@@ -157,6 +157,25 @@ def test_unwritable_json_fails_before_any_work(tmp_path, capsys, forward_passes,
     err = capsys.readouterr().err
     assert "cannot write --json" in err and "Traceback" not in err
     assert forward_passes == []
+
+
+def test_json_never_replaces_an_input(tmp_path, capsys, forward_passes):
+    """--json naming the checkpoint or an HR image is refused; an earlier result is replaced."""
+    hr = tmp_path / "imgs" / "a.png"
+    _image(hr, (32, 32))
+    ckpt = tmp_path / "model.pth"
+    ckpt.write_bytes((_GOLDEN / "checkpoint.pth").read_bytes())
+    before = {p: p.read_bytes() for p in (hr, ckpt)}
+    for target in (ckpt, hr):
+        args = ("--data", tmp_path / "imgs", "--scales", "2", "--json", target)
+        assert _run(*args, checkpoint=ckpt) == 2
+        err = capsys.readouterr().err
+        assert "is not an srno-eval result" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in before} == before and forward_passes == []
+    out = tmp_path / "r.json"
+    assert _run("--data", tmp_path / "imgs", "--scales", "2", "--json", out) == 0
+    assert _run("--data", tmp_path / "imgs", "--scales", "3", "--json", out) == 0  # a rerun
+    assert _strict_json(out)["results"][0]["scale"] == 3
 
 
 def test_failed_checks_keep_an_existing_json(tmp_path, capsys):
@@ -355,7 +374,6 @@ def test_paired_sizes_that_match_no_scale(tmp_path, capsys):
     assert "match no single scale" in err and "Traceback" not in err
 
 
-@pytest.mark.skipif(_GOLDEN is None, reason="golden checkpoint not found")
 def test_second_run_compiles_nothing(tmp_path):
     """With the persistent compilation cache, a rerun in a new process loads every
     compiled function instead of compiling it."""

@@ -1,4 +1,11 @@
-"""The Flax SRNO against the reference PyTorch SRNO's golden vectors (tolerances from its README)."""
+"""The Flax SRNO against the reference PyTorch SRNO's golden vectors.
+
+The golden README's tolerances (features and predictions 1e-4, loss 1e-5, gradients 1e-3
+relative) admit a LayerNorm with eps on the variance or a tanh GELU (2-3e-5 off in the
+predictions). This implementation meets about ten times its measured error on every
+set (`benchmarks/golden_report.py`: features 2.3e-6, predictions 2.4e-7, loss 4.5e-8,
+gradients 1.7e-6 relative), so the bounds here are those, and such a slip fails.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -8,10 +15,12 @@ from conftest import require_golden
 
 from srno_jax import load_checkpoint
 from srno_jax.checkpoints import params_to_torch
+from srno_jax.coords import make_coord
 from srno_jax.schedules import lr_at_epoch
 
 SETS = ["small_edsr_srno", "edsr_srno", "rdn_srno"]
 GRID_CASES = ["grid_x2.5", "grid_x7_mcell", "train_batch_x3.3"]
+FEAT_ATOL, PRED_ATOL, LOSS_ATOL, GRAD_RTOL = 3e-5, 3e-6, 1e-6, 3e-5
 
 
 def nhwc(a):
@@ -26,19 +35,32 @@ def golden(request):
 
 
 def test_forward(golden):
-    """Encoder features and predictions of every case within 1e-4 (x7 tests exact coordinates)."""
+    """Encoder features and predictions of every case (x7 tests exact coordinates)."""
     _, model, variables, z = golden
     apply = jax.jit(model.apply)
     encode = jax.jit(lambda v, x: model.apply(v, x, method=model.encode))
     for case in GRID_CASES:
         inp = nhwc(z[f"{case}/inp"])
         feat = encode(variables, inp)
-        np.testing.assert_allclose(feat, nhwc(z[f"{case}/feat"]), atol=1e-4, rtol=0, err_msg=case)
+        np.testing.assert_allclose(
+            feat, nhwc(z[f"{case}/feat"]), atol=FEAT_ATOL, rtol=0, err_msg=case
+        )
         pred = apply(
             variables, inp, jnp.asarray(z[f"{case}/coord"]), jnp.asarray(z[f"{case}/cell"])
         )
         assert pred.shape == z[f"{case}/coord"].shape[:-1] + (3,)
-        np.testing.assert_allclose(pred, nhwc(z[f"{case}/pred"]), atol=1e-4, rtol=0, err_msg=case)
+        np.testing.assert_allclose(
+            pred, nhwc(z[f"{case}/pred"]), atol=PRED_ATOL, rtol=0, err_msg=case
+        )
+
+
+def test_grid_coordinates_are_make_coord_bit_for_bit(golden):
+    """The golden grids' queries are `make_coord`'s, so test_forward's x7 case (which
+    depends on these bits) holds for the coordinates eval.py and upscale build."""
+    _, _, _, z = golden
+    for case in ("grid_x2.5", "grid_x7_mcell"):
+        coord = z[f"{case}/coord"][0]
+        np.testing.assert_array_equal(make_coord(coord.shape[:2]), coord, err_msg=case)
 
 
 def test_flat_queries_equal_grid(golden):
@@ -56,7 +78,7 @@ def test_flat_queries_equal_grid(golden):
 
 
 def test_loss_and_every_gradient(golden):
-    """The training-batch L1 loss within 1e-5; each gradient within 1e-3 relative (Frobenius)."""
+    """The training-batch L1 loss, and each gradient relative to its Frobenius norm."""
     name, model, variables, z = golden
     case = "train_batch_x3.3"
     inp, coord, cell = (
@@ -70,7 +92,7 @@ def test_loss_and_every_gradient(golden):
         return jnp.mean(jnp.abs(model.apply({"params": params}, inp, coord, cell) - gt))
 
     loss, grads = jax.jit(jax.value_and_grad(loss_fn))(variables["params"])
-    assert abs(float(loss) - float(z[f"{case}/loss"])) < 1e-5
+    assert abs(float(loss) - float(z[f"{case}/loss"])) < LOSS_ATOL
     torch_grads = params_to_torch(grads, model)
     expected = {k[len("grad/") :] for k in z.files if k.startswith("grad/")}
     assert set(torch_grads) == expected, "every trainable parameter has a gradient, no more"
@@ -78,7 +100,7 @@ def test_loss_and_every_gradient(golden):
         ref = z[f"grad/{k}"]
         assert g.shape == ref.shape, k
         rel = np.linalg.norm(g - ref) / np.linalg.norm(ref)
-        assert rel < 1e-3, f"{name}: gradient of {k} off by {rel:.2e} relative"
+        assert rel < GRAD_RTOL, f"{name}: gradient of {k} off by {rel:.2e} relative"
 
 
 def test_schedule():

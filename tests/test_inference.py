@@ -1,10 +1,9 @@
 """Tests of srno_jax.inference: exact chunked prediction, tiled encoding, upscale."""
 
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
+from conftest import SMALL_GOLDEN
 from PIL import Image
 
 from srno_jax.checkpoints import load_checkpoint
@@ -14,34 +13,16 @@ from srno_jax.image_api import upscale
 from srno_jax.inference import _encoder, _moments, _one_chunk, _project, encode, lr_bucket, predict
 from srno_jax.models import init_variables, make_model
 
-_HERE = Path(__file__).resolve().parent
-_GOLDEN = next(
-    (
-        d / "small_edsr_srno"
-        for d in (_HERE.parents[1] / "shared" / "golden", _HERE / "golden")
-        if (d / "small_edsr_srno" / "cases.npz").exists()
-    ),
-    None,
-)
+_GOLDEN = SMALL_GOLDEN
 
 
 @pytest.fixture(scope="module")
 def small():
-    """(model, variables) of the golden small checkpoint, or a fresh model of its shape."""
-    if _GOLDEN is not None:
-        return load_checkpoint(_GOLDEN / "checkpoint.pth")
-    model = make_model(encoder_args={"n_resblocks": 2}, width=64, heads=4)
-    dummy = (
-        np.zeros((1, 8, 8, 3), np.float32),
-        np.zeros((1, 4, 2), np.float32),
-        np.zeros((1, 2), np.float32),
-    )
-    return model, model.init(jax.random.key(0), *dummy)
+    """(model, variables) of the golden small checkpoint."""
+    return load_checkpoint(_GOLDEN / "checkpoint.pth")
 
 
 def _case(name):
-    if _GOLDEN is None:
-        pytest.skip("golden cases.npz not found")
     with np.load(_GOLDEN / "cases.npz") as z:
         return (
             z[f"{name}/inp"].transpose(0, 2, 3, 1),
@@ -159,6 +140,7 @@ def test_compiles_once_per_bucket_and_chunk(small):
     run(9, 11, (30, 31), chunk_size=256)
     run(9, 11, (30, 31))
     before = sizes()
+    assert all(n > 0 for n in before)  # each of the four is a cached jit
     run(10, 12, (41, 23), chunk_size=256)  # LR 9..12 x 9..12 share the bucket 12 x 12
     run(10, 11, (25, 26))
     run(9, 12, (60, 70))  # all these outputs fill one MIN_CHUNK chunk
@@ -217,8 +199,6 @@ def test_upscale_bad_image(small):
 def test_upscale_cli(small, tmp_path, capsys):
     from srno_jax.upscale_cli import main
 
-    if _GOLDEN is None:
-        pytest.skip("golden checkpoint not found")
     rgb = np.random.default_rng(3).integers(0, 256, (12, 10, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "in.png")
     out = tmp_path / "out.png"

@@ -314,7 +314,6 @@ def test_tfds_missing_gives_fix(monkeypatch):
 
 
 def test_tfds_unprepared_gives_fix(tmp_path):
-    pytest.importorskip("tensorflow_datasets")
     with pytest.raises(DataError, match=f"--data_dir={tmp_path}"):
         TFDSSource("div2k", "train", data_dir=str(tmp_path))
 

@@ -1,5 +1,7 @@
 """`layers.conv`: its own gradient rule must give the numbers of a plain 'same' convolution."""
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -48,3 +50,30 @@ def test_conv_same_refuses_what_it_does_not_implement():
     nchw = jax.lax.conv_dimension_numbers(X.shape, kernel.shape, ("NCHW", "HWIO", "NCHW"))
     with pytest.raises(ValueError, match="NHWC"):
         layers.conv_same(X, kernel, (1, 1), "SAME", dimension_numbers=nchw)
+
+
+def test_gelu_is_torchs_erf_form_not_the_tanh_approximation():
+    x = np.linspace(-6, 6, 2001)
+    exact = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x])
+    tanh = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    got = np.asarray(layers.gelu(jnp.asarray(x, jnp.float32)), np.float64)
+    np.testing.assert_allclose(got, exact, atol=2e-6)
+    assert np.abs(got - tanh).max() > 1e-4  # the approximation would fail the line above
+
+
+def test_head_layer_norm_adds_eps_to_the_unbiased_std():
+    """The reference's LayerNorm: x / (std(x, ddof=1) + eps) * scale + bias, on input whose
+    per-head mean is already 0; a large eps tells eps-on-std from eps-on-variance."""
+    from srno_jax.models.srno import HeadLayerNorm
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 5, 3, 4)).astype(np.float32) * 0.3
+    x -= x.mean(-1, keepdims=True)
+    norm = HeadLayerNorm(eps=0.1)
+    params = {"scale": rng.normal(size=(3, 4)), "bias": rng.normal(size=(3, 4))}
+    got = np.asarray(norm.apply({"params": params}, jnp.asarray(x)), np.float64)
+    x64 = x.astype(np.float64)
+    std = x64.std(-1, ddof=1, keepdims=True)
+    np.testing.assert_allclose(got, x64 / (std + 0.1) * params["scale"] + params["bias"], atol=1e-5)
+    on_variance = x64 / np.sqrt(std**2 + 0.1) * params["scale"] + params["bias"]
+    assert np.abs(got - on_variance).max() > 1e-2

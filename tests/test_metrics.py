@@ -1,10 +1,10 @@
 """Tests of srno_jax.metrics: the golden PSNR cases of the reference and hand-made checks."""
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SMALL_GOLDEN
 
 from srno_jax.errors import ConfigError, DataError
 from srno_jax.images import resize_bicubic
@@ -20,21 +20,11 @@ from srno_jax.metrics import (
     ssim,
 )
 
-_HERE = Path(__file__).resolve().parent
-_CASES = next(
-    (
-        d / "small_edsr_srno" / "cases.npz"
-        for d in (_HERE.parents[0] / ".." / "shared" / "golden", _HERE / "golden")
-        if (d / "small_edsr_srno" / "cases.npz").exists()
-    ),
-    None,
-)
+_CASES = SMALL_GOLDEN / "cases.npz"
 
 
 def _golden(name):
     """Golden psnr case as HWC float32 arrays (hr, lr, bicubic_pil) and the reference PSNR."""
-    if _CASES is None:
-        pytest.skip("golden cases.npz not found")
     with np.load(_CASES) as z:
         hr, lr, bic = (
             z[f"psnr/{name}/{k}"].transpose(1, 2, 0) for k in ("hr", "lr", "bicubic_pil")
@@ -70,6 +60,9 @@ def test_make_eval_pair_crops_top_left():
 def test_eval_sizes():
     assert eval_sizes((333, 500), 3.7) == (90, 135, 333, 500)  # 333 / 3.7 is 89.999... in floats
     assert eval_sizes((300, 451, 3), 2.5) == (120, 180, 300, 450)
+    assert eval_sizes((100, 100), 1.01) == (99, 99, 100, 100)  # one pixel larger: a task
+    with pytest.raises(DataError, match="nothing to super-resolve"):
+        eval_sizes((100, 100), 1.0000001)  # 99 x 99 -> 99 x 99
     for bad in (0.5, 1, math.inf, math.nan, True):
         with pytest.raises(ConfigError, match="scale"):
             eval_sizes((64, 64), bad)
@@ -91,11 +84,14 @@ def test_eval_cell_mcell():
     np.testing.assert_allclose(eval_cell((60, 50), 2), [2 / 60, 2 / 50], rtol=1e-7)
     np.testing.assert_allclose(eval_cell((60, 50), 6), [1.5 * 2 / 60, 1.5 * 2 / 50], rtol=1e-7)
     assert eval_cell((60, 50), 6).dtype == np.float32
+    # The reference rounds twice (float32 2 / H times the float32 factor): at H = 12, x7
+    # that is 0.2916667, one ulp from the float64 product's rounding 0.29166666.
+    cell = eval_cell((12, 12), 7)
+    assert cell[0] == np.float32(2 / 12) * np.float32(1.75)
+    assert cell[0] != np.float32(2 / 12 * 1.75)
 
 
 def test_eval_cell_golden_mcell():
-    if _CASES is None:
-        pytest.skip("golden cases.npz not found")
     with np.load(_CASES) as z:
         np.testing.assert_array_equal(
             eval_cell((70, 84), 7), z["grid_x7_mcell/cell"].reshape(-1, 2)[0]
@@ -143,6 +139,12 @@ def test_psnr_bad_input():
         psnr(img, np.zeros((10, 11, 3)))
     with pytest.raises(DataError):
         psnr(img, img, "div2k", 4)
+    with pytest.raises(DataError, match="uint8 / 255"):
+        psnr(img.astype(np.uint8), img.astype(np.uint8))
+    with pytest.raises(DataError, match=r"hr has values in \[255, 255\]"):
+        psnr(img, np.full_like(img, 255.0))
+    with pytest.raises(DataError, match="NaN"):
+        ssim(np.full_like(img, np.nan), img)
 
 
 def test_default_protocol():

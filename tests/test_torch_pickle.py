@@ -14,22 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require_golden
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from srno_jax.errors import CheckpointError
 from srno_jax.torch_pickle import read_pth
-
-SHARED_GOLDEN = (Path(__file__).parents[1] / ".." / "shared" / "golden").resolve()
-LOCAL_GOLDEN = Path(__file__).parent / "golden"
-
-
-def golden(name: str) -> Path:
-    for root in (SHARED_GOLDEN, LOCAL_GOLDEN):
-        if (root / name / "checkpoint.pth").is_file():
-            return root / name
-    pytest.skip(f"golden set {name} is absent")
-
 
 # --- a tiny torch.save writer, so crafted checkpoints need no torch ------------------
 
@@ -101,7 +91,7 @@ def write_ckpt(path: Path, obj=None, storages=None, pkl=None, top="archive", byt
 
 
 def small_entries() -> dict[str, bytes]:
-    with zipfile.ZipFile(golden("small_edsr_srno") / "checkpoint.pth") as zf:
+    with zipfile.ZipFile(require_golden("small_edsr_srno") / "checkpoint.pth") as zf:
         return {name: zf.read(name) for name in zf.namelist()}
 
 
@@ -156,7 +146,7 @@ EDSR_SPEC = {"name": "edsr-baseline", "args": {"no_upsampling": True}}
     ],
 )
 def test_golden_checkpoints_load(name, args, shapes):
-    ckpt = read_pth(golden(name) / "checkpoint.pth")
+    ckpt = read_pth(require_golden(name) / "checkpoint.pth")
     assert ckpt["epoch"] == 1
     assert ckpt["model"]["name"] == "sronet"
     assert ckpt["model"]["args"] == args
@@ -171,7 +161,7 @@ def test_golden_checkpoints_load(name, args, shapes):
 
 
 def test_small_keys_match_golden_gradients():
-    root = golden("small_edsr_srno")
+    root = require_golden("small_edsr_srno")
     sd = read_pth(root / "checkpoint.pth")["model"]["sd"]
     with np.load(root / "cases.npz") as cases:
         grads = {k[len("grad/") :]: cases[k].shape for k in cases.files if k.startswith("grad/")}
@@ -191,7 +181,9 @@ def test_values_match_the_raw_storage():
     after = strings[strings.index("conv00.weight") + 1 :]
     key = next(s for s in after if s.isdigit())
     raw = np.frombuffer(entries[f"checkpoint/data/{key}"], "<f4")
-    loaded = read_pth(golden("small_edsr_srno") / "checkpoint.pth")["model"]["sd"]["conv00.weight"]
+    loaded = read_pth(require_golden("small_edsr_srno") / "checkpoint.pth")["model"]["sd"][
+        "conv00.weight"
+    ]
     np.testing.assert_array_equal(loaded, raw.reshape(loaded.shape))
 
 
@@ -342,7 +334,7 @@ def test_not_a_zip(tmp_path):
 
 @pytest.mark.parametrize("keep", [10, 1000, 500_000, -22, -1])
 def test_truncated(tmp_path, keep):
-    data = (golden("small_edsr_srno") / "checkpoint.pth").read_bytes()
+    data = (require_golden("small_edsr_srno") / "checkpoint.pth").read_bytes()
     path = tmp_path / "cut.pth"
     path.write_bytes(data[:keep])
     with pytest.raises(CheckpointError, match="cut.pth is a truncated or corrupt zip archive"):
@@ -350,7 +342,7 @@ def test_truncated(tmp_path, keep):
 
 
 def test_corrupt_storage_bytes(tmp_path):
-    data = bytearray((golden("small_edsr_srno") / "checkpoint.pth").read_bytes())
+    data = bytearray((require_golden("small_edsr_srno") / "checkpoint.pth").read_bytes())
     data[len(data) // 2] ^= 0xFF  # inside a storage: the CRC check catches it
     path = tmp_path / "bad.pth"
     path.write_bytes(bytes(data))
@@ -490,7 +482,7 @@ def test_fuzz_random_bytes(data):
 
 @pytest.fixture(scope="module")
 def small_bytes() -> bytes:
-    return (golden("small_edsr_srno") / "checkpoint.pth").read_bytes()
+    return (require_golden("small_edsr_srno") / "checkpoint.pth").read_bytes()
 
 
 @FUZZ
