@@ -88,6 +88,18 @@ def check_config(config) -> None:
             f"config field compute_dtype = {dtype!r} is invalid: it must be one "
             f"of {', '.join(COMPUTE_DTYPES)}"
         )
+    # The model is checked as a checkpoint's model args are.
+    model, present = _get(config, "model")
+    if present:
+        from srno_jax.models import make_model
+
+        try:
+            make_model(model.encoder, model.get("encoder_args"), model.width, model.heads)
+        except ConfigError as e:
+            raise ConfigError(
+                f"config field model: {e} (set it with --config.model.<field>=..., an "
+                "encoder argument with --config.model.encoder_args.<name>=...)"
+            ) from None
     # The evaluation settings are checked as evaluation itself checks them.
     scales, _ = _get(config, "eval.scales")
     for s in scales or ():

@@ -139,3 +139,38 @@ def test_home_is_expanded(tmp_path, monkeypatch, small_ckpt):
     save_pth(tmp_path / "ck.pth", small_ckpt)
     monkeypatch.setenv("HOME", str(tmp_path))
     assert load_checkpoint("~/ck.pth")[0].width == load_checkpoint(tmp_path / "ck.pth")[0].width
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"width": "abc"}, "width = 'abc' is invalid"),
+        ({"width": float("nan")}, "width = nan is invalid"),
+        ({"width": float("inf")}, "width = inf is invalid"),
+        ({"width": -64}, "width = -64 is invalid"),
+        ({"blocks": 0}, "heads = 0 is invalid"),
+        ({"encoder_spec": {"name": "edsr-baseline", "args": [1, 2]}}, "not a mapping"),
+        ({"encoder_spec": {"name": "edsr-baseline", "args": {"n_feats": "64"}}}, "n_feats"),
+        (
+            {"encoder_spec": {"name": "edsr-baseline", "args": {"n_resblocks": 10**7}}},
+            "<= 256|256]",
+        ),
+        (
+            {"encoder_spec": {"name": "edsr-baseline", "args": {"res_scale": float("nan")}}},
+            "res_scale",
+        ),
+        ({"encoder_spec": {"name": "rdn", "args": {"RDNkSize": 4}}}, "RDNkSize"),
+    ],
+)
+def test_model_args_out_of_range_are_refused_before_building(tmp_path, small_ckpt, change, message):
+    """Corrupt or hostile args give one CheckpointError, not a JAX error or hours of tracing."""
+    args = dict(small_ckpt["model"]["args"], **change)
+    path = save_pth(tmp_path / "bad.pth", with_model(small_ckpt, args=args))
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+
+
+def test_state_dict_must_be_a_dict(tmp_path, small_ckpt):
+    path = save_pth(tmp_path / "sd.pth", with_model(small_ckpt, sd=[1, 2]))
+    with pytest.raises(CheckpointError, match="not a reference SRNO checkpoint"):
+        load_checkpoint(path)

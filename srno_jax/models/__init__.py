@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 from srno_jax.errors import ConfigError
 from srno_jax.models.encoders import EDSR, RDN, RDN_CONFIGS
 from srno_jax.models.srno import SRNO, GalerkinAttention, Projection, lifting_inputs
@@ -14,10 +17,32 @@ ENCODER_DEFAULTS = {
 }
 
 
+# Ranges for model sizes. A checkpoint from elsewhere names them: the bounds (far above
+# the paper's models) keep a hostile or corrupt one from building a model whose tracing
+# would run for hours.
+_SIZES = {"n_resblocks": 256, "n_feats": 1024, "G0": 1024, "width": 4096, "heads": 4096}
+
+
+def _size(name: str, value) -> int:
+    """`value` as an int if it is a whole number in [1, _SIZES[name]], else ConfigError."""
+    whole = isinstance(value, numbers.Integral) or (
+        isinstance(value, float) and math.isfinite(value) and value.is_integer()
+    )
+    if isinstance(value, bool) or not whole or not 1 <= value <= _SIZES[name]:
+        raise ConfigError(
+            f"model argument {name} = {value!r} is invalid: it must be a whole number "
+            f"in [1, {_SIZES[name]}]"
+        )
+    return int(value)
+
+
 def make_encoder(name: str, args: dict | None = None, dtype="float32"):
-    """Builds an encoder from the reference's `encoder_spec` name and args."""
-    if name not in ENCODER_DEFAULTS:
+    """Builds an encoder from the reference's `encoder_spec` name and args, each checked."""
+    if not isinstance(name, str) or name not in ENCODER_DEFAULTS:
         raise ConfigError(f"unknown encoder {name!r}; choose one of {sorted(ENCODER_DEFAULTS)}")
+    # A dict, or a ConfigDict (which has items() but is no Mapping).
+    if args is not None and not callable(getattr(args, "items", None)):
+        raise ConfigError(f"encoder args {args!r} are not a mapping of names to values")
     args = {k: v for k, v in (args or {}).items() if k != "no_upsampling"}
     unknown = set(args) - set(ENCODER_DEFAULTS[name])
     if unknown:
@@ -27,13 +52,24 @@ def make_encoder(name: str, args: dict | None = None, dtype="float32"):
         )
     a = {**ENCODER_DEFAULTS[name], **args}
     if name == "rdn":
-        if a["RDNconfig"] not in RDN_CONFIGS:
+        if not isinstance(a["RDNconfig"], str) or a["RDNconfig"] not in RDN_CONFIGS:
             raise ConfigError(f"RDNconfig {a['RDNconfig']!r} is not one of {sorted(RDN_CONFIGS)}")
-        return RDN(g0=a["G0"], config=a["RDNconfig"], kernel_size=a["RDNkSize"], dtype=dtype)
+        if a["RDNkSize"] not in (1, 3, 5, 7) or isinstance(a["RDNkSize"], bool):
+            raise ConfigError(f"RDNkSize {a['RDNkSize']!r} is invalid: it must be 1, 3, 5 or 7")
+        g0 = _size("G0", a["G0"])
+        return RDN(g0=g0, config=a["RDNconfig"], kernel_size=int(a["RDNkSize"]), dtype=dtype)
+    res_scale = a["res_scale"]
+    if isinstance(res_scale, bool) or not isinstance(res_scale, numbers.Real):
+        res_scale = math.nan
+    if not (math.isfinite(res_scale) and res_scale > 0):
+        raise ConfigError(
+            f"model argument res_scale = {a['res_scale']!r} is invalid: it must be a "
+            "finite number > 0"
+        )
     return EDSR(
-        n_resblocks=a["n_resblocks"],
-        n_feats=a["n_feats"],
-        res_scale=float(a["res_scale"]),
+        n_resblocks=_size("n_resblocks", a["n_resblocks"]),
+        n_feats=_size("n_feats", a["n_feats"]),
+        res_scale=float(res_scale),
         dtype=dtype,
     )
 
@@ -54,7 +90,9 @@ def make_model(
     heads: int = 16,
     dtype="float32",
 ) -> SRNO:
-    """SRNO from the reference's model args (`blocks` there is `heads` here)."""
+    """SRNO from the reference's model args (`blocks` there is `heads` here), each
+    checked: `ConfigError` names the first one out of range."""
+    width, heads = _size("width", width), _size("heads", heads)
     if width % heads:
         raise ConfigError(f"width {width} must be divisible by heads {heads}")
     return SRNO(make_encoder(encoder, encoder_args, dtype), width=width, heads=heads, dtype=dtype)
