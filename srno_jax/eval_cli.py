@@ -23,6 +23,7 @@ import sys
 import time
 
 from srno_jax.errors import ConfigError, DataError, SRNOError
+from srno_jax.upscale_cli import positive_int
 
 _PROG = "srno-eval"
 _DEFAULT_SCALES = [2.0, 3.0, 4.0]
@@ -70,10 +71,10 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stop at the first unreadable image instead of skipping it",
     )
-    p.add_argument("--chunk_size", type=int, default=None, help="query points per chunk")
+    p.add_argument("--chunk_size", type=positive_int, default=None, help="query points per chunk")
     p.add_argument(
         "--max_output_pixels",
-        type=int,
+        type=positive_int,
         default=None,
         help="refuse HR images larger than this many pixels "
         "(default: srno_jax.image_api.MAX_OUTPUT_PIXELS, 2**27)",

@@ -18,6 +18,8 @@ from srno_jax.inference import DEFAULT_TILE, predict
 from srno_jax.metrics import eval_cell
 
 MAX_OUTPUT_PIXELS = 2**27  # e.g. 16384 x 8192; the float32 prediction alone takes 1.5 GiB
+ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")  # besides any mode with a "transparency" key
+GRAYSCALE_MODES = ("1", "L", "LA", "La", "I;16", "I;16L", "I;16B", "I;16N")
 
 
 def super_resolve(
@@ -126,7 +128,8 @@ def upscale(
       model, variables: an SRNO and its ``{'params': ...}`` (e.g. from `load_checkpoint`).
       image: a PIL image of any mode, or a numpy array: uint8 (H, W), (H, W, 1),
         (H, W, 3) RGB or (H, W, 4) RGBA, or uint16 (H, W). Converted to RGB by
-        `images.to_rgb_uint8` (16-bit values are scaled to 0..255). A PIL image is first
+        `images.to_rgb_uint8` (16-bit values are scaled to 0..255; 32-bit modes 'I' and
+        'F' are refused, their range being unknown). A PIL image is first
         turned upright by its EXIF orientation tag (`images.orient_image`), so H and W
         are those of the upright image.
       scale: output = (round(H * scale), round(W * scale)); any finite float > 1, not
@@ -135,15 +138,16 @@ def upscale(
         input's and not equal to it.
       chunk_size, tile: see `predict`.
     Returns:
-      uint8 array: (H', W', 3) for colour input; (H', W') for grayscale input (1-channel,
-      16/32-bit or float modes; the RGB output converted to PIL 'L', ITU-R 601-2 luma);
-      with a 4th (colour) or 2nd (grayscale) channel for input with alpha (RGBA, LA,
-      palette transparency), that alpha resized with PIL bicubic.
+      uint8 array: (H', W', 3) for colour input; (H', W') for grayscale input
+      (`GRAYSCALE_MODES`: 1-bit, 8-bit and 16-bit; the RGB output converted to PIL 'L',
+      ITU-R 601-2 luma); with a 4th (colour) or 2nd (grayscale) channel for input with
+      alpha (`ALPHA_MODES`, or a "transparency" key as in a palette image with a
+      transparent colour), that alpha resized with PIL bicubic.
       Colour = round(clip(pred * 0.5 + 0.5, 0, 1) * 255), where the model queries the
       output grid's pixel centres with cell = (2 / H', 2 / W') * max(s / 4, 1) and s the
       larger of the two axis scales (`metrics.eval_cell`, the reference's "mcell").
     Raises:
-      ConfigError for a bad scale/size (before any work), DataError for a bad image.
+      ConfigError for a bad scale/size, DataError for a bad image (both before any work).
     """
     pil = _as_pil(image)
     out_h, out_w = output_size((pil.height, pil.width), scale, size)
@@ -152,9 +156,11 @@ def upscale(
     out = np.round(
         super_resolve(model, variables, rgb, (out_h, out_w), s, chunk_size, tile) * 255
     ).astype(np.uint8)
-    if pil.mode in ("L", "LA", "I", "F") or pil.mode.startswith("I;16"):
+    if pil.mode in GRAYSCALE_MODES:
         out = np.asarray(Image.fromarray(out).convert("L"))
-    if "A" in pil.mode or "transparency" in pil.info:
-        alpha = pil.convert("RGBA").getchannel("A").resize((out_w, out_h), Image.BICUBIC)
+    if pil.mode in ALPHA_MODES or "transparency" in pil.info:
+        # The last band: "A", or "a" in the premultiplied modes.
+        alpha = (pil if pil.mode in ALPHA_MODES else pil.convert("RGBA")).split()[-1]
+        alpha = alpha.resize((out_w, out_h), Image.BICUBIC)
         out = np.dstack([out, np.asarray(alpha)])
     return out

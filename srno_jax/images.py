@@ -28,6 +28,10 @@ WRITE_FORMATS = {
 }
 DEFAULT_QUALITY = 95  # JPEG and WebP: an upscaler's output is about fine detail (PIL's own is 75)
 ORIENTATION_TAG = 0x0112  # EXIF "Orientation": 1 is upright
+MAX_SIDE = {"JPEG": 65500, "WEBP": 16383}  # libjpeg's and libwebp's largest width or height
+UNSUPPORTED_MODES = {"I": "32-bit integer", "F": "32-bit float"}
+PREMULTIPLIED = {"La": "LA", "RGBa": "RGBA"}
+BOMB_FIX = "raise PIL.Image.MAX_IMAGE_PIXELS"
 
 
 def image_files(folder: str | os.PathLike) -> list[str]:
@@ -42,21 +46,37 @@ def image_files(folder: str | os.PathLike) -> list[str]:
     )
 
 
-def to_rgb_uint8(img: Image.Image) -> np.ndarray:
-    """Converts any PIL image to an (H, W, 3) uint8 RGB array.
+def _png_16_bit(img: Image.Image) -> bool:
+    """A 16-bit grayscale PNG as older Pillow versions open it: mode 'I' (a PNG holds
+    no 32-bit samples)."""
+    return img.mode == "I" and img.format == "PNG"
 
-    Grayscale, palette and RGBA images become RGB (alpha is dropped); 16-bit and 32-bit
-    integer images are scaled from their full range to 0..255 with rounding; float
-    images ('F') are taken as [0, 1].
+
+def check_mode(img: Image.Image, source: str = "the image") -> None:
+    """Refuses 32-bit images (modes 'I' and 'F'): their values have no fixed range that
+    maps to 0..255 (0..1, 0..255 and 0..65535 are all common), so any guess gives some
+    files a wrong image. Raises `DataError` naming `source` and the fix."""
+    if img.mode in UNSUPPORTED_MODES and not _png_16_bit(img):
+        raise DataError(
+            f"{source} is a {UNSUPPORTED_MODES[img.mode]} image (mode {img.mode!r}), "
+            "whose value range is unknown; convert it to 8-bit or 16-bit first"
+        )
+
+
+def to_rgb_uint8(img: Image.Image, source: str = "the image") -> np.ndarray:
+    """Converts a PIL image to an (H, W, 3) uint8 RGB array.
+
+    Grayscale, palette and RGBA images become RGB (alpha is dropped); 16-bit images
+    ('I;16*') are scaled from 0..65535 to 0..255 with rounding. 32-bit images ('I', 'F')
+    are refused (`check_mode`; `source` names the image there).
     """
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        a = np.asarray(img).astype(np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or a.max(initial=0) <= 65535 else a.max()
-        a = np.clip(np.round(a / top * 255.0), 0, 255).astype(np.uint8)
+    check_mode(img, source)
+    if img.mode.startswith("I;16") or _png_16_bit(img):
+        a = np.round(np.asarray(img).astype(np.float64) / 65535.0 * 255.0).astype(np.uint8)
         return np.repeat(a[..., None], 3, axis=-1)
-    if img.mode == "F":
-        a = np.clip(np.round(np.asarray(img) * 255.0), 0, 255).astype(np.uint8)
-        return np.repeat(a[..., None], 3, axis=-1)
+    # Premultiplied alpha: PIL converts it to RGB only through its straight form.
+    if img.mode in PREMULTIPLIED:
+        img = img.convert(PREMULTIPLIED[img.mode])
     return np.asarray(img.convert("RGB"))
 
 
@@ -64,27 +84,31 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     """Reads an image file as (H, W, 3) uint8 RGB (see `to_rgb_uint8`), as stored.
 
     The EXIF orientation is not applied: the pixels are read as the reference reads them.
-    Raises `DataError` naming the file when it is missing, truncated, not an image or
-    larger than PIL's pixel limit (see `open_image`).
+    Raises `DataError` naming the file when it is missing, truncated, not an image,
+    32-bit (`check_mode`) or larger than PIL's pixel limit (see `open_image`).
     """
-    return to_rgb_uint8(open_image(path))
+    return to_rgb_uint8(open_image(path), os.fspath(path))
 
 
-def bomb_error(path, e: Exception) -> DataError:
-    """The one-line refusal of a file whose header claims more pixels than PIL allows."""
+def bomb_error(path, e: Exception, fix: str = BOMB_FIX) -> DataError:
+    """The one-line refusal of a file whose header claims more pixels than PIL allows;
+    `fix` says how to raise that limit (PIL's own message may name twice the limit)."""
     return DataError(
-        f"refusing {path}: {e} If you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS."
+        f"refusing {path}: {e} If you trust the file, {fix} (now {Image.MAX_IMAGE_PIXELS})."
     )
 
 
-def open_image(path: str | os.PathLike, *, orient: bool = False) -> Image.Image:
+def open_image(
+    path: str | os.PathLike, *, orient: bool = False, bomb_fix: str = BOMB_FIX
+) -> Image.Image:
     """Reads an image file as a loaded PIL image in its own mode (alpha, 16-bit kept).
 
     With `orient`, the EXIF orientation is applied (`orient_image`), so a portrait phone
     photo comes out upright as viewers show it.
     Raises `DataError` naming the file when it is missing, truncated or not an image, and
     when its header claims more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (PIL's guard
-    against decompression bombs: its warning and its error both end here).
+    against decompression bombs: its warning and its error both end here); `bomb_fix`
+    replaces that message's advice on raising the limit (`bomb_error`).
     """
     try:
         with warnings.catch_warnings():
@@ -98,7 +122,7 @@ def open_image(path: str | os.PathLike, *, orient: bool = False) -> Image.Image:
     except FileNotFoundError:
         raise DataError(f"image not found: {path}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise bomb_error(path, e) from None
+        raise bomb_error(path, e, bomb_fix) from None
     except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad files
         raise DataError(f"cannot read image {path}: {e}; is it a complete image file?") from None
 
@@ -127,19 +151,49 @@ def output_format(path: str | os.PathLike) -> str:
     return WRITE_FORMATS[ext]
 
 
+def check_savable(path: str | os.PathLike, hw: tuple[int, int]) -> str:
+    """PIL's format name for writing an image of hw = (height, width) to `path`
+    (`output_format`), refusing what `save_image` would fail on only after the work:
+    a side over the format's limit (`MAX_SIDE`) and a file name too long for its folder.
+
+    Raises `ConfigError` naming the path and the fix.
+    """
+    fmt = output_format(path)
+    if max(hw) > MAX_SIDE.get(fmt, max(hw)):
+        raise ConfigError(
+            f"output {os.fspath(path)} would be {hw[1]}x{hw[0]}, but {fmt} images are at "
+            f"most {MAX_SIDE[fmt]} pixels a side; write .png or .tif, or a smaller size"
+        )
+    folder, name = os.path.split(os.fspath(path))
+    try:
+        name_max = os.pathconf(folder or ".", "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):  # no pathconf (Windows), or no folder yet
+        name_max = 255
+    # save_image writes ".NAME.partial" beside the output first, so that name must fit too.
+    room = name_max - len("..partial")
+    if len(os.fsencode(name)) > room:
+        raise ConfigError(
+            f"output file name {name!r} is {len(os.fsencode(name))} bytes; it can have "
+            f"at most {room} here; choose a shorter name"
+        )
+    return fmt
+
+
 def save_image(path: str | os.PathLike, img: np.ndarray, quality: int | None = None) -> None:
     """Writes a uint8 (H, W), (H, W, 2|3|4) array (L, LA, RGB, RGBA) in the format of
     the file's extension (`output_format`): 8-bit PNG, JPEG, WebP, TIFF or BMP.
 
-    JPEG and BMP have no alpha channel: LA is written as L and RGBA as RGB there.
+    JPEG and BMP have no alpha channel: LA is written as L and RGBA as RGB there. WebP
+    has no grayscale: L is written as RGB and LA as RGBA there (R = G = B).
     `quality` (1..100) sets JPEG and WebP quality; default `DEFAULT_QUALITY`; other formats
     are lossless and ignore it.
     The file appears complete or not at all (written beside it, then renamed).
-    Raises `ConfigError` for an unknown extension, `DataError` naming the file when it
-    cannot be written.
+    Raises `ConfigError` for what `check_savable` refuses, `DataError` naming the file
+    when it cannot be written.
     """
-    fmt = output_format(path)
-    pil = Image.fromarray(np.asarray(img, np.uint8))
+    img = np.asarray(img, np.uint8)
+    fmt = check_savable(path, img.shape[:2])
+    pil = Image.fromarray(img)
     if fmt in ("JPEG", "BMP") and pil.mode in ("LA", "RGBA"):
         pil = pil.convert(pil.mode[:-1])
     options = (

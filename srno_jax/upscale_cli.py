@@ -7,24 +7,29 @@ name asks for (.png, .jpg/.jpeg, .webp, .tif/.tiff, .bmp).
   srno-upscale a.jpg b.jpg photos/ results/ --scale 2 --checkpoint CKPT     into a folder
   srno-upscale photos/ --out_dir results --name "{stem}.jpg" --scale 4 --checkpoint CKPT
 
-Every input, output name and output folder is checked before the model is loaded; an
-output that is one of the inputs is refused unless --overwrite is given. Images are read
-upright (their EXIF orientation applied); grayscale stays grayscale, alpha is kept where
-the format has it, 16-bit input is written as 8-bit. Errors print one line on stderr and
-exit with status 2.
+Every input, output name and output folder is checked before the model is loaded. An
+output that is its own input is refused unless --overwrite is given; one that is another
+input is always refused. Images are read upright (their EXIF orientation applied);
+grayscale stays grayscale (but WebP has none: RGB there), alpha is kept where the format
+has it, 16-bit input is written as 8-bit, and 32-bit input (float or integer) is refused.
+Errors print one line on stderr and exit with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import re
+import string
 import sys
 
 from srno_jax.errors import CheckpointError, ConfigError, DataError, SRNOError
 
 DEFAULT_NAME = "{stem}_x{scale}.png"
+FIELDS = ("stem", "ext", "scale", "width", "height")
+BOMB_FIX = "raise the limit with --max_input_pixels"  # the advice in a decompression-bomb error
 NAME_FIELDS = (
     "{stem} (input name without extension), {ext} (input extension), "
     "{scale} (as given, or WIDTHxHEIGHT for --size), {width}, {height} (output)"
@@ -48,6 +53,17 @@ def _size(text: str) -> tuple[int, int]:
     return int(m.group(2)), int(m.group(1))
 
 
+def positive_int(text: str) -> int:
+    """argparse type of the commands' counts and limits: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -58,6 +74,8 @@ def _version() -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from PIL import Image
+
     from srno_jax.compiler import DEFAULT_CACHE_DIR
     from srno_jax.images import DEFAULT_QUALITY
 
@@ -99,7 +117,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quality", type=int, help=f"JPEG and WebP quality, 1..100 (default {DEFAULT_QUALITY})"
     )
-    p.add_argument("--overwrite", action="store_true", help="allow writing over an input image")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="allow an output to replace its own input (never another input)",
+    )
+    p.add_argument(
+        "--max_input_pixels",
+        type=positive_int,
+        metavar="N",
+        help="refuse input images whose header claims more pixels than N, a guard "
+        f"against decompression bombs (default PIL's, {Image.MAX_IMAGE_PIXELS})",
+    )
     p.add_argument(
         "--chunk_size",
         type=int,
@@ -141,18 +170,29 @@ def expand_inputs(paths: list[str]) -> list[str]:
 def output_name(pattern: str, input_path: str, scale_text: str, size: tuple[int, int]) -> str:
     """The output file name for `input_path` from `pattern` (fields: see NAME_FIELDS).
 
-    size = output (height, width). Raises `ConfigError` for an unknown field or a
-    pattern that is not a plain file name.
+    size = output (height, width). Raises `ConfigError` for a field other than FIELDS
+    written plainly (no attribute, index, conversion or format spec) or a pattern that is
+    not a plain file name.
     """
-    stem, ext = os.path.splitext(os.path.basename(input_path))
     try:
-        name = pattern.format(
-            stem=stem, ext=ext.lstrip("."), scale=scale_text, height=size[0], width=size[1]
-        )
-    except (KeyError, IndexError, ValueError) as e:
+        parts = list(string.Formatter().parse(pattern))
+    except ValueError as e:  # an unmatched brace
         raise ConfigError(
-            f"--name {pattern!r} is not a valid pattern ({e!r}); its fields are {NAME_FIELDS}"
+            f"--name {pattern!r} is not a valid pattern ({e}); its fields are {NAME_FIELDS}"
         ) from None
+    for _, field, spec, conversion in parts:
+        if field is not None and (field not in FIELDS or spec or conversion):
+            written = (
+                field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            )
+            raise ConfigError(
+                f"--name {pattern!r}: {{{written}}} is not a field; write one of "
+                f"{NAME_FIELDS} as it is"
+            )
+    stem, ext = os.path.splitext(os.path.basename(input_path))
+    name = pattern.format(
+        stem=stem, ext=ext.lstrip("."), scale=scale_text, height=size[0], width=size[1]
+    )
     if not name or os.path.basename(name) != name:
         raise ConfigError(
             f"--name {pattern!r} gives {name!r}, not a file name; the output "
@@ -161,16 +201,19 @@ def output_name(pattern: str, input_path: str, scale_text: str, size: tuple[int,
     return name
 
 
-def check_output(path: str, inputs: list[str], overwrite: bool) -> None:
+def check_output(
+    path: str, size: tuple[int, int], own_input: str, inputs: list[str], overwrite: bool
+) -> None:
     """Refuses, before any work, an output that cannot be written or would destroy an input.
 
-    Checks the format (from the extension), that the folder exists and is writable, that
-    `path` is not a folder, and that it is none of `inputs` unless `overwrite`.
+    Checks that the folder exists and is writable, that `path` is not a folder, that its
+    format can hold an image of size = (height, width) under its name
+    (`images.check_savable`), and that it is none of `inputs`: `own_input` only with
+    `overwrite`, another input never (it would be replaced before, or after, it is read).
     Raises `ConfigError` or `DataError` naming the path and the fix.
     """
-    from srno_jax.images import output_format
+    from srno_jax.images import check_savable
 
-    output_format(path)
     folder = os.path.dirname(path) or "."
     if not os.path.isdir(folder):
         raise DataError(f"output folder {folder} does not exist; create it first")
@@ -178,11 +221,23 @@ def check_output(path: str, inputs: list[str], overwrite: bool) -> None:
         raise DataError(f"output folder {folder} is not writable; choose another output")
     if os.path.isdir(path):
         raise DataError(f"output {path} is a folder; give a file name or use --out_dir")
-    if not overwrite and any(os.path.exists(path) and os.path.samefile(path, i) for i in inputs):
-        raise DataError(
-            f"output {path} is an input image; writing it would destroy the "
-            "input: choose another name, or pass --overwrite"
-        )
+    check_savable(path, size)
+    if not os.path.exists(path):
+        return
+    for other in inputs:
+        if not os.path.samefile(path, other):
+            continue
+        if not os.path.samefile(other, own_input):
+            raise DataError(
+                f"the output for {own_input}, {path}, is another input image; writing it "
+                "would replace that input: choose another name or folder (--overwrite "
+                "only lets an image replace itself)"
+            )
+        if not overwrite:
+            raise DataError(
+                f"output {path} is an input image; writing it would destroy the "
+                "input: choose another name, or pass --overwrite"
+            )
 
 
 def plan(args) -> list[Job]:
@@ -192,7 +247,7 @@ def plan(args) -> list[Job]:
     refuses outputs that clash with each other or with an input (`check_output`).
     """
     from srno_jax.image_api import output_size
-    from srno_jax.images import open_image
+    from srno_jax.images import check_mode, open_image
 
     paths, out_dir, out_file = list(args.paths), args.out_dir, None
     if out_dir is None:
@@ -216,10 +271,11 @@ def plan(args) -> list[Job]:
     scale_text = f"{args.scale:g}" if args.scale is not None else f"{args.size[1]}x{args.size[0]}"
     jobs = []
     for path in inputs:
-        image = open_image(path, orient=True)
+        image = open_image(path, orient=True, bomb_fix=BOMB_FIX)
+        check_mode(image, path)
         size = output_size((image.height, image.width), args.scale, args.size)
         out = out_file or os.path.join(out_dir, output_name(args.name, path, scale_text, size))
-        check_output(out, inputs, args.overwrite)
+        check_output(out, size, path, inputs, args.overwrite)
         jobs.append(Job(path, out, size))
     seen = {}
     for job in jobs:
@@ -274,35 +330,50 @@ def _check_quality(quality: int | None, jobs: list[Job]) -> None:
         )
 
 
+@contextlib.contextmanager
+def _input_pixel_limit(limit: int | None):
+    """PIL's decompression-bomb limit set to `limit` (None: PIL's own), restored after."""
+    from PIL import Image
+
+    default = Image.MAX_IMAGE_PIXELS
+    if limit is not None:
+        Image.MAX_IMAGE_PIXELS = limit
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = default
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     done = 0
     try:
-        _check_arguments(args)
-        jobs = plan(args)
-        _check_quality(args.quality, jobs)
-        from tqdm import tqdm
+        with _input_pixel_limit(args.max_input_pixels):
+            _check_arguments(args)
+            jobs = plan(args)
+            _check_quality(args.quality, jobs)
+            from tqdm import tqdm
 
-        from srno_jax.compiler import enable_compilation_cache
-        from srno_jax.image_api import upscale
-        from srno_jax.images import open_image, save_image
+            from srno_jax.compiler import enable_compilation_cache
+            from srno_jax.image_api import upscale
+            from srno_jax.images import open_image, save_image
 
-        enable_compilation_cache(args.compilation_cache)
-        model, variables = _model(args)
-        # disable=None: a bar on a terminal, none in logs and pipes.
-        with tqdm(jobs, unit="image", disable=None, file=sys.stderr) as bar:
-            for job in bar:
-                bar.set_postfix_str(os.path.basename(job.input))
-                out = upscale(
-                    model,
-                    variables,
-                    open_image(job.input, orient=True),
-                    size=job.size,
-                    chunk_size=args.chunk_size,
-                )
-                save_image(job.output, out, args.quality)
-                done += 1
-                bar.write(f"wrote {job.output} ({job.size[1]}x{job.size[0]})", file=sys.stdout)
+            enable_compilation_cache(args.compilation_cache)
+            model, variables = _model(args)
+            # disable=None: a bar on a terminal, none in logs and pipes.
+            with tqdm(jobs, unit="image", disable=None, file=sys.stderr) as bar:
+                for job in bar:
+                    bar.set_postfix_str(os.path.basename(job.input))
+                    out = upscale(
+                        model,
+                        variables,
+                        open_image(job.input, orient=True, bomb_fix=BOMB_FIX),
+                        size=job.size,
+                        chunk_size=args.chunk_size,
+                    )
+                    save_image(job.output, out, args.quality)
+                    done += 1
+                    bar.write(f"wrote {job.output} ({job.size[1]}x{job.size[0]})", file=sys.stdout)
     except SRNOError as e:
         print(f"srno-upscale: error: {e}", file=sys.stderr)
         return 2

@@ -306,6 +306,15 @@ def test_plan_refuses_bad_protocol_and_scale(tmp_path, protocol, scale):
         evaluation.plan([("x", str(tmp_path))], [scale], protocol)
 
 
+@pytest.mark.parametrize("flag", ["--max_output_pixels", "--chunk_size"])
+@pytest.mark.parametrize("value", ["0", "-1", "many"])
+def test_limits_must_be_positive(tmp_path, capsys, flag, value):
+    _image(tmp_path / "a.png", (32, 32))
+    with pytest.raises(SystemExit) as e:
+        _run("--data", tmp_path, "--scales", "2", f"{flag}={value}")
+    assert e.value.code == 2 and "is not a whole number >= 1" in capsys.readouterr().err
+
+
 def test_format_results_of_training():
     assert evaluation.format_results({3.0: (31.5, 30.65), 2.0: (34.434, 32.92)}) == (
         "| method | x2 | x3 |\n|---|---|---|\n| bicubic | 32.92 | 30.65 |\n| SRNO | 34.43 | 31.50 |"

@@ -9,7 +9,7 @@ from PIL import Image
 
 from srno_jax.errors import ConfigError, DataError
 from srno_jax.image_api import output_size, upscale
-from srno_jax.images import open_image, output_format, save_image
+from srno_jax.images import check_savable, load_image, open_image, output_format, save_image
 
 
 @pytest.fixture(scope="module")
@@ -77,18 +77,92 @@ def test_decompression_bomb_is_a_data_error(tmp_path, side):
 @pytest.mark.parametrize(
     "mode,shape", [("L", (5, 7)), ("LA", (5, 7, 2)), ("RGB", (5, 7, 3)), ("RGBA", (5, 7, 4))]
 )
-@pytest.mark.parametrize("ext", [".png", ".jpg", ".webp", ".tiff", ".bmp"])
-def test_save_image_by_extension(tmp_path, mode, shape, ext):
+@pytest.mark.parametrize(
+    "ext,modes",
+    [
+        (".png", {}),
+        (".tiff", {}),
+        (".jpg", {"LA": "L", "RGBA": "RGB"}),  # no alpha
+        (".bmp", {"LA": "L", "RGBA": "RGB"}),
+        (".webp", {"L": "RGB", "LA": "RGBA"}),  # no grayscale
+    ],
+)
+def test_save_image_by_extension(tmp_path, mode, shape, ext, modes):
     a = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
     save_image(tmp_path / f"x{ext}", a)
     with Image.open(tmp_path / f"x{ext}") as img:
         assert img.format == output_format(f"x{ext}") and img.size == (7, 5)
+        assert img.mode == modes.get(mode, mode)
         if ext in (".png", ".tiff"):
-            assert img.mode == mode
             np.testing.assert_array_equal(np.asarray(img), a)
-        if ext in (".jpg", ".bmp"):  # no alpha there
-            assert img.mode == mode.rstrip("A")
     assert os.listdir(tmp_path) == [f"x{ext}"]
+
+
+@pytest.mark.parametrize(
+    "name,hw,message",
+    [
+        ("x.webp", (1, 16384), "at most 16383 pixels a side"),
+        ("x.jpg", (65501, 1), "at most 65500 pixels a side"),
+        ("a" * 243 + ".png", (1, 1), "choose a shorter name"),  # no room for ".NAME.partial"
+    ],
+)
+def test_save_image_refuses_what_the_format_cannot_hold(tmp_path, name, hw, message):
+    with pytest.raises(ConfigError, match=message):
+        check_savable(tmp_path / name, hw)
+    with pytest.raises(ConfigError, match=message):
+        save_image(tmp_path / name, np.zeros(hw, np.uint8))
+    assert os.listdir(tmp_path) == []
+    assert check_savable(tmp_path / "x.webp", (16383, 16383)) == "WEBP"
+    assert check_savable(tmp_path / "x.png", (1, 100000)) == "PNG"
+    assert check_savable(tmp_path / ("a" * 242 + ".png"), (1, 1)) == "PNG"
+
+
+def _mode(mode):
+    """A 6x9 image of `mode` from random RGBA (a palette one with a transparent colour)."""
+    rgba = np.random.default_rng(2).integers(0, 256, (6, 9, 4), dtype=np.uint8)
+    img = Image.fromarray(rgba)
+    if mode == "P+transparency":
+        img = img.convert("RGB").convert("P")
+        img.info["transparency"] = 0
+        return img
+    return img.convert(mode)
+
+
+@pytest.mark.parametrize(
+    "mode,shape",
+    [
+        ("1", (12, 18)),
+        ("L", (12, 18)),
+        ("LA", (12, 18, 2)),
+        ("La", (12, 18, 2)),
+        ("RGB", (12, 18, 3)),
+        ("RGBa", (12, 18, 4)),
+        ("PA", (12, 18, 4)),
+        ("P+transparency", (12, 18, 4)),
+        ("LAB", (12, 18, 3)),
+        ("HSV", (12, 18, 3)),
+        ("CMYK", (12, 18, 3)),
+    ],
+)
+def test_grayscale_and_alpha_follow_the_mode(tiny, mode, shape):
+    assert upscale(*tiny, _mode(mode), scale=2).shape == shape
+
+
+def test_16_bit_is_scaled_and_32_bit_is_refused(tiny, tmp_path):
+    gray = np.random.default_rng(3).integers(0, 256, (6, 9), dtype=np.uint8)
+    np.testing.assert_array_equal(
+        upscale(*tiny, gray.astype(np.uint16) * 257, scale=2), upscale(*tiny, gray, scale=2)
+    )
+    for array, kind in [
+        (gray.astype(np.float32), "32-bit float"),  # 0..255, once read as 0..1: white
+        (np.full((6, 9), np.nan, np.float32), "32-bit float"),
+        (gray.astype(np.int32), "32-bit integer"),  # 0..255, once read as 0..65535: black
+    ]:
+        with pytest.raises(DataError, match=f"{kind} image .*convert it to 8-bit or 16-bit"):
+            upscale(*tiny, Image.fromarray(array), scale=2)
+        Image.fromarray(array).save(tmp_path / "x.tif")
+        with pytest.raises(DataError, match=f"{tmp_path / 'x.tif'} is a {kind} image"):
+            load_image(tmp_path / "x.tif")
 
 
 def test_output_format_refuses_unknown_extensions():
@@ -111,3 +185,16 @@ def test_a_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="cannot write .*No space left"):
         save_image(path, np.zeros((4, 4, 3), np.uint8))
     assert path.read_bytes() == b"precious" and os.listdir(tmp_path) == ["x.png"]
+
+
+def test_16_bit_png_opened_as_mode_i_is_16_bit():
+    """Older Pillow opens a 16-bit grayscale PNG as mode 'I': it is scaled like 'I;16'."""
+    from srno_jax.images import to_rgb_uint8
+
+    a = (np.arange(12 * 10).reshape(12, 10) * 500).astype(np.uint16)
+    as_i = Image.fromarray(a).convert("I")
+    as_i.format = "PNG"
+    np.testing.assert_array_equal(to_rgb_uint8(as_i), to_rgb_uint8(Image.fromarray(a)))
+    as_i.format = "TIFF"  # a TIFF can hold 32-bit samples: refused
+    with pytest.raises(DataError, match="32-bit integer"):
+        to_rgb_uint8(as_i)

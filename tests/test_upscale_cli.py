@@ -142,13 +142,21 @@ def test_folder_and_several_inputs_with_a_name_pattern(small, ckpt, tmp_path):
         ),
         (
             ["{src}", "--out_dir", "{tmp}", "--name", "{{stem}}_{{colour}}.png", "--scale", "2"],
-            "not a valid pattern",
+            "{colour} is not a field",
         ),
+        (["{src}", "--out_dir", "{tmp}", "--name", "{{stem.png", "--scale", "2"], "not a valid"),
         (
             ["{src}", "--out_dir", "{tmp}", "--name", "x/{{stem}}.png", "--scale", "2"],
             "not a file name",
         ),
         (["{src}/a.png", "{tmp}/missing/out.png", "--scale", "2"], "does not exist"),
+        (["{src}/a.png", "{tmp}/nowhere/", "--scale", "2"], "folder {tmp}/nowhere does not"),
+        (["{src}/a.png", "{tmp}/" + "a" * 250 + ".png", "--scale", "2"], "a shorter name"),
+        (["{src}/a.png", "{tmp}/out.webp", "--size", "16384x64"], "at most 16383 pixels"),
+        (["{src}/a.png", "{tmp}/out.jpg", "--size", "65501x64"], "at most 65500 pixels"),
+        (["{src}", "--out_dir", "{tmp}", "--name", "{{stem.foo}}.png", "--scale", "2"], "field"),
+        (["{src}", "--out_dir", "{tmp}", "--name", "{{stem.upper}}.png", "--scale", "2"], "field"),
+        (["{src}", "--out_dir", "{tmp}", "--name", "{{width:05d}}.png", "--scale", "2"], "field"),
         (["{src}/a.png", "{tmp}/out.png", "--scale=-1"], "scale must be a finite number > 1"),
         (["{src}/a.png", "{tmp}/out.png", "--scale", "1.0001"], "after rounding"),
         (["{src}/a.png", "{tmp}/out.png", "--size", "64x64"], "does not enlarge"),
@@ -165,7 +173,43 @@ def test_refusals_come_before_any_work(ckpt, tmp_path, capsys, loads, args, mess
     args = [a.format(src=src, tmp=tmp_path) for a in args]
     assert run(*args, "--checkpoint", ckpt) == 2
     err = capsys.readouterr().err
-    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert message.replace("{tmp}", str(tmp_path)) in err and len(err.splitlines()) == 1
+    assert "Traceback" not in err and not loads
+    assert sorted(os.listdir(tmp_path)) == ["a.png", "src"] and len(os.listdir(src)) == 2
+
+
+def test_a_batch_is_refused_before_any_work_when_one_output_cannot_be_written(
+    ckpt, tmp_path, capsys, loads
+):
+    Image.fromarray(_rgb(0)).save(tmp_path / "a.png")
+    Image.fromarray(_rgb(1, (1, 8200))).save(tmp_path / "b.png")  # 2x: over WebP's 16383
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ("--out_dir", out, "--name", "{stem}.webp", "--scale", 2, "--checkpoint", ckpt)
+    assert run(tmp_path / "a.png", tmp_path / "b.png", *args) == 2
+    assert "b.webp would be 16400x2" in capsys.readouterr().err
+    assert not loads and os.listdir(out) == []
+
+
+def test_overwrite_never_replaces_another_input(ckpt, tmp_path, capsys, loads):
+    for name in ("c.png", "c_x2.png"):
+        Image.fromarray(_rgb(2)).save(tmp_path / name)
+    before = (tmp_path / "c_x2.png").read_bytes()
+    for extra in ((), ("--overwrite",)):
+        args = (tmp_path / "c.png", tmp_path / "c_x2.png", tmp_path, "--scale", 2)
+        assert run(*args, "--checkpoint", ckpt, *extra) == 2
+        err = capsys.readouterr().err
+        assert f"the output for {tmp_path / 'c.png'}, {tmp_path / 'c_x2.png'}, is another" in err
+        assert len(err.splitlines()) == 1 and not loads
+        assert (tmp_path / "c_x2.png").read_bytes() == before
+
+
+@pytest.mark.parametrize("dtype,kind", [(np.float32, "float"), (np.int32, "integer")])
+def test_32_bit_input_is_refused_before_any_work(ckpt, tmp_path, capsys, loads, dtype, kind):
+    Image.fromarray(_rgb(4)[..., 0].astype(dtype)).save(tmp_path / "x.tif")
+    assert run(tmp_path / "x.tif", tmp_path / "out.png", "--scale", 2, "--checkpoint", ckpt) == 2
+    err = capsys.readouterr().err
+    assert f"x.tif is a 32-bit {kind} image" in err and "8-bit or 16-bit" in err
     assert not loads and not (tmp_path / "out.png").exists()
 
 
@@ -257,7 +301,20 @@ def test_decompression_bomb_is_one_line(ckpt, tmp_path, capsys, loads):
     (tmp_path / "bomb.png").write_bytes(png_header(60000, 60000))
     assert run(tmp_path / "bomb.png", tmp_path / "out.png", "--scale", 2, "--checkpoint", ckpt) == 2
     err = capsys.readouterr().err
-    assert "MAX_IMAGE_PIXELS" in err and len(err.splitlines()) == 1 and not loads
+    assert "raise the limit with --max_input_pixels (now " in err
+    assert "MAX_IMAGE_PIXELS" not in err and len(err.splitlines()) == 1 and not loads
+
+
+def test_max_input_pixels_sets_the_limit_for_the_run_only(ckpt, photo, tmp_path, capsys, loads):
+    default = Image.MAX_IMAGE_PIXELS
+    args = (photo, tmp_path / "out.png", "--scale", 2, "--checkpoint", ckpt)
+    assert run(*args, "--max_input_pixels", 119) == 2  # the photo has 12 x 10 = 120
+    assert "--max_input_pixels (now 119)" in capsys.readouterr().err and not loads
+    assert Image.MAX_IMAGE_PIXELS == default
+    for bad in ("0", "-5", "1e3"):
+        with pytest.raises(SystemExit) as e:
+            run(*args, "--max_input_pixels", bad)
+        assert e.value.code == 2 and "--max_input_pixels" in capsys.readouterr().err
 
 
 def test_interrupt_keeps_finished_images(ckpt, tmp_path, capsys, monkeypatch):
