@@ -20,8 +20,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from srno_jax import sharding
 from srno_jax import workdir as workdir_lib
-from srno_jax.errors import CheckpointError, ConfigError
+from srno_jax.errors import CheckpointError, ConfigError, SRNOError, first_line
 from srno_jax.models import SRNO, init_variables, make_model
 
 # (pattern on the Flax path, torch name template); the first match wins.
@@ -169,8 +170,8 @@ def model_from_reference_args(args: dict, source: str = "checkpoint") -> SRNO:
         return make_model(
             spec["name"],
             spec.get("args"),
-            width=int(args.get("width", 256)),
-            heads=int(args.get("blocks", 16)),
+            width=args.get("width", 256),
+            heads=args.get("blocks", 16),
         )
     except (KeyError, TypeError) as e:
         raise CheckpointError(
@@ -188,6 +189,8 @@ def load_torch_checkpoint(path: str | os.PathLike):
     try:
         spec = ckpt["model"]
         name, args, sd = spec["name"], spec["args"], spec["sd"]
+        if not isinstance(sd, dict):
+            raise TypeError
     except (KeyError, TypeError):
         raise CheckpointError(
             f"{path}: not a reference SRNO checkpoint (expected {{'model': {{'name', 'args', "
@@ -266,7 +269,7 @@ def _abstract(tree, shardings):
 
 
 class CheckpointWriteError(CheckpointError):
-    """A checkpoint could not be written (a full disk, an unwritable bucket)."""
+    """A checkpoint could not be written (a full disk, an unwritable bucket, a lost host)."""
 
 
 def _last_complete(mngr, step: int) -> str:
@@ -284,23 +287,51 @@ def _free_bytes(mngr) -> int | None:
     return shutil.disk_usage(where).free
 
 
+def _runtime_error(e: BaseException) -> BaseException | None:
+    """The error of JAX's runtime (a collective or a barrier between hosts) behind `e`, if
+    any: Orbax re-raises a barrier's timeout as a `TimeoutError`, an `OSError`."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, jax.errors.JaxRuntimeError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _write_failed(mngr, step: int, e: Exception) -> CheckpointWriteError:
+    last = _last_complete(mngr, step)
+    runtime = _runtime_error(e)
+    if runtime is not None:
+        cause = first_line(e) + ("" if runtime is e else f" ({first_line(runtime)})")
+        return CheckpointWriteError(
+            f"checkpoint {step} could not be saved in {mngr.directory}: the hosts lost each "
+            f"other during the save: {cause}. Another host has probably failed: see its log. "
+            f"The last complete checkpoint is {last}"
+        )
     free = _free_bytes(mngr)
     where = os.fspath(mngr.directory) + ("" if free is None else f" ({free / 2**20:.0f} MB free)")
     return CheckpointWriteError(
-        f"a checkpoint write failed in {where}: {_first_line(e)}. Is the disk full or the bucket "
-        f"unwritable? The last complete checkpoint is {_last_complete(mngr, step)}"
+        f"a checkpoint write failed in {where}: {first_line(e)}. Is the disk full or the bucket "
+        f"unwritable? The last complete checkpoint is {last}"
     )
 
 
 def _check_room(mngr, state, step: int) -> None:
     """Refuses a save that cannot fit on a local disk, before writing anything: a write
-    that fails half-way leaves TensorStore's writer threads printing tracebacks."""
+    that fails half-way leaves TensorStore's writer threads printing tracebacks. Each host
+    checks its own disk and all of them refuse together, as the save is a collective."""
     free = _free_bytes(mngr)
     need = sum(x.nbytes for x in jax.tree.leaves(state))
-    if free is not None and free < need + 2**20:
+    short = free is not None and free < need + 2**20
+    # Each host's free MB where it lacks room, else -1.
+    free_mb = sharding.host_ints(free // 2**20 if short else -1)
+    hosts = np.flatnonzero(free_mb >= 0)
+    if hosts.size:
+        p = int(hosts[0])
+        where = "" if len(free_mb) == 1 else f" on process {p}"
         raise CheckpointWriteError(
-            f"the disk of {mngr.directory} is full: {free / 2**20:.0f} MB free, checkpoint "
+            f"the disk of {mngr.directory} is full{where}: {free_mb[p]} MB free, checkpoint "
             f"{step} needs about {need / 2**20:.0f} MB. Free some space and rerun to resume; "
             f"the last complete checkpoint is {_last_complete(mngr, step)}"
         )
@@ -348,27 +379,43 @@ def _read_meta(step_dir: epath.Path) -> dict:
 
 
 def restore_latest(mngr: ocp.CheckpointManager, target, shardings, check_meta):
-    """The newest readable checkpoint as `target`'s type on `shardings`, or None if none.
+    """The newest checkpoint that every host can read, as `target`'s type on `shardings`,
+    or None if there is none (all hosts call it).
 
     `check_meta(meta)` may raise to refuse a checkpoint of another model or batch size.
     A step that cannot be read (truncated, bit rot, a missing item, edited metadata) is
     skipped with a warning naming it, and renamed `<step>.unreadable` once an older one
-    has been read, so that training can write that step again. `CheckpointError` when
-    none can be read.
+    has been read, so that training can write that step again. All hosts agree on each
+    step before moving on, so a read error on one host moves them all to the same older
+    step. `CheckpointError` when none can be read.
     """
     steps = sorted(mngr.all_steps(), reverse=True)
     for i, step in enumerate(steps):
         step_dir = epath.Path(mngr.directory) / str(step)
+        state, refused = None, None
         try:
             meta = _read_meta(step_dir)
+            try:
+                check_meta(meta)
+            except SRNOError as e:
+                refused = e
+            else:
+                state = _restore_state(step_dir, target, shardings)
         except Exception as e:
             _warn_unreadable(step_dir, e)
-            continue
-        check_meta(meta)
-        try:
-            state = _restore_state(step_dir, target, shardings)
-        except Exception as e:
-            _warn_unreadable(step_dir, e)
+        votes = sharding.host_ints(_REFUSED if refused else _READ if state is not None else 0)
+        if (votes == _REFUSED).any():
+            raise refused or CheckpointError(
+                f"process {np.argmax(votes == _REFUSED)} refused checkpoint {step_dir}; "
+                "its log says why"
+            )
+        if (votes == 0).any():
+            if state is not None:
+                log.warning(
+                    "checkpoint %s is unreadable on process %d; trying the one before",
+                    step_dir,
+                    np.argmax(votes == 0),
+                )
             continue
         if i:
             _set_aside(mngr, steps[:i])
@@ -381,13 +428,12 @@ def restore_latest(mngr: ocp.CheckpointManager, target, shardings, check_meta):
     return None
 
 
+# A host's verdict on one step in `restore_latest` (0: it could not read the step).
+_READ, _REFUSED = 1, 2
+
+
 def _warn_unreadable(step_dir, e: Exception) -> None:
-    log.warning("checkpoint %s is unreadable (%s); trying the one before", step_dir, _first_line(e))
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    log.warning("checkpoint %s is unreadable (%s); trying the one before", step_dir, first_line(e))
 
 
 def _restore_state(step_dir: epath.Path, target, shardings):
@@ -402,19 +448,30 @@ def _restore_state(step_dir: epath.Path, target, shardings):
 
 def _set_aside(mngr: ocp.CheckpointManager, steps) -> None:
     """Renames unreadable step folders to `<step>.unreadable` (process 0), for all hosts."""
-    from srno_jax import sharding
-
+    error = None
     if jax.process_index() == 0:
-        for step in steps:
-            d = epath.Path(mngr.directory) / str(step)
-            d.rename(d.parent / f"{step}.unreadable")
-    sharding.agree(0)  # every host sees the renames before it reloads
+        try:
+            for step in steps:
+                d = epath.Path(mngr.directory) / str(step)
+                d.rename(d.parent / f"{step}.unreadable")
+        except OSError as e:
+            error = CheckpointError(
+                f"cannot rename the unreadable checkpoint {d} ({first_line(e)}); "
+                "move it away and rerun"
+            )
+    # Every host sees the renames before it reloads, and all raise if they failed.
+    sharding.raise_together(error, "to set aside an unreadable checkpoint")
     mngr.reload()
 
 
 def _restore_item(path: epath.Path, target, shardings):
-    with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(path, _abstract(target, shardings))
+    # The handler, not a Checkpointer: a Checkpointer's restore ends in a barrier of all
+    # hosts, which a host whose read failed would never reach.
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        return handler.restore(path, args=ocp.args.StandardRestore(_abstract(target, shardings)))
+    finally:
+        handler.close()
 
 
 def delete_after(mngr: ocp.CheckpointManager, step: int) -> int | None:
@@ -459,7 +516,7 @@ def load_orbax(path) -> tuple[SRNO, dict]:
         except Exception as e:
             if i + 1 == len(dirs):
                 raise CheckpointError(
-                    f"checkpoint {step_dir} cannot be read ({_first_line(e)})"
+                    f"checkpoint {step_dir} cannot be read ({first_line(e)})"
                 ) from None
             _warn_unreadable(step_dir, e)
     raise AssertionError("unreachable")
@@ -483,26 +540,62 @@ def _load_step(step_dir: epath.Path):
                 ),
             )["params"]
     else:
-        dtype = jnp.dtype(meta.get("params_dtype", "float32"))
+        dtype = meta.get("params_dtype", "float32")
+        if dtype not in EXPORT_DTYPES:
+            raise CheckpointError(
+                f"{step_dir}: params_dtype {dtype!r} in its meta is not one of "
+                f"{', '.join(EXPORT_DTYPES)}; the meta file was edited or is corrupt"
+            )
         like = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, dtype), abstract_variables(model)["params"]
         )
+        _check_stored_shapes(step_dir, like)
         params = _restore_item(step_dir / "params", like, jax.tree.map(lambda _: device, like))
         params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
     check_finite(params, str(step_dir))
     return model, {"params": params}
 
 
+# The dtypes parameters are exported and loaded in: integer weights would be wrong numbers.
+EXPORT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _check_stored_shapes(step_dir: epath.Path, like) -> None:
+    """Refuses a step whose stored parameters are not the arrays its meta's model has:
+    one line, before Orbax's failed read (which leaves TensorStore reads behind that
+    print tracebacks when the process exits)."""
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        stored = handler.metadata(step_dir / "params").tree
+    finally:
+        handler.close()
+    shape = lambda tree: {
+        jax.tree_util.keystr(k): tuple(v.shape)
+        for k, v in jax.tree_util.tree_leaves_with_path(tree)
+    }
+    stored, expected = shape(stored), shape(like)
+    for key in sorted(stored.keys() | expected.keys()):
+        if stored.get(key) != expected.get(key):
+            raise CheckpointError(
+                f"{step_dir}: its meta describes a model whose parameter {key} has shape "
+                f"{expected.get(key, 'none')}, but the stored one has {stored.get(key, 'none')}"
+                ": the meta was edited or belongs to another checkpoint"
+            )
+
+
 def export_for_inference(path, out, dtype: str = "float32") -> epath.Path:
     """Writes the parameters of an Orbax checkpoint (a workdir or a step folder) as an
-    inference-only folder `out` holding the items `params` and `meta`, in `dtype`
-    (float16 halves the size; loading casts back to float32). Returns `out`."""
+    inference-only folder `out` holding the items `params` and `meta`, in `dtype`, one of
+    `EXPORT_DTYPES` (float16 halves the size; loading casts back to float32). Returns
+    `out`."""
+    if dtype not in EXPORT_DTYPES:
+        raise ConfigError(f"export dtype {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
     step_dir = _step_dirs(workdir_lib.resolve(path))[0]
     _, variables = load_orbax(step_dir)
     out = workdir_lib.resolve(out)
     if out.exists():
         raise CheckpointError(f"{out} exists; choose a new folder for the export")
-    params = jax.tree.map(lambda x: np.asarray(x, dtype), variables["params"])
+    params = jax.tree.map(lambda x: np.asarray(x, jnp.dtype(dtype)), variables["params"])
     out.mkdir(parents=True)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(out / "params", params)

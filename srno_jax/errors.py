@@ -15,3 +15,14 @@ class ConfigError(SRNOError, ValueError):
 
 class DataError(SRNOError, ValueError):
     """A data set, folder or image that cannot be used."""
+
+
+class HostError(SRNOError):
+    """A part of the run that one host does alone failed (its data loader, its logging,
+    its validation), or another host did: every host stops at the same point."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name if it has none)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

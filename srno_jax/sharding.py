@@ -6,13 +6,14 @@ Also how a process joins a multi-host run, and how all hosts agree on a decision
 from __future__ import annotations
 
 import logging
+import os
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from srno_jax.errors import ConfigError
+from srno_jax.errors import ConfigError, HostError, first_line
 
 log = logging.getLogger("srno_jax")
 
@@ -36,6 +37,24 @@ def detect_cluster() -> tuple[str, int] | None:
     return None
 
 
+_BY_HAND = (
+    "give the coordinator, process count and process id by hand with --coordinator_address, "
+    "--num_processes and --process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
+    "JAX_PROCESS_ID), or run alone with --num_processes=1"
+)
+
+
+def _env_int(value: int | None, name: str) -> int | None:
+    if value is not None or not os.environ.get(name):
+        return value
+    try:
+        return int(os.environ[name])
+    except ValueError:
+        raise ConfigError(
+            f"{name}={os.environ[name]!r} is not an integer; fix or unset it"
+        ) from None
+
+
 def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
@@ -43,23 +62,46 @@ def initialize_distributed(
 ) -> str:
     """Joins a multi-host run with `jax.distributed.initialize`; returns how, for the log.
 
-    Explicit arguments (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)
-    win; otherwise a cluster found by `detect_cluster` (SLURM, Open MPI, Cloud TPU,
-    Kubernetes) is joined with no arguments, as JAX recommends. One process outside any
-    cluster stays a plain single-host run with no coordinator.
+    Each value is its argument, else JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES or
+    JAX_PROCESS_ID. One process (num_processes 1) is a plain single-host run: no cluster
+    is looked for. All three values given: JAX's cluster detection is off. Otherwise a
+    cluster found by `detect_cluster` (SLURM, Open MPI, Cloud TPU, Kubernetes) fills in
+    the rest, as JAX recommends; one process outside any cluster stays a single-host run
+    with no coordinator. A failure to detect or to join is a `ConfigError` naming the
+    flags that set the values by hand.
     """
-    explicit = coordinator_address is not None or num_processes not in (None, 1)
-    cluster = None if explicit else detect_cluster()
-    if not explicit and cluster is None:
+    coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+    num_processes = _env_int(num_processes, "JAX_NUM_PROCESSES")
+    process_id = _env_int(process_id, "JAX_PROCESS_ID")
+    if num_processes == 1:
+        return "single process"
+    given = (coordinator_address, num_processes, process_id)
+    explicit = None not in given
+    try:
+        cluster = None if explicit else detect_cluster()
+    except Exception as e:  # a detector's own failure, e.g. Kubernetes outside a Job
+        raise ConfigError(
+            f"detecting the cluster failed ({type(e).__name__}: {first_line(e)}); {_BY_HAND}"
+        ) from None
+    if cluster is None and given == (None, None, None):
         return "single process"
     # Collectives between CPU processes need an implementation: 'gloo' is this JAX's
     # default; older versions defaulted to none, and the first all-reduce failed.
     if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") in (None, "", "none"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
-    )
-    how = "explicit flags" if explicit else f"cluster {cluster[0]}"
+    try:
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+            cluster_detection_method="deactivate" if explicit else None,
+        )
+    except Exception as e:
+        how = f"the {cluster[0]} cluster" if cluster else "the multi-host run"
+        raise ConfigError(
+            f"joining {how} failed ({type(e).__name__}: {first_line(e)}); {_BY_HAND}"
+        ) from None
+    how = "explicit settings" if explicit else f"cluster {cluster[0]}" if cluster else "settings"
     return f"{how}: process {jax.process_index()} of {jax.process_count()}"
 
 
@@ -112,14 +154,24 @@ def host_values(value: int, mesh) -> jax.Array:
     return jax.make_array_from_process_local_data(batch_sharded(mesh), local, (mesh.devices.size,))
 
 
-def agree(vote: int) -> int:
-    """The bitwise OR of every host's `vote` (a small int): a decision all hosts share.
+def host_ints(value: int) -> np.ndarray:
+    """Every host's `value` (a small int), indexed by process index.
 
-    A collective: every host must call it at the same point. One process: `vote` itself.
+    A collective: every host must call it at the same point. One process: [value].
     """
     if jax.process_count() == 1:
-        return int(vote)
+        return np.asarray([value], np.int32)
     from jax.experimental import multihost_utils
 
-    votes = multihost_utils.process_allgather(np.asarray(vote, np.int32))
-    return int(np.bitwise_or.reduce(np.asarray(votes).ravel()))
+    return np.asarray(multihost_utils.process_allgather(np.asarray(value, np.int32))).ravel()
+
+
+def raise_together(error: Exception | None, what: str) -> None:
+    """The decision of all hosts whether to go on: raises on every host if any host has
+    `error`, that error where it happened and a `HostError` naming the first process that
+    failed and `what` elsewhere. A collective."""
+    failed = np.flatnonzero(host_ints(error is not None))
+    if error is not None:
+        raise error
+    if failed.size:
+        raise HostError(f"process {failed[0]} failed {what}; its log names the error")

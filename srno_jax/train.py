@@ -3,8 +3,9 @@
 One code path for every scale of hardware: the batch is sharded over a ('data',) mesh of
 all devices of all hosts, parameters are replicated, and `jax.jit` inserts the gradient
 all-reduce. Host p builds only its share of each global batch. Every decision to stop
-(a signal, the time limit, divergence) is shared by all hosts: each host's vote rides in
-the step itself, so all of them stop after the same step and save the same checkpoint.
+(a signal, the time limit, divergence, an error on one host) is shared by all hosts: each
+host's vote rides in the step itself, so all of them stop after the same step and save
+the same checkpoint, or none after an error.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import optax
 from flax import struct
 
 from srno_jax import checkpoints, compiler, evaluation, sharding
-from srno_jax.errors import CheckpointError, ConfigError, SRNOError
+from srno_jax.errors import CheckpointError, ConfigError, HostError, SRNOError, first_line
 from srno_jax.metric_writer import MetricWriter
 from srno_jax.models import SRNO, init_variables
 from srno_jax.schedules import lr_at_epoch
@@ -32,8 +33,9 @@ from srno_jax.workdir import WorkdirLock, check_writable
 
 log = logging.getLogger("srno_jax")
 
-# Stop votes: bits of one int per host, combined by max in the step.
-STOP_SIGNAL, STOP_TIME = 1, 2
+# Stop votes: bits of one int per host, combined by max in the step. STOP_ERROR is the
+# highest bit, so the max keeps it whatever the other hosts vote.
+STOP_SIGNAL, STOP_TIME, STOP_ERROR = 1, 2, 4
 
 
 class TrainingDiverged(SRNOError):
@@ -190,12 +192,14 @@ def restore_or_init(mngr, model, tx, config, mesh) -> TrainState:
 
 
 class StopVote:
-    """This host's vote to stop: SIGTERM/SIGINT on any host, or the time limit measured
-    on process 0's clock alone. `votes(mesh)` is the vote as the step's input."""
+    """This host's vote to stop: SIGTERM/SIGINT on any host, the time limit measured on
+    process 0's clock alone, or an error in what this host does alone (`guard`).
+    `votes(mesh)` is the vote as the step's input."""
 
     def __init__(self, max_minutes: float):
         self.deadline = time.time() + 60 * max_minutes if max_minutes else None
         self.signal = None
+        self.error = None
         self._previous = {}
 
     def __enter__(self):
@@ -212,12 +216,41 @@ class StopVote:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    @contextlib.contextmanager
+    def guard(self, what: str, step: int):
+        """Keeps this host's first error in `what` instead of raising it: the other hosts
+        would wait for this one in the next collective. The next step carries the vote."""
+        try:
+            yield
+        except Exception as e:
+            if self.error is None:
+                self.error = (
+                    e
+                    if isinstance(e, SRNOError)
+                    else HostError(
+                        f"{what} failed at step {step}: {type(e).__name__}: {first_line(e)}; "
+                        "rerun to resume from the last checkpoint"
+                    )
+                )
+
     def votes(self, mesh) -> jax.Array:
         late = (
             self.deadline is not None and jax.process_index() == 0 and time.time() > self.deadline
         )
-        vote = (STOP_SIGNAL if self.signal else 0) | (STOP_TIME if late else 0)
+        vote = (
+            (STOP_SIGNAL if self.signal else 0)
+            | (STOP_TIME if late else 0)
+            | (STOP_ERROR if self.error else 0)
+        )
         return sharding.host_values(vote, mesh)
+
+    def raise_if_failed(self, agreed: int, step: int) -> None:
+        """Raises on every host when the agreed vote holds a host's error (a collective)."""
+        if agreed & STOP_ERROR:
+            sharding.raise_together(
+                self.error,
+                f"by step {step}, so every host stopped there without saving it: rerun to resume",
+            )
 
     def reason(self, agreed: int) -> str | None:
         if not agreed:
@@ -237,10 +270,15 @@ def hold_workdir(workdir):
             check_writable(workdir)
             lock = WorkdirLock(workdir)
             lock.acquire()
-        except ConfigError as e:
+        except SRNOError as e:
             error, lock = e, None
-    if sharding.agree(error is not None):
-        raise error or ConfigError(f"process 0 could not lock the workdir {workdir}; see its log")
+        except Exception as e:  # agreed below all the same: the other hosts wait for it
+            lock = None
+            error = ConfigError(
+                f"cannot lock the workdir {workdir} ({type(e).__name__}: {first_line(e)}); "
+                "check that it is a folder you can write to"
+            )
+    sharding.raise_together(error, f"to lock the workdir {workdir}")
     try:
         yield
     finally:
@@ -258,7 +296,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data: TrainDa
     model, tx = model_from_config(config), make_optimizer(config)
     spe = config.steps_per_epoch or data.steps_per_epoch
     total = config.total_steps or config.optim.epochs * spe
-    with hold_workdir(workdir), checkpoints.managed(workdir, config.checkpoint.keep) as mngr:
+    # The signal handlers are on from here to the last save: a signal while starting,
+    # restoring or saving is a vote to stop, not the end of the process.
+    with (
+        StopVote(config.max_train_minutes) as stop,
+        hold_workdir(workdir),
+        checkpoints.managed(workdir, config.checkpoint.keep) as mngr,
+    ):
         state = restore_or_init(mngr, model, tx, config, mesh)
         start = int(state.step)
         if start >= total:
@@ -283,27 +327,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data: TrainDa
             total,
         )
         results = {}
-        with data.batches(start) as batches, StopVote(config.max_train_minutes) as stop:
+        with contextlib.ExitStack() as stack:
+            with stop.guard("starting the data loader", start + 1):
+                batches = stack.enter_context(data.batches(start))
+                batch = next(batches)
+            sharding.raise_together(stop.error, "to start its data loader")
             prev, last_log, last_t = None, start, time.time()
             for step in range(start + 1, total + 1):
-                state, metrics = step_fn(
-                    state, sharding.to_global(next(batches), mesh), stop.votes(mesh)
-                )
-                # The previous step's agreed vote: the same on every host.
-                reason = stop.reason(int(prev["stop"])) if prev is not None else None
+                if step > start + 1 and stop.error is None:
+                    # On an error the step still runs, on the last batch, to carry the vote.
+                    with stop.guard("the data loader", step):
+                        batch = next(batches)
+                state, metrics = step_fn(state, sharding.to_global(batch, mesh), stop.votes(mesh))
+                # The previous step's agreed vote, the same on every host: reading this
+                # step's would wait for it. A save waits anyway, and reads this step's
+                # too, so that no step a host's error spoiled is saved.
+                agreed = int(prev["stop"]) if prev is not None else 0
                 prev = metrics
+                save = agreed or step % config.checkpoint.every_steps == 0 or step == total
+                if save:
+                    agreed |= int(metrics["stop"])
+                stop.raise_if_failed(agreed, step)
+                reason = stop.reason(agreed)
                 if step % config.log_every_steps == 0 or step == total or reason:
                     _check_divergence(state, step, config, mngr, workdir)
                     rate = (step - last_log) * config.batch_size / max(time.time() - last_t, 1e-9)
-                    _log_progress(writer, step, total, metrics, rate, config.batch_size)
+                    with stop.guard("logging", step):
+                        _log_progress(writer, step, total, metrics, rate, config.batch_size)
                     last_log, last_t = step, time.time()
-                if step % config.checkpoint.every_steps == 0 or step == total or reason:
-                    if int(state.nonfinite) == 0:  # never save a state that just failed
-                        checkpoints.save(mngr, state, config)
+                if save and int(state.nonfinite) == 0:  # never save a state that just failed
+                    checkpoints.save(mngr, state, config)
                 if data.val_images and (
                     step % config.eval.every_steps == 0 or step == total or reason
                 ):
-                    results = _validate(writer, model, state.params, data.val_images, config, step)
+                    with stop.guard("validation", step):
+                        results = _validate(
+                            writer, model, state.params, data.val_images, config, step
+                        )
                 if reason:
                     log.info(
                         "stopping at step %d (%s); checkpoint saved, rerun to resume", step, reason
@@ -311,6 +371,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data: TrainDa
                     break
         checkpoints.finish(mngr)
         writer.close()
+        # An error after the last vote (the last step's logging or validation).
+        sharding.raise_together(stop.error, f"at step {step}")
     return results
 
 

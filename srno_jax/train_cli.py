@@ -69,10 +69,31 @@ def _resolve_config_names(argv: list[str]) -> list[str]:
     return out
 
 
+def _config_value(argv: list[str]) -> str:
+    """The --config value of argv as `_resolve_config_names` left it."""
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+    return ""
+
+
 def parse_flags(argv: list[str]):
-    """absl's parsing; an unknown --config field gets one line naming that flag."""
+    """absl's parsing; a config file that is missing or does not load, or an unknown
+    --config field, gets one line naming it."""
+    argv = _resolve_config_names(argv)
+    path = _config_value(argv).partition(":")[0]
+    if path and not os.path.isfile(path):
+        sys.exit(
+            f"error: --config {path} is neither a config file nor a built-in config "
+            f"({', '.join(BUILTIN_CONFIGS)})"
+        )
     try:
-        return app.parse_flags_with_usage(_resolve_config_names(argv))
+        return app.parse_flags_with_usage(argv)
+    except (OSError, SyntaxError) as e:  # the file itself: ml_collections could not load it
+        cause = e.__cause__ or e.__context__ or e
+        sys.exit(f"error: cannot load --config {path}: {type(cause).__name__}: {cause}")
     except (KeyError, AttributeError) as e:  # raised by ml_collections for a misspelt key
         while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError(..))
             e = e.args[0]
@@ -98,14 +119,15 @@ def training_data(config):
     sample_q = input_pipeline.check_config(d.inp_size, d.scale_min, d.scale_max, d.sample_q or None)
     source = input_pipeline.make_source(d.train, "train", d.get("data_dir") or None)
     val = []
-    if d.val and jax.process_index() == 0:
+    if d.val:  # checked on every host, read by process 0 alone, which validates
         val_src = input_pipeline.make_source(d.val, "validation", d.get("data_dir") or None)
         if isinstance(val_src, input_pipeline.PairedSource):
             raise ConfigError(
                 f"data.val {d.val} is a paired folder; point it at its HR/ "
                 f"subfolder, or evaluate the pairs with eval.py --data {d.val}"
             )
-        val = [val_src[i] for i in range(min(len(val_src), config.eval.max_images))]
+        if jax.process_index() == 0:
+            val = [val_src[i] for i in range(min(len(val_src), config.eval.max_images))]
 
     def batches(start_step: int):
         return input_pipeline.TrainLoader(
@@ -132,19 +154,27 @@ def training_data(config):
 
 def run(config, workdir) -> dict:
     """Checks `config`, then trains it in `workdir` (see `train.train_and_evaluate`)."""
-    from srno_jax import train
+    from srno_jax import sharding, train
     from srno_jax.config_checks import check_config
 
     check_config(config)
-    return train.train_and_evaluate(config, workdir, training_data(config))
+    data, error = None, None
+    try:
+        data = training_data(config)
+    except Exception as e:  # agreed first: the other hosts would wait for this one
+        error = e
+    sharding.raise_together(error, "to read the training data")
+    return train.train_and_evaluate(config, workdir, data)
 
 
 def _main(argv):
     del argv
+    import jax
+
     from srno_jax import compiler, evaluation, sharding, train
     from srno_jax.checkpoints import CheckpointWriteError
     from srno_jax.config_checks import check_config
-    from srno_jax.errors import SRNOError
+    from srno_jax.errors import SRNOError, first_line
 
     train.setup_logging()
     compiler.retain_freed_memory()  # before XLA starts its threads
@@ -162,6 +192,14 @@ def _main(argv):
         os._exit(1)
     except SRNOError as e:
         sys.exit(f"error: {e}")
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        sys.exit(
+            f"error: out of memory on {jax.devices()[0].device_kind} ({first_line(e)}); "
+            f"lower --config.batch_size (now {FLAGS.config.batch_size}) or "
+            "--config.data.inp_size, or use more devices; the last checkpoint is kept"
+        )
     if results:
         print(evaluation.format_results(results))
 

@@ -1,7 +1,10 @@
 """This package's Orbax checkpoints: layouts old and new, refusals, and unreadable steps."""
 
 import logging
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -11,6 +14,7 @@ import pytest
 from test_train import image_dir, tiny_config  # noqa: F401  (image_dir is a fixture)
 
 from srno_jax import CheckpointError, checkpoints, load_checkpoint, train, train_cli
+from srno_jax.errors import ConfigError
 
 LEGACY = Path(__file__).resolve().parent / "data" / "legacy_workdir"
 
@@ -57,6 +61,45 @@ def test_export_for_inference_float16(run4, tmp_path):
     assert_same(half["params"], full["params"], atol=2e-3)
     with pytest.raises(CheckpointError, match="exists"):
         checkpoints.export_for_inference(run4, out)
+
+
+def test_export_dtypes(run4, tmp_path):
+    out = checkpoints.export_for_inference(run4, tmp_path / "bf16", dtype="bfloat16")
+    _, full = load_checkpoint(run4)
+    assert_same(load_checkpoint(out)[1]["params"], full["params"], atol=2e-2)
+    with pytest.raises(ConfigError, match="'int8' is not one of"):
+        checkpoints.export_for_inference(run4, tmp_path / "int8", dtype="int8")
+
+
+DEMO = Path(__file__).resolve().parents[1] / "examples" / "assets" / "demo_srno"
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (('"n_feats": 64', '"n_feats": 48'), r"has shape \(48,\), but the stored one has \(64,\)"),
+        (('"heads": 4', '"heads": 2'), "shape"),
+        (('"params_dtype": "float16"', '"params_dtype": "int8"'), "params_dtype 'int8'"),
+    ],
+)
+def test_edited_meta_is_one_line_before_any_read(tmp_path, edit, message):
+    """A meta that does not describe the stored arrays: refused from the metadata alone,
+    so no TensorStore read is left to print tracebacks at exit."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(DEMO, ckpt)
+    meta = ckpt / "meta" / "metadata"
+    meta.write_text(meta.read_text().replace(*edit))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"from srno_jax import load_checkpoint; load_checkpoint({str(ckpt)!r})",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1 and re.search(message, proc.stderr), proc.stderr[-2000:]
+    assert proc.stderr.count("Traceback") == 1  # the CheckpointError's own, nothing at exit
 
 
 def test_non_finite_orbax_checkpoint_is_refused(image_dir, tmp_path):

@@ -40,7 +40,9 @@ DIVERGING = (
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("jax_cache")
+    # One cache for the modules that import this fixture too (test_multihost).
+    cache = tmp_path_factory.getbasetemp() / "jax_cache"
+    cache.mkdir(exist_ok=True)
     e = dict(
         os.environ,
         JAX_PLATFORMS="cpu",
@@ -369,6 +371,35 @@ def test_bad_arguments_fail_fast(env, image_dir, tmp_path, flags, extra_env, nee
     assert time.time() - t0 < 60
 
 
+@pytest.mark.parametrize(
+    "config, needles",
+    [
+        ("defualt", ["--config defualt is neither a config file nor a built-in config"]),
+        ("broken.py", ["cannot load --config", "SyntaxError"]),
+    ],
+)
+def test_config_file_that_does_not_load(env, tmp_path, config, needles):
+    (tmp_path / "broken.py").write_text("def get_config(:\n")
+    cmd = [sys.executable, str(ROOT / "main.py"), f"--config={config}", "--workdir=run"]
+    p = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert_clean_error(p, *needles)
+
+
+def test_out_of_device_memory_is_one_line(env, image_dir, tmp_path):
+    """XLA's RESOURCE_EXHAUSTED (here raised by hand) names the config fields to lower."""
+    script = (
+        "import sys, jax\n"
+        "from srno_jax import train_cli\n"
+        "def run(config, workdir):\n"
+        "    raise jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating')\n"
+        "train_cli.run = run\n"
+        "train_cli.main(sys.argv)\n"
+    )
+    cmd = [sys.executable, "-c", script, *main_cmd(image_dir, tmp_path / "run")[2:]]
+    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert_clean_error(p, "out of memory", "--config.batch_size (now ")
+
+
 def test_flag_value_error_is_clear(env, image_dir, tmp_path):
     p = run_main(env, image_dir, tmp_path / "run", "--config.model.width=abc", timeout=120)
     assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
@@ -510,11 +541,15 @@ def _slurm_env(env, task):
     )
 
 
-def _start_two_hosts(env, image_dir, workdir, *flags):
+def _start_two_hosts(env, image_dir, workdir, *flags, fault=None):
+    """Two SLURM tasks of main.py; `fault`: a fault of tests/train_worker.py injected first."""
     port_env = _slurm_env(env, 0)
+    cmd = main_cmd(image_dir, workdir, *flags)
+    if fault:
+        cmd[1:2] = [str(TESTS / "train_worker.py"), f"--fault={fault}"]
     return [
         subprocess.Popen(
-            main_cmd(image_dir, workdir, *flags),
+            cmd,
             env=dict(port_env, SLURM_PROCID=str(i), SLURM_LOCALID=str(i)),
             cwd=ROOT,
             text=True,

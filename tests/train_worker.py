@@ -1,9 +1,13 @@
-"""Runs a few training steps in a fresh process (device count set by XLA_FLAGS) and saves params.
+"""Runs training in a fresh process (device count set by XLA_FLAGS).
 
-Usage: python tests/train_worker.py IMAGE_DIR WORKDIR OUT.npz STEPS
+python tests/train_worker.py IMAGE_DIR WORKDIR OUT.npz STEPS
+    trains a few steps and saves the parameters to OUT.npz.
+python tests/train_worker.py --fault=NAME MAIN_ARGS...
+    main.py with the fault NAME (see FAULTS) on one host of a multi-host run.
 """
 
 import sys
+from concurrent.futures.process import BrokenProcessPool
 
 import jax
 import numpy as np
@@ -25,5 +29,59 @@ def main(image_dir, workdir, out, steps):
     )
 
 
+def _fail_on(process, cls, name, error, calls=range(sys.maxsize)):
+    """Makes `cls.name` raise `error` on `process` at its calls numbered in `calls`."""
+    original, count = getattr(cls, name), [0]
+
+    def fails(*args, **kwargs):
+        count[0] += 1
+        if jax.process_index() == process and count[0] - 1 in calls:
+            raise error
+        return original(*args, **kwargs)
+
+    setattr(cls, name, fails)
+
+
+def _unreadable_validation():
+    import input_pipeline
+    from srno_jax.errors import DataError
+
+    _fail_on(
+        0, input_pipeline.FolderSource, "__getitem__", DataError("image bad.png is unreadable")
+    )
+
+
+def _unlockable_workdir():
+    from srno_jax import workdir
+
+    _fail_on(0, workdir.WorkdirLock, "acquire", PermissionError(13, "Permission denied"))
+
+
+def _unreadable_checkpoint():
+    import orbax.checkpoint as ocp
+
+    error = OSError(5, "Input/output error")
+    _fail_on(1, ocp.StandardCheckpointHandler, "restore", error, calls=range(1))
+
+
+def _dead_loader():
+    import input_pipeline
+
+    error = BrokenProcessPool("a worker died")
+    _fail_on(1, input_pipeline.TrainLoader, "__next__", error, calls=range(2, sys.maxsize))
+
+
+FAULTS = {
+    "unreadable-validation": _unreadable_validation,  # process 0 reads a bad image
+    "unlockable-workdir": _unlockable_workdir,  # process 0 cannot create the lock file
+    "unreadable-checkpoint": _unreadable_checkpoint,  # process 1 fails to read one once
+    "dead-loader": _dead_loader,  # process 1's loader workers die at step 3
+}
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[1].startswith("--fault="):
+        FAULTS[sys.argv[1].split("=", 1)[1]]()
+        train_cli.main([sys.argv[0], *sys.argv[2:]])
+    else:
+        main(*sys.argv[1:])
