@@ -166,6 +166,15 @@ def host_ints(value: int) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(np.asarray(value, np.int32))).ravel()
 
 
+def check_same(value: int, what: str, fix: str) -> None:
+    """Raises `ConfigError` on every host unless every host has the same `value` (a small
+    int): the count of `what`. A collective."""
+    values = host_ints(value)
+    if (values != values[0]).any():
+        each = ", ".join(f"process {i}: {v}" for i, v in enumerate(values))
+        raise ConfigError(f"the hosts see different numbers of {what} ({each}); {fix}")
+
+
 def raise_together(error: Exception | None, what: str) -> None:
     """The decision of all hosts whether to go on: raises on every host if any host has
     `error`, that error where it happened and a `HostError` naming the first process that

@@ -59,11 +59,13 @@ class TrainData:
       batch from that step on ({'inp', 'coord', 'cell', 'gt'} float32 numpy arrays).
     steps_per_epoch: batches in one epoch (the schedule's unit).
     val_images: HR uint8 images for validation (process 0 only; empty: none).
+    images: training images (or pairs) this host sees, which every host must agree on.
     """
 
     batches: Callable[[int], ContextManager[Iterator[dict]]]
     steps_per_epoch: int
     val_images: Sequence[np.ndarray] = ()
+    images: int = 0
 
 
 def model_from_config(config) -> SRNO:

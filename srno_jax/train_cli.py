@@ -149,7 +149,7 @@ def training_data(config):
         )
 
     spe = input_pipeline.steps_per_epoch(len(source), d.repeat, config.batch_size)
-    return TrainData(batches, spe, val)
+    return TrainData(batches, spe, val, len(source))
 
 
 def run(config, workdir) -> dict:
@@ -164,6 +164,9 @@ def run(config, workdir) -> dict:
     except Exception as e:  # agreed first: the other hosts would wait for this one
         error = e
     sharding.raise_together(error, "to read the training data")
+    # Each host samples from its own copy: copies of different sizes would give the hosts
+    # different data orders, whose shares overlap and miss samples without any error.
+    sharding.check_same(data.images, "training images", "give every host the same data")
     return train.train_and_evaluate(config, workdir, data)
 
 

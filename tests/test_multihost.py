@@ -244,3 +244,12 @@ def test_a_signal_while_restoring_or_saving_is_a_vote_to_stop(image_dir, tmp_pat
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     assert steps_in(tmp_path / "run") == [2]
+
+
+def test_hosts_with_different_training_sets_are_refused(monkeypatch):
+    """Copies of the data of different sizes on two hosts: one line on every host."""
+    monkeypatch.setattr(sharding, "host_ints", lambda value: np.asarray([800, 799]))
+    with pytest.raises(ConfigError, match=r"training images \(process 0: 800, process 1: 799\)"):
+        sharding.check_same(800, "training images", "give every host the same data")
+    monkeypatch.setattr(sharding, "host_ints", lambda value: np.asarray([800, 800]))
+    sharding.check_same(800, "training images", "give every host the same data")
