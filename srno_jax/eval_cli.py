@@ -11,7 +11,8 @@ the --json path tried, before the first forward pass (an existing file is kept w
 check fails); the JSON is then rewritten after each table cell, so an interrupted run
 leaves the finished cells (``"complete": false``) and prints their table. Unreadable
 images are skipped with a warning and counted in the table (--strict stops instead).
-Errors print one line on stderr and exit with status 2; Ctrl-C exits with 130.
+Errors print one line on stderr and exit with status 2; Ctrl-C exits with 130, SIGTERM
+with 143 (both keeping the cells done, in the table and --json).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import sys
 import time
 
 from srno_jax.errors import ConfigError, DataError, SRNOError
-from srno_jax.upscale_cli import positive_int
+from srno_jax.upscale_cli import Terminated, positive_int, sigterm_as_interrupt
 
 _PROG = "srno-eval"
 _DEFAULT_SCALES = [2.0, 3.0, 4.0]
@@ -263,15 +264,15 @@ def main(argv: list[str] | None = None) -> int:
         cache = compiler.enable_compilation_cache(
             compiler.DEFAULT_CACHE_DIR if args.compilation_cache is None else args.compilation_cache
         )
-        with compiler.CompileClock() as clock:
+        with sigterm_as_interrupt(), compiler.CompileClock() as clock:
             _evaluate(args, results, state)
         status = 0
     except SRNOError as e:
         print(f"{_PROG}: error: {e}", file=sys.stderr)
         status = 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(f"{_PROG}: interrupted", file=sys.stderr)
-        status = 130
+        status = 143 if isinstance(e, Terminated) else 130
     finally:
         if "bar" in state:
             state["bar"].close()

@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import signal
 import string
 import sys
 
@@ -51,6 +52,25 @@ def _size(text: str) -> tuple[int, int]:
     if not m:
         raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT, e.g. 1920x1080")
     return int(m.group(2)), int(m.group(1))
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the same clean-up runs."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block, SIGTERM (a scheduler's or `timeout`'s stop) raises `Terminated`:
+    a file being written is removed and the outputs done are kept, as for Ctrl-C."""
+
+    def handler(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def positive_int(text: str) -> int:
@@ -348,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     done = 0
     try:
-        with _input_pixel_limit(args.max_input_pixels):
+        with sigterm_as_interrupt(), _input_pixel_limit(args.max_input_pixels):
             _check_arguments(args)
             jobs = plan(args)
             _check_quality(args.quality, jobs)
@@ -377,9 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     except SRNOError as e:
         print(f"srno-upscale: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(f"srno-upscale: interrupted; {done} image(s) written", file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
     return 0
 
 

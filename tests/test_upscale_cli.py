@@ -338,3 +338,35 @@ def test_interrupt_keeps_finished_images(ckpt, tmp_path, capsys, monkeypatch):
     )
     assert "interrupted; 1 image(s) written" in capsys.readouterr().err
     assert os.listdir(out) == ["a_x2.png"]
+
+
+def test_sigterm_mid_write_leaves_no_partial_file(ckpt, tmp_path, capsys, monkeypatch):
+    """A scheduler's SIGTERM while the second output is being written: like Ctrl-C, the
+    first output stays, the unfinished file is removed, exit status 143."""
+    import signal
+
+    for name in ("a.png", "b.png"):
+        Image.fromarray(_rgb(1)).save(tmp_path / name)
+    out = tmp_path / "out"
+    out.mkdir()
+    real, saves = Image.Image.save, []
+
+    def terminated_in_second_save(self, fp, *args, **kwargs):
+        saves.append(fp)
+        real(self, fp, *args, **kwargs)  # the bytes are on disk, not yet renamed
+        if len(saves) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def unhandled(signum, frame):  # instead of the default, which would end pytest
+        raise AssertionError("srno-upscale left SIGTERM to its previous handler")
+
+    monkeypatch.setattr(Image.Image, "save", terminated_in_second_save)
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        args = (tmp_path / "a.png", tmp_path / "b.png", out, "--scale", 2, "--checkpoint", ckpt)
+        assert run(*args) == 143
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # put back after the run
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert "interrupted; 1 image(s) written" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["a_x2.png"]  # no b_x2.png, no .b_x2.png.partial
