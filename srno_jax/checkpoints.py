@@ -219,6 +219,9 @@ def check_finite(params, source: str) -> None:
 # Inference reads `params` and `meta` alone. Older step folders hold `state` (the whole
 # train state) instead of the first two; they are read as well.
 
+# The dtypes parameters are exported and loaded in: integer weights would be wrong numbers.
+EXPORT_DTYPES = ("float32", "float16", "bfloat16")
+
 
 def model_spec(config) -> dict:
     """The model part of a training config as plain JSON, as checkpoints record it."""
@@ -554,10 +557,6 @@ def _load_step(step_dir: epath.Path):
         params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
     check_finite(params, str(step_dir))
     return model, {"params": params}
-
-
-# The dtypes parameters are exported and loaded in: integer weights would be wrong numbers.
-EXPORT_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _check_stored_shapes(step_dir: epath.Path, like) -> None:

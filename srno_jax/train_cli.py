@@ -53,37 +53,29 @@ def builtin_config_path(name: str) -> str | None:
     return os.path.join(list(spec.submodule_search_locations)[0], base + ".py") + sep + arg
 
 
-def _resolve_config_names(argv: list[str]) -> list[str]:
+def _resolve_config_names(argv: list[str]) -> tuple[list[str], str]:
     """Rewrites ``--config NAME`` / ``--config=NAME`` of a built-in config to its file,
-    and adds ``--config=<default>`` when none is given."""
-    out, seen = list(argv), False
+    and adds ``--config=<default>`` when none is given. Returns the new argv and the
+    config it names (the last --config, which absl takes)."""
+    out, value = list(argv), None
     for i, a in enumerate(out):
         if a == "--config" and i + 1 < len(out):
-            seen, path = True, builtin_config_path(out[i + 1])
-            out[i + 1] = path or out[i + 1]
+            out[i + 1] = value = builtin_config_path(out[i + 1]) or out[i + 1]
         elif a.startswith("--config="):
-            seen, path = True, builtin_config_path(a.split("=", 1)[1])
-            out[i] = f"--config={path}" if path else a
-    if not seen:
-        out.insert(1, f"--config={builtin_config_path('default')}")
-    return out
-
-
-def _config_value(argv: list[str]) -> str:
-    """The --config value of argv as `_resolve_config_names` left it."""
-    for i, a in enumerate(argv):
-        if a == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith("--config="):
-            return a.split("=", 1)[1]
-    return ""
+            given = a.split("=", 1)[1]
+            value = builtin_config_path(given) or given
+            out[i] = f"--config={value}"
+    if value is None:
+        value = builtin_config_path("default")
+        out.insert(1, f"--config={value}")
+    return out, value
 
 
 def parse_flags(argv: list[str]):
     """absl's parsing; a config file that is missing or does not load, or an unknown
     --config field, gets one line naming it."""
-    argv = _resolve_config_names(argv)
-    path = _config_value(argv).partition(":")[0]
+    argv, config = _resolve_config_names(argv)
+    path = config.partition(":")[0]
     if path and not os.path.isfile(path):
         sys.exit(
             f"error: --config {path} is neither a config file nor a built-in config "

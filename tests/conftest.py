@@ -47,6 +47,20 @@ def small_golden():
 
 
 @pytest.fixture
+def sigterm_guard():
+    """For a test that sends itself SIGTERM: a handler that fails the test instead of the
+    default, which would end pytest. Yields it; the previous handler is put back after."""
+    import signal
+
+    def unhandled(signum, frame):
+        raise AssertionError("SIGTERM reached the handler the command should have replaced")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    yield unhandled
+    signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.fixture
 def fake_gcs(monkeypatch):
     """gs:// (and gcs://) served by an in-memory fsspec file system, for this test only."""
     import sys

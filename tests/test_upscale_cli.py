@@ -340,7 +340,9 @@ def test_interrupt_keeps_finished_images(ckpt, tmp_path, capsys, monkeypatch):
     assert os.listdir(out) == ["a_x2.png"]
 
 
-def test_sigterm_mid_write_leaves_no_partial_file(ckpt, tmp_path, capsys, monkeypatch):
+def test_sigterm_mid_write_leaves_no_partial_file(
+    ckpt, tmp_path, capsys, monkeypatch, sigterm_guard
+):
     """A scheduler's SIGTERM while the second output is being written: like Ctrl-C, the
     first output stays, the unfinished file is removed, exit status 143."""
     import signal
@@ -357,16 +359,9 @@ def test_sigterm_mid_write_leaves_no_partial_file(ckpt, tmp_path, capsys, monkey
         if len(saves) == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    def unhandled(signum, frame):  # instead of the default, which would end pytest
-        raise AssertionError("srno-upscale left SIGTERM to its previous handler")
-
     monkeypatch.setattr(Image.Image, "save", terminated_in_second_save)
-    previous = signal.signal(signal.SIGTERM, unhandled)
-    try:
-        args = (tmp_path / "a.png", tmp_path / "b.png", out, "--scale", 2, "--checkpoint", ckpt)
-        assert run(*args) == 143
-        assert signal.getsignal(signal.SIGTERM) is unhandled  # put back after the run
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    args = (tmp_path / "a.png", tmp_path / "b.png", out, "--scale", 2, "--checkpoint", ckpt)
+    assert run(*args) == 143
+    assert signal.getsignal(signal.SIGTERM) is sigterm_guard  # put back after the run
     assert "interrupted; 1 image(s) written" in capsys.readouterr().err
     assert sorted(os.listdir(out)) == ["a_x2.png"]  # no b_x2.png, no .b_x2.png.partial
