@@ -21,6 +21,7 @@ def get_config():
     c.model.width = 256
     c.model.heads = 16
     c.compute_dtype = "float32"  # 'bfloat16' on GPU/TPU: bf16 compute, float32 parameters
+    c.fused_kernels = True  # on GPUs, the kernel integrals' LayerNorms and k^T v in Pallas
 
     c.data = ml_collections.ConfigDict()
     c.data.train = "div2k"  # 'div2k' (TFDS), 'demo', or a folder such as DIV2K_train_HR

@@ -234,9 +234,14 @@ def model_spec(config) -> dict:
     }
 
 
-def model_from_spec(spec: dict, dtype="float32") -> SRNO:
+def model_from_spec(spec: dict, dtype="float32", fused: bool = False) -> SRNO:
     return make_model(
-        spec["encoder"], spec["encoder_args"], width=spec["width"], heads=spec["heads"], dtype=dtype
+        spec["encoder"],
+        spec["encoder_args"],
+        width=spec["width"],
+        heads=spec["heads"],
+        dtype=dtype,
+        fused=fused,
     )
 
 

@@ -69,8 +69,11 @@ class TrainData:
 
 
 def model_from_config(config) -> SRNO:
+    """The config's model; its fused kernels (`fused_kernels`) only where they compile,
+    on GPUs."""
+    fused = config.get("fused_kernels", True) and jax.default_backend() == "gpu"
     return checkpoints.model_from_spec(
-        checkpoints.model_spec(config), config.get("compute_dtype", "float32")
+        checkpoints.model_spec(config), config.get("compute_dtype", "float32"), fused
     )
 
 

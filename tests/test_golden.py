@@ -77,9 +77,12 @@ def test_flat_queries_equal_grid(golden):
     np.testing.assert_allclose(flat, grid.reshape(1, -1, 3), atol=1e-6)
 
 
-def test_loss_and_every_gradient(golden):
-    """The training-batch L1 loss, and each gradient relative to its Frobenius norm."""
+@pytest.mark.parametrize("fused", [False, True], ids=["xla", "fused"])
+def test_loss_and_every_gradient(golden, fused):
+    """The training-batch L1 loss, and each gradient relative to its Frobenius norm; also
+    with the kernel integrals' Pallas kernel (`models.fused`, interpreted on the CPU)."""
     name, model, variables, z = golden
+    model = model.clone(fused=fused)
     case = "train_batch_x3.3"
     inp, coord, cell = (
         nhwc(z[f"{case}/inp"]),

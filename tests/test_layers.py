@@ -69,7 +69,7 @@ def test_head_layer_norm_adds_eps_to_the_unbiased_std():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 5, 3, 4)).astype(np.float32) * 0.3
     x -= x.mean(-1, keepdims=True)
-    norm = HeadLayerNorm(eps=0.1)
+    norm = HeadLayerNorm(3, 4, eps=0.1)
     params = {"scale": rng.normal(size=(3, 4)), "bias": rng.normal(size=(3, 4))}
     got = np.asarray(norm.apply({"params": params}, jnp.asarray(x)), np.float64)
     x64 = x.astype(np.float64)

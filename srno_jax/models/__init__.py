@@ -89,13 +89,20 @@ def make_model(
     width: int = 256,
     heads: int = 16,
     dtype="float32",
+    fused: bool = False,
 ) -> SRNO:
     """SRNO from the reference's model args (`blocks` there is `heads` here), each
-    checked: `ConfigError` names the first one out of range."""
+    checked: `ConfigError` names the first one out of range. `fused`: SRNO's."""
     width, heads = _size("width", width), _size("heads", heads)
     if width % heads:
         raise ConfigError(f"width {width} must be divisible by heads {heads}")
-    return SRNO(make_encoder(encoder, encoder_args, dtype), width=width, heads=heads, dtype=dtype)
+    return SRNO(
+        make_encoder(encoder, encoder_args, dtype),
+        width=width,
+        heads=heads,
+        dtype=dtype,
+        fused=fused,
+    )
 
 
 __all__ = [

@@ -10,9 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from srno_jax.coords import gather, nearest_flat_index, sample_bilinear_flat
+from srno_jax.models import fused
 from srno_jax.models.grid import OFFSETS, lr_grid
 from srno_jax.models.layers import LinearParams, dense, gelu
 
@@ -89,16 +91,18 @@ class HeadLayerNorm(nn.Module):
     (heads, d).
     """
 
+    heads: int
+    d: int
     eps: float = 1e-5
 
-    @nn.compact
+    def setup(self):
+        self.scale = self.param("scale", nn.initializers.ones, (self.heads, self.d))
+        self.bias = self.param("bias", nn.initializers.zeros, (self.heads, self.d))
+
     def __call__(self, x):
-        heads, d = x.shape[-2:]
-        scale = self.param("scale", nn.initializers.ones, (heads, d))
-        bias = self.param("bias", nn.initializers.zeros, (heads, d))
         x32 = x.astype(jnp.float32)
-        std = jnp.sqrt(jnp.sum(x32 * x32, -1, keepdims=True) / (d - 1))
-        return (x32 / (std + self.eps) * scale + bias).astype(x.dtype)
+        std = jnp.sqrt(jnp.sum(x32 * x32, -1, keepdims=True) / (self.d - 1))
+        return (x32 / (std + self.eps) * self.scale + self.bias).astype(x.dtype)
 
 
 class GalerkinAttention(nn.Module):
@@ -106,17 +110,21 @@ class GalerkinAttention(nn.Module):
 
     a = q (k^T v) / N + z per head, k and v layer-normed; out = W2 gelu(W1 a) + z.
     Cost O(N width^2). `moments` and `mix` split the layer at the sum over points, so
-    inference can accumulate k^T v over chunks of queries and stay exact.
+    inference can accumulate k^T v over chunks of queries and stay exact. With `fused`,
+    the LayerNorms and k^T v of an unmasked `moments` run as `fused.head_moments`'s
+    Pallas kernel (through Triton on a GPU, as plain JAX elsewhere).
     """
 
     width: int
     heads: int
     dtype: Any = jnp.float32
+    fused: bool = False
 
     def setup(self):
         self.qkv_proj = LinearParams(3 * self.width, self.width)
-        self.k_norm = HeadLayerNorm()
-        self.v_norm = HeadLayerNorm()
+        d = self.width // self.heads
+        self.k_norm = HeadLayerNorm(self.heads, d)
+        self.v_norm = HeadLayerNorm(self.heads, d)
         self.o_proj1 = LinearParams(self.width, self.width)
         self.o_proj2 = dense(self.width, self.width, dtype=self.dtype)
 
@@ -137,20 +145,33 @@ class GalerkinAttention(nn.Module):
         """
         _, (w, b) = self._qkv_params()
         d = self.width // self.heads
-
-        def project(part):  # k (part 0) or v (part 1), centred per head
-            cols = slice(part * d, (part + 1) * d)
-            # The per-head mean of z W + b is z mean(W) + mean(b): centring the columns of
-            # W and b here saves the LayerNorm a pass over the (B, N, width) output.
-            wp, bp = w[..., cols], b[:, cols]
-            wp, bp = wp - wp.mean(-1, keepdims=True), bp - bp.mean(-1, keepdims=True)
-            # A 2-D (B N, width) x (width, width) product.
-            out = z.reshape(-1, self.width) @ wp.reshape(self.width, -1).astype(self.dtype)
-            return out.reshape(*z.shape[:2], self.heads, d) + bp.astype(self.dtype)
-
+        # The per-head mean of z W + b is z mean(W) + mean(b): centring the columns of W
+        # and b here saves the LayerNorm a pass over the (B, N, width) output.
+        w, b = w.reshape(self.width, self.heads, 2, d), b.reshape(self.heads, 2, d)
+        w, b = w - w.mean(-1, keepdims=True), (b - b.mean(-1, keepdims=True)).astype(self.dtype)
+        flat = z.reshape(-1, self.width)  # 2-D products
+        if self.fused and mask is None and fused.tile_for(z.shape[1]):
+            # One product for k and v, laid out (2, heads, d) so that the kernel reads a
+            # head's k and v columns in one block.
+            joint = jnp.moveaxis(w, 2, 1).reshape(self.width, 2 * self.width)
+            x = (flat @ joint.astype(self.dtype)).reshape(*z.shape[:2], 2, self.heads, d)
+            k_norm, v_norm = self.k_norm, self.v_norm
+            return fused.head_moments(
+                x,
+                *(b[:, 0], k_norm.scale, k_norm.bias, b[:, 1], v_norm.scale, v_norm.bias),
+                k_norm.eps,
+                jax.default_backend() != "gpu",
+            )
         # Two products rather than one of width 2 x width: XLA:CPU would copy k and v out
         # of the joint output, and concatenate their gradients back.
-        k, v = self.k_norm(project(0)), self.v_norm(project(1))
+        k, v = (
+            (flat @ w[:, :, i].reshape(self.width, -1).astype(self.dtype)).reshape(
+                *z.shape[:2], self.heads, d
+            )
+            + b[:, i]
+            for i in range(2)
+        )
+        k, v = self.k_norm(k), self.v_norm(v)
         if mask is not None:
             k = k * jnp.broadcast_to(mask, k.shape[:2])[..., None, None].astype(k.dtype)
         return jnp.einsum("bnhd,bnhe->bhde", k, v, preferred_element_type=jnp.float32)
@@ -199,13 +220,15 @@ class SRNO(nn.Module):
     width: int = 256
     heads: int = 16
     dtype: Any = jnp.float32
+    fused: bool = False  # GalerkinAttention's `fused`
 
     def setup(self):
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         self.lifting = LinearParams(self.width, 4 * (self.encoder.out_dim + 2) + 2)
         self.kernel_integrals = [
-            GalerkinAttention(self.width, self.heads, self.dtype) for _ in range(KERNEL_INTEGRALS)
+            GalerkinAttention(self.width, self.heads, self.dtype, self.fused)
+            for _ in range(KERNEL_INTEGRALS)
         ]
         self.projection = Projection(self.width, dtype=self.dtype)
 

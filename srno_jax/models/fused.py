@@ -1,0 +1,189 @@
+"""The kernel integral's per-head LayerNorms and k^T v in one Pallas kernel, for GPUs.
+
+XLA runs `GalerkinAttention.moments` as separate passes over (B, N, width) tensors: the
+projections' bias, the LayerNorm of k, that of v, their transposes for the per-head
+products, and as many again for the gradient. Here one Triton program per (image, head)
+reads that head's k and v columns of the joint projection once, adds the bias, normalises
+them in registers and accumulates k^T v; the gradient kernel reads them once more and
+writes the projection's gradient and each image's sums for the parameters' gradients.
+Elsewhere (`interpret=True`, the CPU) the same kernels run as plain JAX, which is how the
+tests check them against the unfused path.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+TILE = 256  # query points per loop step: (TILE, d) tiles of k and v live in registers
+MIN_TILE = 16  # the smallest side of a tensor-core product
+
+
+def tile_for(n: int) -> int | None:
+    """The loop's step for N query points: the largest power of two up to TILE dividing
+    N (Triton's tensors have power-of-two sides), or None below MIN_TILE."""
+    tile = TILE
+    while tile >= MIN_TILE:
+        if n % tile == 0:
+            return tile
+        tile //= 2
+    return None
+
+
+def _normalise(x, scale, bias, eps):
+    """HeadLayerNorm on float32 rows (T, d) already centred: (y, x / (std + eps), std)."""
+    std = jnp.sqrt(jnp.sum(x * x, -1, keepdims=True) / (x.shape[-1] - 1))
+    unit = x / (std + eps)
+    return unit * scale + bias, unit, std
+
+
+def _load(x_ref, rows, part, shift, dtype):
+    """Part 0 (k) or 1 (v) of the projection at `rows` plus its bias, rounded to the
+    compute dtype as the unfused sum is, in float32: (T, d)."""
+    x = x_ref[rows, part, :].astype(jnp.float32) + shift
+    return x.astype(dtype).astype(jnp.float32)
+
+
+def _forward_kernel(x_ref, *refs, eps, tile):
+    *param_refs, kv_ref = refs
+    ks, kg, kb, vs, vg, vb = (r[...] for r in param_refs)
+    dtype = x_ref.dtype
+
+    def step(i, kv):
+        rows = pl.ds(pl.multiple_of(i * tile, tile), tile)
+        k, _, _ = _normalise(_load(x_ref, rows, 0, ks, dtype), kg, kb, eps)
+        v, _, _ = _normalise(_load(x_ref, rows, 1, vs, dtype), vg, vb, eps)
+        # Rounded to the compute dtype as the unfused LayerNorm's output is.
+        k, v = k.astype(dtype), v.astype(dtype)
+        return kv + jax.lax.dot_general(
+            k, v, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )
+
+    kv_ref[...] = jax.lax.fori_loop(
+        0, x_ref.shape[0] // tile, step, jnp.zeros(kv_ref.shape, jnp.float32)
+    )
+
+
+def _normalise_grad(x, unit, std, scale, dy, eps):
+    """The input gradient of `_normalise` at dy (T, d), all float32."""
+    du = dy * scale
+    c = jnp.sum(du * unit, -1, keepdims=True)
+    return (du - x * (c / ((x.shape[-1] - 1) * std))) / (std + eps)
+
+
+def _backward_kernel(x_ref, *refs, eps, tile):
+    *param_refs, g_ref, dx_ref = refs[:8]
+    sum_refs = refs[8:]
+    ks, kg, kb, vs, vg, vb = (r[...] for r in param_refs)
+    g = g_ref[...]
+    dtype = x_ref.dtype
+    rounded = lambda a: a.astype(dtype).astype(jnp.float32)
+
+    def step(i, sums):
+        rows = pl.ds(pl.multiple_of(i * tile, tile), tile)
+        xk, xv = _load(x_ref, rows, 0, ks, dtype), _load(x_ref, rows, 1, vs, dtype)
+        k, uk, stdk = _normalise(xk, kg, kb, eps)
+        v, uv, stdv = _normalise(xv, vg, vb, eps)
+        # kv = k^T v: d k = v g^T and d v = k g, rounded to the compute dtype as the
+        # cotangents of the rounded k and v are.
+        k, v = rounded(k), rounded(v)
+        along = lambda g_axis: (((1,), (g_axis,)), ((), ()))
+        dk = rounded(jax.lax.dot_general(v, g, along(1), preferred_element_type=jnp.float32))
+        dv = rounded(jax.lax.dot_general(k, g, along(0), preferred_element_type=jnp.float32))
+        dxk = rounded(_normalise_grad(xk, uk, stdk, kg, dk, eps))
+        dxv = rounded(_normalise_grad(xv, uv, stdv, vg, dv, eps))
+        dx_ref[rows, 0, :] = dxk.astype(dx_ref.dtype)
+        dx_ref[rows, 1, :] = dxv.astype(dx_ref.dtype)
+        col = lambda a: jnp.sum(a, 0, keepdims=True)
+        terms = (dxk, dk * uk, dk, dxv, dv * uv, dv)
+        return tuple(s + col(t) for s, t in zip(sums, terms))
+
+    zeros = jnp.zeros(sum_refs[0].shape, jnp.float32)
+    sums = jax.lax.fori_loop(0, x_ref.shape[0] // tile, step, (zeros,) * len(sum_refs))
+    for ref, value in zip(sum_refs, sums):
+        ref[...] = value
+
+
+def _call(kernel, x, params, extra, out_shape, out_specs, interpret, eps):
+    """`kernel` over programs (b, h), each seeing the (N, 2, d) columns of head h of image
+    b in x (B, N, 2, heads, d), that head's (1, d) row of each parameter, and `extra`
+    (B, heads, d, d) at (b, h) if given."""
+    b, n, _, heads, d = x.shape
+    rows = [p.astype(jnp.float32).reshape(heads, 1, d) for p in params]
+    in_specs = [pl.BlockSpec((None, n, 2, None, d), lambda b, h: (b, 0, 0, h, 0))]
+    in_specs += [pl.BlockSpec((None, 1, d), lambda b, h: (h, 0, 0))] * len(rows)
+    in_specs += [pl.BlockSpec((None, None, d, d), lambda b, h: (b, h, 0, 0))] * len(extra)
+    return pl.pallas_call(
+        functools.partial(kernel, eps=eps, tile=tile_for(n)),
+        out_shape=out_shape,
+        grid=(b, heads),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        interpret=interpret,
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
+    )(x, *rows, *extra)
+
+
+def _forward(x, params, eps, interpret):
+    b, n, _, heads, d = x.shape
+    square = pl.BlockSpec((None, None, d, d), lambda b, h: (b, h, 0, 0))
+    out = jax.ShapeDtypeStruct((b, heads, d, d), jnp.float32)
+    return _call(_forward_kernel, x, params, (), out, square, interpret, eps)
+
+
+def _backward(x, params, g, eps, interpret):
+    b, n, _, heads, d = x.shape
+    column = pl.BlockSpec((None, n, 2, None, d), lambda b, h: (b, 0, 0, h, 0))
+    partial = jax.ShapeDtypeStruct((b, heads, 1, d), jnp.float32)
+    partial_spec = pl.BlockSpec((None, None, 1, d), lambda b, h: (b, h, 0, 0))
+    dx, *sums = _call(
+        _backward_kernel,
+        x,
+        params,
+        (g,),
+        (jax.ShapeDtypeStruct(x.shape, x.dtype),) + (partial,) * len(params),
+        [column] + [partial_spec] * len(params),
+        interpret,
+        eps,
+    )
+    # Each image's sums of the parameter gradients, added over the batch here.
+    return dx, [s.sum(0).reshape(heads, d).astype(p.dtype) for s, p in zip(sums, params)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def head_moments(x, k_shift, k_scale, k_bias, v_shift, v_scale, v_bias, eps, interpret):
+    """Sum over the points of k^T v per head, k and v HeadLayerNorm'd from projections.
+
+    Args:
+      x: (B, N, 2, heads, d) the k (0) and v (1) projections without their bias, in the
+        compute dtype; N must have a `tile_for`.
+      k_shift, v_shift: (heads, d) the projections' bias; with it, the mean over d of
+        each head's k and v must be 0 (`GalerkinAttention` centres the projection).
+      k_scale, k_bias, v_scale, v_bias: (heads, d) LayerNorm parameters.
+      eps: added to the std.
+      interpret: run the kernels as plain JAX (on a CPU) instead of through Triton.
+    Returns:
+      (B, heads, d, d) float32: the unfused `einsum('bnhd,bnhe->bhde', LN(xk + k_shift),
+      LN(xv + v_shift))`, each sum and LayerNorm output rounded to the compute dtype as
+      there, up to the order of the sum over points.
+    """
+    params = (k_shift, k_scale, k_bias, v_shift, v_scale, v_bias)
+    return _forward(x, params, eps, interpret)
+
+
+def _head_moments_fwd(x, *args):
+    *params, eps, interpret = args
+    return _forward(x, params, eps, interpret), (x, params)
+
+
+def _head_moments_bwd(eps, interpret, residuals, g):
+    x, params = residuals
+    dx, grads = _backward(x, params, g, eps, interpret)
+    return (dx, *grads)
+
+
+head_moments.defvjp(_head_moments_fwd, _head_moments_bwd)

@@ -1,0 +1,161 @@
+"""The Pallas kernel of the kernel integrals (`models.fused`) against the unfused path.
+
+On the CPU the kernels run in Pallas's interpret mode (the same kernel bodies as plain
+JAX); that they also lower to Triton for a GPU is checked by lowering them for CUDA here.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from srno_jax.models import fused, init_variables, make_model
+
+EPS = 1e-5
+
+
+def unfused(x, k_shift, k_scale, k_bias, v_shift, v_scale, v_bias):
+    """`GalerkinAttention.moments`'s unfused formula on the joint projection x."""
+
+    def norm(x, shift, scale, bias):
+        x32 = (x + shift).astype(jnp.float32)
+        std = jnp.sqrt(jnp.sum(x32 * x32, -1, keepdims=True) / (x.shape[-1] - 1))
+        return (x32 / (std + EPS) * scale + bias).astype(x.dtype)
+
+    k, v = norm(x[:, :, 0], k_shift, k_scale, k_bias), norm(x[:, :, 1], v_shift, v_scale, v_bias)
+    return jnp.einsum("bnhd,bnhe->bhde", k, v, preferred_element_type=jnp.float32)
+
+
+def inputs(n, dtype, b=2, heads=3, d=16, seed=0):
+    """A joint projection whose k and v (with their shift) have mean 0 per head, and
+    LayerNorm parameters away from their initial values."""
+    keys = jax.random.split(jax.random.key(seed), 8)
+    shift = [0.3 * jax.random.normal(keys[i], (heads, d)) for i in (0, 1)]
+    # The projection's bias in the compute dtype, as GalerkinAttention passes it.
+    shift = [(s - s.mean(-1, keepdims=True)).astype(dtype) for s in shift]
+    x = jax.random.normal(keys[2], (b, n, 2, heads, d))
+    x = (x - x.mean(-1, keepdims=True)).astype(dtype)
+    scale = [1 + 0.2 * jax.random.normal(keys[i], (heads, d)) for i in (3, 4)]
+    bias = [0.2 * jax.random.normal(keys[i], (heads, d)) for i in (5, 6)]
+    weights = jax.random.normal(keys[7], (b, heads, d, d))
+    return x, (shift[0], scale[0], bias[0], shift[1], scale[1], bias[1]), weights
+
+
+def kernel(*args):
+    return fused.head_moments(*args, EPS, True)
+
+
+def grads(f, x, params, weights):
+    loss = lambda *a: jnp.sum(f(*a) * weights)
+    return jax.grad(loss, argnums=tuple(range(7)))(x, *params)
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+@pytest.mark.parametrize("n", [96, 512])  # loop steps of 32 and of TILE
+def test_kernel_equals_the_unfused_moments_and_gradients_in_float32(n):
+    x, params, weights = inputs(n, jnp.float32)
+    assert rel(kernel(x, *params), unfused(x, *params)) < 1e-6
+    for i, (got, want) in enumerate(
+        zip(grads(kernel, x, params, weights), grads(unfused, x, params, weights))
+    ):
+        assert got.dtype == want.dtype, i
+        assert rel(got, want) < 1e-5, f"gradient {i} off by {rel(got, want):.1e}"
+
+
+def test_kernel_rounds_like_the_unfused_path_in_bfloat16():
+    """Each sum and LayerNorm output is rounded to bfloat16 where the unfused path rounds
+    it, so the two differ only where a sum taken in another order rounds the other way."""
+    x, params, weights = inputs(64, jnp.bfloat16)
+    assert rel(kernel(x, *params), unfused(x, *params)) < 1e-6
+    got, want = grads(kernel, x, params, weights), grads(unfused, x, params, weights)
+    assert got[0].dtype == jnp.bfloat16
+    # The projection's gradient: at most a few elements one bfloat16 step apart.
+    step = np.abs(np.asarray(want[0], np.float32)) * 2.0**-7
+    assert (
+        np.mean(np.abs(np.asarray(got[0], np.float32) - np.asarray(want[0], np.float32)) > step)
+        < 0.01
+    )
+    for i in range(1, 7):
+        assert rel(got[i], want[i]) < 2e-2, f"gradient {i} off by {rel(got[i], want[i]):.1e}"
+
+
+def test_tile_for():
+    assert fused.tile_for(128 * 128) == fused.TILE
+    assert fused.tile_for(48 * 48) == 256
+    assert fused.tile_for(96) == 32
+    assert fused.tile_for(3000) is None  # 8 | 3000: too small a product for tensor cores
+    assert fused.tile_for(7) is None
+
+
+def small_models(dtype):
+    kw = dict(encoder_args=dict(n_resblocks=1, n_feats=8), width=32, heads=2, dtype=dtype)
+    return make_model("edsr-baseline", **kw), make_model("edsr-baseline", fused=True, **kw)
+
+
+def batch(queries=64, seed=0):
+    rng = np.random.default_rng(seed)
+    u = lambda *s: jnp.asarray(rng.uniform(-1, 1, s), jnp.float32)
+    return u(2, 8, 8, 3), u(2, queries, 2), jnp.full((2, 2), 0.1, jnp.float32), u(2, queries, 3)
+
+
+def loss_and_grads(model, params, data):
+    inp, coord, cell, gt = data
+    loss = lambda p: jnp.mean(jnp.abs(model.apply({"params": p}, inp, coord, cell) - gt))
+    return jax.value_and_grad(loss)(params)
+
+
+def test_fused_model_trains_like_the_unfused_one_in_float32():
+    plain, with_kernel = small_models("float32")
+    params = init_variables(plain, 0)["params"]
+    (l0, g0), (l1, g1) = (loss_and_grads(m, params, batch()) for m in (plain, with_kernel))
+    assert abs(float(l0) - float(l1)) < 1e-6
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g0)):
+        assert rel(a, b) < 1e-5, jax.tree_util.keystr(path)
+
+
+def test_fused_model_in_bfloat16_is_as_close_to_float32_as_the_unfused_one():
+    plain32, _ = small_models("float32")
+    plain, with_kernel = small_models("bfloat16")
+    params = init_variables(plain32, 0)["params"]
+    data = batch()
+    _, exact = loss_and_grads(plain32, params, data)
+    _, g0 = loss_and_grads(plain, params, data)
+    _, g1 = loss_and_grads(with_kernel, params, data)
+    worst = lambda g: max(rel(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(exact)))
+    assert worst(g1) < 1.5 * worst(g0) + 1e-3
+
+
+def test_masked_or_untiled_moments_take_the_unfused_path():
+    """Inference's masked chunks and query counts without a tile use XLA's formula (the
+    kernel has no mask): the fused model gives the same prediction there."""
+    plain, with_kernel = small_models("float32")
+    variables = init_variables(plain, 0)
+    inp, coord, cell, _ = batch(queries=50)
+    np.testing.assert_array_equal(
+        with_kernel.apply(variables, inp, coord, cell), plain.apply(variables, inp, coord, cell)
+    )
+    z = jnp.asarray(np.random.default_rng(1).normal(size=(2, 64, 32)), jnp.float32)
+    mask = jnp.ones((2, 64)).at[:, 40:].set(0)
+    layer = lambda m: lambda mod, z, mk: mod.kernel_integrals[0].moments(z, mk)
+    got = with_kernel.apply(variables, z, mask, method=layer(with_kernel))
+    want = plain.apply(variables, z, mask, method=layer(plain))
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_kernels_lower_to_triton_for_a_gpu(dtype):
+    """The paper's shapes (16 heads of 16, 128 x 128 queries) lower through Pallas's
+    Triton backend, forward and gradient, without a GPU: block shapes and operations
+    that Triton refuses fail here."""
+    x, params, weights = inputs(128 * 128, dtype, b=1, heads=16)
+
+    def step(x, params):
+        f = lambda x, p: jnp.sum(fused.head_moments(x, *p, EPS, False) * weights)
+        return jax.grad(f, argnums=(0, 1))(x, params)
+
+    lowered = jax.jit(step).trace(x, params).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 2  # forward and gradient
