@@ -8,7 +8,10 @@ Cases (the paper's EDSR-baseline SRNO, width 256, 16 heads, random weights):
   train_step_b4_48          main.py's jitted step (`train.compile_step`), batch 4,
                             48 x 48 LR, 2,304 queries, on a fixed batch on device.
   train_step_b64_128        the paper's step: batch 64, 128 x 128 LR, 16,384 queries
-  train_step_b64_128_bf16   (GPU/TPU only), in float32 and in bfloat16 compute.
+  train_step_b64_128_bf16   (GPU/TPU only), in float32 and in bfloat16 compute; on a
+                            GPU with the kernel integrals' Pallas kernel (`fused`).
+  train_step_b64_128_bf16_xla  the bfloat16 step with `fused_kernels` off: what the
+                            Pallas kernel saves.
   input_pipeline_128        `TrainLoader` alone, the paper's patch (scale U(1, 4),
                             augment), batch 64, one worker process per core, over
                             in-memory 2040 x 1356 photographs; and one worker thread
@@ -64,10 +67,11 @@ CASES = (
     "train_step_b4_48",
     "train_step_b64_128",
     "train_step_b64_128_bf16",
+    "train_step_b64_128_bf16_xla",
     "input_pipeline_128",
     "eval_mixed_sizes",
 )
-ACCELERATOR_ONLY = ("train_step_b64_128", "train_step_b64_128_bf16")
+ACCELERATOR_ONLY = ("train_step_b64_128", "train_step_b64_128_bf16", "train_step_b64_128_bf16_xla")
 # The reference PyTorch timed by benchmarks/torch_reference.py: one *_torch.json per machine.
 TORCH_RESULTS = Path(__file__).resolve().parent / "results"
 MACHINE_KEYS = ("backend", "device_kind", "devices", "cpu", "cores", "jax_version", "date")
@@ -202,14 +206,14 @@ def _case_inference(repeats: int) -> dict:
 
 
 def _case_train_step(
-    repeats: int, batch: int, lr: int, queries: int, dtype: str = "float32"
+    repeats: int, batch: int, lr: int, queries: int, dtype: str = "float32", fused=True
 ) -> dict:
     from configs import default
     from srno_jax import sharding, train
 
     config = default.get_config()
     config.batch_size, config.data.inp_size, config.data.sample_q = batch, lr, queries
-    config.compute_dtype = dtype
+    config.compute_dtype, config.fused_kernels = dtype, fused
     mesh = sharding.make_mesh()
     model, tx = train.model_from_config(config), train.make_optimizer(config)
     state = train.init_state(model, tx, config.seed)
@@ -242,6 +246,7 @@ def _case_train_step(
         "gflop": flops.train_step_flop(model, batch, (lr, lr), queries) / 1e9,
         "samples_per_s": batch / t["median_s"],
         "compute_dtype": dtype,
+        "fused": model.fused,
     }
 
 
@@ -385,6 +390,9 @@ def run_case(name: str, repeats: int, ceiling: float | None) -> dict:
         "train_step_b64_128": lambda: _case_train_step(repeats, 64, 128, 128 * 128),
         "train_step_b64_128_bf16": lambda: _case_train_step(
             repeats, 64, 128, 128 * 128, "bfloat16"
+        ),
+        "train_step_b64_128_bf16_xla": lambda: _case_train_step(
+            repeats, 64, 128, 128 * 128, "bfloat16", fused=False
         ),
         "input_pipeline_128": lambda: _case_input_pipeline(repeats),
         "eval_mixed_sizes": _case_eval_mixed_sizes,
