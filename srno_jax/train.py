@@ -28,6 +28,7 @@ from srno_jax import checkpoints, compiler, evaluation, sharding
 from srno_jax.errors import CheckpointError, ConfigError, HostError, SRNOError, first_line
 from srno_jax.metric_writer import MetricWriter
 from srno_jax.models import SRNO, init_variables
+from srno_jax.models import fused as fused_kernels
 from srno_jax.schedules import lr_at_epoch
 from srno_jax.workdir import WorkdirLock, check_writable
 
@@ -69,9 +70,11 @@ class TrainData:
 
 
 def model_from_config(config) -> SRNO:
-    """The config's model; its fused kernels (`fused_kernels`) only where they compile,
-    on GPUs."""
+    """The config's model; its fused kernels (`fused_kernels`) on GPUs where they run on
+    every host (agreed: a collective there, as every host builds the model)."""
     fused = config.get("fused_kernels", True) and jax.default_backend() == "gpu"
+    if fused:
+        fused = bool(sharding.host_ints(int(fused_kernels.works_here())).all())
     return checkpoints.model_from_spec(
         checkpoints.model_spec(config), config.get("compute_dtype", "float32"), fused
     )

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from srno_jax import train
 from srno_jax.models import fused, init_variables, make_model
 
 EPS = 1e-5
@@ -159,3 +160,29 @@ def test_kernels_lower_to_triton_for_a_gpu(dtype):
 
     lowered = jax.jit(step).trace(x, params).lower(lowering_platforms=("cuda",))
     assert lowered.as_text().count("__gpu$xla.gpu.triton") == 2  # forward and gradient
+
+
+def test_works_here_warns_and_declines_where_the_kernels_do_not_run(caplog):
+    """On the CPU Pallas refuses to compile for Triton: the probe says no, in a warning
+    that names the device, the reason and the setting that skips it."""
+    fused.works_here.cache_clear()
+    assert fused.works_here() is False
+    (record,) = [r for r in caplog.records if "Pallas kernels do not run" in r.getMessage()]
+    message = record.getMessage()
+    assert "cpu" in message and "interpret" in message and "fused_kernels=false" in message
+
+
+@pytest.mark.parametrize(
+    "backend,works,expected", [("cpu", True, False), ("gpu", True, True), ("gpu", False, False)]
+)
+def test_training_uses_the_kernel_on_gpus_where_it_works(monkeypatch, backend, works, expected):
+    from configs import demo
+
+    probes = []
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    monkeypatch.setattr(fused, "works_here", lambda: probes.append(1) or works)
+    assert train.model_from_config(demo.get_config()).fused is expected
+    assert len(probes) == (backend == "gpu")
+    config = demo.get_config()
+    config.fused_kernels = False
+    assert train.model_from_config(config).fused is False

@@ -13,11 +13,14 @@ tests check them against the unfused path.
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
+
+from srno_jax.errors import first_line
 
 TILE = 256  # query points per loop step: (TILE, d) tiles of k and v live in registers
 MIN_TILE = 16  # the smallest side of a tensor-core product
@@ -187,3 +190,39 @@ def _head_moments_bwd(eps, interpret, residuals, g):
 
 
 head_moments.defvjp(_head_moments_fwd, _head_moments_bwd)
+
+
+@functools.cache
+def works_here() -> bool:
+    """Whether the Triton kernels compile and run on this machine's default device, and
+    give what their interpreted bodies give (forward and gradient, at a small size).
+
+    Tried once per process. A GPU or JAX version that Pallas's Triton backend does not
+    support then fails here, with a warning, rather than in the training step.
+    """
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(keys[0], (1, 64, 2, 2, 16))
+    x = x - x.mean(-1, keepdims=True)
+    params = (jnp.zeros((2, 16)), 1 + 0.1 * jax.random.normal(keys[1], (2, 16)), jnp.zeros((2, 16)))
+    weights = jax.random.normal(keys[2], (1, 2, 16, 16))
+
+    def run(interpret):
+        loss = lambda x: jnp.sum(head_moments(x, *params, *params, 1e-5, interpret) * weights)
+        return jax.jit(jax.value_and_grad(loss))(x)
+
+    try:
+        (value, grad), (want, want_grad) = run(False), run(True)
+        # TF32 products on the GPU against float32 ones: agreement to 1e-2 relative.
+        close = lambda a, b: float(jnp.abs(a - b).max()) <= 1e-2 * float(jnp.abs(b).max())
+        if close(value, want) and close(grad, want_grad):
+            return True
+        reason = "their results differ from the interpreted kernels'"
+    except Exception as e:  # any failure to lower, compile or run means: not here
+        reason = first_line(e)
+    logging.getLogger("srno_jax").warning(
+        "the kernel integrals' Pallas kernels do not run on %s (%s); using XLA's unfused "
+        "formula (--config.fused_kernels=false skips this check)",
+        jax.devices()[0].device_kind,
+        reason[:200],
+    )
+    return False
