@@ -65,15 +65,16 @@ def compile_step(fused: bool, dtype: str) -> str:
     """The optimised HLO text of main.py's step on the paper's batch, for an H200."""
     jax.default_backend = lambda: "gpu"  # the model's GPU-only choices (it runs no code)
     from configs import default
-    from srno_jax import train
+    from srno_jax import checkpoints, train
 
     config = default.get_config()
-    config.compute_dtype, config.fused_kernels = dtype, fused
     b, lr, q = config.batch_size, config.data.inp_size, config.data.sample_q
     topology = topologies.get_topology_desc(platform="cuda", target_config=H200, topology="1x1x1")
     mesh = topologies.make_mesh(topology, (1,), ("data",))
     rep, bat = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    model, tx = train.model_from_config(config), train.make_optimizer(config)
+    # As train.model_from_config builds it on a GPU where the kernel runs.
+    model = checkpoints.model_from_spec(checkpoints.model_spec(config), dtype, fused)
+    tx = train.make_optimizer(config)
     state = jax.eval_shape(lambda: train.init_state(model, tx, 0))
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), state)
     f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32, sharding=bat)
