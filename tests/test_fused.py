@@ -23,7 +23,10 @@ def unfused(x, k_shift, k_scale, k_bias, v_shift, v_scale, v_bias):
         std = jnp.sqrt(jnp.sum(x32 * x32, -1, keepdims=True) / (x.shape[-1] - 1))
         return (x32 / (std + EPS) * scale + bias).astype(x.dtype)
 
-    k, v = norm(x[:, :, 0], k_shift, k_scale, k_bias), norm(x[:, :, 1], v_shift, v_scale, v_bias)
+    k, v = (
+        norm(x[..., 0, :], k_shift, k_scale, k_bias),
+        norm(x[..., 1, :], v_shift, v_scale, v_bias),
+    )
     return jnp.einsum("bnhd,bnhe->bhde", k, v, preferred_element_type=jnp.float32)
 
 
@@ -34,7 +37,7 @@ def inputs(n, dtype, b=2, heads=3, d=16, seed=0):
     shift = [0.3 * jax.random.normal(keys[i], (heads, d)) for i in (0, 1)]
     # The projection's bias in the compute dtype, as GalerkinAttention passes it.
     shift = [(s - s.mean(-1, keepdims=True)).astype(dtype) for s in shift]
-    x = jax.random.normal(keys[2], (b, n, 2, heads, d))
+    x = jax.random.normal(keys[2], (b, n, heads, 2, d))
     x = (x - x.mean(-1, keepdims=True)).astype(dtype)
     scale = [1 + 0.2 * jax.random.normal(keys[i], (heads, d)) for i in (3, 4)]
     bias = [0.2 * jax.random.normal(keys[i], (heads, d)) for i in (5, 6)]

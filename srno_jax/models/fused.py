@@ -111,19 +111,32 @@ def _backward_kernel(x_ref, *refs, eps, tile):
         ref[...] = value
 
 
+def _columns(x):
+    """The block of program (h, b): the (N, 2, d) k and v columns of head h of image b in
+    x (B, N, heads, 2, d), 2 d contiguous values a point."""
+    _, n, _, _, d = x.shape
+    return pl.BlockSpec((None, n, None, 2, d), lambda h, b: (b, 0, h, 0, 0))
+
+
+def _square(d):
+    """The block of program (h, b) in a (B, heads, d, d) array."""
+    return pl.BlockSpec((None, None, d, d), lambda h, b: (b, h, 0, 0))
+
+
 def _call(kernel, x, params, extra, out_shape, out_specs, interpret, eps):
-    """`kernel` over programs (b, h), each seeing the (N, 2, d) columns of head h of image
-    b in x (B, N, 2, heads, d), that head's (1, d) row of each parameter, and `extra`
-    (B, heads, d, d) at (b, h) if given."""
-    b, n, _, heads, d = x.shape
+    """`kernel` over programs (h, b), each seeing `_columns` of x, that head's (1, d) row
+    of each parameter, and its `_square` of each `extra` array. The heads of an image are
+    neighbours in the grid's fastest axis, so programs that run together read neighbouring
+    columns of the same points."""
+    b, n, heads, _, d = x.shape
     rows = [p.astype(jnp.float32).reshape(heads, 1, d) for p in params]
-    in_specs = [pl.BlockSpec((None, n, 2, None, d), lambda b, h: (b, 0, 0, h, 0))]
-    in_specs += [pl.BlockSpec((None, 1, d), lambda b, h: (h, 0, 0))] * len(rows)
-    in_specs += [pl.BlockSpec((None, None, d, d), lambda b, h: (b, h, 0, 0))] * len(extra)
+    in_specs = [_columns(x)]
+    in_specs += [pl.BlockSpec((None, 1, d), lambda h, b: (h, 0, 0))] * len(rows)
+    in_specs += [_square(d)] * len(extra)
     return pl.pallas_call(
         functools.partial(kernel, eps=eps, tile=tile_for(n)),
         out_shape=out_shape,
-        grid=(b, heads),
+        grid=(heads, b),
         in_specs=in_specs,
         out_specs=out_specs,
         interpret=interpret,
@@ -132,24 +145,22 @@ def _call(kernel, x, params, extra, out_shape, out_specs, interpret, eps):
 
 
 def _forward(x, params, eps, interpret):
-    b, n, _, heads, d = x.shape
-    square = pl.BlockSpec((None, None, d, d), lambda b, h: (b, h, 0, 0))
+    b, _, heads, _, d = x.shape
     out = jax.ShapeDtypeStruct((b, heads, d, d), jnp.float32)
-    return _call(_forward_kernel, x, params, (), out, square, interpret, eps)
+    return _call(_forward_kernel, x, params, (), out, _square(d), interpret, eps)
 
 
 def _backward(x, params, g, eps, interpret):
-    b, n, _, heads, d = x.shape
-    column = pl.BlockSpec((None, n, 2, None, d), lambda b, h: (b, 0, 0, h, 0))
+    b, _, heads, _, d = x.shape
     partial = jax.ShapeDtypeStruct((b, heads, 1, d), jnp.float32)
-    partial_spec = pl.BlockSpec((None, None, 1, d), lambda b, h: (b, h, 0, 0))
+    partial_spec = pl.BlockSpec((None, None, 1, d), lambda h, b: (b, h, 0, 0))
     dx, *sums = _call(
         _backward_kernel,
         x,
         params,
         (g,),
         (jax.ShapeDtypeStruct(x.shape, x.dtype),) + (partial,) * len(params),
-        [column] + [partial_spec] * len(params),
+        [_columns(x)] + [partial_spec] * len(params),
         interpret,
         eps,
     )
@@ -162,7 +173,7 @@ def head_moments(x, k_shift, k_scale, k_bias, v_shift, v_scale, v_bias, eps, int
     """Sum over the points of k^T v per head, k and v HeadLayerNorm'd from projections.
 
     Args:
-      x: (B, N, 2, heads, d) the k (0) and v (1) projections without their bias, in the
+      x: (B, N, heads, 2, d) the k (0) and v (1) projections without their bias, in the
         compute dtype; N must have a `tile_for`.
       k_shift, v_shift: (heads, d) the projections' bias; with it, the mean over d of
         each head's k and v must be 0 (`GalerkinAttention` centres the projection).
@@ -201,7 +212,7 @@ def works_here() -> bool:
     support then fails here, with a warning, rather than in the training step.
     """
     keys = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(keys[0], (1, 64, 2, 2, 16))
+    x = jax.random.normal(keys[0], (1, 64, 2, 2, 16))  # (B, N, heads, 2, d)
     x = x - x.mean(-1, keepdims=True)
     params = (jnp.zeros((2, 16)), 1 + 0.1 * jax.random.normal(keys[1], (2, 16)), jnp.zeros((2, 16)))
     weights = jax.random.normal(keys[2], (1, 2, 16, 16))

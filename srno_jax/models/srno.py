@@ -151,10 +151,10 @@ class GalerkinAttention(nn.Module):
         w, b = w - w.mean(-1, keepdims=True), (b - b.mean(-1, keepdims=True)).astype(self.dtype)
         flat = z.reshape(-1, self.width)  # 2-D products
         if self.fused and mask is None and fused.tile_for(z.shape[1]):
-            # One product for k and v, laid out (2, heads, d) so that the kernel reads a
-            # head's k and v columns in one block.
-            joint = jnp.moveaxis(w, 2, 1).reshape(self.width, 2 * self.width)
-            x = (flat @ joint.astype(self.dtype)).reshape(*z.shape[:2], 2, self.heads, d)
+            # One product for k and v, its columns (heads, 2, d) as they are stored: the
+            # kernel reads each head's k and v together, 2 d contiguous values a point.
+            joint = w.reshape(self.width, 2 * self.width).astype(self.dtype)
+            x = (flat @ joint).reshape(*z.shape[:2], self.heads, 2, d)
             k_norm, v_norm = self.k_norm, self.v_norm
             return fused.head_moments(
                 x,
