@@ -78,8 +78,11 @@ def lifting_inputs(feat, coord, cell, grid=None):
     # slow on GPUs.
     feat = feat.astype(jnp.float32)
     idxs, rels, weights, rel_cell = neighbours(coord, cell, grid)
-    weighted = [gather(feat, idx) * wt[..., None] for idx, wt in zip(idxs, weights)]
-    return jnp.concatenate([*rels, *weighted, rel_cell], axis=-1).astype(dtype)
+    # One gather of the four neighbours, (B, N, 4, C): its gradient is one scatter-add.
+    b, n = coord.shape[:2]
+    near = gather(feat, jnp.stack(idxs, -1).reshape(b, 4 * n)).reshape(b, n, len(idxs), -1)
+    weighted = (near * jnp.stack(weights, -1)[..., None]).reshape(b, n, -1)
+    return jnp.concatenate([*rels, weighted, rel_cell], axis=-1).astype(dtype)
 
 
 class HeadLayerNorm(nn.Module):
