@@ -73,7 +73,7 @@ def compile_step(fused: bool, dtype: str) -> str:
     mesh = topologies.make_mesh(topology, (1,), ("data",))
     rep, bat = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     # As train.model_from_config builds it on a GPU where the kernel runs.
-    model = checkpoints.model_from_spec(checkpoints.model_spec(config), dtype, fused)
+    model = checkpoints.model_from_spec(checkpoints.model_spec(config), dtype, fused, mesh)
     tx = train.make_optimizer(config)
     state = jax.eval_shape(lambda: train.init_state(model, tx, 0))
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), state)

@@ -215,7 +215,7 @@ def _case_train_step(
     config.batch_size, config.data.inp_size, config.data.sample_q = batch, lr, queries
     config.compute_dtype, config.fused_kernels = dtype, fused
     mesh = sharding.make_mesh()
-    model, tx = train.model_from_config(config), train.make_optimizer(config)
+    model, tx = train.model_from_config(config, mesh), train.make_optimizer(config)
     state = train.init_state(model, tx, config.seed)
     state = jax.device_put(state, train.state_shardings(state, mesh))
     rng = np.random.default_rng(0)

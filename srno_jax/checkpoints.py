@@ -234,7 +234,7 @@ def model_spec(config) -> dict:
     }
 
 
-def model_from_spec(spec: dict, dtype="float32", fused: bool = False) -> SRNO:
+def model_from_spec(spec: dict, dtype="float32", fused: bool = False, mesh=None) -> SRNO:
     return make_model(
         spec["encoder"],
         spec["encoder_args"],
@@ -242,6 +242,7 @@ def model_from_spec(spec: dict, dtype="float32", fused: bool = False) -> SRNO:
         heads=spec["heads"],
         dtype=dtype,
         fused=fused,
+        mesh=mesh,
     )
 
 

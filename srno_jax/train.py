@@ -69,14 +69,18 @@ class TrainData:
     images: int = 0
 
 
-def model_from_config(config) -> SRNO:
+def model_from_config(config, mesh=None) -> SRNO:
     """The config's model; its fused kernels (`fused_kernels`) on GPUs where they run on
-    every host (agreed: a collective there, as every host builds the model)."""
+    every host (agreed: a collective there, as every host builds the model), each device
+    running them on its share of the batch when the step is jitted over `mesh`."""
     fused = config.get("fused_kernels", True) and jax.default_backend() == "gpu"
     if fused:
         fused = bool(sharding.host_ints(int(fused_kernels.works_here())).all())
     return checkpoints.model_from_spec(
-        checkpoints.model_spec(config), config.get("compute_dtype", "float32"), fused
+        checkpoints.model_spec(config),
+        config.get("compute_dtype", "float32"),
+        fused,
+        mesh if fused else None,
     )
 
 
@@ -301,7 +305,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data: TrainDa
     """
     mesh = sharding.make_mesh()
     sharding.check_batch_size(config.batch_size, mesh)
-    model, tx = model_from_config(config), make_optimizer(config)
+    model, tx = model_from_config(config, mesh), make_optimizer(config)
     spe = config.steps_per_epoch or data.steps_per_epoch
     total = config.total_steps or config.optim.epochs * spe
     # The signal handlers are on from here to the last save: a signal while starting,

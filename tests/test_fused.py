@@ -4,6 +4,11 @@ On the CPU the kernels run in Pallas's interpret mode (the same kernel bodies as
 JAX); that they also lower to Triton for a GPU is checked by lowering them for CUDA here.
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,7 +51,7 @@ def inputs(n, dtype, b=2, heads=3, d=16, seed=0):
 
 
 def kernel(*args):
-    return fused.head_moments(*args, EPS, True)
+    return fused.head_moments(*args, EPS, True, None)
 
 
 def grads(f, x, params, weights):
@@ -150,6 +155,54 @@ def test_masked_or_untiled_moments_take_the_unfused_path():
     np.testing.assert_array_equal(got, want)
 
 
+EIGHT_DEVICES = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, jax.numpy as jnp, numpy as np
+from configs import demo
+from srno_jax import sharding, train
+from srno_jax.models import make_model
+
+config = demo.get_config()
+config.batch_size = 8
+mesh = sharding.make_mesh()
+assert mesh.size == 8
+rng = np.random.default_rng(0)
+u = lambda *s: rng.uniform(-1, 1, s).astype(np.float32)
+batch = {"inp": u(8, 8, 8, 3), "coord": u(8, 64, 2), "cell": np.full((8, 2), 0.1, np.float32),
+         "gt": u(8, 64, 3)}
+results = {}
+for name, fused in (("xla", False), ("fused", True)):
+    kw = dict(encoder_args=dict(n_resblocks=1, n_feats=8), width=32, heads=2)
+    model = make_model("edsr-baseline", fused=fused, mesh=mesh if fused else None, **kw)
+    tx = train.make_optimizer(config)
+    state = train.init_state(model, tx, 0)
+    state = jax.device_put(state, train.state_shardings(state, mesh))
+    step = train.compile_step(model, tx, config, 10, mesh, state)
+    data, votes = sharding.to_global(batch, mesh), sharding.host_values(0, mesh)
+    results[name + "_gathers"] = step.lower(state, data, votes).compile().as_text().count("all-gather")
+    state, _ = step(state, data, votes)
+    results[name] = jax.tree.leaves(jax.device_get(state.params))
+for a, b in zip(results["fused"], results["xla"]):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+print(results["fused_gathers"], results["xla_gathers"])
+"""
+
+
+def test_fused_step_on_eight_devices_splits_the_batch_and_trains_like_xla():
+    """On a mesh of 8 (fake CPU) devices each device runs the kernel on its own images
+    (no gathering of the batch beyond what the unfused step has), and one step of the
+    sharded jitted training step gives the unfused step's parameters."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    p = subprocess.run(
+        [sys.executable, "-c", EIGHT_DEVICES], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    fused_gathers, xla_gathers = map(int, p.stdout.split()[-2:])
+    assert fused_gathers <= xla_gathers
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_kernels_lower_to_triton_for_a_gpu(dtype):
     """The paper's shapes (16 heads of 16, 128 x 128 queries) lower through Pallas's
@@ -158,7 +211,7 @@ def test_kernels_lower_to_triton_for_a_gpu(dtype):
     x, params, weights = inputs(128 * 128, dtype, b=1, heads=16)
 
     def step(x, params):
-        f = lambda x, p: jnp.sum(fused.head_moments(x, *p, EPS, False) * weights)
+        f = lambda x, p: jnp.sum(fused.head_moments(x, *p, EPS, False, None) * weights)
         return jax.grad(f, argnums=(0, 1))(x, params)
 
     lowered = jax.jit(step).trace(x, params).lower(lowering_platforms=("cuda",))

@@ -90,9 +90,10 @@ def make_model(
     heads: int = 16,
     dtype="float32",
     fused: bool = False,
+    mesh=None,
 ) -> SRNO:
     """SRNO from the reference's model args (`blocks` there is `heads` here), each
-    checked: `ConfigError` names the first one out of range. `fused`: SRNO's."""
+    checked: `ConfigError` names the first one out of range. `fused`, `mesh`: SRNO's."""
     width, heads = _size("width", width), _size("heads", heads)
     if width % heads:
         raise ConfigError(f"width {width} must be divisible by heads {heads}")
@@ -102,6 +103,7 @@ def make_model(
         heads=heads,
         dtype=dtype,
         fused=fused,
+        mesh=mesh,
     )
 
 

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
+from jax.sharding import PartitionSpec as P
 
 from srno_jax.errors import first_line
 
@@ -144,32 +145,57 @@ def _call(kernel, x, params, extra, out_shape, out_specs, interpret, eps):
     )(x, *rows, *extra)
 
 
-def _forward(x, params, eps, interpret):
-    b, _, heads, _, d = x.shape
-    out = jax.ShapeDtypeStruct((b, heads, d, d), jnp.float32)
-    return _call(_forward_kernel, x, params, (), out, _square(d), interpret, eps)
-
-
-def _backward(x, params, g, eps, interpret):
-    b, _, heads, _, d = x.shape
-    partial = jax.ShapeDtypeStruct((b, heads, 1, d), jnp.float32)
-    partial_spec = pl.BlockSpec((None, None, 1, d), lambda h, b: (b, h, 0, 0))
-    dx, *sums = _call(
-        _backward_kernel,
-        x,
-        params,
-        (g,),
-        (jax.ShapeDtypeStruct(x.shape, x.dtype),) + (partial,) * len(params),
-        [_columns(x)] + [partial_spec] * len(params),
-        interpret,
-        eps,
+def _per_device(fn, mesh, batch_args: int, other_args: int, outs: int):
+    """fn over each device's images when `mesh` has several devices: its first
+    `batch_args` arguments and its `outs` results are split along their first axis over
+    every axis of the mesh, the `other_args` after them replicated. Inside a jitted step
+    over that mesh, XLA would otherwise gather the whole batch onto every device to run a
+    custom call it cannot split."""
+    if mesh is None or mesh.size == 1:
+        return fn
+    batch, whole = P(mesh.axis_names), P()
+    return jax.shard_map(
+        fn,
+        mesh=mesh,
+        in_specs=(batch,) * batch_args + (whole,) * other_args,
+        out_specs=batch if outs == 1 else (batch,) * outs,
+        check_vma=False,
     )
+
+
+def _forward(x, params, eps, interpret, mesh):
+    def run(x, *params):
+        b, _, heads, _, d = x.shape
+        out = jax.ShapeDtypeStruct((b, heads, d, d), jnp.float32)
+        return _call(_forward_kernel, x, params, (), out, _square(d), interpret, eps)
+
+    return _per_device(run, mesh, 1, len(params), 1)(x, *params)
+
+
+def _backward(x, params, g, eps, interpret, mesh):
+    def run(x, g, *params):
+        b, _, heads, _, d = x.shape
+        partial = jax.ShapeDtypeStruct((b, heads, 1, d), jnp.float32)
+        partial_spec = pl.BlockSpec((None, None, 1, d), lambda h, b: (b, h, 0, 0))
+        return _call(
+            _backward_kernel,
+            x,
+            params,
+            (g,),
+            (jax.ShapeDtypeStruct(x.shape, x.dtype),) + (partial,) * len(params),
+            [_columns(x)] + [partial_spec] * len(params),
+            interpret,
+            eps,
+        )
+
+    dx, *sums = _per_device(run, mesh, 2, len(params), 1 + len(params))(x, g, *params)
     # Each image's sums of the parameter gradients, added over the batch here.
+    heads, d = params[0].shape
     return dx, [s.sum(0).reshape(heads, d).astype(p.dtype) for s, p in zip(sums, params)]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def head_moments(x, k_shift, k_scale, k_bias, v_shift, v_scale, v_bias, eps, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def head_moments(x, k_shift, k_scale, k_bias, v_shift, v_scale, v_bias, eps, interpret, mesh):
     """Sum over the points of k^T v per head, k and v HeadLayerNorm'd from projections.
 
     Args:
@@ -180,23 +206,25 @@ def head_moments(x, k_shift, k_scale, k_bias, v_shift, v_scale, v_bias, eps, int
       k_scale, k_bias, v_scale, v_bias: (heads, d) LayerNorm parameters.
       eps: added to the std.
       interpret: run the kernels as plain JAX (on a CPU) instead of through Triton.
+      mesh: None, or the device mesh a jitted caller splits the batch over (along all its
+        axes): each device then runs the kernels on its own images.
     Returns:
       (B, heads, d, d) float32: the unfused `einsum('bnhd,bnhe->bhde', LN(xk + k_shift),
       LN(xv + v_shift))`, each sum and LayerNorm output rounded to the compute dtype as
       there, up to the order of the sum over points.
     """
     params = (k_shift, k_scale, k_bias, v_shift, v_scale, v_bias)
-    return _forward(x, params, eps, interpret)
+    return _forward(x, params, eps, interpret, mesh)
 
 
 def _head_moments_fwd(x, *args):
-    *params, eps, interpret = args
-    return _forward(x, params, eps, interpret), (x, params)
+    *params, eps, interpret, mesh = args
+    return _forward(x, params, eps, interpret, mesh), (x, params)
 
 
-def _head_moments_bwd(eps, interpret, residuals, g):
+def _head_moments_bwd(eps, interpret, mesh, residuals, g):
     x, params = residuals
-    dx, grads = _backward(x, params, g, eps, interpret)
+    dx, grads = _backward(x, params, g, eps, interpret, mesh)
     return (dx, *grads)
 
 
@@ -218,7 +246,7 @@ def works_here() -> bool:
     weights = jax.random.normal(keys[2], (1, 2, 16, 16))
 
     def run(interpret):
-        loss = lambda x: jnp.sum(head_moments(x, *params, *params, 1e-5, interpret) * weights)
+        loss = lambda x: jnp.sum(head_moments(x, *params, *params, 1e-5, interpret, None) * weights)
         return jax.jit(jax.value_and_grad(loss))(x)
 
     try:

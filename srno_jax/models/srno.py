@@ -122,6 +122,7 @@ class GalerkinAttention(nn.Module):
     heads: int
     dtype: Any = jnp.float32
     fused: bool = False
+    mesh: Any = None  # with `fused`: the mesh a jitted step splits the batch over
 
     def setup(self):
         self.qkv_proj = LinearParams(3 * self.width, self.width)
@@ -164,6 +165,7 @@ class GalerkinAttention(nn.Module):
                 *(b[:, 0], k_norm.scale, k_norm.bias, b[:, 1], v_norm.scale, v_norm.bias),
                 k_norm.eps,
                 jax.default_backend() != "gpu",
+                self.mesh,
             )
         # Two products rather than one of width 2 x width: XLA:CPU would copy k and v out
         # of the joint output, and concatenate their gradients back.
@@ -223,14 +225,15 @@ class SRNO(nn.Module):
     width: int = 256
     heads: int = 16
     dtype: Any = jnp.float32
-    fused: bool = False  # GalerkinAttention's `fused`
+    fused: bool = False  # GalerkinAttention's `fused` and `mesh`
+    mesh: Any = None
 
     def setup(self):
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         self.lifting = LinearParams(self.width, 4 * (self.encoder.out_dim + 2) + 2)
         self.kernel_integrals = [
-            GalerkinAttention(self.width, self.heads, self.dtype, self.fused)
+            GalerkinAttention(self.width, self.heads, self.dtype, self.fused, self.mesh)
             for _ in range(KERNEL_INTEGRALS)
         ]
         self.projection = Projection(self.width, dtype=self.dtype)
