@@ -1,6 +1,7 @@
 """A roofline estimate of the paper's training step on one H200, without a GPU.
 
-  python benchmarks/gpu_estimate.py [--no-fused] [--float32] [--top 20] [--json OUT]
+  python benchmarks/gpu_estimate.py [--no-fused] [--float32] [--devices 1] [--top 20]
+                                    [--json OUT]
 
 Needs JAX's CUDA plugin (``pip install "jax[cuda13]"`` in a virtualenv; no GPU and no
 driver): XLA compiles the step for an H200 (sm_90, its memory bandwidth and SM count)
@@ -8,7 +9,9 @@ as it would on the device, Triton kernels down to PTX included, and this script 
 the optimised program's kernels. Each kernel is charged its operands' and results' bytes
 at 4.0 TB/s or its matmul/convolution FLOPs at 600 TFLOP/s (bfloat16; 300 for float32
 inputs, which the GPU runs as TF32), whichever is longer, and the kernels are added up
-by part of the model (from the operations' names).
+by part of the model (from the operations' names). With ``--devices N`` the step is
+compiled for N H200s with the batch split over them, as main.py runs it: the estimate is
+then one device's, and the all-gathers XLA inserted are listed (the step needs none).
 
 This is a lower bound, not a measurement: real kernels reach neither figure. On
 2026-11-30 the version measured on an H200 at 62.5 ms (README, "One NVIDIA H200") was
@@ -61,16 +64,19 @@ INSTRUCTION = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([\w\-]+)\((.*?)\)(
 FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all"}
 
 
-def compile_step(fused: bool, dtype: str) -> str:
-    """The optimised HLO text of main.py's step on the paper's batch, for an H200."""
+def compile_step(fused: bool, dtype: str, devices: int = 1) -> str:
+    """The optimised HLO text of main.py's step on the paper's batch, for `devices`
+    H200s."""
     jax.default_backend = lambda: "gpu"  # the model's GPU-only choices (it runs no code)
     from configs import default
     from srno_jax import checkpoints, train
 
     config = default.get_config()
     b, lr, q = config.batch_size, config.data.inp_size, config.data.sample_q
-    topology = topologies.get_topology_desc(platform="cuda", target_config=H200, topology="1x1x1")
-    mesh = topologies.make_mesh(topology, (1,), ("data",))
+    topology = topologies.get_topology_desc(
+        platform="cuda", target_config=H200, topology=f"1x1x{devices}"
+    )
+    mesh = topologies.make_mesh(topology, (devices,), ("data",))
     rep, bat = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     # As train.model_from_config builds it on a GPU where the kernel runs.
     model = checkpoints.model_from_spec(checkpoints.model_spec(config), dtype, fused, mesh)
@@ -79,11 +85,12 @@ def compile_step(fused: bool, dtype: str) -> str:
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), state)
     f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32, sharding=bat)
     batch = {"inp": f32(b, lr, lr, 3), "coord": f32(b, q, 2), "cell": f32(b, 2), "gt": f32(b, q, 3)}
-    votes = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=bat)
+    votes = jax.ShapeDtypeStruct((devices,), jnp.int32, sharding=bat)
     step = functools.partial(
         train.train_step, model=model, tx=tx, config=config, steps_per_epoch=250
     )
-    return jax.jit(step, donate_argnums=0).lower(state, batch, votes).compile().as_text()
+    jitted = jax.jit(step, donate_argnums=0, in_shardings=(rep, bat, bat), out_shardings=(rep, rep))
+    return jitted.lower(state, batch, votes).compile().as_text()
 
 
 def shapes(text: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -168,10 +175,13 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--no-fused", action="store_true", help="fused_kernels off")
     p.add_argument("--float32", action="store_true", help="float32 compute")
+    p.add_argument("--devices", type=int, default=1, help="H200s the batch is split over")
     p.add_argument("--top", type=int, default=20, help="longest kernels to list")
     p.add_argument("--json", help="write the totals and parts here")
     args = p.parse_args(argv)
-    rows = kernels(compile_step(not args.no_fused, "float32" if args.float32 else "bfloat16"))
+    hlo = compile_step(not args.no_fused, "float32" if args.float32 else "bfloat16", args.devices)
+    rows = kernels(hlo)
+    gathers = re.findall(r"= \(?(\S+?),? .*all-gather-start\(", hlo)
     total = sum(r["seconds"] for r in rows)
     parts = collections.defaultdict(float)
     for r in rows:
@@ -182,6 +192,8 @@ def main(argv=None) -> None:
     )
     for part, s in sorted(parts.items(), key=lambda kv: -kv[1]):
         print(f"  {part:20s} {s * 1e3:6.2f} ms")
+    if args.devices > 1:
+        print(f"all-gathers: {len(gathers)}", *gathers[:8])
     for r in sorted(rows, key=lambda r: -r["seconds"])[: args.top]:
         print(
             f"{r['seconds'] * 1e3:6.2f} ms {r['bytes'] / 1e9:6.2f} GB {r['label'][:26]:26s} {r['op'][-70:]}"
@@ -190,6 +202,8 @@ def main(argv=None) -> None:
         report = {
             "fused": not args.no_fused,
             "compute_dtype": "float32" if args.float32 else "bfloat16",
+            "devices": args.devices,
+            "all_gathers": len(gathers),
             "estimate_ms": total * 1e3,
             "gbytes": sum(r["bytes"] for r in rows) / 1e9,
             "parts_ms": {k: v * 1e3 for k, v in parts.items()},
