@@ -38,8 +38,10 @@ def tile_for(n: int) -> int | None:
     return None
 
 
-def _normalise(x, scale, bias, eps):
-    """HeadLayerNorm on float32 rows (T, d) already centred: (y, x / (std + eps), std)."""
+def normalise(x, scale, bias, eps):
+    """The reference's LayerNorm over the last axis of x, whose mean there is already 0:
+    x / (unbiased std + eps) * scale + bias, all float32. -> (that, x / (std + eps), std).
+    `HeadLayerNorm` and the kernels share it."""
     std = jnp.sqrt(jnp.sum(x * x, -1, keepdims=True) / (x.shape[-1] - 1))
     unit = x / (std + eps)
     return unit * scale + bias, unit, std
@@ -59,8 +61,8 @@ def _forward_kernel(x_ref, *refs, eps, tile):
 
     def step(i, kv):
         rows = pl.ds(pl.multiple_of(i * tile, tile), tile)
-        k, _, _ = _normalise(_load(x_ref, rows, 0, ks, dtype), kg, kb, eps)
-        v, _, _ = _normalise(_load(x_ref, rows, 1, vs, dtype), vg, vb, eps)
+        k, _, _ = normalise(_load(x_ref, rows, 0, ks, dtype), kg, kb, eps)
+        v, _, _ = normalise(_load(x_ref, rows, 1, vs, dtype), vg, vb, eps)
         # Rounded to the compute dtype as the unfused LayerNorm's output is.
         k, v = k.astype(dtype), v.astype(dtype)
         return kv + jax.lax.dot_general(
@@ -73,7 +75,7 @@ def _forward_kernel(x_ref, *refs, eps, tile):
 
 
 def _normalise_grad(x, unit, std, scale, dy, eps):
-    """The input gradient of `_normalise` at dy (T, d), all float32."""
+    """The input gradient of `normalise` at dy (T, d), all float32."""
     du = dy * scale
     c = jnp.sum(du * unit, -1, keepdims=True)
     return (du - x * (c / ((x.shape[-1] - 1) * std))) / (std + eps)
@@ -90,8 +92,8 @@ def _backward_kernel(x_ref, *refs, eps, tile):
     def step(i, sums):
         rows = pl.ds(pl.multiple_of(i * tile, tile), tile)
         xk, xv = _load(x_ref, rows, 0, ks, dtype), _load(x_ref, rows, 1, vs, dtype)
-        k, uk, stdk = _normalise(xk, kg, kb, eps)
-        v, uv, stdv = _normalise(xv, vg, vb, eps)
+        k, uk, stdk = normalise(xk, kg, kb, eps)
+        v, uv, stdv = normalise(xv, vg, vb, eps)
         # kv = k^T v: d k = v g^T and d v = k g, rounded to the compute dtype as the
         # cotangents of the rounded k and v are.
         k, v = rounded(k), rounded(v)

@@ -103,9 +103,8 @@ class HeadLayerNorm(nn.Module):
         self.bias = self.param("bias", nn.initializers.zeros, (self.heads, self.d))
 
     def __call__(self, x):
-        x32 = x.astype(jnp.float32)
-        std = jnp.sqrt(jnp.sum(x32 * x32, -1, keepdims=True) / (self.d - 1))
-        return (x32 / (std + self.eps) * self.scale + self.bias).astype(x.dtype)
+        y, _, _ = fused.normalise(x.astype(jnp.float32), self.scale, self.bias, self.eps)
+        return y.astype(x.dtype)
 
 
 class GalerkinAttention(nn.Module):
