@@ -13,6 +13,9 @@ by part of the model (from the operations' names). With ``--devices N`` the step
 compiled for N H200s with the batch split over them, as main.py runs it: the estimate is
 then one device's, and the all-gathers XLA inserted are listed (the step needs none).
 
+Written against JAX 0.10.2, whose Pallas lowers Triton kernels for CUDA without a GPU
+(from 0.11 Pallas's Triton lowering asks for a GPU device).
+
 This is a lower bound, not a measurement: real kernels reach neither figure. On
 2026-11-30 the version measured on an H200 at 62.5 ms (README, "One NVIDIA H200") was
 estimated here at 43.5 ms, a factor of 1.44. It is for comparing versions of the code

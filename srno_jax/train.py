@@ -73,14 +73,16 @@ def model_from_config(config, mesh=None) -> SRNO:
     """The config's model; its fused kernels (`fused_kernels`) on GPUs where they run on
     every host (agreed: a collective there, as every host builds the model), each device
     running them on its share of the batch when the step is jitted over `mesh`."""
+    dtype, m = config.get("compute_dtype", "float32"), config.model
+    n, d = config.data.sample_q, m.width // m.heads
     fused = config.get("fused_kernels", True) and jax.default_backend() == "gpu"
-    if fused:
-        fused = bool(sharding.host_ints(int(fused_kernels.works_here())).all())
+    if fused and fused_kernels.supports(n, d):
+        works = fused_kernels.works_here(dtype, n, d)
+        fused = bool(sharding.host_ints(int(works)).all())
+    else:
+        fused = False
     return checkpoints.model_from_spec(
-        checkpoints.model_spec(config),
-        config.get("compute_dtype", "float32"),
-        fused,
-        mesh if fused else None,
+        checkpoints.model_spec(config), dtype, fused, mesh if fused else None
     )
 
 

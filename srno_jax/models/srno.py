@@ -153,7 +153,7 @@ class GalerkinAttention(nn.Module):
         w, b = w.reshape(self.width, self.heads, 2, d), b.reshape(self.heads, 2, d)
         w, b = w - w.mean(-1, keepdims=True), (b - b.mean(-1, keepdims=True)).astype(self.dtype)
         flat = z.reshape(-1, self.width)  # 2-D products
-        if self.fused and mask is None and fused.tile_for(z.shape[1]):
+        if self.fused and mask is None and fused.supports(z.shape[1], d):
             # One product for k and v, its columns (heads, 2, d) as they are stored: the
             # kernel reads each head's k and v together, 2 d contiguous values a point.
             joint = w.reshape(self.width, 2 * self.width).astype(self.dtype)
