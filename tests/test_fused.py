@@ -101,7 +101,7 @@ def test_kernel_rounds_like_the_unfused_path_in_bfloat16():
         assert rel(got[i], exact[i]) <= rel(want[i], exact[i]), i
 
 
-def test_tile_for_and_supports():
+def test_tile_for_and_supports(monkeypatch):
     assert fused.tile_for(128 * 128) == fused.TILE
     assert fused.tile_for(48 * 48) == 256
     assert fused.tile_for(96) == 32
@@ -111,6 +111,10 @@ def test_tile_for_and_supports():
     assert not fused.supports(128 * 128, 12)  # Triton's tensors have power-of-two sides
     assert not fused.supports(128 * 128, 8)  # a (d, d) product below tensor-core size
     assert not fused.supports(3000, 16)
+    monkeypatch.setattr(fused, "pltriton", None)  # a JAX without Pallas's Triton backend
+    assert not fused.supports(128 * 128, 16)
+    x, params, _ = inputs(32, jnp.float32)  # the interpreted kernels still run (tests)
+    assert rel(kernel(x, *params), unfused(x, *params)) < 1e-6
 
 
 def test_kernel_with_heads_of_32():

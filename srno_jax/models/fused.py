@@ -18,8 +18,12 @@ import logging
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 from jax.sharding import PartitionSpec as P
+
+try:  # deprecated from JAX 0.11, its removal announced: then the unfused formula runs
+    from jax.experimental.pallas import triton as pltriton
+except ImportError:
+    pltriton = None
 
 from srno_jax.errors import first_line
 
@@ -40,8 +44,10 @@ def tile_for(n: int) -> int | None:
 
 def supports(n: int, d: int) -> bool:
     """Whether the kernels take N query points and heads of d channels: a `tile_for` N,
-    and d a power of two of at least MIN_SIDE (the sides of their (d, d) products)."""
-    return tile_for(n) is not None and d >= MIN_SIDE and d & (d - 1) == 0
+    and d a power of two of at least MIN_SIDE (the sides of their (d, d) products), in
+    a JAX that has Pallas's Triton backend."""
+    shapes = tile_for(n) is not None and d >= MIN_SIDE and d & (d - 1) == 0
+    return shapes and pltriton is not None
 
 
 def normalise(x, scale, bias, eps):
@@ -149,7 +155,7 @@ def _call(kernel, x, params, extra, out_shape, out_specs, interpret, eps, warps)
         in_specs=in_specs,
         out_specs=out_specs,
         interpret=interpret,
-        compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=2),
+        compiler_params=pltriton and pltriton.CompilerParams(num_warps=warps, num_stages=2),
     )(x, *rows, *extra)
 
 
