@@ -21,7 +21,7 @@ set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 out=${OUT:-$repo/gpu_out}
-cases=${CASES:-train_step_b64_128_bf16,train_step_b64_128_bf16_xla,train_step_b64_128,inference_x4_128_to_512,eval_mixed_sizes,input_pipeline_128}
+cases=${CASES:-train_step_b64_128_bf16,train_step_b64_128_bf16_xla,main_b64_128_bf16,train_step_b64_128,inference_x4_128_to_512,eval_mixed_sizes,input_pipeline_128}
 backend=${BACKEND:-gpu}
 py=${PYTHON:-python3}
 # What the benchmarks import beyond a CUDA image's scientific stack (package = module name).

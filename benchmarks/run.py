@@ -12,6 +12,11 @@ Cases (the paper's EDSR-baseline SRNO, width 256, 16 heads, random weights):
                             GPU with the kernel integrals' Pallas kernel (`fused`).
   train_step_b64_128_bf16_xla  the bfloat16 step with `fused_kernels` off: what the
                             Pallas kernel saves.
+  main_b64_128_bf16         (GPU/TPU only) `main.py` as users run it: the paper's config
+                            in bfloat16 on the demo photographs (nothing to download, no
+                            validation), 200 steps in a new workdir, the loader's worker
+                            processes and checkpoints included; the rate is the median
+                            of those main.py logs every 50 steps after step 50.
   input_pipeline_128        `TrainLoader` alone, the paper's patch (scale U(1, 4),
                             augment), batch 64, one worker process per core, over
                             in-memory 2040 x 1356 photographs; and one worker thread
@@ -47,13 +52,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import flops  # noqa: E402
@@ -68,10 +77,16 @@ CASES = (
     "train_step_b64_128",
     "train_step_b64_128_bf16",
     "train_step_b64_128_bf16_xla",
+    "main_b64_128_bf16",
     "input_pipeline_128",
     "eval_mixed_sizes",
 )
-ACCELERATOR_ONLY = ("train_step_b64_128", "train_step_b64_128_bf16", "train_step_b64_128_bf16_xla")
+ACCELERATOR_ONLY = (
+    "train_step_b64_128",
+    "train_step_b64_128_bf16",
+    "train_step_b64_128_bf16_xla",
+    "main_b64_128_bf16",
+)
 # The reference PyTorch timed by benchmarks/torch_reference.py: one *_torch.json per machine.
 TORCH_RESULTS = Path(__file__).resolve().parent / "results"
 MACHINE_KEYS = ("backend", "device_kind", "devices", "cpu", "cores", "jax_version", "date")
@@ -250,6 +265,47 @@ def _case_train_step(
     }
 
 
+def _case_main(steps: int = 200, every: int = 50, config: str = "default", args=()) -> dict:
+    """main.py in a child process on `config` in bfloat16 (more `args` after), the demo
+    photographs, no validation, `steps` steps in a new workdir. Its progress lines give
+    the rate of each `every` steps; those after step `every` (past compilation and the
+    loader's start) are kept. Nothing here touches the accelerator, which main.py needs
+    whole."""
+    with tempfile.TemporaryDirectory() as work:
+        cmd = [
+            sys.executable,
+            str(ROOT / "main.py"),
+            f"--config={config}",
+            f"--workdir={work}",
+            "--config.compute_dtype=bfloat16",
+            "--config.data.train=demo",
+            "--config.data.val=",
+            f"--config.total_steps={steps}",
+            f"--config.log_every_steps={every}",
+            *args,
+        ]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+    log = p.stdout + p.stderr
+    if p.returncode:
+        raise RuntimeError(f"main.py exit status {p.returncode}: {log.strip()[-2000:]}")
+    logged = re.findall(r"step (\d+)/\d+ .*? ([\d.]+) samples/s", log)
+    rates = [float(r) for s, r in logged if int(s) > every]
+    if not rates:
+        raise RuntimeError(f"main.py logged no rate after step {every}: {log.strip()[-2000:]}")
+    batch = int(re.search(r"batch (\d+) \(", log).group(1))
+    rate = statistics.median(rates)
+    # Peak RSS of main.py or its largest worker process (this child ran nothing else).
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {
+        "median_s": batch / rate,
+        "gflop": 0.0,
+        "compile_s": None,
+        "samples_per_s": rate,
+        "logged_samples_per_s": rates,
+        "peak_memory": (rss, "host_rss"),
+    }
+
+
 class MemorySource:
     """HR images held in memory, with the source interface (`name`, len, [i])."""
 
@@ -394,6 +450,7 @@ def run_case(name: str, repeats: int, ceiling: float | None) -> dict:
         "train_step_b64_128_bf16_xla": lambda: _case_train_step(
             repeats, 64, 128, 128 * 128, "bfloat16", fused=False
         ),
+        "main_b64_128_bf16": _case_main,
         "input_pipeline_128": lambda: _case_input_pipeline(repeats),
         "eval_mixed_sizes": _case_eval_mixed_sizes,
     }

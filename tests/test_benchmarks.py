@@ -3,6 +3,7 @@ case selection, the JSON report."""
 
 import importlib.util
 import json
+import statistics
 import subprocess
 from pathlib import Path
 
@@ -203,3 +204,22 @@ def test_time_fn_profile_summarises_the_traced_call(tmp_path):
     # The caller's own thread is left out.
     assert not any(w.endswith(" python") for w in prof["busy_ms"])
     json.dumps(prof)  # goes into the report as it is
+
+
+TINY_MAIN = ("--config.batch_size=2", "--config.data.sample_q=256", "--config.data.inp_size=16")
+
+
+def test_main_case_keeps_the_rates_main_py_logs_after_the_first():
+    """The end-to-end case runs main.py as users do (here a tiny demo run on the CPU) and
+    keeps the rates it logs after the first `every` steps: compilation is not in them."""
+    r = run._case_main(steps=4, every=1, config="demo", args=TINY_MAIN)
+    assert len(r["logged_samples_per_s"]) == 3  # steps 2, 3 and 4
+    assert r["samples_per_s"] == statistics.median(r["logged_samples_per_s"])
+    assert r["median_s"] == pytest.approx(2 / r["samples_per_s"])
+    mem, kind = r["peak_memory"]
+    assert mem > 100 and kind == "host_rss"
+
+
+def test_main_case_reports_what_main_py_refused():
+    with pytest.raises(RuntimeError, match="batch_size"):
+        run._case_main(steps=4, every=1, config="demo", args=("--config.batch_size=0",))
