@@ -138,4 +138,8 @@ def machine_info() -> dict:
 
 
 def write_json(path, report: dict) -> None:
-    Path(path).write_text(json.dumps(report, indent=1) + "\n")
+    """Writes `report` to `path` whole or not at all (a run killed while writing leaves
+    the last complete report)."""
+    part = Path(f"{path}.partial")
+    part.write_text(json.dumps(report, indent=1) + "\n")
+    os.replace(part, path)

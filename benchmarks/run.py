@@ -603,6 +603,8 @@ def main(argv=None) -> None:
         args = ["--_child", name, "--_ceiling", str(ceiling["ceiling_gflops_per_s"]), *base]
         r = _run_eval_mixed_sizes(args) if name == "eval_mixed_sizes" else in_child(__file__, *args)
         results.append({"name": name, **r} if "error" in r else r)
+        if a.json:  # after each case: a run stopped by a time limit keeps what it measured
+            write_json(a.json, make_report(machine, ceiling, results, a.quick))
     for r in results:
         r.setdefault("ceiling_gflops_per_s", ceiling["ceiling_gflops_per_s"])
     report = make_report(machine, ceiling, results, a.quick)

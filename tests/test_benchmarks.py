@@ -223,3 +223,26 @@ def test_main_case_keeps_the_rates_main_py_logs_after_the_first():
 def test_main_case_reports_what_main_py_refused():
     with pytest.raises(RuntimeError, match="batch_size"):
         run._case_main(steps=4, every=1, config="demo", args=("--config.batch_size=0",))
+
+
+def test_report_is_written_after_each_case(tmp_path, monkeypatch):
+    """A run stopped during a case (a device's time limit) leaves the cases before it in
+    the JSON."""
+    machine = {k: "x" for k in run.MACHINE_KEYS} | {"backend": "gpu"}
+    ceiling = {"machine": machine, "ceiling_gflops_per_s": 1.0, "matmul_n": 1}
+    record = {k: 1.0 for k in run.RESULT_KEYS} | {"name": "inference_x4_128_to_512"}
+
+    def child(script, *args, env=None):
+        if args[1] == "ceiling":
+            return dict(ceiling)
+        if args[1] == "inference_x4_128_to_512":
+            return dict(record)
+        raise KeyboardInterrupt  # the time limit, during the second case
+
+    monkeypatch.setattr(run, "in_child", child)
+    out = tmp_path / "r.json"
+    with pytest.raises(KeyboardInterrupt):
+        run.main(["--only", "inference_x4_128_to_512,train_step_b4_48", "--json", str(out)])
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["name"] == "inference_x4_128_to_512"
+    assert not (tmp_path / "r.json.partial").exists()
