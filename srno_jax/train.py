@@ -75,12 +75,13 @@ def model_from_config(config, mesh=None) -> SRNO:
     running them on its share of the batch when the step is jitted over `mesh`."""
     dtype, m = config.get("compute_dtype", "float32"), config.model
     n, d = config.data.sample_q, m.width // m.heads
-    fused = config.get("fused_kernels", True) and jax.default_backend() == "gpu"
-    if fused and fused_kernels.supports(n, d):
-        works = fused_kernels.works_here(dtype, n, d)
-        fused = bool(sharding.host_ints(int(works)).all())
-    else:
-        fused = False
+    fused = (
+        config.get("fused_kernels", True)
+        and jax.default_backend() == "gpu"
+        and fused_kernels.supports(n, d)
+    )
+    if fused:
+        fused = bool(sharding.host_ints(int(fused_kernels.works_here(dtype, n, d))).all())
     return checkpoints.model_from_spec(
         checkpoints.model_spec(config), dtype, fused, mesh if fused else None
     )

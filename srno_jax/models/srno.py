@@ -80,7 +80,7 @@ def lifting_inputs(feat, coord, cell, grid=None):
     idxs, rels, weights, rel_cell = neighbours(coord, cell, grid)
     # One gather of the four neighbours, (B, N, 4, C): its gradient is one scatter-add.
     b, n = coord.shape[:2]
-    near = gather(feat, jnp.stack(idxs, -1).reshape(b, 4 * n)).reshape(b, n, len(idxs), -1)
+    near = gather(feat, jnp.stack(idxs, -1).reshape(b, -1)).reshape(b, n, len(idxs), -1)
     weighted = (near * jnp.stack(weights, -1)[..., None]).reshape(b, n, -1)
     return jnp.concatenate([*rels, weighted, rel_cell], axis=-1).astype(dtype)
 
