@@ -26,3 +26,8 @@ def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its type's name if it has none)."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def summary(e: BaseException) -> str:
+    """'Type: first line of the message', for an error reported in one line."""
+    return f"{type(e).__name__}: {first_line(e)}"

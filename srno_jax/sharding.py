@@ -13,7 +13,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from srno_jax.errors import ConfigError, HostError, first_line
+from srno_jax.errors import ConfigError, HostError, summary
 
 log = logging.getLogger("srno_jax")
 
@@ -80,9 +80,7 @@ def initialize_distributed(
     try:
         cluster = None if explicit else detect_cluster()
     except Exception as e:  # a detector's own failure, e.g. Kubernetes outside a Job
-        raise ConfigError(
-            f"detecting the cluster failed ({type(e).__name__}: {first_line(e)}); {_BY_HAND}"
-        ) from None
+        raise ConfigError(f"detecting the cluster failed ({summary(e)}); {_BY_HAND}") from None
     if cluster is None and given == (None, None, None):
         return "single process"
     # Collectives between CPU processes need an implementation: 'gloo' is this JAX's
@@ -98,9 +96,7 @@ def initialize_distributed(
         )
     except Exception as e:
         how = f"the {cluster[0]} cluster" if cluster else "the multi-host run"
-        raise ConfigError(
-            f"joining {how} failed ({type(e).__name__}: {first_line(e)}); {_BY_HAND}"
-        ) from None
+        raise ConfigError(f"joining {how} failed ({summary(e)}); {_BY_HAND}") from None
     how = "explicit settings" if explicit else f"cluster {cluster[0]}" if cluster else "settings"
     return f"{how}: process {jax.process_index()} of {jax.process_count()}"
 

@@ -25,7 +25,7 @@ import optax
 from flax import struct
 
 from srno_jax import checkpoints, compiler, evaluation, sharding
-from srno_jax.errors import CheckpointError, ConfigError, HostError, SRNOError, first_line
+from srno_jax.errors import CheckpointError, ConfigError, HostError, SRNOError, summary
 from srno_jax.metric_writer import MetricWriter
 from srno_jax.models import SRNO, init_variables
 from srno_jax.models import fused as fused_kernels
@@ -243,7 +243,7 @@ class StopVote:
                     e
                     if isinstance(e, SRNOError)
                     else HostError(
-                        f"{what} failed at step {step}: {type(e).__name__}: {first_line(e)}; "
+                        f"{what} failed at step {step}: {summary(e)}; "
                         "rerun to resume from the last checkpoint"
                     )
                 )
@@ -290,7 +290,7 @@ def hold_workdir(workdir):
         except Exception as e:  # agreed below all the same: the other hosts wait for it
             lock = None
             error = ConfigError(
-                f"cannot lock the workdir {workdir} ({type(e).__name__}: {first_line(e)}); "
+                f"cannot lock the workdir {workdir} ({summary(e)}); "
                 "check that it is a folder you can write to"
             )
     sharding.raise_together(error, f"to lock the workdir {workdir}")
