@@ -1,4 +1,4 @@
-"""`layers.conv`: its own gradient rule must give the numbers of a plain 'same' convolution."""
+"""`layers`: the convolution's own gradient rule, ReLU, GELU and the per-head LayerNorm against their plain forms."""
 
 import math
 
@@ -77,3 +77,18 @@ def test_head_layer_norm_adds_eps_to_the_unbiased_std():
     np.testing.assert_allclose(got, x64 / (std + 0.1) * params["scale"] + params["bias"], atol=1e-5)
     on_variance = x64 / np.sqrt(std**2 + 0.1) * params["scale"] + params["bias"]
     assert np.abs(got - on_variance).max() > 1e-2
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_relu_equals_jax_nn_relu_and_its_gradient_keeps_only_the_output(dtype):
+    x = jnp.array([-2.0, -0.0, 0.0, 1e-30, 0.5, 3.0], dtype)
+    g = jnp.arange(1, 7, dtype=dtype)
+    y, vjp = jax.vjp(layers.relu, x)
+    y_ref, vjp_ref = jax.vjp(jax.nn.relu, x)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(vjp(g)[0], vjp_ref(g)[0])
+    under_jit = jax.jit(jax.grad(lambda x: jnp.sum(layers.relu(x) * g)))(x)
+    np.testing.assert_array_equal(under_jit, vjp_ref(g)[0])
+    # What cuDNN's ReLU fusion needs: the gradient holds on to the output alone.
+    (residual,) = jax.tree.leaves(vjp)
+    np.testing.assert_array_equal(residual, y)

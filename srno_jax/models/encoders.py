@@ -12,7 +12,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from srno_jax.models.layers import conv
+from srno_jax.models.layers import conv, relu
 
 
 def _masked(y, mask):
@@ -29,7 +29,7 @@ class ResBlock(nn.Module):
     @nn.compact
     def __call__(self, x, mask=None):
         y = _masked(conv(self.features, 3, self.features, "conv_0", self.dtype)(x), mask)
-        y = _masked(conv(self.features, 3, self.features, "conv_1", self.dtype)(nn.relu(y)), mask)
+        y = _masked(conv(self.features, 3, self.features, "conv_1", self.dtype)(relu(y)), mask)
         return x + y * self.res_scale if self.res_scale != 1.0 else x + y
 
 
@@ -78,7 +78,7 @@ class RDB(nn.Module):
         for j in range(self.n_convs):
             c = self.g0 + j * self.growth
             out = _masked(conv(self.growth, 3, c, f"conv_{j}", self.dtype)(y), mask)
-            y = jnp.concatenate([y, nn.relu(out)], -1)
+            y = jnp.concatenate([y, relu(out)], -1)
         return x + _masked(conv(self.g0, 1, y.shape[-1], "lff", self.dtype)(y), mask)
 
 
