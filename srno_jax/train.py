@@ -74,7 +74,8 @@ def model_from_config(config, mesh=None) -> SRNO:
     every host (agreed: a collective there, as every host builds the model), each device
     running them on its share of the batch when the step is jitted over `mesh`."""
     dtype, m = config.get("compute_dtype", "float32"), config.model
-    n, d = config.data.sample_q, m.width // m.heads
+    # The step's query points: sample_q, or the whole inp_size^2 crop where it is 0.
+    n, d = config.data.sample_q or config.data.inp_size**2, m.width // m.heads
     fused = (
         config.get("fused_kernels", True)
         and jax.default_backend() == "gpu"

@@ -107,6 +107,7 @@ def test_tile_for_and_supports(monkeypatch):
     assert fused.tile_for(96) == 32
     assert fused.tile_for(3000) is None  # 8 | 3000: too small a product for tensor cores
     assert fused.tile_for(7) is None
+    assert fused.tile_for(0) is None  # no points: no step (0 is divisible by every tile)
     assert fused.supports(128 * 128, 16) and fused.supports(96, 32)
     assert not fused.supports(128 * 128, 12)  # Triton's tensors have power-of-two sides
     assert not fused.supports(128 * 128, 8)  # a (d, d) product below tensor-core size
@@ -286,3 +287,10 @@ def test_training_uses_the_kernel_on_gpus_where_it_works(monkeypatch, backend, w
     config = demo.get_config()
     config.fused_kernels = False
     assert train.model_from_config(config).fused is False
+    config = demo.get_config()
+    config.data.sample_q = 0  # the whole crop: the probe runs at its inp_size^2 points
+    probes.clear()
+    train.model_from_config(config)
+    assert probes == (
+        [(config.compute_dtype, config.data.inp_size**2, d)] if backend == "gpu" else []
+    )

@@ -32,11 +32,11 @@ MIN_SIDE = 16  # the smallest side of a tensor-core product
 
 
 def tile_for(n: int) -> int | None:
-    """The loop's step for N query points: the largest power of two up to TILE dividing
-    N (Triton's tensors have power-of-two sides), or None below MIN_SIDE."""
+    """The loop's step for N query points: the largest power of two up to TILE and N
+    dividing N (Triton's tensors have power-of-two sides), or None below MIN_SIDE."""
     tile = TILE
     while tile >= MIN_SIDE:
-        if n % tile == 0:
+        if tile <= n and n % tile == 0:
             return tile
         tile //= 2
     return None
