@@ -595,18 +595,19 @@ def main(argv=None) -> None:
     results = []
     for name in names:
         if name in ACCELERATOR_ONLY and machine["backend"] not in ("gpu", "tpu"):
-            results.append(
-                {"name": name, "skipped": f"needs a GPU or TPU; backend is {machine['backend']}"}
-            )
-            continue
-        print(f"running {name} ...", file=sys.stderr, flush=True)
-        args = ["--_child", name, "--_ceiling", str(ceiling["ceiling_gflops_per_s"]), *base]
-        r = _run_eval_mixed_sizes(args) if name == "eval_mixed_sizes" else in_child(__file__, *args)
-        results.append({"name": name, **r} if "error" in r else r)
+            r = {"name": name, "skipped": f"needs a GPU or TPU; backend is {machine['backend']}"}
+        else:
+            print(f"running {name} ...", file=sys.stderr, flush=True)
+            args = ["--_child", name, "--_ceiling", str(ceiling["ceiling_gflops_per_s"]), *base]
+            if name == "eval_mixed_sizes":
+                r = _run_eval_mixed_sizes(args)
+            else:
+                r = in_child(__file__, *args)
+            r = {"name": name, **r} if "error" in r else r
+        r.setdefault("ceiling_gflops_per_s", ceiling["ceiling_gflops_per_s"])
+        results.append(r)
         if a.json:  # after each case: a run stopped by a time limit keeps what it measured
             write_json(a.json, make_report(machine, ceiling, results, a.quick))
-    for r in results:
-        r.setdefault("ceiling_gflops_per_s", ceiling["ceiling_gflops_per_s"])
     report = make_report(machine, ceiling, results, a.quick)
     print_table(report)
     if a.json:
