@@ -23,8 +23,8 @@ import math
 import sys
 import time
 
+from srno_jax.cli import interrupted_status, positive_int, sigterm_as_interrupt
 from srno_jax.errors import ConfigError, DataError, SRNOError
-from srno_jax.upscale_cli import Terminated, positive_int, sigterm_as_interrupt
 
 _PROG = "srno-eval"
 _DEFAULT_SCALES = [2.0, 3.0, 4.0]
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         status = 2
     except KeyboardInterrupt as e:
         print(f"{_PROG}: interrupted", file=sys.stderr)
-        status = 143 if isinstance(e, Terminated) else 130
+        status = interrupted_status(e)
     finally:
         if "bar" in state:
             state["bar"].close()

@@ -22,10 +22,10 @@ import contextlib
 import dataclasses
 import os
 import re
-import signal
 import string
 import sys
 
+from srno_jax.cli import interrupted_status, positive_int, sigterm_as_interrupt
 from srno_jax.errors import CheckpointError, ConfigError, DataError, SRNOError
 
 DEFAULT_NAME = "{stem}_x{scale}.png"
@@ -52,36 +52,6 @@ def _size(text: str) -> tuple[int, int]:
     if not m:
         raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT, e.g. 1920x1080")
     return int(m.group(2)), int(m.group(1))
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that the same clean-up runs."""
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """Within the block, SIGTERM (a scheduler's or `timeout`'s stop) raises `Terminated`:
-    a file being written is removed and the outputs done are kept, as for Ctrl-C."""
-
-    def handler(signum, frame):
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def positive_int(text: str) -> int:
-    """argparse type of the commands' counts and limits: a whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
-    return value
 
 
 def _version() -> str:
@@ -399,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as e:
         print(f"srno-upscale: interrupted; {done} image(s) written", file=sys.stderr)
-        return 143 if isinstance(e, Terminated) else 130
+        return interrupted_status(e)
     return 0
 
 
