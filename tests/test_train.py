@@ -1,5 +1,6 @@
 """Training: loss falls, 1 device == 8 devices, a resumed run == an uninterrupted one."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from PIL import Image
 
@@ -78,6 +80,52 @@ def assert_loss_falls(config, steps=40):
 
 def test_loss_falls(image_dir):
     assert_loss_falls(tiny_config(image_dir))
+
+
+def test_step_is_adam_leaf_by_leaf(image_dir):
+    """The step runs Adam on one vector of all parameters; the result must equal optax's
+    update of each leaf, in a state with the same tree, shapes and dtypes (checkpoints)."""
+    config = tiny_config(image_dir)
+    model, tx = train.model_from_config(config), train.make_optimizer(config)
+    state = train.init_state(model, tx, 0)
+    step = jax.jit(
+        functools.partial(
+            train.train_step,
+            stop_votes=jnp.zeros(1, jnp.int32),
+            model=model,
+            tx=tx,
+            config=config,
+            steps_per_epoch=10,
+        )
+    )
+
+    @jax.jit
+    def leaf_by_leaf(state, batch):
+        loss, grads = jax.value_and_grad(train.l1_loss)(state.params, model, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        lr = train.learning_rate(state.step, config, 10)
+        params = jax.tree.map(lambda p, u: p - lr * u, state.params, updates)
+        return params, opt_state, optax.tree.norm(grads)
+
+    r = np.random.default_rng(0)
+    for _ in range(3):  # from the second step on, Adam's moments are not zero
+        batch = {
+            "inp": r.uniform(-1, 1, (2, 8, 8, 3)),
+            "coord": r.uniform(-1, 1, (2, 16, 2)),
+            "cell": np.full((2, 2), 0.1),
+            "gt": r.uniform(-1, 1, (2, 16, 3)),
+        }
+        batch = {k: jnp.asarray(v, jnp.float32) for k, v in batch.items()}
+        params, opt_state, norm = leaf_by_leaf(state, batch)
+        new, metrics = step(state, batch)
+        assert bool(metrics["finite"])
+        np.testing.assert_allclose(metrics["grad_norm"], norm, rtol=1e-5)
+        for got, want in [(new.params, params), (new.opt_state, opt_state)]:
+            assert jax.tree.structure(got) == jax.tree.structure(want)
+            for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+                assert g.shape == w.shape and g.dtype == w.dtype
+                np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
+        state = new
 
 
 def test_resume_equals_uninterrupted(image_dir, tmp_path):
