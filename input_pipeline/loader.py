@@ -19,6 +19,7 @@ import mmap
 import multiprocessing
 import os
 import shutil
+import signal
 import tempfile
 import weakref
 
@@ -93,6 +94,11 @@ _worker_blocks: dict = {}  # path -> this worker's lasting mapping of that block
 
 def _init_worker(source, started, decoded_dir):
     global _worker_source, _worker_started
+    # A scheduler's stop (SLURM's time limit, Ctrl-C) goes to the whole process group. The
+    # main process stops the run at an agreed step and then closes the pool; a worker that
+    # died of the signal first would break the pool, and the run would fail unsaved.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _worker_source = _DecodedOnce(source, decoded_dir) if decoded_dir else source
     _worker_started = started
 

@@ -77,7 +77,7 @@ def run_main(env, image_dir, workdir, *flags, timeout=300, **extra_env):
     )
 
 
-def start_main(env, image_dir, workdir, *flags):
+def start_main(env, image_dir, workdir, *flags, **popen):
     return subprocess.Popen(
         main_cmd(image_dir, workdir, *flags),
         env=env,
@@ -85,6 +85,7 @@ def start_main(env, image_dir, workdir, *flags):
         text=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        **popen,
     )
 
 
@@ -181,6 +182,21 @@ def test_sigterm_and_sigint_save_and_resume(env, image_dir, tmp_path, straight):
     p = run_main(env, image_dir, wd, f"--config.total_steps={total}")
     assert p.returncode == 0 and f"resumed from step {stopped[-1]}" in p.stderr, p.stderr
     assert_same_params(params_of(wd), straight_params(straight, total))
+
+
+def test_a_signal_to_the_process_group_stops_worker_processes_cleanly(env, image_dir, tmp_path):
+    """SLURM's time limit and Ctrl-C signal every process of the job, the loader's worker
+    processes too: the run must still stop at a step, save and exit 0."""
+    wd = tmp_path / "run"
+    flags = ("--config.total_steps=100000", "--config.data.worker_processes=true")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        proc, lines = start_main(env, image_dir, wd, *flags, start_new_session=True), []
+        wait_for_step(proc, steps_in(wd)[-1] + 3 if steps_in(wd) else 3, lines)
+        os.killpg(proc.pid, sig)
+        rc, log = finish(proc, lines)
+        assert rc == 0 and "Traceback" not in log, log
+        m = re.search(rf"stopping at step (\d+) \({sig.name}\); checkpoint saved", log)
+        assert m and steps_in(wd)[-1] == int(m.group(1)), log
 
 
 def test_kill9_during_async_saves_keeps_last_complete_checkpoint(
