@@ -8,8 +8,9 @@ name asks for (.png, .jpg/.jpeg, .webp, .tif/.tiff, .bmp).
   srno-upscale photos/ --out_dir results --name "{stem}.jpg" --scale 4 --checkpoint CKPT
 
 Every input, output name and output folder is checked before the model is loaded. An
-output that is its own input is refused unless --overwrite is given; one that is another
-input is always refused. Images are read upright (their EXIF orientation applied);
+existing output file is refused unless --overwrite is given (so `srno-upscale a.png
+b.png --scale 2`, meant as two inputs, cannot replace b.png); an output that is another
+input is refused even then. Images are read upright (their EXIF orientation applied);
 grayscale stays grayscale (but WebP has none: RGB there), alpha is kept where the format
 has it, 16-bit input is written as 8-bit, and 32-bit input (float or integer) is refused.
 Errors print one line on stderr and exit with status 2.
@@ -110,7 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="allow an output to replace its own input (never another input)",
+        help="allow outputs to replace existing files, including an image's own input "
+        "(never another input)",
     )
     p.add_argument(
         "--max_input_pixels",
@@ -234,7 +236,8 @@ def plan(args) -> list[Job]:
     """Every (input, output, size) of a command line, all checked before any work.
 
     Reads every input (so a bad image fails here, not after an hour of upscaling) and
-    refuses outputs that clash with each other or with an input (`check_output`).
+    refuses outputs that clash with each other or with an input (`check_output`), or
+    that exist already without --overwrite (`check_no_existing_outputs`).
     """
     from srno_jax.image_api import output_size
     from srno_jax.images import check_mode, open_image
@@ -276,7 +279,24 @@ def plan(args) -> list[Job]:
                 f"{job.output}; put {{ext}} or another field in --name"
             )
         seen[key] = job.input
+    if not args.overwrite:
+        check_no_existing_outputs(jobs)
     return jobs
+
+
+def check_no_existing_outputs(jobs: list[Job]) -> None:
+    """Refuses outputs that already exist (the caller lets --overwrite skip this): a
+    mistyped command line, such as two inputs without an output folder, must not
+    silently replace a file. Raises `DataError` naming the first and how many exist."""
+    existing = [job.output for job in jobs if os.path.lexists(job.output)]
+    if not existing:
+        return
+    n = len(existing)
+    count = f" ({n} of the {len(jobs)} outputs exist)" if len(jobs) > 1 else ""
+    raise DataError(
+        f"output {existing[0]} already exists{count}; pass --overwrite to replace "
+        f"{'it' if n == 1 else 'them'}, or choose another output name or --out_dir"
+    )
 
 
 def _model(args):

@@ -204,6 +204,41 @@ def test_overwrite_never_replaces_another_input(ckpt, tmp_path, capsys, loads):
         assert (tmp_path / "c_x2.png").read_bytes() == before
 
 
+def test_an_existing_output_needs_overwrite(small, ckpt, tmp_path, capsys, loads):
+    """`srno-upscale img1.png img2.png` meant as two inputs must not replace img2.png."""
+    for name, seed in (("img1.png", 0), ("img2.png", 1)):
+        Image.fromarray(_rgb(seed)).save(tmp_path / name)
+    before = (tmp_path / "img2.png").read_bytes()
+    assert (
+        run(tmp_path / "img1.png", tmp_path / "img2.png", "--scale", 2, "--checkpoint", ckpt) == 2
+    )
+    err = capsys.readouterr().err
+    assert f"output {tmp_path / 'img2.png'} already exists; pass --overwrite" in err
+    assert "--out_dir" in err and len(err.splitlines()) == 1 and not loads
+    assert (tmp_path / "img2.png").read_bytes() == before
+    args = (tmp_path / "img1.png", tmp_path / "img2.png", "--scale", 2, "--checkpoint", ckpt)
+    assert run(*args, "--overwrite") == 0
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / "img2.png")), upscale(*small, _rgb(0), scale=2)
+    )
+
+
+def test_a_batch_with_existing_outputs_is_refused_before_any_work(ckpt, tmp_path, capsys, loads):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        Image.fromarray(_rgb(1)).save(tmp_path / name)
+    for name in ("b_x2.png", "c_x2.png"):
+        (out / name).write_bytes(b"earlier result")
+    inputs = [tmp_path / n for n in ("a.png", "b.png", "c.png")]
+    assert run(*inputs, out, "--scale", 2, "--checkpoint", ckpt) == 2
+    err = capsys.readouterr().err
+    assert f"output {out / 'b_x2.png'} already exists (2 of the 3 outputs exist)" in err
+    assert "replace them" in err and not loads
+    assert sorted(os.listdir(out)) == ["b_x2.png", "c_x2.png"]
+    assert (out / "c_x2.png").read_bytes() == b"earlier result"
+
+
 @pytest.mark.parametrize("dtype,kind", [(np.float32, "float"), (np.int32, "integer")])
 def test_32_bit_input_is_refused_before_any_work(ckpt, tmp_path, capsys, loads, dtype, kind):
     Image.fromarray(_rgb(4)[..., 0].astype(dtype)).save(tmp_path / "x.tif")
