@@ -12,7 +12,9 @@ check fails); the JSON is then rewritten after each table cell, so an interrupte
 leaves the finished cells (``"complete": false``) and prints their table. Unreadable
 images are skipped with a warning and counted in the table (--strict stops instead).
 Errors print one line on stderr and exit with status 2; Ctrl-C exits with 130, SIGTERM
-with 143 (both keeping the cells done, in the table and --json).
+with 143 (both keeping the cells done, in the table and --json). The JSON is complete
+before anything is printed, and printing cannot fail a finished run (a closed pipe,
+``| head``, or a file name the terminal cannot encode).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 
@@ -177,6 +180,26 @@ class _JsonOutput:
             ) from None
 
 
+def _print(text: str, file=None) -> None:
+    """Prints `text` so that the output cannot fail a finished run: characters the
+    stream cannot encode (a file name that is not UTF-8) are replaced, and a stream whose
+    reader is gone (``| head``) is dropped quietly."""
+    file = sys.stdout if file is None else file
+    try:
+        try:
+            print(text, file=file, flush=True)
+        except UnicodeEncodeError:  # nothing was written: the line is encoded whole first
+            encoding = getattr(file, "encoding", None) or "utf-8"
+            print(text.encode(encoding, "replace").decode(encoding), file=file, flush=True)
+    except BrokenPipeError:
+        # Python's advice (the signal module's "Note on SIGPIPE"): point the stream at
+        # devnull, so that the flush at exit does not fail again with a traceback.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), file.fileno())
+        except (OSError, ValueError, AttributeError):  # no file descriptor (a test's stream)
+            pass
+
+
 def _timing(clock, wall: float, cache_dir: str | None) -> tuple[dict, str]:
     """(the JSON's 'timing', the line for stderr) of a run that took `wall` seconds, from a
     `compiler.CompileClock`."""
@@ -268,31 +291,31 @@ def main(argv: list[str] | None = None) -> int:
             _evaluate(args, results, state)
         status = 0
     except SRNOError as e:
-        print(f"{_PROG}: error: {e}", file=sys.stderr)
+        _print(f"{_PROG}: error: {e}", sys.stderr)
         status = 2
     except KeyboardInterrupt as e:
-        print(f"{_PROG}: interrupted", file=sys.stderr)
+        _print(f"{_PROG}: interrupted", sys.stderr)
         status = interrupted_status(e)
     finally:
         if "bar" in state:
             state["bar"].close()
+        finished, timing, line = status == 0, None, None
+        if clock is not None and "bar" in state:  # the work began
+            timing, line = _timing(clock, time.perf_counter() - start, cache)
+        # The JSON before any output, which then cannot cost it its last cells or timing.
+        if "json" in state and "bar" in state:  # a failure before any work keeps the old file
+            try:
+                state["json"].write(results, complete=finished, timing=timing)
+            except SRNOError as e:
+                _print(f"{_PROG}: error: {e}", sys.stderr)
+                status = 2
         if results:
             from srno_jax.evaluation import format_table
 
-            print(format_table(results))
-            if status != 0:
-                print(f"\n(incomplete: the evaluation stopped after {len(results)} cells)")
-        timing = None
-        if clock is not None and "bar" in state:  # the work began
-            timing, line = _timing(clock, time.perf_counter() - start, cache)
-            if clock.compilations:
-                print(f"{_PROG}: {line}", file=sys.stderr)
-        if "json" in state and "bar" in state:  # a failure before any work keeps the old file
-            try:
-                state["json"].write(results, complete=status == 0, timing=timing)
-            except SRNOError as e:
-                print(f"{_PROG}: error: {e}", file=sys.stderr)
-                status = 2
+            incomplete = f"\n\n(incomplete: the evaluation stopped after {len(results)} cells)"
+            _print(format_table(results) + ("" if finished else incomplete))
+        if line and clock.compilations:
+            _print(f"{_PROG}: {line}", sys.stderr)
     return status
 
 

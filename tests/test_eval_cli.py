@@ -259,6 +259,34 @@ def test_crash_keeps_what_finished(tmp_path, capsys, monkeypatch):
     assert "| method | imgs x2 | imgs x3 |" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("fault", ["reader gone", "name not encodable"])
+def test_output_cannot_fail_a_finished_run(tmp_path, fault):
+    """The JSON is written before any output, and the output cannot fail the run: a
+    closed stdout (``| true``) or one that cannot encode a folder's name (not UTF-8)."""
+    folder = os.fsencode(tmp_path / "imgs") + b"\xff"
+    _image(Path(os.fsdecode(folder)) / "a.png", (32, 32))
+    out = tmp_path / "r.json"
+    read, write = os.pipe()
+    if fault == "reader gone":
+        os.close(read)
+    proc = subprocess.run(
+        [sys.executable, _ROOT / "eval.py", "--checkpoint", "bicubic", "--data", folder]
+        + ["--scales", "2,3", "--json", out, "--compilation_cache", ""],
+        stdout=write,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"},
+        cwd=_ROOT,
+        timeout=300,
+    )
+    os.close(write)
+    assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr.decode()
+    doc = _strict_json(out)
+    assert doc["complete"] is True and len(doc["results"]) == 2 and "timing" in doc
+    if fault == "name not encodable":
+        with os.fdopen(read, "rb") as f:
+            assert f.readline() == b"| method | imgs? x2 | imgs? x3 |\n"
+
+
 def _bomb(path, side=60000):
     """A 1 x 1 grayscale PNG whose header claims side x side pixels."""
     png = bytearray()
