@@ -367,7 +367,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data: TrainDa
             )
             return {}
         step_fn = compile_step(model, tx, config, spe, mesh, state)
-        writer = MetricWriter(workdir)
+        with stop.guard("opening the TensorBoard log", start):  # process 0's alone
+            writer = MetricWriter(workdir)
+        sharding.raise_together(stop.error, "to open its TensorBoard log")
         writer.log(
             "training %s on %d device(s) of %d host(s): batch %d (%d per host), "
             "%d steps/epoch, steps %d..%d",

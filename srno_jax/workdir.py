@@ -23,6 +23,7 @@ from etils import epath
 from srno_jax.errors import ConfigError
 
 LOCK_NAME = "LOCK"
+SUBFOLDERS = ("checkpoints", "tensorboard")  # what a run writes in its workdir
 HEARTBEAT_S = 30.0
 STALE_S = 120.0
 
@@ -35,13 +36,20 @@ def resolve(path: str | os.PathLike) -> epath.Path:
 
 
 def check_writable(workdir: str | os.PathLike) -> epath.Path:
-    """Creates `workdir` if needed and checks that it is a writable folder.
+    """Creates `workdir` if needed and checks that it is a writable folder, and that the
+    folders a run writes in it (`SUBFOLDERS`) are folders where they exist.
 
-    Raises `ConfigError` in one line when it is a file or cannot be written.
+    Raises `ConfigError` in one line when one is a file or the workdir cannot be written.
     """
     path = resolve(workdir)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--workdir {path} is a file, not a folder; give a folder path")
+    for name in SUBFOLDERS:
+        if (path / name).exists() and not (path / name).is_dir():
+            raise ConfigError(
+                f"{path / name} is a file, but a run keeps its {name} in a folder of that "
+                "name; move the file away or use another --workdir"
+            )
     probe = path / f".write-test-{uuid.uuid4().hex}"
     try:
         path.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,9 @@ import numpy as np
 import pytest
 from test_train import image_dir, tiny_config  # noqa: F401  (image_dir is a fixture)
 
-from srno_jax import checkpoints, load_checkpoint, train
+from srno_jax import checkpoints, load_checkpoint, train, train_cli
+from srno_jax import workdir as workdir_lib
+from srno_jax.errors import ConfigError, HostError
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -441,6 +443,26 @@ def test_workdir_that_is_a_file_or_unwritable(env, image_dir, tmp_path):
     assert_clean_error(run_main(env, image_dir, afile, timeout=120), "is a file, not a folder")
     # Root ignores permission bits, so use a folder under a read-only file system.
     assert_clean_error(run_main(env, image_dir, "/proc/srno-run", timeout=120), "not writable")
+
+
+@pytest.mark.parametrize("name", workdir_lib.SUBFOLDERS)
+def test_a_file_where_a_run_keeps_a_folder_is_refused(tmp_path, name):
+    (tmp_path / name).write_text("")
+    with pytest.raises(ConfigError, match=f"{name} is a file, but a run keeps its {name}"):
+        workdir_lib.check_writable(tmp_path)
+
+
+def test_a_tensorboard_log_that_cannot_open_ends_the_run_in_one_line(
+    image_dir, tmp_path, monkeypatch
+):
+    """Process 0 alone opens it: a failure there must end every host, not hang them."""
+
+    def fails(workdir):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(train, "MetricWriter", fails)
+    with pytest.raises(HostError, match="opening the TensorBoard log failed at step 0: OSError"):
+        train_cli.run(tiny_config(image_dir, total_steps=2), tmp_path / "run")
 
 
 def test_second_run_on_a_workdir_is_refused_and_a_dead_ones_lock_taken_over(
