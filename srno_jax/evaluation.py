@@ -24,7 +24,14 @@ import numpy as np
 
 from srno_jax import pairs
 from srno_jax.errors import ConfigError, DataError
-from srno_jax.images import IMAGE_EXTENSIONS, image_files, load_image, open_image, resize_bicubic
+from srno_jax.images import (
+    IMAGE_EXTENSIONS,
+    check_mode,
+    image_files,
+    load_image,
+    open_image,
+    resize_bicubic,
+)
 from srno_jax.metrics import (
     check_evaluable,
     check_protocol,
@@ -142,10 +149,12 @@ def check_image(path: str) -> tuple[int, int]:
     """(height, width) of an image file, read whole (`images.open_image`) so that any
     fault shows before the evaluation begins.
 
-    Raises `DataError` naming the file when it is missing, unreadable, truncated, or
-    larger than PIL's decompression-bomb limit.
+    Raises `DataError` naming the file when it is missing, unreadable, truncated, larger
+    than PIL's decompression-bomb limit, or of a mode `load_image` refuses (32-bit,
+    `images.check_mode`).
     """
     img = open_image(path)
+    check_mode(img, path)
     return img.height, img.width
 
 

@@ -135,6 +135,22 @@ def test_strict_stops_at_a_bad_image_before_any_work(tmp_path, capsys, forward_p
     assert forward_passes == []
 
 
+def test_unsupported_mode_is_found_before_any_work(tmp_path, capsys, forward_passes):
+    """A 32-bit float TIFF (which `images.load_image` refuses) is checked in the plan:
+    --strict stops before the first forward pass; otherwise one warning for all scales."""
+    folder = tmp_path / "imgs"
+    _image(folder / "a.png", (32, 32))
+    Image.fromarray(np.zeros((32, 32), np.float32)).save(folder / "f.tif")
+    assert _run("--data", folder, "--scales", "2,3", "--strict") == 2
+    err = capsys.readouterr().err
+    assert "error: imgs: f.tif: " in err and "32-bit float" in err and "Traceback" not in err
+    assert forward_passes == []
+    assert _run("--data", folder, "--scales", "2,3") == 0
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "skipping imgs/f.tif at x2, x3: " in line and "32-bit float" in line
+    assert forward_passes == [2.0, 3.0]  # a.png alone
+
+
 def test_bad_image_found_while_running_is_skipped(tmp_path, capsys, monkeypatch):
     folder = tmp_path / "imgs"
     _image(folder / "a.png", (32, 32))
