@@ -354,6 +354,34 @@ def _input_pixel_limit(limit: int | None):
         Image.MAX_IMAGE_PIXELS = default
 
 
+class _Progress:
+    """Writes the "wrote ..." lines on stdout, above the bar. They must never stop the
+    work: a name stdout cannot encode (a non-UTF-8 file name) is written with '?', and
+    once stdout is closed (`srno-upscale ... | head -1`) nothing more is printed."""
+
+    def __init__(self, bar):
+        self.bar, self.closed = bar, False
+
+    def __call__(self, line: str) -> None:
+        out = sys.stdout
+        if self.closed or out is None:
+            return
+        encoding = getattr(out, "encoding", None) or "utf-8"
+        try:
+            line.encode(encoding, getattr(out, "errors", None) or "strict")
+        except UnicodeEncodeError:
+            line = line.encode(encoding, "replace").decode(encoding)
+        try:
+            self.bar.write(line, file=out)
+            out.flush()  # a pipe sees each line as its image is done
+        except (OSError, ValueError):  # a broken pipe, a closed or failing stdout
+            self.closed = True
+            # As the Python docs advise for SIGPIPE: stdout on devnull, so that the
+            # flush at exit does not fail again.
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     done = 0
@@ -372,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             model, variables = _model(args)
             # disable=None: a bar on a terminal, none in logs and pipes.
             with tqdm(jobs, unit="image", disable=None, file=sys.stderr) as bar:
+                say = _Progress(bar)
                 for job in bar:
                     bar.set_postfix_str(os.path.basename(job.input))
                     out = upscale(
@@ -383,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     save_image(job.output, out, args.quality)
                     done += 1
-                    bar.write(f"wrote {job.output} ({job.size[1]}x{job.size[0]})", file=sys.stdout)
+                    say(f"wrote {job.output} ({job.size[1]}x{job.size[0]})")
     except SRNOError as e:
         print(f"srno-upscale: error: {e}", file=sys.stderr)
         return 2

@@ -311,6 +311,40 @@ def test_progress_bar_on_a_terminal_only(ckpt, photo, tmp_path, capsys, monkeypa
     assert "1/1" in terminal.getvalue() and "100%" in terminal.getvalue()
 
 
+class _ClosedAfterOneLine(io.StringIO):
+    """stdout piped into `head -1`: the first line goes through, then the pipe is closed."""
+
+    def write(self, s):
+        if "\n" in self.getvalue():
+            raise BrokenPipeError(32, "Broken pipe")
+        return super().write(s)
+
+
+def test_a_closed_stdout_does_not_stop_the_batch(ckpt, tmp_path, capsys, monkeypatch):
+    for name in ("a.png", "b.png", "c.png"):
+        Image.fromarray(_rgb(1)).save(tmp_path / name)
+    out = tmp_path / "out"
+    out.mkdir()
+    stdout = _ClosedAfterOneLine()
+    monkeypatch.setattr("sys.stdout", stdout)
+    inputs = [tmp_path / n for n in ("a.png", "b.png", "c.png")]
+    assert run(*inputs, out, "--scale", 2, "--checkpoint", ckpt) == 0
+    assert sorted(os.listdir(out)) == ["a_x2.png", "b_x2.png", "c_x2.png"]
+    assert stdout.getvalue() == f"wrote {out / 'a_x2.png'} (20x24)\n"
+    assert capsys.readouterr().err == ""
+
+
+def test_a_name_stdout_cannot_encode_does_not_stop_the_work(ckpt, tmp_path, monkeypatch):
+    name = os.fsdecode(b"caf\xe9.png")  # Latin-1 on disk: a surrogate in Python
+    Image.fromarray(_rgb(1)).save(tmp_path / name)
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr("sys.stdout", stdout)
+    assert run(tmp_path / name, tmp_path, "--scale", 2, "--checkpoint", ckpt) == 0
+    assert os.path.exists(tmp_path / os.fsdecode(b"caf\xe9_x2.png"))
+    stdout.flush()
+    assert b"caf?_x2.png (20x24)" in stdout.buffer.getvalue()
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         upscale_cli.main(["--version"])
