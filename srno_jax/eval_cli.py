@@ -143,13 +143,16 @@ class _JsonOutput:
     """The --json file. Created checks that it can be written, leaving an existing file
     as it is; each `write` replaces it whole, through a temporary file and a rename, so
     it is valid JSON at every moment. An existing file is replaced only if it is an
-    earlier srno-eval result: anything else (a checkpoint, an image) is a mistyped path."""
+    earlier srno-eval result: anything else (a checkpoint, an image) is a mistyped path.
+    A failed write (a full disk) leaves the file as the last write left it and sets
+    `failed`, since a retry would fail again."""
 
     def __init__(self, path: str, checkpoints: list[str]):
         from etils import epath
 
         self.path, self.checkpoints = epath.Path(path), checkpoints
         self._tmp = self.path.with_name(self.path.name + ".partial")
+        self.cells, self.failed = None, False  # the cells the file holds; None: not written
         if self.path.is_dir():
             raise DataError(f"cannot write --json {self.path}: it is a folder; give a file name")
         if self.path.exists() and not _is_eval_json(self.path):
@@ -157,8 +160,7 @@ class _JsonOutput:
                 f"--json {self.path} exists and is not an srno-eval result (a checkpoint or "
                 "an image?); it is left as it is: choose another file name"
             )
-        self._write_text("", self._tmp)
-        self._tmp.unlink()
+        self._write(None)
 
     def write(self, results: list[dict], complete: bool, timing: dict | None = None) -> None:
         doc = {
@@ -168,16 +170,31 @@ class _JsonOutput:
         }
         if timing is not None:
             doc["timing"] = timing
-        self._write_text(json.dumps(doc, indent=1, allow_nan=False), self._tmp)
-        self._tmp.replace(self.path)
+        self._write(json.dumps(doc, indent=1, allow_nan=False))
+        self.cells = len(results)
 
-    def _write_text(self, text: str, path) -> None:
+    def _write(self, text: str | None) -> None:
+        """Writes `text` beside the file, then renames it over the file; None only tries
+        that a file can be written there."""
         try:
-            path.write_text(text)
+            self._tmp.write_text(text or "")
+            if text is None:
+                self._tmp.unlink()
+            else:
+                self._tmp.replace(self.path)
         except OSError as e:
-            raise DataError(
-                f"cannot write --json {self.path}: {e.strerror or e}; choose a writable path"
-            ) from None
+            self.failed = True
+            try:
+                self._tmp.unlink(missing_ok=True)  # a truncated copy is of no use
+            except OSError:
+                pass
+            if text is None:
+                fix = "choose a writable path"
+            else:
+                n = self.cells
+                kept = "as it was" if n is None else f"with the first {n} cell{'s' * (n != 1)}"
+                fix = f"the file is left {kept}; free some space or choose another path"
+            raise DataError(f"cannot write --json {self.path}: {e.strerror or e}; {fix}") from None
 
 
 def _print(text: str, file=None) -> None:
@@ -303,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         if clock is not None and "bar" in state:  # the work began
             timing, line = _timing(clock, time.perf_counter() - start, cache)
         # The JSON before any output, which then cannot cost it its last cells or timing.
-        if "json" in state and "bar" in state:  # a failure before any work keeps the old file
+        # A failure before any work keeps the old file; a failed write would fail again.
+        if "json" in state and "bar" in state and not state["json"].failed:
             try:
                 state["json"].write(results, complete=finished, timing=timing)
             except SRNOError as e:

@@ -175,6 +175,40 @@ def test_unwritable_json_fails_before_any_work(tmp_path, capsys, forward_passes,
     assert forward_passes == []
 
 
+def test_full_disk_keeps_the_last_good_json(tmp_path, capsys, monkeypatch):
+    """The disk fills up while the JSON is rewritten after the second cell: one error,
+    no half-written file left beside it, and the file as the first cell left it."""
+    import errno
+
+    from etils import epath
+
+    _image(tmp_path / "imgs" / "a.png", (32, 32))
+    out = tmp_path / "r.json"
+    path_type = type(epath.Path(out))
+    write_text = path_type.write_text
+
+    def full_disk(self, text, *args, **kwargs):
+        if text.count('"dataset"') >= 2:
+            write_text(self, text[: len(text) // 2])  # what fitted
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write_text(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(path_type, "write_text", full_disk)
+    assert _run("--data", tmp_path / "imgs", "--scales", "2,3,4", "--json", out) == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.splitlines()
+    assert line == (
+        f"srno-eval: error: cannot write --json {out}: No space left on device; the file is "
+        "left with the first 1 cell; free some space or choose another path"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "r.json"]
+    doc = _strict_json(out)
+    assert doc["complete"] is False and [r["scale"] for r in doc["results"]] == [2.0]
+    assert (
+        "| method | imgs x2 | imgs x3 |" in captured.out and "stopped after 2 cells" in captured.out
+    )
+
+
 def test_json_never_replaces_an_input(tmp_path, capsys, forward_passes):
     """--json naming the checkpoint or an HR image is refused; an earlier result is replaced."""
     hr = tmp_path / "imgs" / "a.png"
