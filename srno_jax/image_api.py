@@ -7,6 +7,8 @@ Owns output sizes, image modes and their conversions; the numerics are
 from __future__ import annotations
 
 import math
+from decimal import Decimal
+from fractions import Fraction
 
 import numpy as np
 from PIL import Image
@@ -49,10 +51,17 @@ def super_resolve(
     return np.clip(pred * 0.5 + 0.5, 0, 1)
 
 
+def _count(n: int) -> str:
+    """An integer for a message: as it is up to 12 digits, else like 2.56e+402."""
+    return str(n) if n < 10**12 else f"{Decimal(n):.3g}"
+
+
 def output_size(hw: tuple[int, int], scale, size) -> tuple[int, int]:
     """(H, W) of the output for an input of hw = (h, w); see `upscale` for the rules.
 
-    Raises `ConfigError` for a bad scale or size or more than MAX_OUTPUT_PIXELS pixels."""
+    Raises `ConfigError` for a bad scale or size or more than MAX_OUTPUT_PIXELS pixels.
+    Its messages write sizes as WIDTHxHEIGHT, as `srno-upscale --size` and image editors do.
+    """
     if (scale is None) == (size is None):
         raise ConfigError("give exactly one of scale (e.g. 3.7) or size (height, width)")
     if scale is not None:
@@ -66,11 +75,14 @@ def output_size(hw: tuple[int, int], scale, size) -> tuple[int, int]:
                 f"scale must be a finite number > 1 (SRNO enlarges; to shrink an "
                 f"image use PIL's resize), got {scale!r}"
             )
-        out = (max(round(hw[0] * scale), 1), max(round(hw[1] * scale), 1))
+        exact = (hw[0] * scale, hw[1] * scale)
+        if not all(map(math.isfinite, exact)):  # e.g. scale 1e308: too large, said below
+            exact = (Fraction(scale) * hw[0], Fraction(scale) * hw[1])
+        out = (max(round(exact[0]), 1), max(round(exact[1]), 1))
         if out == tuple(hw):
             raise ConfigError(
-                f"scale {scale:g} leaves the {hw[0]}x{hw[1]} (height x width) "
-                f"input at {out[0]}x{out[1]} after rounding; give a larger scale"
+                f"scale {scale:g} leaves the {hw[1]}x{hw[0]} (width x height) "
+                f"input at {out[1]}x{out[0]} after rounding; give a larger scale"
             )
     else:
         if (
@@ -82,13 +94,14 @@ def output_size(hw: tuple[int, int], scale, size) -> tuple[int, int]:
         out = (int(size[0]), int(size[1]))
         if out[0] < hw[0] or out[1] < hw[1] or out == tuple(hw):
             raise ConfigError(
-                f"size {out[0]}x{out[1]} (height x width) does not enlarge the "
-                f"{hw[0]}x{hw[1]} input; SRNO only enlarges: give a larger size"
+                f"size {out[1]}x{out[0]} (width x height) does not enlarge the "
+                f"{hw[1]}x{hw[0]} input; SRNO only enlarges: give a larger size"
             )
     if out[0] * out[1] > MAX_OUTPUT_PIXELS:
         raise ConfigError(
-            f"output {out[0]}x{out[1]} has {out[0] * out[1]} pixels, more than the "
-            f"limit {MAX_OUTPUT_PIXELS}; upscale in tiles or choose a smaller size"
+            f"output {_count(out[1])}x{_count(out[0])} (width x height) has "
+            f"{_count(out[0] * out[1])} pixels, more than the limit {MAX_OUTPUT_PIXELS}; "
+            "upscale in tiles or choose a smaller size"
         )
     return out
 

@@ -32,6 +32,30 @@ def test_a_scale_that_changes_one_side_is_accepted():
 
 
 @pytest.mark.parametrize(
+    "scale,message",
+    [
+        (1e308, "output 1.20e+309x1.60e+309 (width x height) has 1.92e+618 pixels"),
+        (1e200, "output 1.20e+201x1.60e+201 (width x height) has 1.92e+402 pixels"),
+        (1200, "output 14400x19200 (width x height) has 276480000 pixels"),
+    ],
+)
+def test_a_too_large_output_is_one_readable_line(scale, message):
+    with pytest.raises(ConfigError) as e:
+        output_size((16, 12), scale, None)  # 1e308 * 16 is a float overflow
+    assert message in str(e.value) and "more than the limit 134217728" in str(e.value)
+    assert len(str(e.value)) < 200
+
+
+def test_sizes_are_written_width_x_height():
+    with pytest.raises(
+        ConfigError, match=r"size 0x100 \(width x height\) does not enlarge the 12x16"
+    ):
+        output_size((16, 12), None, (100, 0))
+    with pytest.raises(ConfigError, match=r"the 1000x64 \(width x height\) input at 1000x64"):
+        output_size((64, 1000), 1.0001, None)
+
+
+@pytest.mark.parametrize(
     "orientation,upright",
     [
         (1, lambda a: a),
