@@ -264,10 +264,11 @@ def _evaluate(args, results: list[dict], state: dict) -> None:
                 f"note: --scales does not apply to the paired folder {path}; it is evaluated "
                 "at its pairs' own scales"
             )
+    x = evaluation.scale_labels(t.scale for t in tasks)  # as the table shows them
     skips = {}  # one warning per image and reason, with the scales it applies to
     for t in tasks:
         for image, why in t.skipped:
-            skips.setdefault((t.dataset, image, why), []).append(f"x{t.scale:g}")
+            skips.setdefault((t.dataset, image, why), []).append(x[t.scale])
     for (dataset, image, why), at in skips.items():
         warn(f"warning: skipping {dataset}/{image} at {', '.join(at)}: {why}")
     upsamplers = [(c, _upsampler(c, args.chunk_size)) for c in checkpoints]
@@ -279,7 +280,7 @@ def _evaluate(args, results: list[dict], state: dict) -> None:
     )
     for checkpoint, upsampler in upsamplers:
         for task in tasks:
-            bar.set_description(f"{task.dataset} x{task.scale:g}")
+            bar.set_description(f"{task.dataset} {x[task.scale]}")
             row = evaluation.evaluate_task(
                 upsampler,
                 task,

@@ -366,19 +366,33 @@ def comparison_strip(
     return np.concatenate([im[y : y + size, x : x + size] for im in (bic, sr, hr)], axis=1)
 
 
+def scale_labels(scales) -> dict[float, str]:
+    """{scale: label} as tables and messages show scales: 'x2', 'x2.5', with `:g`'s 6
+    significant digits, or with as many more as tell every two scales apart ('x2' and
+    'x2.0000001', not 'x2' twice)."""
+    scales = set(scales)
+    for digits in range(6, 17):
+        labels = {s: f"x{s:.{digits}g}" for s in scales}
+        if len(set(labels.values())) == len(scales):
+            return labels
+    return {s: "x" + repr(s).removesuffix(".0") for s in scales}  # exact: shortest round trip
+
+
 def format_table(results: list[dict]) -> str:
     """A Markdown table like the paper's: one row per method, columns dataset x scale.
 
     Each result is a dict with 'scale', 'psnr' (dB, or None when no image was scored)
     and optionally 'checkpoint' (the row; '' when absent), 'dataset' (the column
     header reads 'Set5 x2', or 'x2' without one), 'images' and 'skipped'. Rows and
-    columns keep their first-seen order; PSNR has 2 decimals, '-' marks a missing cell.
+    columns keep their first-seen order; PSNR has 2 decimals, '-' marks a missing cell;
+    scales read as `scale_labels` gives them, so no two columns share a header.
     A cell with skipped images gets a '*' and a note below the table with its counts.
     """
     columns = list(dict.fromkeys((r.get("dataset", ""), r["scale"]) for r in results))
     methods = list(dict.fromkeys(r.get("checkpoint", "") for r in results))
     cells = {(r.get("checkpoint", ""), r.get("dataset", ""), r["scale"]): r for r in results}
-    head = ["method"] + [f"{d} x{s:g}".strip() for d, s in columns]
+    x = scale_labels(s for _, s in columns)
+    head = ["method"] + [f"{d} {x[s]}".strip() for d, s in columns]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---|" * len(columns)]
     notes = []
     for m in methods:
@@ -393,7 +407,7 @@ def format_table(results: list[dict]) -> str:
                 text += "*"
                 n = len(r["skipped"])
                 notes.append(
-                    f"* {m} {d} x{s:g}: {r.get('images', 0)} images scored, {n} "
+                    f"* {m} {d} {x[s]}: {r.get('images', 0)} images scored, {n} "
                     f"skipped ({', '.join(x['image'] for x in r['skipped'][:3])}"
                     f"{' ...' if n > 3 else ''})"
                 )

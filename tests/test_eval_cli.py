@@ -78,6 +78,18 @@ def test_folders_with_the_same_name_are_both_evaluated(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[0] == "| method | a/imgs x2 | b/imgs x2 |"
 
 
+def test_scales_equal_to_six_digits_get_distinct_headers(tmp_path, capsys):
+    _image(tmp_path / "imgs" / "a.png", (32, 32))
+    assert _run("--data", tmp_path / "imgs", "--scales", "2,2.0000001,3") == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header == "| method | imgs x2 | imgs x2.0000001 | imgs x3 |"
+    assert evaluation.scale_labels([2.5, 1 / 3, 2.5]) == {2.5: "x2.5", 1 / 3: "x0.333333"}
+    assert evaluation.scale_labels([0.1 + 0.2, 0.3]) == {
+        0.1 + 0.2: "x0.30000000000000004",
+        0.3: "x0.3",
+    }
+
+
 def test_unique_dataset_names():
     sep = os.sep
     assert evaluation.unique_datasets(
