@@ -346,11 +346,13 @@ def _check_room(mngr, state, step: int) -> None:
         )
 
 
-def save(mngr: ocp.CheckpointManager, state, config) -> None:
+def save(mngr: ocp.CheckpointManager, state, config, data: dict | None = None) -> None:
     """Starts an asynchronous save of a train state at its step (all hosts call it).
 
-    Raises `CheckpointError` in one line when the storage refuses (a full disk): the
-    error of an earlier asynchronous save surfaces here or in `finish`.
+    `data`: what fixes the run's data order (JSON values; `train._data_order`), kept in
+    the metadata under "data" for a resumed run to compare. Raises `CheckpointError` in one line when the storage
+    refuses (a full disk): the error of an earlier asynchronous save surfaces here or in
+    `finish`.
     """
     step = int(state.step)
     meta = {
@@ -358,6 +360,7 @@ def save(mngr: ocp.CheckpointManager, state, config) -> None:
         "seed": config.seed,
         "step": step,
         "config": json.loads(config.to_json_best_effort()),
+        "data": data or {},
     }
     rest = {"step": state.step, "opt_state": state.opt_state, "nonfinite": state.nonfinite}
     _check_room(mngr, state, step)

@@ -214,11 +214,26 @@ def compile_step(model, tx, config, steps_per_epoch, mesh, state):
     )
 
 
-def restore_or_init(mngr, model, tx, config, mesh) -> TrainState:
+_ORDER_FLAGS = {  # the config fields in `_data_order`
+    "batch_size": "batch_size",
+    "seed": "seed",
+    "repeat": "data.repeat",
+    "steps_per_epoch": "steps_per_epoch",
+}
+
+
+def _data_order(config, data: dict) -> dict:
+    """What fixes each step's batch and learning rate besides the step: `data` (the
+    run's steps per epoch and training images) with the seed, batch size and repeat."""
+    return dict(batch_size=config.batch_size, seed=config.seed, repeat=config.data.repeat, **data)
+
+
+def restore_or_init(mngr, model, tx, config, mesh, order: dict | None = None) -> TrainState:
     """The newest readable checkpoint in `mngr` on the mesh, or a fresh state.
 
-    Refuses (`CheckpointError`, `ConfigError`) a checkpoint of another model, or of
-    another batch size: that would move the data position and the schedule's epochs.
+    Refuses (`CheckpointError`, `ConfigError`) a checkpoint of another model, or one saved
+    with another data order (`_data_order`; `order` is this run's, or the config's part
+    alone when None): resuming it would move the data position and the schedule's epochs.
     """
     state = init_state(model, tx, config.seed)
     shardings = state_shardings(state, mesh)
@@ -230,12 +245,19 @@ def restore_or_init(mngr, model, tx, config, mesh) -> TrainState:
                 f"asks for {checkpoints.model_spec(config)}; use another --workdir or the "
                 "matching config"
             )
-        old = meta.get("config", {}).get("batch_size", config.batch_size)
-        if old != config.batch_size:
+        # Checkpoints written before "data" was kept have their batch size in the config.
+        saved = meta.get("data") or {"batch_size": meta.get("config", {}).get("batch_size")}
+        now = order or _data_order(config, {})
+        changed = [k for k in now if saved.get(k) is not None and saved[k] != now[k]]
+        if changed:
+            was = lambda d: ", ".join(f"{k} {d[k]}" for k in changed)
+            fix = [f"--config.{_ORDER_FLAGS[k]}={saved[k]}" for k in changed if k in _ORDER_FLAGS]
+            if "images" in changed:
+                fix.append(f"the same {saved['images']} training images")
             raise ConfigError(
-                f"{mngr.directory} was trained with batch_size {old}; resuming with "
-                f"{config.batch_size} would shift the data order and the learning-rate epochs. "
-                f"Resume with --config.batch_size={old}, or start a new --workdir"
+                f"{mngr.directory} was trained with {was(saved)}; resuming with {was(now)} "
+                "would shift the data order and the learning-rate epochs. Resume with "
+                f"{' and '.join(fix)}, or start a new --workdir"
             )
 
     restored = checkpoints.restore_latest(mngr, state, shardings, check)
@@ -357,7 +379,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data: TrainDa
         hold_workdir(workdir),
         checkpoints.managed(workdir, config.checkpoint.keep) as mngr,
     ):
-        state = restore_or_init(mngr, model, tx, config, mesh)
+        order = _data_order(config, {"steps_per_epoch": spe, "images": data.images})
+        state = restore_or_init(mngr, model, tx, config, mesh, order)
         start = int(state.step)
         if start >= total:
             log.info(
@@ -412,7 +435,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data: TrainDa
                         _log_progress(writer, step, total, metrics, rate, config.batch_size)
                     last_log, last_t = step, time.time()
                 if save and int(state.nonfinite) == 0:  # never save a state that just failed
-                    checkpoints.save(mngr, state, config)
+                    checkpoints.save(mngr, state, config, order)
                 if data.val_images and (
                     step % config.eval.every_steps == 0 or step == total or reason
                 ):

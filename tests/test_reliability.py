@@ -499,6 +499,33 @@ def test_resume_surprises_are_explicit(env, image_dir, straight):
     assert steps_in(straight)[-1] == STRAIGHT_STEPS
 
 
+@pytest.mark.parametrize(
+    "flags, needles",
+    [
+        (["--config.seed=7"], ["trained with seed 0; resuming with seed 7", "--config.seed=0"]),
+        (
+            ["--config.data.repeat=3"],
+            ["with repeat 1, steps_per_epoch 1;", "--config.data.repeat=1 and"],
+        ),
+        (["--config.steps_per_epoch=5"], ["steps_per_epoch 5", "--config.steps_per_epoch=1"]),
+        ([], ["images 4", "resuming with images 3", "the same 4 training images"]),
+    ],
+)
+def test_resume_with_another_data_order_is_refused(
+    env, image_dir, straight, tmp_path, flags, needles
+):
+    """The seed, repeat, steps per epoch and image count fix each step's batch and rate."""
+    images = image_dir
+    if not flags:  # one training image fewer
+        images = tmp_path / "images"
+        images.mkdir()
+        for f in sorted(os.listdir(image_dir))[:3]:
+            (images / f).write_bytes((image_dir / f).read_bytes())
+    p = run_main(env, images, straight, f"--config.total_steps={STRAIGHT_STEPS + 2}", *flags)
+    assert_clean_error(p, "would shift the data order", *needles)
+    assert steps_in(straight)[-1] == STRAIGHT_STEPS
+
+
 def test_full_disk_is_one_line_naming_the_last_checkpoint(env, image_dir, tmp_path):
     """Writes beyond 30 kB fail (ulimit -f, as on a full disk): one line, exit non-zero."""
     limited = [
