@@ -89,6 +89,11 @@ def image_hw(path: str) -> tuple[int, int]:
         raise DataError(f"image not found: {path}") from None
     except Image.DecompressionBombError as e:
         raise bomb_error(path, e) from None
+    except Image.UnidentifiedImageError:  # PIL's message names the open file object
+        raise DataError(
+            f"cannot read image {path}: PIL does not recognise it as an image; is it a "
+            "complete image file?"
+        ) from None
     except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad files
         raise DataError(f"cannot read image {path}: {e}; is it a complete image file?") from None
 

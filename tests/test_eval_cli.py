@@ -499,6 +499,19 @@ def test_paired_sizes_that_match_no_scale(tmp_path, capsys):
     assert "match no single scale" in err and "Traceback" not in err
 
 
+def test_paired_unreadable_lr_is_one_line(tmp_path, capsys, forward_passes):
+    """An unreadable pair stops the evaluation as an unreadable HR image in a paired
+    folder does: without its sizes the pair has no scale, so no cell to be skipped from."""
+    root = tmp_path / "pairs"
+    _pair(root, "a", "LR", (32, 32), (16, 16))
+    _pair(root, "b", "LR", (32, 32), (16, 16))
+    (root / "LR" / "b.png").write_bytes(b"not an image")
+    assert _run("--data", root) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert f"cannot read image {root / 'LR' / 'b.png'}: PIL does not recognise it" in line
+    assert "<_io" not in line and forward_passes == []
+
+
 def test_second_run_compiles_nothing(tmp_path):
     """With the persistent compilation cache, a rerun in a new process loads every
     compiled function instead of compiling it."""

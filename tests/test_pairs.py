@@ -131,8 +131,12 @@ def test_pair_changed_or_unreadable(tmp_path):
     with pytest.raises(DataError, match="changed size"):
         pair_images(pair)
     (tmp_path / "LR" / "a.png").write_bytes(b"broken")
-    with pytest.raises(DataError, match=r"cannot read image .*a\.png"):
+    with pytest.raises(DataError, match=r"cannot read image .*a\.png") as e:
         find_pairs(tmp_path)
+    assert str(e.value) == (
+        f"cannot read image {tmp_path / 'LR' / 'a.png'}: PIL does not recognise it as an "
+        "image; is it a complete image file?"
+    )  # the path, not PIL's <_io.BufferedReader ...>
 
 
 def test_paired_folder_trains(tmp_path):
