@@ -26,7 +26,7 @@ def get_config():
     c.data = ml_collections.ConfigDict()
     c.data.train = "div2k"  # 'div2k' (TFDS), 'demo', or a folder such as DIV2K_train_HR
     c.data.val = "div2k"
-    c.data.data_dir = ""  # TFDS data_dir, or the root of benchmark/ and DIV2K_valid_HR/
+    c.data.data_dir = ""  # TFDS data_dir, where data.train or data.val is "div2k"
     c.data.repeat = 20
     c.data.inp_size = 128
     c.data.scale_min = 1.0

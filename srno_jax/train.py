@@ -372,6 +372,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data: TrainDa
     model, tx = model_from_config(config, mesh), make_optimizer(config)
     spe = config.steps_per_epoch or data.steps_per_epoch
     total = config.total_steps or config.optim.epochs * spe
+    if total > config.optim.epochs * spe and jax.process_index() == 0:
+        log.warning(
+            "total_steps %d runs past the learning-rate schedule, which ends at step %d "
+            "(optim.epochs %d x %d steps/epoch): the steps after it train at rate 0. "
+            "Raise --config.optim.epochs to %d to train them",
+            total,
+            config.optim.epochs * spe,
+            config.optim.epochs,
+            spe,
+            -(-total // spe),
+        )
     # The signal handlers are on from here to the last save: a signal while starting,
     # restoring or saving is a vote to stop, not the end of the process.
     with (

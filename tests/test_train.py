@@ -128,6 +128,17 @@ def test_step_is_adam_leaf_by_leaf(image_dir):
         state = new
 
 
+def test_steps_past_the_schedule_are_warned_of(image_dir, tmp_path, caplog):
+    config = tiny_config(image_dir, total_steps=3)  # one step an epoch
+    config.optim.epochs = 2
+    train_cli.run(config, tmp_path / "run")
+    assert (
+        "total_steps 3 runs past the learning-rate schedule, which ends at step 2 "
+        "(optim.epochs 2 x 1 steps/epoch): the steps after it train at rate 0. "
+        "Raise --config.optim.epochs to 3" in caplog.text
+    ), caplog.text
+
+
 def test_resume_equals_uninterrupted(image_dir, tmp_path):
     train_cli.run(tiny_config(image_dir, total_steps=6), tmp_path / "straight")
     train_cli.run(tiny_config(image_dir, total_steps=3), tmp_path / "resumed")
