@@ -29,6 +29,8 @@ WRITE_FORMATS = {
 DEFAULT_QUALITY = 95  # JPEG and WebP: an upscaler's output is about fine detail (PIL's own is 75)
 ORIENTATION_TAG = 0x0112  # EXIF "Orientation": 1 is upright
 MAX_SIDE = {"JPEG": 65500, "WEBP": 16383}  # libjpeg's and libwebp's largest width or height
+ICC_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF")  # those of WRITE_FORMATS that hold an ICC profile
+ICC_SPACES = {"RGB": b"RGB ", "RGBA": b"RGB ", "L": b"GRAY", "LA": b"GRAY"}
 UNSUPPORTED_MODES = {"I": "32-bit integer", "F": "32-bit float"}
 PREMULTIPLIED = {"La": "LA", "RGBa": "RGBA"}
 BOMB_FIX = "raise PIL.Image.MAX_IMAGE_PIXELS"
@@ -179,7 +181,25 @@ def check_savable(path: str | os.PathLike, hw: tuple[int, int]) -> str:
     return fmt
 
 
-def save_image(path: str | os.PathLike, img: np.ndarray, quality: int | None = None) -> None:
+def icc_profile_for(profile: bytes | None, mode: str) -> bytes | None:
+    """`profile` (an ICC profile's bytes, or None) if it describes an image of `mode`,
+    else None.
+
+    A profile names the colours it describes in its header (bytes 16..20): 'RGB ' fits
+    RGB and RGBA, 'GRAY' fits L and LA (`ICC_SPACES`). Any other pairing, such as a CMYK
+    input's profile on its RGB output, would make viewers misread every pixel.
+    """
+    if profile and profile[16:20] == ICC_SPACES.get(mode):
+        return profile
+    return None
+
+
+def save_image(
+    path: str | os.PathLike,
+    img: np.ndarray,
+    quality: int | None = None,
+    icc_profile: bytes | None = None,
+) -> None:
     """Writes a uint8 (H, W), (H, W, 2|3|4) array (L, LA, RGB, RGBA) in the format of
     the file's extension (`output_format`): 8-bit PNG, JPEG, WebP, TIFF or BMP.
 
@@ -187,6 +207,9 @@ def save_image(path: str | os.PathLike, img: np.ndarray, quality: int | None = N
     has no grayscale: L is written as RGB and LA as RGBA there (R = G = B).
     `quality` (1..100) sets JPEG and WebP quality; default `DEFAULT_QUALITY`; other formats
     are lossless and ignore it.
+    `icc_profile` (e.g. the input's ``info['icc_profile']``, such as Display-P3) is
+    embedded in PNG, JPEG, WebP and TIFF (`ICC_FORMATS`) when it fits the mode written
+    (`icc_profile_for`); otherwise, and in BMP, the file has none (viewers assume sRGB).
     The file appears complete or not at all (written beside it, then renamed).
     Raises `ConfigError` for what `check_savable` refuses, `DataError` naming the file
     when it cannot be written.
@@ -196,11 +219,16 @@ def save_image(path: str | os.PathLike, img: np.ndarray, quality: int | None = N
     pil = Image.fromarray(img)
     if fmt in ("JPEG", "BMP") and pil.mode in ("LA", "RGBA"):
         pil = pil.convert(pil.mode[:-1])
+    if fmt == "WEBP" and pil.mode in ("L", "LA"):  # as PIL writes it: a gray profile won't fit
+        pil = pil.convert("RGB" + pil.mode[1:])
     options = (
         {"quality": DEFAULT_QUALITY if quality is None else quality}
         if fmt in ("JPEG", "WEBP")
         else {}
     )
+    icc_profile = icc_profile_for(icc_profile, pil.mode)
+    if icc_profile and fmt in ICC_FORMATS:
+        options["icc_profile"] = icc_profile
     # Written beside and renamed: an interrupted write never leaves half a file at `path`.
     folder, name = os.path.split(os.fspath(path))
     partial = os.path.join(folder, f".{name}.partial")

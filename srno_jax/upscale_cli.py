@@ -13,6 +13,9 @@ b.png --scale 2`, meant as two inputs, cannot replace b.png); an output that is 
 input is refused even then. Images are read upright (their EXIF orientation applied);
 grayscale stays grayscale (but WebP has none: RGB there), alpha is kept where the format
 has it, 16-bit input is written as 8-bit, and 32-bit input (float or integer) is refused.
+An embedded ICC colour profile is kept in PNG, JPEG, WebP and TIFF when the output keeps
+its colour model (RGB or grayscale); a CMYK (or Lab) input's profile is dropped, not
+converted: PIL's plain formula turns its pixels into RGB, written without a profile.
 Errors print one line on stderr and exit with status 2.
 """
 
@@ -403,14 +406,12 @@ def main(argv: list[str] | None = None) -> int:
                 say = _Progress(bar)
                 for job in bar:
                     bar.set_postfix_str(os.path.basename(job.input))
+                    image = open_image(job.input, orient=True, bomb_fix=BOMB_FIX)
                     out = upscale(
-                        model,
-                        variables,
-                        open_image(job.input, orient=True, bomb_fix=BOMB_FIX),
-                        size=job.size,
-                        chunk_size=args.chunk_size,
+                        model, variables, image, size=job.size, chunk_size=args.chunk_size
                     )
-                    save_image(job.output, out, args.quality)
+                    # The input's colour profile (a phone's Display-P3), where it fits.
+                    save_image(job.output, out, args.quality, image.info.get("icc_profile"))
                     done += 1
                     say(f"wrote {job.output} ({job.size[1]}x{job.size[0]})")
     except SRNOError as e:

@@ -122,6 +122,28 @@ def test_save_image_by_extension(tmp_path, mode, shape, ext, modes):
     assert os.listdir(tmp_path) == [f"x{ext}"]
 
 
+@pytest.fixture(scope="module")
+def icc():
+    """ICC profiles' bytes by colour space: PIL's sRGB with its header's space replaced."""
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    return {space: srgb[:16] + space + srgb[20:] for space in (b"RGB ", b"GRAY", b"CMYK")}
+
+
+@pytest.mark.parametrize("mode,shape", [("L", (5, 7)), ("LA", (5, 7, 2)), ("RGBA", (5, 7, 4))])
+@pytest.mark.parametrize("ext", [".png", ".jpg", ".webp", ".tif", ".bmp"])
+def test_save_image_embeds_an_icc_profile_that_fits(tmp_path, icc, mode, shape, ext):
+    a = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
+    fits = {"RGB": b"RGB ", "RGBA": b"RGB ", "L": b"GRAY", "LA": b"GRAY"}
+    for space, profile in icc.items():
+        save_image(tmp_path / f"x{ext}", a, icc_profile=profile)
+        with Image.open(tmp_path / f"x{ext}") as img:
+            # The mode written decides (WebP writes gray as RGB); BMP holds no profile.
+            kept = fits[img.mode] == space and ext != ".bmp"
+            assert img.info.get("icc_profile") == (profile if kept else None), space
+
+
 @pytest.mark.parametrize(
     "name,hw,message",
     [

@@ -369,6 +369,24 @@ def test_exif_orientation_is_applied(small, ckpt, tmp_path):
     )
 
 
+def test_an_icc_profile_is_kept_where_the_colours_fit_it(ckpt, tmp_path):
+    """A Display-P3 or AdobeRGB photo keeps its profile, else its colours look wrong; a
+    CMYK input's profile never tags its RGB output."""
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    profiles = {"RGB": srgb, "L": srgb[:16] + b"GRAY" + srgb[20:]}
+    profiles["CMYK"] = srgb[:16] + b"CMYK" + srgb[20:]
+    for mode, profile in profiles.items():
+        Image.fromarray(_rgb(6)).convert(mode).save(tmp_path / f"{mode}.tif", icc_profile=profile)
+        for ext in (".png", ".jpg"):
+            out = tmp_path / f"{mode}{ext}"
+            assert run(tmp_path / f"{mode}.tif", out, "--scale", 2, "--checkpoint", ckpt) == 0
+            with Image.open(out) as img:
+                assert img.mode == ("L" if mode == "L" else "RGB")
+                assert img.info.get("icc_profile") == (None if mode == "CMYK" else profile)
+
+
 def test_decompression_bomb_is_one_line(ckpt, tmp_path, capsys, loads):
     (tmp_path / "bomb.png").write_bytes(png_header(60000, 60000))
     assert run(tmp_path / "bomb.png", tmp_path / "out.png", "--scale", 2, "--checkpoint", ckpt) == 2
