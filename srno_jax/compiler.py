@@ -21,6 +21,8 @@ import os
 import jax
 import jax.numpy as jnp
 
+from srno_jax.errors import ConfigError
+
 _CPU_CONV_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"
 }
@@ -88,10 +90,28 @@ def enable_compilation_cache(cache_dir: str | None = DEFAULT_CACHE_DIR) -> str |
     JAX_COMPILATION_CACHE_DIR is set, that directory is used, and set empty it turns the
     cache off. Returns the directory used, or None when the cache is off. Call it before
     the first compilation.
+
+    A local folder is made if need be and checked first, since JAX reports one it cannot
+    use only as warnings at each compilation. One that was asked for (an argument other
+    than the default, or the environment) raises `ConfigError` naming it and the fix; an
+    unusable default (a read-only home) turns the cache off.
     """
     env = os.environ.get("JAX_COMPILATION_CACHE_DIR")
     path = (env if env is not None else cache_dir and os.path.expanduser(cache_dir)) or None
     if path is None:
+        return None
+    problem = _cache_dir_problem(path)
+    if problem and env is not None:
+        raise ConfigError(
+            f"JAX_COMPILATION_CACHE_DIR={path} {problem}; set it to a writable folder, or "
+            "to '' to turn the cache off"
+        )
+    if problem and cache_dir != DEFAULT_CACHE_DIR:
+        raise ConfigError(
+            f"--compilation_cache {path} {problem}; give a writable folder, or "
+            "--compilation_cache '' to turn the cache off"
+        )
+    if problem:
         return None
     jax.config.update("jax_compilation_cache_dir", path)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
@@ -99,6 +119,22 @@ def enable_compilation_cache(cache_dir: str | None = DEFAULT_CACHE_DIR) -> str |
     if "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES" not in os.environ:
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     return path
+
+
+def _cache_dir_problem(path: str) -> str | None:
+    """Why the local folder `path` cannot hold the cache (made if missing), or None; a
+    bucket (``gs://``) is left to JAX."""
+    if "://" in path:
+        return None
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "is a file, not a folder"
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        return f"cannot be made ({e.strerror or e})"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return "is not writable"
+    return None
 
 
 class CompileClock:

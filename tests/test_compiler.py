@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from srno_jax import compiler
+from srno_jax.errors import ConfigError
 from srno_jax.models import init_variables, make_model
 
 
@@ -74,6 +75,31 @@ def test_compilation_cache_switch(tmp_path, monkeypatch):
     assert compiler.enable_compilation_cache("") == str(tmp_path / "env")
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "")
     assert compiler.enable_compilation_cache(str(tmp_path)) is None
+
+
+def test_unusable_cache_folder_is_refused_up_front(tmp_path, monkeypatch):
+    """A file, or a folder that cannot be made, is refused in one line naming the fix
+    (JAX would warn at every compilation instead); an unusable default turns the cache off."""
+    monkeypatch.setattr(jax.config, "update", lambda *a: None)  # decide only, change nothing
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    afile = tmp_path / "file"
+    afile.write_text("")
+    with pytest.raises(ConfigError) as e:
+        compiler.enable_compilation_cache(str(afile))
+    assert str(e.value) == (
+        f"--compilation_cache {afile} is a file, not a folder; give a writable folder, or "
+        "--compilation_cache '' to turn the cache off"
+    )
+    with pytest.raises(ConfigError, match=r"file/xla cannot be made \(Not a directory\); give"):
+        compiler.enable_compilation_cache(str(afile / "xla"))
+    made = tmp_path / "new" / "xla"
+    assert compiler.enable_compilation_cache(str(made)) == str(made) and made.is_dir()
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(afile))
+    with pytest.raises(ConfigError, match=r"^JAX_COMPILATION_CACHE_DIR=.*file is a file.*to ''"):
+        compiler.enable_compilation_cache("")
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    monkeypatch.setenv("HOME", str(afile))  # a home where ~/.cache cannot be made
+    assert compiler.enable_compilation_cache() is None
 
 
 _PAGE_FAULTS = """

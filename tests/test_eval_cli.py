@@ -512,6 +512,16 @@ def test_paired_unreadable_lr_is_one_line(tmp_path, capsys, forward_passes):
     assert "<_io" not in line and forward_passes == []
 
 
+def test_unusable_compilation_cache_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    _image(tmp_path / "imgs" / "a.png", (32, 32))
+    (tmp_path / "cache").write_text("")
+    assert _run("--data", tmp_path / "imgs", "--compilation_cache", tmp_path / "cache") == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"srno-eval: error: --compilation_cache {tmp_path / 'cache'} is a file")
+    assert line.endswith("--compilation_cache '' to turn the cache off")
+
+
 def test_second_run_compiles_nothing(tmp_path):
     """With the persistent compilation cache, a rerun in a new process loads every
     compiled function instead of compiling it."""
