@@ -155,7 +155,8 @@ def upscale(
       (`GRAYSCALE_MODES`: 1-bit, 8-bit and 16-bit; the RGB output converted to PIL 'L',
       ITU-R 601-2 luma); with a 4th (colour) or 2nd (grayscale) channel for input with
       alpha (`ALPHA_MODES`, or a "transparency" key as in a palette image with a
-      transparent colour), that alpha resized with PIL bicubic.
+      transparent colour or a 16-bit grayscale PNG with a transparent value), that alpha
+      resized with PIL bicubic.
       Colour = round(clip(pred * 0.5 + 0.5, 0, 1) * 255), where the model queries the
       output grid's pixel centres with cell = (2 / H', 2 / W') * max(s / 4, 1) and s the
       larger of the two axis scales (`metrics.eval_cell`, the reference's "mcell").
@@ -171,9 +172,22 @@ def upscale(
     ).astype(np.uint8)
     if pil.mode in GRAYSCALE_MODES:
         out = np.asarray(Image.fromarray(out).convert("L"))
-    if pil.mode in ALPHA_MODES or "transparency" in pil.info:
-        # The last band: "A", or "a" in the premultiplied modes.
-        alpha = (pil if pil.mode in ALPHA_MODES else pil.convert("RGBA")).split()[-1]
+    alpha = _alpha(pil)
+    if alpha is not None:
         alpha = alpha.resize((out_w, out_h), Image.BICUBIC)
         out = np.dstack([out, np.asarray(alpha)])
     return out
+
+
+def _alpha(pil: Image.Image) -> Image.Image | None:
+    """The alpha of `pil` as an 'L' image, or None for an opaque one (see `upscale`)."""
+    if pil.mode in ALPHA_MODES:
+        return pil.split()[-1]  # "A", or "a" in the premultiplied modes
+    if "transparency" not in pil.info:
+        return None
+    if pil.mode.startswith("I"):
+        # 16-bit (and 'I') grayscale: PIL's RGBA conversion ignores the key, so keyed
+        # pixels would come out opaque.
+        keyed = np.asarray(pil) == pil.info["transparency"]
+        return Image.fromarray(np.where(keyed, 0, 255).astype(np.uint8))
+    return pil.convert("RGBA").split()[-1]

@@ -194,6 +194,16 @@ def test_grayscale_and_alpha_follow_the_mode(tiny, mode, shape):
     assert upscale(*tiny, _mode(mode), scale=2).shape == shape
 
 
+def test_a_16_bit_png_keeps_its_transparent_value(tiny, tmp_path):
+    """PIL's I;16 -> RGBA ignores the PNG's transparency key: the mask comes from the key."""
+    gray = np.full((16, 16), 40000, np.uint16)
+    gray[:, :8] = 1234
+    Image.fromarray(gray).save(tmp_path / "k.png", transparency=1234)
+    out = upscale(*tiny, open_image(tmp_path / "k.png"), scale=2)
+    assert out.shape == (32, 32, 2)
+    assert (out[:, :12, 1] == 0).all() and (out[:, -12:, 1] == 255).all()
+
+
 def test_16_bit_is_scaled_and_32_bit_is_refused(tiny, tmp_path):
     gray = np.random.default_rng(3).integers(0, 256, (6, 9), dtype=np.uint8)
     np.testing.assert_array_equal(
