@@ -1,4 +1,5 @@
-"""The training config checked once, before any work: every numeric field has a range."""
+"""The training config checked once, before any work: every field training reads is
+there, and every numeric field is in its range."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def _real(lo, hi=None, lo_open=False, hi_open=False):
     return ok, f"a finite number {'>' if lo_open else '>='} {lo}{high}"
 
 
-# field -> (predicate, what it must be); a field missing from a config is not checked.
+# field -> (predicate, what it must be).
 RULES = {
     "seed": _int(0),
     "batch_size": _int(1),
@@ -62,6 +63,19 @@ RULES = {
     "eval.max_images": _int(1),
 }
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# What training reads besides RULES' fields (data.data_dir is optional).
+REQUIRED = (
+    *RULES,
+    "compute_dtype",
+    "fused_kernels",
+    "model.encoder",
+    "data.train",
+    "data.val",
+    "data.augment",
+    "data.worker_processes",
+    "eval.scales",
+    "eval.protocol",
+)
 
 
 def _get(config, field):
@@ -73,40 +87,53 @@ def _get(config, field):
     return node, True
 
 
+def _absent(config, field) -> str | None:
+    """The first part of `field` the config lacks ('data' for 'data.inp_size' when the
+    whole section is missing), or None."""
+    keys = field.split(".")
+    for i in range(1, len(keys) + 1):
+        if not _get(config, ".".join(keys[:i]))[1]:
+            return ".".join(keys[:i])
+    return None
+
+
 def check_config(config) -> None:
-    """Raises `ConfigError` naming the first field outside its range, and the fix."""
+    """Raises `ConfigError` naming the first field missing or outside its range, and the
+    fix."""
+    missing = dict.fromkeys(a for f in REQUIRED if (a := _absent(config, f)))
+    if missing:
+        raise ConfigError(
+            f"the config has no field {', '.join(missing)}: a config file starts from a "
+            "built-in one and changes what it needs (see configs/rdn.py)"
+        )
     for field, (ok, what) in RULES.items():
-        value, present = _get(config, field)
-        if present and not ok(value):
+        value, _ = _get(config, field)
+        if not ok(value):
             raise ConfigError(
                 f"config field {field} = {value!r} is invalid: it must be {what} "
                 f"(set it with --config.{field}=...)"
             )
-    dtype, present = _get(config, "compute_dtype")
-    if present and dtype not in COMPUTE_DTYPES:
+    dtype, _ = _get(config, "compute_dtype")
+    if dtype not in COMPUTE_DTYPES:
         raise ConfigError(
             f"config field compute_dtype = {dtype!r} is invalid: it must be one "
             f"of {', '.join(COMPUTE_DTYPES)}"
         )
     # The model is checked as a checkpoint's model args are.
-    model, present = _get(config, "model")
-    if present:
-        from srno_jax.models import make_model
+    from srno_jax.models import make_model
 
-        try:
-            make_model(model.encoder, model.get("encoder_args"), model.width, model.heads)
-        except ConfigError as e:
-            raise ConfigError(
-                f"config field model: {e} (set it with --config.model.<field>=..., an "
-                "encoder argument with --config.model.encoder_args.<name>=...)"
-            ) from None
+    model = config.model
+    try:
+        make_model(model.encoder, model.get("encoder_args"), model.width, model.heads)
+    except ConfigError as e:
+        raise ConfigError(
+            f"config field model: {e} (set it with --config.model.<field>=..., an "
+            "encoder argument with --config.model.encoder_args.<name>=...)"
+        ) from None
     # The evaluation settings are checked as evaluation itself checks them.
-    scales, _ = _get(config, "eval.scales")
-    for s in scales or ():
+    for s in config.eval.scales:
         _named("eval.scales", metrics.check_scale, s)
-    protocol, present = _get(config, "eval.protocol")
-    if present:
-        _named("eval.protocol", metrics.check_protocol, protocol)
+    _named("eval.protocol", metrics.check_protocol, config.eval.protocol)
 
 
 def _named(field, check, value):

@@ -12,6 +12,7 @@ srno_jax that imports `input_pipeline`, which itself depends on srno_jax.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import re
 import sys
@@ -71,6 +72,40 @@ def _resolve_config_names(argv: list[str]) -> tuple[list[str], str]:
     return out, value
 
 
+def _check_config_file(config: str) -> None:
+    """Loads ``FILE[:ARG]`` and calls its get_config as ml_collections will, and exits
+    with one line when that fails (the file does not load, has no get_config, takes no ARG
+    where one is given or the reverse, or raises): absl would print these as a
+    flag-parsing error with a traceback inside."""
+    path, sep, arg = config.partition(":")
+    spec = importlib.util.spec_from_file_location("_srno_config_check", path)
+    if spec is None or spec.loader is None:  # not a .py file: ml_collections says why
+        return
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        sys.exit(f"error: cannot load --config {path}: {type(e).__name__}: {e}")
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+        sys.exit(
+            f"error: --config {path} has no get_config(); a config file defines one that "
+            "returns an ml_collections.ConfigDict (see configs/rdn.py)"
+        )
+    args = [arg] if sep else []
+    try:
+        inspect.signature(get_config).bind(*args)
+    except TypeError:
+        sys.exit(
+            f"error: --config {config}: get_config{inspect.signature(get_config)} "
+            + (f"takes no argument, but ':{arg}' gives one" if sep else "needs one: FILE:ARG")
+        )
+    try:
+        get_config(*args)
+    except Exception as e:
+        sys.exit(f"error: --config {config}: get_config failed: {type(e).__name__}: {e}")
+
+
 def parse_flags(argv: list[str]):
     """absl's parsing; a config file that is missing or does not load, or an unknown
     --config field, gets one line naming it."""
@@ -81,11 +116,9 @@ def parse_flags(argv: list[str]):
             f"error: --config {path} is neither a config file nor a built-in config "
             f"({', '.join(BUILTIN_CONFIGS)})"
         )
+    _check_config_file(config)
     try:
         return app.parse_flags_with_usage(argv)
-    except (OSError, SyntaxError) as e:  # the file itself: ml_collections could not load it
-        cause = e.__cause__ or e.__context__ or e
-        sys.exit(f"error: cannot load --config {path}: {type(cause).__name__}: {cause}")
     except (KeyError, AttributeError) as e:  # raised by ml_collections for a misspelt key
         while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError(..))
             e = e.args[0]

@@ -27,3 +27,11 @@ def test_unknown_encoder_arg_and_heads():
     config.model.heads = 7
     with pytest.raises(ConfigError, match="divisible"):
         check_config(config)
+
+
+def test_missing_fields_are_named_once_per_section():
+    config = default.get_config()
+    del config["data"]
+    del config.optim["lr"]
+    with pytest.raises(ConfigError, match=r"the config has no field data, optim.lr: a config"):
+        check_config(config)

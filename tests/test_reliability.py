@@ -394,10 +394,24 @@ def test_bad_arguments_fail_fast(env, image_dir, tmp_path, flags, extra_env, nee
     [
         ("defualt", ["--config defualt is neither a config file nor a built-in config"]),
         ("broken.py", ["cannot load --config", "SyntaxError"]),
+        ("empty.py", ["empty.py has no get_config()"]),
+        ("demo:foo", ["get_config() takes no argument, but ':foo' gives one"]),
+        ("arg.py", ["get_config(path) needs one: FILE:ARG"]),
+        ("arg.py:x", ["get_config failed: ZeroDivisionError"]),
+        ("nodata.py", ["the config has no field data: a config file starts from a built-in"]),
     ],
 )
 def test_config_file_that_does_not_load(env, tmp_path, config, needles):
     (tmp_path / "broken.py").write_text("def get_config(:\n")
+    (tmp_path / "empty.py").write_text("")
+    (tmp_path / "arg.py").write_text("def get_config(path):\n    return 1 / 0\n")
+    (tmp_path / "nodata.py").write_text(
+        "from configs import default\n"
+        "def get_config():\n"
+        "    c = default.get_config()\n"
+        "    del c['data']\n"
+        "    return c\n"
+    )
     cmd = [sys.executable, str(ROOT / "main.py"), f"--config={config}", "--workdir=run"]
     p = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert_clean_error(p, *needles)
