@@ -101,12 +101,19 @@ def bomb_error(path, e: Exception, fix: str = BOMB_FIX) -> DataError:
 
 
 def open_image(
-    path: str | os.PathLike, *, orient: bool = False, bomb_fix: str = BOMB_FIX
+    path: str | os.PathLike,
+    *,
+    orient: bool = False,
+    bomb_fix: str = BOMB_FIX,
+    one_frame: bool = False,
 ) -> Image.Image:
     """Reads an image file as a loaded PIL image in its own mode (alpha, 16-bit kept).
 
     With `orient`, the EXIF orientation is applied (`orient_image`), so a portrait phone
-    photo comes out upright as viewers show it.
+    photo comes out upright as viewers show it. With `one_frame`, an animated or
+    multi-page file (a GIF, WebP, APNG or TIFF of several frames) is refused, as only its
+    first frame would be read; an MPO (a camera JPEG with extra views or a depth map)
+    reads as its primary image.
     Raises `DataError` naming the file when it is missing, truncated or not an image, and
     when its header claims more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (PIL's guard
     against decompression bombs: its warning and its error both end here); `bomb_fix`
@@ -120,13 +127,20 @@ def open_image(
                 src = path if local else files.enter_context(epath.Path(path).open("rb"))
                 img = files.enter_context(Image.open(src))
                 img.load()
-                return orient_image(img) if orient else img
+                frames = getattr(img, "n_frames", 1) if img.format != "MPO" else 1
+                img = orient_image(img) if orient else img
     except FileNotFoundError:
         raise DataError(f"image not found: {path}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise bomb_error(path, e, bomb_fix) from None
     except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad files
         raise DataError(f"cannot read image {path}: {e}; is it a complete image file?") from None
+    if one_frame and frames > 1:
+        raise DataError(
+            f"{path} is animated or multi-page ({frames} frames), and only the first would "
+            "be used; save the frame you want as an image of its own and give that"
+        )
+    return img
 
 
 def orient_image(img: Image.Image) -> Image.Image:

@@ -12,7 +12,8 @@ existing output file is refused unless --overwrite is given (so `srno-upscale a.
 b.png --scale 2`, meant as two inputs, cannot replace b.png); an output that is another
 input is refused even then. Images are read upright (their EXIF orientation applied);
 grayscale stays grayscale (but WebP has none: RGB there), alpha is kept where the format
-has it, 16-bit input is written as 8-bit, and 32-bit input (float or integer) is refused.
+has it, 16-bit input is written as 8-bit, and 32-bit input (float or integer) and
+animated or multi-page files (of which only a frame would be used) are refused.
 An embedded ICC colour profile is kept in PNG, JPEG, WebP and TIFF when the output keeps
 its colour model (RGB or grayscale); a CMYK (or Lab) input's profile is dropped, not
 converted: PIL's plain formula turns its pixels into RGB, written without a profile.
@@ -267,7 +268,7 @@ def plan(args) -> list[Job]:
     scale_text = f"{args.scale:g}" if args.scale is not None else f"{args.size[1]}x{args.size[0]}"
     jobs = []
     for path in inputs:
-        image = open_image(path, orient=True, bomb_fix=BOMB_FIX)
+        image = open_image(path, orient=True, bomb_fix=BOMB_FIX, one_frame=True)
         check_mode(image, path)
         size = output_size((image.height, image.width), args.scale, args.size)
         out = out_file or os.path.join(out_dir, output_name(args.name, path, scale_text, size))

@@ -251,6 +251,35 @@ def test_32_bit_input_is_refused_before_any_work(ckpt, tmp_path, capsys, loads, 
     assert not loads and not (tmp_path / "out.png").exists()
 
 
+@pytest.mark.parametrize("ext", [".webp", ".gif", ".tif", ".png"])
+def test_animated_or_multi_page_input_is_refused_before_any_work(
+    ckpt, tmp_path, capsys, loads, ext
+):
+    frames = [Image.fromarray(_rgb(seed)) for seed in range(3)]
+    frames[0].save(tmp_path / f"anim{ext}", save_all=True, append_images=frames[1:])
+    assert (
+        run(tmp_path / f"anim{ext}", tmp_path / "out.png", "--scale", 2, "--checkpoint", ckpt) == 2
+    )
+    err = capsys.readouterr().err
+    assert f"anim{ext} is animated or multi-page (3 frames)" in err and "save the frame" in err
+    assert len(err.splitlines()) == 1 and not loads and not (tmp_path / "out.png").exists()
+
+
+def test_an_mpo_camera_jpeg_reads_as_its_primary_image(small, ckpt, tmp_path):
+    """Phone JPEGs often hold a second view or depth map (MPO): not an animation."""
+    views = [Image.fromarray(_rgb(seed)) for seed in (3, 4)]
+    views[0].save(tmp_path / "photo.jpg", format="MPO", save_all=True, append_images=views[1:])
+    with Image.open(tmp_path / "photo.jpg") as img:
+        assert img.format == "MPO" and img.n_frames == 2
+        primary = np.asarray(img.convert("RGB"))
+    assert (
+        run(tmp_path / "photo.jpg", tmp_path / "out.png", "--scale", 2, "--checkpoint", ckpt) == 0
+    )
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / "out.png")), upscale(*small, primary, scale=2)
+    )
+
+
 def test_unwritable_output_folder_is_refused_before_any_work(
     ckpt, photo, tmp_path, capsys, loads, monkeypatch
 ):
