@@ -153,6 +153,7 @@ def training_data(config):
             )
         if jax.process_index() == 0:
             val = [val_src[i] for i in range(min(len(val_src), config.eval.max_images))]
+            _check_validation_images(val, config)
 
     def batches(start_step: int):
         return input_pipeline.TrainLoader(
@@ -175,6 +176,25 @@ def training_data(config):
 
     spe = input_pipeline.steps_per_epoch(len(source), d.repeat, config.batch_size)
     return TrainData(batches, spe, val, len(source))
+
+
+def _check_validation_images(images, config) -> None:
+    """Raises `ConfigError` for a validation image that cannot be scored at one of
+    `eval.scales` under `eval.protocol`: at the start, not at the first validation."""
+    from srno_jax import metrics
+    from srno_jax.errors import ConfigError, DataError
+
+    for i, img in enumerate(images):
+        for s in config.eval.scales:
+            try:
+                hw = metrics.eval_sizes(img.shape, s)[2:]
+                metrics.check_evaluable(hw, config.eval.protocol, s)
+            except DataError as e:
+                raise ConfigError(
+                    f"data.val {config.data.val}: image {i} ({img.shape[0]}x{img.shape[1]}) "
+                    f"cannot be validated at x{s:g}: {e}; remove it from the folder or "
+                    "change --config.eval.scales"
+                ) from None
 
 
 def run(config, workdir) -> dict:

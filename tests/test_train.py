@@ -139,6 +139,16 @@ def test_steps_past_the_schedule_are_warned_of(image_dir, tmp_path, caplog):
     ), caplog.text
 
 
+def test_validation_images_too_small_for_a_scale_are_refused_at_the_start(image_dir, tmp_path):
+    from srno_jax.errors import ConfigError
+
+    Image.fromarray(np.zeros((3, 3, 3), np.uint8)).save(tmp_path / "tiny.png")
+    config = tiny_config(image_dir)
+    config.data.val, config.eval.scales = str(tmp_path), (2.0,)
+    with pytest.raises(ConfigError, match=r"image 0 \(3x3\) cannot be validated at x2: a 2x2"):
+        train_cli.training_data(config)
+
+
 def test_resume_equals_uninterrupted(image_dir, tmp_path):
     train_cli.run(tiny_config(image_dir, total_steps=6), tmp_path / "straight")
     train_cli.run(tiny_config(image_dir, total_steps=3), tmp_path / "resumed")
