@@ -278,9 +278,16 @@ def plan(args) -> list[Job]:
     for job in jobs:
         key = os.path.normcase(os.path.abspath(job.output))
         if key in seen:
+            names = {os.path.normcase(os.path.basename(p)) for p in (seen[key], job.input)}
+            stems = {os.path.splitext(name)[0] for name in names}
+            # Same name from two folders: no --name field tells them apart.
+            fix = (
+                "upscale them in separate runs, each with its own --out_dir"
+                if len(names) == 1
+                else f"put {{{'ext' if len(stems) == 1 else 'stem'}}} in --name"
+            )
             raise ConfigError(
-                f"{seen[key]} and {job.input} would both be written to "
-                f"{job.output}; put {{ext}} or another field in --name"
+                f"{seen[key]} and {job.input} would both be written to {job.output}; {fix}"
             )
         seen[key] = job.input
     if not args.overwrite:

@@ -194,6 +194,31 @@ def test_a_batch_is_refused_before_any_work_when_one_output_cannot_be_written(
     assert not loads and os.listdir(out) == []
 
 
+@pytest.mark.parametrize(
+    "names,name,fix",
+    [
+        (
+            ("d1/a.png", "d2/a.png"),
+            [],
+            "upscale them in separate runs, each with its own --out_dir",
+        ),
+        (("d1/a.png", "d1/a.jpg"), [], "put {ext} in --name"),
+        (("d1/a.png", "d1/b.png"), ["--name", "{width}.png"], "put {stem} in --name"),
+    ],
+)
+def test_two_inputs_for_one_output_name_get_advice_that_works(
+    ckpt, tmp_path, capsys, loads, names, name, fix
+):
+    for n in names:
+        (tmp_path / n).parent.mkdir(exist_ok=True)
+        Image.fromarray(_rgb(1)).save(tmp_path / n)
+    inputs = [tmp_path / n for n in names]
+    assert run(*inputs, "--out_dir", tmp_path, *name, "--scale", 2, "--checkpoint", ckpt) == 2
+    err = capsys.readouterr().err
+    assert "would both be written" in err and err.rstrip().endswith(fix)
+    assert len(err.splitlines()) == 1 and not loads
+
+
 def test_overwrite_never_replaces_another_input(ckpt, tmp_path, capsys, loads):
     for name in ("c.png", "c_x2.png"):
         Image.fromarray(_rgb(2)).save(tmp_path / name)
