@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
+import sys
 
 
 class Terminated(KeyboardInterrupt):
@@ -43,3 +45,27 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
     return value
+
+
+def print_safely(text: str, file=None, write=None) -> bool:
+    """Prints `text` so that output can never fail the work: characters the stream cannot
+    encode (a file name that is not UTF-8) are replaced, and a stream whose reader is gone
+    (``| head -1``) is pointed at devnull, as Python's note on SIGPIPE advises, so that
+    the flush at exit does not fail either. `write(text, file=...)` prints (tqdm's
+    `bar.write` keeps a progress bar whole). Returns False when the stream is gone."""
+    file = sys.stdout if file is None else file
+    if file is None:
+        return False
+    encoding = getattr(file, "encoding", None) or "utf-8"
+    try:
+        text.encode(encoding, getattr(file, "errors", None) or "strict")
+    except UnicodeEncodeError:
+        text = text.encode(encoding, "replace").decode(encoding)
+    try:
+        (write or print)(text, file=file)
+        file.flush()  # a pipe sees each line when it is done
+    except (OSError, ValueError):  # a broken pipe, a closed or failing stream
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), file.fileno())
+        return False
+    return True

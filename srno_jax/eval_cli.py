@@ -22,11 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 
-from srno_jax.cli import interrupted_status, positive_int, sigterm_as_interrupt
+from srno_jax.cli import interrupted_status, positive_int, print_safely, sigterm_as_interrupt
 from srno_jax.errors import ConfigError, DataError, SRNOError
 
 _PROG = "srno-eval"
@@ -197,26 +196,6 @@ class _JsonOutput:
             raise DataError(f"cannot write --json {self.path}: {e.strerror or e}; {fix}") from None
 
 
-def _print(text: str, file=None) -> None:
-    """Prints `text` so that the output cannot fail a finished run: characters the
-    stream cannot encode (a file name that is not UTF-8) are replaced, and a stream whose
-    reader is gone (``| head``) is dropped quietly."""
-    file = sys.stdout if file is None else file
-    try:
-        try:
-            print(text, file=file, flush=True)
-        except UnicodeEncodeError:  # nothing was written: the line is encoded whole first
-            encoding = getattr(file, "encoding", None) or "utf-8"
-            print(text.encode(encoding, "replace").decode(encoding), file=file, flush=True)
-    except BrokenPipeError:
-        # Python's advice (the signal module's "Note on SIGPIPE"): point the stream at
-        # devnull, so that the flush at exit does not fail again with a traceback.
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), file.fileno())
-        except (OSError, ValueError, AttributeError):  # no file descriptor (a test's stream)
-            pass
-
-
 def _timing(clock, wall: float, cache_dir: str | None) -> tuple[dict, str]:
     """(the JSON's 'timing', the line for stderr) of a run that took `wall` seconds, from a
     `compiler.CompileClock`."""
@@ -309,10 +288,10 @@ def main(argv: list[str] | None = None) -> int:
             _evaluate(args, results, state)
         status = 0
     except SRNOError as e:
-        _print(f"{_PROG}: error: {e}", sys.stderr)
+        print_safely(f"{_PROG}: error: {e}", sys.stderr)
         status = 2
     except KeyboardInterrupt as e:
-        _print(f"{_PROG}: interrupted", sys.stderr)
+        print_safely(f"{_PROG}: interrupted", sys.stderr)
         status = interrupted_status(e)
     finally:
         if "bar" in state:
@@ -326,15 +305,15 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 state["json"].write(results, complete=finished, timing=timing)
             except SRNOError as e:
-                _print(f"{_PROG}: error: {e}", sys.stderr)
+                print_safely(f"{_PROG}: error: {e}", sys.stderr)
                 status = 2
         if results:
             from srno_jax.evaluation import format_table
 
             incomplete = f"\n\n(incomplete: the evaluation stopped after {len(results)} cells)"
-            _print(format_table(results) + ("" if finished else incomplete))
+            print_safely(format_table(results) + ("" if finished else incomplete))
         if line and clock.compilations:
-            _print(f"{_PROG}: {line}", sys.stderr)
+            print_safely(f"{_PROG}: {line}", sys.stderr)
     return status
 
 

@@ -30,7 +30,7 @@ import re
 import string
 import sys
 
-from srno_jax.cli import interrupted_status, positive_int, sigterm_as_interrupt
+from srno_jax.cli import interrupted_status, positive_int, print_safely, sigterm_as_interrupt
 from srno_jax.errors import CheckpointError, ConfigError, DataError, SRNOError
 
 DEFAULT_NAME = "{stem}_x{scale}.png"
@@ -365,34 +365,6 @@ def _input_pixel_limit(limit: int | None):
         Image.MAX_IMAGE_PIXELS = default
 
 
-class _Progress:
-    """Writes the "wrote ..." lines on stdout, above the bar. They must never stop the
-    work: a name stdout cannot encode (a non-UTF-8 file name) is written with '?', and
-    once stdout is closed (`srno-upscale ... | head -1`) nothing more is printed."""
-
-    def __init__(self, bar):
-        self.bar, self.closed = bar, False
-
-    def __call__(self, line: str) -> None:
-        out = sys.stdout
-        if self.closed or out is None:
-            return
-        encoding = getattr(out, "encoding", None) or "utf-8"
-        try:
-            line.encode(encoding, getattr(out, "errors", None) or "strict")
-        except UnicodeEncodeError:
-            line = line.encode(encoding, "replace").decode(encoding)
-        try:
-            self.bar.write(line, file=out)
-            out.flush()  # a pipe sees each line as its image is done
-        except (OSError, ValueError):  # a broken pipe, a closed or failing stdout
-            self.closed = True
-            # As the Python docs advise for SIGPIPE: stdout on devnull, so that the
-            # flush at exit does not fail again.
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     done = 0
@@ -411,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             model, variables = _model(args)
             # disable=None: a bar on a terminal, none in logs and pipes.
             with tqdm(jobs, unit="image", disable=None, file=sys.stderr) as bar:
-                say = _Progress(bar)
+                say = True  # until stdout is gone
                 for job in bar:
                     bar.set_postfix_str(os.path.basename(job.input))
                     image = open_image(job.input, orient=True, bomb_fix=BOMB_FIX)
@@ -421,7 +393,9 @@ def main(argv: list[str] | None = None) -> int:
                     # The input's colour profile (a phone's Display-P3), where it fits.
                     save_image(job.output, out, args.quality, image.info.get("icc_profile"))
                     done += 1
-                    say(f"wrote {job.output} ({job.size[1]}x{job.size[0]})")
+                    # Progress lines must never stop the work (`| head -1`, a non-UTF-8 name).
+                    line = f"wrote {job.output} ({job.size[1]}x{job.size[0]})"
+                    say = say and print_safely(line, write=bar.write)
     except SRNOError as e:
         print(f"srno-upscale: error: {e}", file=sys.stderr)
         return 2
