@@ -6,7 +6,6 @@ cache, so only the first one pays XLA's compile time.
 """
 
 import asyncio.base_events
-import functools
 import os
 import random
 import re
@@ -21,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train import image_dir, tiny_config  # noqa: F401  (image_dir is a fixture)
+from test_train import image_dir, jit_step, random_batch, tiny_config  # noqa: F401
 
 from srno_jax import checkpoints, load_checkpoint, train, train_cli
 from srno_jax import workdir as workdir_lib
@@ -270,46 +269,19 @@ def test_orbax_saves_to_a_tmp_folder_then_renames(image_dir, tmp_path, monkeypat
 # --- 2. divergence -------------------------------------------------------------------------
 
 
-def _jit_step(config):
-    """The tiny model's train step, jitted on one device (a single stop vote)."""
-    model, tx = train.model_from_config(config), train.make_optimizer(config)
-    step = functools.partial(
-        train.train_step,
-        stop_votes=jnp.zeros(1, jnp.int32),
-        model=model,
-        tx=tx,
-        config=config,
-        steps_per_epoch=10,
-    )
-    return jax.jit(step), jax.jit(lambda: train.init_state(model, tx, 0))()
-
-
 @pytest.fixture(scope="module")
 def tiny_step(image_dir):
-    step, state = _jit_step(tiny_config(image_dir))
+    step, state = jit_step(tiny_config(image_dir))
     return state, step
-
-
-def _batch(seed, bad=False):
-    r = np.random.default_rng(seed)
-    b = {
-        "inp": r.uniform(-1, 1, (2, 8, 8, 3)),
-        "coord": r.uniform(-1, 1, (2, 16, 2)),
-        "cell": np.full((2, 2), 0.1),
-        "gt": r.uniform(-1, 1, (2, 16, 3)),
-    }
-    if bad:
-        b["gt"][1, 3, 0] = np.nan
-    return {k: jnp.asarray(v, jnp.float32) for k, v in b.items()}
 
 
 def test_single_nonfinite_step_is_skipped(tiny_step):
     state, step = tiny_step
-    s1, m1 = step(state, _batch(0, bad=True))
+    s1, m1 = step(state, random_batch(0, bad=True))
     assert not bool(m1["finite"]) and int(s1.nonfinite) == 1 and int(s1.step) == 1
     assert_same_params(s1.params, state.params, atol=0)
     assert_same_params(s1.opt_state, state.opt_state, atol=0)
-    s2, m2 = step(s1, _batch(1))
+    s2, m2 = step(s1, random_batch(1))
     assert bool(m2["finite"]) and int(s2.nonfinite) == 0 and int(s2.step) == 2
     moved = jax.tree.leaves(
         jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), s2.params, s1.params)
@@ -340,7 +312,7 @@ def test_nan_learning_rate_never_reaches_the_parameters(tiny_step):
     state, _ = tiny_step
     config = tiny_config(".")
     config.optim.lr = float("nan")
-    s1, m1 = _jit_step(config)[0](state, _batch(0))
+    s1, m1 = jit_step(config)[0](state, random_batch(0))
     assert np.isfinite(float(m1["loss"])) and not bool(m1["finite"]) and int(s1.nonfinite) == 1
     assert_same_params(s1.params, state.params, atol=0)
 
@@ -707,7 +679,7 @@ def test_divergence_on_two_hosts_ends_both_keeping_no_bad_checkpoint(env, image_
     assert steps_in(wd) == [], steps_in(wd)
 
 
-def test_hosts_load_disjoint_halves_of_each_batch(image_dir):
+def test_hosts_load_disjoint_halves_of_eachrandom_batch(image_dir):
     import input_pipeline
 
     source = input_pipeline.make_source(str(image_dir), "train")

@@ -82,22 +82,41 @@ def test_loss_falls(image_dir):
     assert_loss_falls(tiny_config(image_dir))
 
 
+def jit_step(config):
+    """The tiny model's train step, jitted on one device (a single stop vote), and its
+    first state."""
+    model, tx = train.model_from_config(config), train.make_optimizer(config)
+    step = functools.partial(
+        train.train_step,
+        stop_votes=jnp.zeros(1, jnp.int32),
+        model=model,
+        tx=tx,
+        config=config,
+        steps_per_epoch=10,
+    )
+    return jax.jit(step), jax.jit(lambda: train.init_state(model, tx, 0))()
+
+
+def random_batch(seed, bad=False):
+    """A batch for the tiny model: 2 images of 8^2, 16 queries (a NaN target if `bad`)."""
+    r = np.random.default_rng(seed)
+    b = {
+        "inp": r.uniform(-1, 1, (2, 8, 8, 3)),
+        "coord": r.uniform(-1, 1, (2, 16, 2)),
+        "cell": np.full((2, 2), 0.1),
+        "gt": r.uniform(-1, 1, (2, 16, 3)),
+    }
+    if bad:
+        b["gt"][1, 3, 0] = np.nan
+    return {k: jnp.asarray(v, jnp.float32) for k, v in b.items()}
+
+
 def test_step_is_adam_leaf_by_leaf(image_dir):
     """The step runs Adam on one vector of all parameters; the result must equal optax's
     update of each leaf, in a state with the same tree, shapes and dtypes (checkpoints)."""
     config = tiny_config(image_dir)
+    step, state = jit_step(config)
     model, tx = train.model_from_config(config), train.make_optimizer(config)
-    state = train.init_state(model, tx, 0)
-    step = jax.jit(
-        functools.partial(
-            train.train_step,
-            stop_votes=jnp.zeros(1, jnp.int32),
-            model=model,
-            tx=tx,
-            config=config,
-            steps_per_epoch=10,
-        )
-    )
 
     @jax.jit
     def leaf_by_leaf(state, batch):
@@ -107,15 +126,8 @@ def test_step_is_adam_leaf_by_leaf(image_dir):
         params = jax.tree.map(lambda p, u: p - lr * u, state.params, updates)
         return params, opt_state, optax.tree.norm(grads)
 
-    r = np.random.default_rng(0)
-    for _ in range(3):  # from the second step on, Adam's moments are not zero
-        batch = {
-            "inp": r.uniform(-1, 1, (2, 8, 8, 3)),
-            "coord": r.uniform(-1, 1, (2, 16, 2)),
-            "cell": np.full((2, 2), 0.1),
-            "gt": r.uniform(-1, 1, (2, 16, 3)),
-        }
-        batch = {k: jnp.asarray(v, jnp.float32) for k, v in batch.items()}
+    for seed in range(3):  # from the second step on, Adam's moments are not zero
+        batch = random_batch(seed)
         params, opt_state, norm = leaf_by_leaf(state, batch)
         new, metrics = step(state, batch)
         assert bool(metrics["finite"])
