@@ -149,11 +149,13 @@ class _Flat:
     def unravel(self, tree, like):
         """`ravel`'s inverse, given the tree `like` that was ravelled."""
         offsets = np.cumsum([x.size for x in self.leaves])[:-1]
-        split = lambda v: self.treedef.unflatten(
-            [p.reshape(x.shape) for p, x in zip(jnp.split(v, offsets), self.leaves)]
-        )
+
+        def split(v, t):  # each part in its leaf's shape and dtype
+            parts = zip(jnp.split(v, offsets), jax.tree.leaves(t))
+            return self.treedef.unflatten([p.reshape(x.shape).astype(x.dtype) for p, x in parts])
+
         return jax.tree.map(
-            lambda t, v: split(v) if self._matches(t) else v, like, tree, is_leaf=self._matches
+            lambda t, v: split(v, t) if self._matches(t) else v, like, tree, is_leaf=self._matches
         )
 
 

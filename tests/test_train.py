@@ -140,6 +140,19 @@ def test_step_is_adam_leaf_by_leaf(image_dir):
         state = new
 
 
+def test_flat_round_trip_keeps_each_leafs_shape_and_dtype():
+    params = {"a": jnp.arange(6.0).reshape(2, 3), "b": {"c": jnp.ones(4, jnp.bfloat16)}}
+    state = (jnp.int32(3), params, jax.tree.map(lambda x: -x, params))
+    flat = train._Flat(params)
+    vectors = flat.ravel(state)
+    assert vectors[0].shape == () and vectors[1].shape == vectors[2].shape == (10,)
+    back = flat.unravel(vectors, state)
+    assert jax.tree.structure(back) == jax.tree.structure(state)
+    for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(state)):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+
+
 def test_steps_past_the_schedule_are_warned_of(image_dir, tmp_path, caplog):
     config = tiny_config(image_dir, total_steps=3)  # one step an epoch
     config.optim.epochs = 2
