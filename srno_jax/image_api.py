@@ -18,6 +18,7 @@ from srno_jax.errors import ConfigError, DataError
 from srno_jax.images import normalise, orient_image, to_rgb_uint8
 from srno_jax.inference import DEFAULT_TILE, predict
 from srno_jax.metrics import eval_cell
+from srno_jax.models import check_variables
 
 MAX_OUTPUT_PIXELS = 2**27  # e.g. 16384 x 8192; the float32 prediction alone takes 1.5 GiB
 ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")  # besides any mode with a "transparency" key
@@ -37,8 +38,17 @@ def super_resolve(
 
     Queries the pixel centres of the whole output grid (`make_coord`) with cell
     `metrics.eval_cell(size, scale)` (enlarged beyond x4, the reference's "mcell") and
-    returns clip(pred * 0.5 + 0.5, 0, 1), not quantised.
+    returns clip(pred * 0.5 + 0.5, 0, 1), not quantised. Raises `ConfigError` when
+    `variables` are not `model`'s (`models.check_variables`), `DataError` when `lr` is
+    not a uint8 (h, w, 3) array.
     """
+    check_variables(model, variables)
+    lr = np.asarray(lr)
+    if lr.dtype != np.uint8 or lr.ndim != 3 or lr.shape[2] != 3:
+        raise DataError(
+            f"lr must be a uint8 (h, w, 3) RGB array, got {lr.dtype} of shape {lr.shape}; "
+            "upscale() converts other images"
+        )
     pred = predict(
         model,
         variables,

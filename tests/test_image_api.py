@@ -1,6 +1,7 @@
 """The image-level API and image I/O: sizes, EXIF orientation, PIL's pixel limit, formats."""
 
 import os
+import re
 import zlib
 
 import numpy as np
@@ -254,3 +255,39 @@ def test_16_bit_png_opened_as_mode_i_is_16_bit():
     as_i.format = "TIFF"  # a TIFF can hold 32-bit samples: refused
     with pytest.raises(DataError, match="32-bit integer"):
         to_rgb_uint8(as_i)
+
+
+def test_variables_of_another_model_are_refused(tiny):
+    """Flax applies a model to a larger model's parameters, or to a mistyped tree, without
+    an error of its own: the image API checks the pair first."""
+    from srno_jax.image_api import super_resolve
+    from srno_jax.models import init_variables, make_model
+
+    model, variables = tiny
+    bigger = make_model(encoder_args={"n_resblocks": 2, "n_feats": 8}, width=16, heads=2)
+    rgb = np.zeros((6, 5, 3), np.uint8)
+    cases = [
+        (model, init_variables(bigger), "params['encoder']['block_1']['conv_0']['bias'] is not"),
+        (bigger, variables, "params['encoder']['block_1']['conv_0']['bias'] is missing"),
+        (model, variables["params"], "pass the whole variables, not variables['params']"),
+        (None, variables, "model is a NoneType, not an SRNO"),
+    ]
+    for m, v, message in cases:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            upscale(m, v, rgb, scale=2)
+    wide = make_model(encoder_args={"n_resblocks": 1, "n_feats": 8}, width=32, heads=2)
+    with pytest.raises(
+        ConfigError, match=r"\['k_norm'\]\['bias'\] has shape \(2, 8\), the model's \(2, 16\)"
+    ):
+        super_resolve(wide, variables, rgb, (12, 10), 2.0)
+
+
+@pytest.mark.parametrize(
+    "lr", [np.zeros((6, 5, 3)), np.zeros((6, 5, 3), np.uint16), np.zeros((6, 5), np.uint8)]
+)
+def test_super_resolve_takes_uint8_rgb_only(tiny, lr):
+    """A float image in [0, 1] would come out black, a 16-bit one white, without a word."""
+    from srno_jax.image_api import super_resolve
+
+    with pytest.raises(DataError, match="lr must be a uint8 \\(h, w, 3\\) RGB array"):
+        super_resolve(*tiny, lr, (12, 10), 2.0)

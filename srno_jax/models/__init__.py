@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+from collections.abc import Mapping
+
+import numpy as np
 
 from srno_jax.errors import ConfigError
 from srno_jax.models.encoders import EDSR, RDN, RDN_CONFIGS
@@ -83,6 +87,46 @@ def init_variables(model: SRNO, seed: int = 0) -> dict:
     return model.init(jax.random.key(seed), *dummy)
 
 
+@functools.lru_cache(maxsize=8)
+def _param_shapes(model: SRNO) -> dict[str, tuple[int, ...]]:
+    import jax
+
+    params = jax.eval_shape(lambda: init_variables(model))["params"]
+    return {jax.tree_util.keystr(k): v.shape for k, v in jax.tree.leaves_with_path(params)}
+
+
+def check_variables(model, variables) -> None:
+    """Raises `ConfigError` unless `model` is an SRNO and `variables` are its
+    ``{'params': ...}``: the same parameter paths and shapes (any float dtype). Flax
+    would apply a smaller model to a larger model's parameters without a word."""
+    import jax
+
+    fix = "pass the (model, variables) pair that load_checkpoint or make_model gave"
+    if not isinstance(model, SRNO):
+        raise ConfigError(f"model is a {type(model).__name__}, not an SRNO; {fix}")
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        whole = isinstance(variables, Mapping) and "encoder" in variables
+        raise ConfigError(
+            "variables must be {'params': ...}"
+            + (": pass the whole variables, not variables['params']" if whole else f"; {fix}")
+        )
+    want = _param_shapes(model)
+    got = {
+        jax.tree_util.keystr(k): np.shape(v)
+        for k, v in jax.tree.leaves_with_path(variables["params"])
+    }
+    for path in sorted(want.keys() | got.keys()):
+        if want.get(path) != got.get(path):
+            problem = (
+                "is missing"
+                if path not in got
+                else "is not the model's"
+                if path not in want
+                else f"has shape {got[path]}, the model's {want[path]}"
+            )
+            raise ConfigError(f"the variables do not fit the model: params{path} {problem}; {fix}")
+
+
 def make_model(
     encoder: str = "edsr-baseline",
     encoder_args: dict | None = None,
@@ -117,5 +161,6 @@ __all__ = [
     "make_encoder",
     "make_model",
     "init_variables",
+    "check_variables",
     "ENCODER_DEFAULTS",
 ]
