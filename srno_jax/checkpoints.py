@@ -505,9 +505,11 @@ def _step_dirs(path: epath.Path) -> list[epath.Path]:
         else []
     )
     if not steps:
+        pth = sorted(f.name for f in path.glob("*.pth"))
         raise CheckpointError(
             f"no srno-jax checkpoint in {path}: expected a training workdir, "
             "its checkpoints/ folder, or a step folder such as checkpoints/1000"
+            + (f"; for the reference's checkpoint give the file, {path / pth[0]}" if pth else "")
         )
     return [ckpts / str(s) for s in steps]
 
@@ -624,6 +626,10 @@ def load_checkpoint(path: str | os.PathLike):
     `CheckpointError` for a missing or unusable file, and for parameters that are not
     all finite.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise CheckpointError(
+            f"checkpoint path {path!r} is not a path: give a .pth file or a checkpoint folder"
+        )
     p = workdir_lib.resolve(path)
     if p.is_dir():
         return load_orbax(p)

@@ -88,6 +88,13 @@ def test_not_an_srno_checkpoint(tmp_path, small_ckpt):
         load_checkpoint(save_pth(tmp_path / "enc.pth", with_model(small_ckpt, args=bad)))
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "nope.pth")
+    with pytest.raises(CheckpointError, match="checkpoint path None is not a path"):
+        load_checkpoint(None)
+    # A folder holding a .pth: the message names the file to give instead.
+    with pytest.raises(
+        CheckpointError, match=r"for the reference's checkpoint give the file, .*enc\.pth"
+    ):
+        load_checkpoint(tmp_path)
 
 
 @pytest.mark.parametrize(
