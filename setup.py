@@ -43,6 +43,8 @@ setup(
         # examples/plot_curves.py draws the training curve with it.
         "examples": [*TRAIN, "matplotlib>=3.8"],
         "gpu": ["jax[cuda12]"],
+        # gs:// workdirs, checkpoints and image folders: etils.epath reads buckets with it.
+        "gcs": ["gcsfs"],
     },
     entry_points={
         "console_scripts": [

@@ -16,6 +16,7 @@ import os
 import threading
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from srno_jax.errors import ConfigError, DataError
@@ -72,13 +73,13 @@ class FolderSource(_SkipsUnreadable):
     def __init__(self, path: str | os.PathLike, cache: bool = False):
         self.path = os.fspath(path)
         self.name = self.path
-        if not os.path.isdir(self.path):
+        if not epath.Path(self.path).is_dir():
             raise DataError(f"image folder not found: {self.path}")
         self.skipped = 0
         self.files = []
         for full in image_files(self.path):
             try:
-                with Image.open(full) as img:
+                with epath.Path(full).open("rb") as f, Image.open(f) as img:
                     img.verify()
                 self.files.append(full)
             except Exception as e:  # PIL raises many kinds for bad files
@@ -277,7 +278,7 @@ def make_source(spec: str, split: str = "train", data_dir: str | None = None):
         return TFDSSource(
             "div2k", "validation" if split in ("holdout", "valid") else split, data_dir
         )
-    if not os.path.isdir(spec):
+    if not epath.Path(spec).is_dir():  # a local folder or a bucket's (gs://...)
         raise DataError(
             f"data source {spec!r} is neither 'demo', 'div2k' nor an existing folder of images"
         )

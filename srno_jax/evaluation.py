@@ -21,6 +21,7 @@ import os
 from typing import Callable
 
 import numpy as np
+from etils import epath
 
 from srno_jax import pairs
 from srno_jax.errors import ConfigError, DataError
@@ -87,13 +88,13 @@ class Task:
 def resolve_dataset(name: str, data_dir: str | None) -> tuple[str, str]:
     """(display name, folder) for a dataset name or a folder path.
 
-    An existing folder is used as is, normalised (`os.path.normpath`); it is named after
-    itself, or its parent when it is called 'HR'. Set5, Set14, B100, Urban100, Manga109
+    An existing folder, local or in a bucket (``gs://...``), is used as is, normalised
+    (`_normpath`); it is named after itself, or its parent when it is called 'HR'. Set5, Set14, B100, Urban100, Manga109
     (any case) are ``<data_dir>/benchmark/<Name>/HR``; 'div2k' or 'DIV2K_valid' is
     ``<data_dir>/DIV2K_valid_HR``. Raises `DataError` when the folder does not exist.
     """
-    if os.path.isdir(name):
-        path = os.path.normpath(name)
+    if epath.Path(name).is_dir():
+        path = _normpath(name)
         return _label(path, 1), path
     key = name.lower()
     if key in _BENCHMARKS:
@@ -109,10 +110,16 @@ def resolve_dataset(name: str, data_dir: str | None) -> tuple[str, str]:
         raise DataError(
             f"dataset {name!r} needs --data_dir (the folder holding benchmark/ and DIV2K_valid_HR/)"
         )
-    path = os.path.normpath(os.path.join(data_dir, *parts))
-    if not os.path.isdir(path):
+    path = _normpath(os.path.join(data_dir, *parts))
+    if not epath.Path(path).is_dir():
         raise DataError(f"dataset {name!r}: folder {path} not found")
     return display, path
+
+
+def _normpath(path: str) -> str:
+    """`os.path.normpath` of a local path; a URI (``gs://b/x/``) without its trailing
+    slash, its ``//`` kept."""
+    return path.rstrip("/") if "://" in path else os.path.normpath(path)
 
 
 def _label(path: str, parts: int) -> str:

@@ -107,8 +107,8 @@ def _check_config_file(config: str) -> None:
 
 
 def parse_flags(argv: list[str]):
-    """absl's parsing; a config file that is missing or does not load, or an unknown
-    --config field, gets one line naming it."""
+    """absl's parsing; a bad flag, a config file that is missing or does not load, or
+    an unknown --config field gets one line naming it."""
     argv, config = _resolve_config_names(argv)
     path = config.partition(":")[0]
     if path and not os.path.isfile(path):
@@ -118,7 +118,9 @@ def parse_flags(argv: list[str]):
         )
     _check_config_file(config)
     try:
-        return app.parse_flags_with_usage(argv)
+        return FLAGS(argv)
+    except flags.Error as e:  # absl's own report is two lines, the message indented
+        sys.exit(f"error: {' '.join(str(e).split())} (--helpfull lists the flags)")
     except (KeyError, AttributeError) as e:  # raised by ml_collections for a misspelt key
         while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError(..))
             e = e.args[0]

@@ -404,10 +404,17 @@ def test_out_of_device_memory_is_one_line(env, image_dir, tmp_path):
     assert_clean_error(p, "out of memory", "--config.batch_size (now ")
 
 
-def test_flag_value_error_is_clear(env, image_dir, tmp_path):
-    p = run_main(env, image_dir, tmp_path / "run", "--config.model.width=abc", timeout=120)
-    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
-    assert "--config.model.width=abc" in p.stderr, p.stderr
+@pytest.mark.parametrize(
+    "flag, needle",
+    [
+        ("--config.model.width=abc", "flag --config.model.width=abc: invalid literal"),
+        ("--foo=1", "Unknown command line flag 'foo'"),
+    ],
+)
+def test_flag_value_error_is_clear(env, image_dir, tmp_path, flag, needle):
+    p = run_main(env, image_dir, tmp_path / "run", flag, timeout=120)
+    assert_clean_error(p, needle, "(--helpfull lists the flags)")
+    assert "FATAL" not in p.stderr, p.stderr
 
 
 def test_resume_of_another_architecture_is_refused(env, image_dir, straight):

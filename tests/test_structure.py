@@ -89,3 +89,20 @@ def test_a_bucket_workdir_is_written_through_epath(fake_gcs, monkeypatch):
     (run / "imgs" / "notes.txt").write_text("")
     assert image_files("gs://bucket/run/imgs") == ["gs://bucket/run/imgs/a.png"]
     np.testing.assert_array_equal(load_image("gs://bucket/run/imgs/a.png"), pixels)
+
+    # A bucket folder as training data and as an evaluation dataset, by path or by name.
+    import input_pipeline
+    from srno_jax import evaluation
+
+    source = input_pipeline.make_source("gs://bucket/run/imgs")
+    assert len(source) == 1
+    np.testing.assert_array_equal(source[0], pixels)
+    assert evaluation.resolve_dataset("gs://bucket/run/imgs/", None) == (
+        "imgs",
+        "gs://bucket/run/imgs",
+    )
+    (run / "benchmark" / "Set5" / "HR").mkdir(parents=True)
+    assert evaluation.resolve_dataset("set5", "gs://bucket/run") == (
+        "Set5",
+        "gs://bucket/run/benchmark/Set5/HR",
+    )
