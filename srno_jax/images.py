@@ -126,8 +126,9 @@ def open_image(
                 local = "://" not in os.fspath(path)  # a bucket's file is read through epath
                 src = path if local else files.enter_context(epath.Path(path).open("rb"))
                 img = files.enter_context(Image.open(src))
-                img.load()
+                # Before load: counting frames seeks through them, dropping loaded pixels.
                 frames = getattr(img, "n_frames", 1) if img.format != "MPO" else 1
+                img.load()
                 img = orient_image(img) if orient else img
     except FileNotFoundError:
         raise DataError(f"image not found: {path}") from None

@@ -291,3 +291,12 @@ def test_super_resolve_takes_uint8_rgb_only(tiny, lr):
 
     with pytest.raises(DataError, match="lr must be a uint8 \\(h, w, 3\\) RGB array"):
         super_resolve(*tiny, lr, (12, 10), 2.0)
+
+
+@pytest.mark.parametrize("ext", [".tif", ".gif", ".webp"])
+def test_a_multi_frame_file_reads_as_its_first_frame_where_allowed(tmp_path, ext):
+    """Evaluation and training read frame 0 (srno-upscale refuses such files instead)."""
+    frames = [Image.fromarray(np.full((6, 5, 3), v, np.uint8)) for v in (10, 200)]
+    frames[0].save(tmp_path / f"two{ext}", save_all=True, append_images=frames[1:])
+    first = load_image(tmp_path / f"two{ext}")
+    assert first.shape == (6, 5, 3) and abs(int(first.mean()) - 10) <= 2
