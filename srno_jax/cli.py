@@ -48,11 +48,13 @@ def positive_int(text: str) -> int:
 
 
 def print_safely(text: str, file=None, write=None) -> bool:
-    """Prints `text` so that output can never fail the work: characters the stream cannot
-    encode (a file name that is not UTF-8) are replaced, and a stream whose reader is gone
-    (``| head -1``) is pointed at devnull, as Python's note on SIGPIPE advises, so that
-    the flush at exit does not fail either. `write(text, file=...)` prints (tqdm's
-    `bar.write` keeps a progress bar whole). Returns False when the stream is gone."""
+    """Prints `text` so that a reader who left cannot fail the work: characters the
+    stream cannot encode (a file name that is not UTF-8) are replaced, and a stream whose
+    reader is gone (``| head -1``) or that is closed is pointed at devnull, as Python's
+    note on SIGPIPE advises, so that the flush at exit does not fail either. Other write
+    errors (a full disk behind ``> out.txt``) are raised as `OSError`. `write(text,
+    file=...)` prints (tqdm's `bar.write` keeps a progress bar whole). Returns False when
+    the stream is gone."""
     file = sys.stdout if file is None else file
     if file is None:
         return False
@@ -64,7 +66,7 @@ def print_safely(text: str, file=None, write=None) -> bool:
     try:
         (write or print)(text, file=file)
         file.flush()  # a pipe sees each line when it is done
-    except (OSError, ValueError):  # a broken pipe, a closed or failing stream
+    except (BrokenPipeError, ValueError):  # the reader is gone, or the stream closed
         with contextlib.suppress(OSError, ValueError, AttributeError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), file.fileno())
         return False

@@ -311,7 +311,13 @@ def main(argv: list[str] | None = None) -> int:
             from srno_jax.evaluation import format_table
 
             incomplete = f"\n\n(incomplete: the evaluation stopped after {len(results)} cells)"
-            print_safely(format_table(results) + ("" if finished else incomplete))
+            try:
+                print_safely(format_table(results) + ("" if finished else incomplete))
+            except OSError as e:
+                print_safely(
+                    f"{_PROG}: error: cannot print the table: {e.strerror or e}", sys.stderr
+                )
+                status = 2
         if line and clock.compilations:
             print_safely(f"{_PROG}: {line}", sys.stderr)
     return status

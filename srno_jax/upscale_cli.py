@@ -395,7 +395,14 @@ def main(argv: list[str] | None = None) -> int:
                     done += 1
                     # Progress lines must never stop the work (`| head -1`, a non-UTF-8 name).
                     line = f"wrote {job.output} ({job.size[1]}x{job.size[0]})"
-                    say = say and print_safely(line, write=bar.write)
+                    try:
+                        say = say and print_safely(line, write=bar.write)
+                    except OSError as e:  # the images matter, not these lines: go on
+                        say = False
+                        print(
+                            f"srno-upscale: cannot print to stdout: {e.strerror or e}",
+                            file=sys.stderr,
+                        )
     except SRNOError as e:
         print(f"srno-upscale: error: {e}", file=sys.stderr)
         return 2

@@ -349,6 +349,26 @@ def test_output_cannot_fail_a_finished_run(tmp_path, fault):
             assert f.readline() == b"| method | imgs? x2 | imgs? x3 |\n"
 
 
+def test_a_table_that_cannot_be_written_is_an_error(tmp_path):
+    """A full disk behind stdout (``> table.md``) is no closed pipe: exit 2, the JSON kept."""
+    _image(tmp_path / "imgs" / "a.png", (32, 32))
+    out = tmp_path / "r.json"
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(
+            [sys.executable, _ROOT / "eval.py", "--checkpoint", "bicubic"]
+            + ["--data", tmp_path / "imgs", "--scales", "2", "--json", out]
+            + ["--compilation_cache", ""],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=_ROOT,
+            timeout=300,
+        )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "error: cannot print the table: No space left on device" in proc.stderr
+    assert _strict_json(out)["complete"] is True
+
+
 def _bomb(path, side=60000):
     """A 1 x 1 grayscale PNG whose header claims side x side pixels."""
     png = bytearray()

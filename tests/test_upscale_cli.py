@@ -391,6 +391,24 @@ def test_a_closed_stdout_does_not_stop_the_batch(ckpt, tmp_path, capsys, monkeyp
     assert capsys.readouterr().err == ""
 
 
+class _FullDisk(io.StringIO):
+    def write(self, s):
+        raise OSError(28, "No space left on device")
+
+
+def test_a_stdout_that_fails_does_not_stop_the_batch(ckpt, tmp_path, capsys, monkeypatch):
+    """The lines are progress, the images the work: a full disk behind stdout is said once."""
+    for name in ("a.png", "b.png"):
+        Image.fromarray(_rgb(1)).save(tmp_path / name)
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr("sys.stdout", _FullDisk())
+    assert run(tmp_path / "a.png", tmp_path / "b.png", out, "--scale", 2, "--checkpoint", ckpt) == 0
+    assert sorted(os.listdir(out)) == ["a_x2.png", "b_x2.png"]
+    err = capsys.readouterr().err
+    assert err.count("cannot print to stdout: No space left on device") == 1, err
+
+
 def test_a_name_stdout_cannot_encode_does_not_stop_the_work(ckpt, tmp_path, monkeypatch):
     name = os.fsdecode(b"caf\xe9.png")  # Latin-1 on disk: a surrogate in Python
     Image.fromarray(_rgb(1)).save(tmp_path / name)
