@@ -69,6 +69,7 @@ REQUIRED = (
     "compute_dtype",
     "fused_kernels",
     "model.encoder",
+    "model.encoder_args",
     "data.train",
     "data.val",
     "data.augment",
@@ -124,7 +125,7 @@ def check_config(config) -> None:
 
     model = config.model
     try:
-        make_model(model.encoder, model.get("encoder_args"), model.width, model.heads)
+        make_model(model.encoder, model.encoder_args, model.width, model.heads)
     except ConfigError as e:
         raise ConfigError(
             f"config field model: {e} (set it with --config.model.<field>=..., an "

@@ -11,12 +11,14 @@ srno_jax that imports `input_pipeline`, which itself depends on srno_jax.
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import inspect
 import os
 import re
 import sys
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -75,15 +77,14 @@ def _resolve_config_names(argv: list[str]) -> tuple[list[str], str]:
 def _check_config_file(config: str) -> None:
     """Loads ``FILE[:ARG]`` and calls its get_config as ml_collections will, and exits
     with one line when that fails (the file does not load, has no get_config, takes no ARG
-    where one is given or the reverse, or raises): absl would print these as a
-    flag-parsing error with a traceback inside."""
+    where one is given or the reverse, raises, or returns no ConfigDict): absl would print
+    these as a flag-parsing error with a traceback inside."""
     path, sep, arg = config.partition(":")
-    spec = importlib.util.spec_from_file_location("_srno_config_check", path)
-    if spec is None or spec.loader is None:  # not a .py file: ml_collections says why
-        return
-    module = importlib.util.module_from_spec(spec)
+    # Any file name, as ml_collections loads it (a spec from the name alone needs .py).
+    loader = importlib.machinery.SourceFileLoader("_srno_config_check", path)
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
     try:
-        spec.loader.exec_module(module)
+        loader.exec_module(module)
     except Exception as e:
         sys.exit(f"error: cannot load --config {path}: {type(e).__name__}: {e}")
     get_config = getattr(module, "get_config", None)
@@ -101,9 +102,14 @@ def _check_config_file(config: str) -> None:
             + (f"takes no argument, but ':{arg}' gives one" if sep else "needs one: FILE:ARG")
         )
     try:
-        get_config(*args)
+        made = get_config(*args)
     except Exception as e:
         sys.exit(f"error: --config {config}: get_config failed: {type(e).__name__}: {e}")
+    if not isinstance(made, ml_collections.ConfigDict):
+        sys.exit(
+            f"error: --config {config}: get_config returned a {type(made).__name__}, not an "
+            "ml_collections.ConfigDict; start from a built-in config (see configs/rdn.py)"
+        )
 
 
 def parse_flags(argv: list[str]):

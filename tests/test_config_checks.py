@@ -33,5 +33,8 @@ def test_missing_fields_are_named_once_per_section():
     config = default.get_config()
     del config["data"]
     del config.optim["lr"]
-    with pytest.raises(ConfigError, match=r"the config has no field data, optim.lr: a config"):
+    del config.model["encoder_args"]
+    with pytest.raises(
+        ConfigError, match=r"the config has no field data, optim.lr, model.encoder_args: a config"
+    ):
         check_config(config)

@@ -371,12 +371,16 @@ def test_bad_arguments_fail_fast(env, image_dir, tmp_path, flags, extra_env, nee
         ("arg.py", ["get_config(path) needs one: FILE:ARG"]),
         ("arg.py:x", ["get_config failed: ZeroDivisionError"]),
         ("nodata.py", ["the config has no field data: a config file starts from a built-in"]),
+        ("notes.md", ["cannot load --config notes.md: SyntaxError"]),
+        ("int.txt", ["get_config returned a int, not an ml_collections.ConfigDict"]),
     ],
 )
 def test_config_file_that_does_not_load(env, tmp_path, config, needles):
     (tmp_path / "broken.py").write_text("def get_config(:\n")
     (tmp_path / "empty.py").write_text("")
     (tmp_path / "arg.py").write_text("def get_config(path):\n    return 1 / 0\n")
+    (tmp_path / "notes.md").write_text("# notes\nx = (\n")  # not .py: loaded all the same
+    (tmp_path / "int.txt").write_text("def get_config():\n    return 3\n")
     (tmp_path / "nodata.py").write_text(
         "from configs import default\n"
         "def get_config():\n"
