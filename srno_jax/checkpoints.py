@@ -350,9 +350,9 @@ def save(mngr: ocp.CheckpointManager, state, config, data: dict | None = None) -
     """Starts an asynchronous save of a train state at its step (all hosts call it).
 
     `data`: what fixes the run's data order (JSON values; `train._data_order`), kept in
-    the metadata under "data" for a resumed run to compare. Raises `CheckpointError` in one line when the storage
-    refuses (a full disk): the error of an earlier asynchronous save surfaces here or in
-    `finish`.
+    the metadata under "data" for a resumed run to compare. Raises `CheckpointError` in
+    one line when the storage refuses (a full disk): the error of an earlier asynchronous
+    save surfaces here or in `finish`.
     """
     step = int(state.step)
     meta = {

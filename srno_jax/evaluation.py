@@ -89,9 +89,10 @@ def resolve_dataset(name: str, data_dir: str | None) -> tuple[str, str]:
     """(display name, folder) for a dataset name or a folder path.
 
     An existing folder, local or in a bucket (``gs://...``), is used as is, normalised
-    (`_normpath`); it is named after itself, or its parent when it is called 'HR'. Set5, Set14, B100, Urban100, Manga109
-    (any case) are ``<data_dir>/benchmark/<Name>/HR``; 'div2k' or 'DIV2K_valid' is
-    ``<data_dir>/DIV2K_valid_HR``. Raises `DataError` when the folder does not exist.
+    (`_normpath`); it is named after itself, or its parent when it is called 'HR'. Set5,
+    Set14, B100, Urban100, Manga109 (any case) are ``<data_dir>/benchmark/<Name>/HR``;
+    'div2k' or 'DIV2K_valid' is ``<data_dir>/DIV2K_valid_HR``. Raises `DataError` when
+    the folder does not exist.
     """
     if epath.Path(name).is_dir():
         path = _normpath(name)
@@ -421,6 +422,19 @@ def format_table(results: list[dict]) -> str:
             row.append(text)
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines + ([""] + list(dict.fromkeys(notes)) if notes else []))
+
+
+def check_validation_images(images, scales, protocol: str = "benchmark") -> None:
+    """Raises `DataError` naming the first of the (H, W, 3) HR `images` that `validate`
+    could not score at one of `scales` under `protocol` (too small after the shave)."""
+    for i, img in enumerate(images):
+        for s in scales:
+            try:
+                check_evaluable(eval_sizes(img.shape, s)[2:], protocol, s)
+            except DataError as e:
+                raise DataError(
+                    f"image {i} ({img.shape[0]}x{img.shape[1]}) cannot be validated at x{s:g}: {e}"
+                ) from None
 
 
 def validate(model, params, images, scales, protocol: str = "benchmark"):

@@ -129,9 +129,9 @@ class _Flat:
     """The parameter-shaped parts of a tree (parameters, gradients, Adam's moments), each
     as one vector, and back.
 
-    The optimizer's update and the non-finite guard then run on a few vectors instead of
-    an array per parameter leaf: a handful of kernels where there were hundreds of tiny
-    launches on a GPU. The state keeps its leaves, so checkpoints are unchanged.
+    The optimizer's update and the non-finite guard then run on a few vectors, a handful
+    of kernels, not on each parameter array (hundreds of tiny launches on a GPU). The
+    state keeps its leaves: checkpoints hold the tree a notebook loads.
     """
 
     def __init__(self, params):
@@ -230,12 +230,12 @@ def _data_order(config, data: dict) -> dict:
     return dict(batch_size=config.batch_size, seed=config.seed, repeat=config.data.repeat, **data)
 
 
-def restore_or_init(mngr, model, tx, config, mesh, order: dict | None = None) -> TrainState:
+def restore_or_init(mngr, model, tx, config, mesh, order: dict) -> TrainState:
     """The newest readable checkpoint in `mngr` on the mesh, or a fresh state.
 
     Refuses (`CheckpointError`, `ConfigError`) a checkpoint of another model, or one saved
-    with another data order (`_data_order`; `order` is this run's, or the config's part
-    alone when None): resuming it would move the data position and the schedule's epochs.
+    with another data order than this run's `order` (`_data_order`): resuming it would
+    move the data position and the schedule's epochs.
     """
     state = init_state(model, tx, config.seed)
     shardings = state_shardings(state, mesh)
@@ -247,17 +247,16 @@ def restore_or_init(mngr, model, tx, config, mesh, order: dict | None = None) ->
                 f"asks for {checkpoints.model_spec(config)}; use another --workdir or the "
                 "matching config"
             )
-        # Checkpoints written before "data" was kept have their batch size in the config.
+        # A checkpoint without "data" tells only its batch size, in its config.
         saved = meta.get("data") or {"batch_size": meta.get("config", {}).get("batch_size")}
-        now = order or _data_order(config, {})
-        changed = [k for k in now if saved.get(k) is not None and saved[k] != now[k]]
+        changed = [k for k in order if saved.get(k) is not None and saved[k] != order[k]]
         if changed:
             was = lambda d: ", ".join(f"{k} {d[k]}" for k in changed)
             fix = [f"--config.{_ORDER_FLAGS[k]}={saved[k]}" for k in changed if k in _ORDER_FLAGS]
             if "images" in changed:
                 fix.append(f"the same {saved['images']} training images")
             raise ConfigError(
-                f"{mngr.directory} was trained with {was(saved)}; resuming with {was(now)} "
+                f"{mngr.directory} was trained with {was(saved)}; resuming with {was(order)} "
                 "would shift the data order and the learning-rate epochs. Resume with "
                 f"{' and '.join(fix)}, or start a new --workdir"
             )

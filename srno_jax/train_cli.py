@@ -145,7 +145,8 @@ def training_data(config):
     import jax
 
     import input_pipeline
-    from srno_jax.errors import ConfigError
+    from srno_jax import evaluation
+    from srno_jax.errors import ConfigError, DataError
     from srno_jax.train import TrainData
 
     d = config.data
@@ -161,7 +162,13 @@ def training_data(config):
             )
         if jax.process_index() == 0:
             val = [val_src[i] for i in range(min(len(val_src), config.eval.max_images))]
-            _check_validation_images(val, config)
+            try:  # at the start, not at the first validation after hours of training
+                evaluation.check_validation_images(val, config.eval.scales, config.eval.protocol)
+            except DataError as e:
+                raise ConfigError(
+                    f"data.val {d.val}: {e}; remove it from the folder or change "
+                    "--config.eval.scales"
+                ) from None
 
     def batches(start_step: int):
         return input_pipeline.TrainLoader(
@@ -184,25 +191,6 @@ def training_data(config):
 
     spe = input_pipeline.steps_per_epoch(len(source), d.repeat, config.batch_size)
     return TrainData(batches, spe, val, len(source))
-
-
-def _check_validation_images(images, config) -> None:
-    """Raises `ConfigError` for a validation image that cannot be scored at one of
-    `eval.scales` under `eval.protocol`: at the start, not at the first validation."""
-    from srno_jax import metrics
-    from srno_jax.errors import ConfigError, DataError
-
-    for i, img in enumerate(images):
-        for s in config.eval.scales:
-            try:
-                hw = metrics.eval_sizes(img.shape, s)[2:]
-                metrics.check_evaluable(hw, config.eval.protocol, s)
-            except DataError as e:
-                raise ConfigError(
-                    f"data.val {config.data.val}: image {i} ({img.shape[0]}x{img.shape[1]}) "
-                    f"cannot be validated at x{s:g}: {e}; remove it from the folder or "
-                    "change --config.eval.scales"
-                ) from None
 
 
 def run(config, workdir) -> dict:
@@ -235,12 +223,14 @@ def _main(argv):
     train.setup_logging()
     compiler.retain_freed_memory()  # before XLA starts its threads
     try:
-        check_config(FLAGS.config)  # before joining a cluster: a typo costs no one's time
+        # Before joining a cluster: a typo, or one host's unusable cache folder, costs no
+        # one's time, and the other hosts do not wait for a host that has left.
+        check_config(FLAGS.config)
+        compiler.enable_compilation_cache()
         how = sharding.initialize_distributed(
             FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
         )
         train.log.info("distributed: %s", how)
-        compiler.enable_compilation_cache()
         results = run(FLAGS.config, FLAGS.workdir)
     except CheckpointWriteError as e:
         # Orbax's writer threads, broken by the failure, would print tracebacks at exit.

@@ -690,7 +690,7 @@ def test_divergence_on_two_hosts_ends_both_keeping_no_bad_checkpoint(env, image_
     assert steps_in(wd) == [], steps_in(wd)
 
 
-def test_hosts_load_disjoint_halves_of_eachrandom_batch(image_dir):
+def test_hosts_load_disjoint_halves_of_each_batch(image_dir):
     import input_pipeline
 
     source = input_pipeline.make_source(str(image_dir), "train")
