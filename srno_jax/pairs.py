@@ -7,13 +7,15 @@ Two folder layouts are paired (``find_pairs``):
 
 An LR file matches the HR file whose stem is its own stem, or its own stem less a
 trailing ``x<s>`` (``0801x2``, ``0801x2.5``; either case). Each pair has a fixed scale,
-read from the two images' sizes (``pair_scale``), so real camera pairs and non-integer
-scales need no configuration. Folders may be local or in a bucket (``gs://...``).
+read from the two images' sizes (``pair_scale``; whole numbers first, as the reference's
+paired loader takes them), so real camera pairs and non-integer scales need no
+configuration. Folders may be local or in a bucket (``gs://...``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 
@@ -42,39 +44,57 @@ class Pair:
     scale: float
 
 
-def pair_scale(hr_hw: tuple[int, int], lr_hw: tuple[int, int], names: str = "") -> float:
-    """The one scale s >= 1 that maps the LR size onto the HR size.
+def _fits(hr_hw: tuple[int, int], lr_hw: tuple[int, int], s: float) -> bool:
+    """Whether each LR side is its HR side / s, floored (an HR image cropped to a multiple
+    of s before it was downsampled, as benchmark LR sets are made) or rounded."""
+    return all(lr in (math.floor(hr / s + 1e-9), round(hr / s)) for hr, lr in zip(hr_hw, lr_hw))
 
-    s = min(H / h, W / w), the ratio of the axis the LR covers more tightly; the sizes fit
-    when each LR side is the rounded HR side / s: h == round(H / s) and w == round(W / s)
-    (Python round, half to even). The HR grid the LR covers is then round(h * s) x
-    round(w * s), never larger than H x W (see `pair_images`).
+
+def pair_scale(
+    hr_hw: tuple[int, int], lr_hw: tuple[int, int], names: str = "", nominal: float | None = None
+) -> float:
+    """The scale s >= 1 that maps the LR size onto the HR size.
+
+    s is `nominal` (an ``X<s>`` folder's scale) where given, else the whole number
+    H // h when it fits, else min(H / h, W / w), the ratio of the axis the LR covers more
+    tightly. It fits (`_fits`) when each LR side is the HR side / s, floored or rounded:
+    a 321 x 481 HR image with its 80 x 120 LR is x4, as the reference's paired loader
+    takes it, not x4.008. The HR grid the LR covers is then round(h * s) x round(w * s),
+    never larger than H x W (see `pair_images`).
 
     Args:
       hr_hw, lr_hw: (height, width) of the HR and LR images, in pixels.
       names: names the files in the error message.
+      nominal: the scale the pair must have, if known.
     Raises:
       DataError: naming `names`, when the LR is larger than the HR on either axis or the
-        sizes match no single scale.
+        sizes do not fit `nominal` or match no single scale.
     """
     (hh, hw), (lh, lw) = hr_hw, lr_hw
     what = f" ({names})" if names else ""
     if min(hh, hw, lh, lw) < 1:
         raise DataError(f"empty image in pair{what}: HR {hh}x{hw}, LR {lh}x{lw}")
-    s = min(hh / lh, hw / lw)
-    if s < 1:
+    tight = min(hh / lh, hw / lw)
+    if tight < 1:
         raise DataError(
             f"the LR image is larger than the HR image{what}: HR {hh}x{hw}, "
             f"LR {lh}x{lw} (H x W); are the two folders swapped?"
         )
-    if round(hh / s) != lh or round(hw / s) != lw:
+    candidates = [nominal] if nominal is not None else [hh // lh, tight]
+    for s in candidates:
+        if s >= 1 and _fits(hr_hw, lr_hw, s):
+            return s
+    if nominal is not None:
         raise DataError(
-            f"the sizes match no single scale{what}: HR {hh}x{hw}, LR {lh}x{lw} "
-            f"(H x W) give x{hh / lh:.4g} vertically and x{hw / lw:.4g} "
-            f"horizontally; resize or crop one of the two so that both axes share "
-            f"one scale"
+            f"the sizes{what} do not fit x{nominal:g}: HR {hh}x{hw}, LR {lh}x{lw} (H x W) "
+            f"are x{tight:.4g} apart; move the LR image to the folder of its scale"
         )
-    return s
+    raise DataError(
+        f"the sizes match no single scale{what}: HR {hh}x{hw}, LR {lh}x{lw} "
+        f"(H x W) give x{hh / lh:.4g} vertically and x{hw / lw:.4g} "
+        f"horizontally; resize or crop one of the two so that both axes share "
+        f"one scale"
+    )
 
 
 def image_hw(path: str) -> tuple[int, int]:
@@ -155,14 +175,13 @@ def find_pairs(folder: str | os.PathLike) -> list[Pair] | None:
                 continue
             hr_path = hr_by_stem[hr_stem]
             names = f"{hr_path} and {lr_path}"
-            scale = pair_scale(image_hw(hr_path), image_hw(lr_path), names)
             nominal = _SCALE_DIR.match(lr_name)
-            if nominal and abs(scale - float(nominal.group(1))) > 1e-6 * scale:
-                raise DataError(
-                    f"{names} are x{scale:.4g} apart, but the folder {lr_name}/ "
-                    f"says x{nominal.group(1)}; move the LR image to the folder "
-                    f"of its scale"
-                )
+            scale = pair_scale(
+                image_hw(hr_path),
+                image_hw(lr_path),
+                names,
+                float(nominal.group(1)) if nominal else None,
+            )
             matched_hr.add(hr_stem)
             name = hr_stem if len(lr_names) == 1 else f"{lr_name}/{hr_stem}"
             pairs.append(Pair(name, hr_path, lr_path, scale))
@@ -202,12 +221,12 @@ def pair_images(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
         give ``pair.scale``.
     """
     lr, hr = load_image(pair.lr_path), load_image(pair.hr_path)
-    names = f"{pair.hr_path} and {pair.lr_path}"
-    s = pair_scale(hr.shape[:2], lr.shape[:2], names)
-    if s != pair.scale:
+    s = pair.scale
+    if not _fits(hr.shape[:2], lr.shape[:2], s):
         raise DataError(
-            f"{names} changed size since they were listed (x{pair.scale:.4g}, now "
-            f"x{s:.4g}); restart to list the folder again"
+            f"{pair.hr_path} and {pair.lr_path} changed size since they were listed "
+            f"(x{s:.4g}, now HR {hr.shape[0]}x{hr.shape[1]}, LR {lr.shape[0]}x{lr.shape[1]}); "
+            "restart to list the folder again"
         )
     h, w = lr.shape[:2]
     return lr, hr[: round(h * s), : round(w * s)]

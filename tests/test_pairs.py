@@ -25,6 +25,14 @@ def test_pair_scale_rules():
     assert pair_scale((101, 90), (40, 36)) == 2.5
     assert pair_scale((90, 101), (36, 40)) == 2.5
     assert pair_scale((10, 10), (10, 10)) == 1.0
+    # LR sets made from an HR image cropped to a multiple of the scale (B100's 321 x 481 at
+    # x4, Set5's 512^2 baby at x3): the whole number, as the reference's paired loader.
+    assert pair_scale((321, 481), (80, 120)) == 4
+    assert pair_scale((512, 512), (170, 170)) == 3
+    assert pair_scale((321, 481), (80, 120), nominal=4.0) == 4.0
+    assert pair_scale((101, 90), (40, 36), nominal=2.5) == 2.5
+    with pytest.raises(DataError, match=r"do not fit x3: HR 48x48, LR 24x24 \(H x W\) are x2"):
+        pair_scale((48, 48), (24, 24), nominal=3.0)
     with pytest.raises(
         DataError, match=r"no single scale \(a\.png and b\.png\).*x4 vertically and x5"
     ):
@@ -92,8 +100,17 @@ def test_mismatched_size_names_the_files(tmp_path):
 def test_scale_folder_must_match_sizes(tmp_path):
     save(tmp_path / "HR" / "a.png", (48, 48))
     save(tmp_path / "X3" / "ax3.png", (24, 24))
-    with pytest.raises(DataError, match=r"x2 apart.*X3/ says x3"):
+    with pytest.raises(DataError, match=r"ax3\.png\) do not fit x3: .* are x2 apart; move"):
         find_pairs(tmp_path)
+
+
+def test_a_pair_cropped_to_a_whole_scale_scores_on_that_grid(tmp_path):
+    """HR 29 x 41 with its 7 x 10 LR at x4 (from HR[:28, :40]): the HR grid is 28 x 40."""
+    save(tmp_path / "HR" / "a.png", (29, 41), 1)
+    save(tmp_path / "X4" / "ax4.png", (7, 10), 2)
+    (pair,) = find_pairs(tmp_path)
+    lr, hr = pair_images(pair)
+    assert pair.scale == 4 and lr.shape == (7, 10, 3) and hr.shape == (28, 40, 3)
 
 
 def test_missing_partners(tmp_path):
