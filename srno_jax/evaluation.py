@@ -202,8 +202,11 @@ def plan(
     if not datasets:
         raise ConfigError("no dataset given; name one or more (e.g. Set5,div2k or a folder)")
     tasks = []
+    given = {}  # each folder's own name: the display name may grow a parent ('a/DIV2K')
+    for name, folder in datasets:
+        given.setdefault(folder, name)
     for name, folder in unique_datasets(datasets):
-        proto = protocol or default_protocol(name)
+        proto = protocol or default_protocol(given[folder])
         by_scale, paired = _items_by_scale(folder, scales)
         size = functools.cache(check_image)  # an HR image serves every scale
         for s, items in by_scale.items():

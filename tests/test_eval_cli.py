@@ -431,6 +431,18 @@ def test_exif_orientation_is_ignored(tmp_path):
     assert sizes == [(40, 60)]  # the stored 41 x 60 cropped to x2, not the displayed 60 x 41
 
 
+def test_protocol_follows_the_folders_own_name_when_display_names_clash(tmp_path):
+    """Two DIV2K_valid_HR folders are shown as a/DIV2K_valid_HR and b/DIV2K_valid_HR;
+    both are still scored under the div2k protocol, which the name chose."""
+    datasets = []
+    for parent in ("a", "b"):
+        _image(tmp_path / parent / "DIV2K_valid_HR" / "x.png", (32, 32))
+        datasets.append(evaluation.resolve_dataset(str(tmp_path / parent / "DIV2K_valid_HR"), None))
+    tasks = evaluation.plan(datasets, [2.0])
+    assert [t.dataset for t in tasks] == ["a/DIV2K_valid_HR", "b/DIV2K_valid_HR"]
+    assert [t.protocol for t in tasks] == ["div2k", "div2k"]
+
+
 @pytest.mark.parametrize(
     "protocol,scale", [("y", 2.0), (None, 1.0), (None, float("inf")), (None, float("nan"))]
 )
