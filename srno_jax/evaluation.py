@@ -90,18 +90,21 @@ def resolve_dataset(name: str, data_dir: str | None) -> tuple[str, str]:
 
     An existing folder, local or in a bucket (``gs://...``), is used as is, normalised
     (`_normpath`); it is named after itself, or its parent when it is called 'HR'. Set5,
-    Set14, B100, Urban100, Manga109 (any case) are ``<data_dir>/benchmark/<Name>/HR``;
-    'div2k' or 'DIV2K_valid' is ``<data_dir>/DIV2K_valid_HR``. Raises `DataError` when
-    the folder does not exist.
+    Set14, B100, Urban100, Manga109 (any case) are ``<data_dir>/benchmark/<Name>/HR``
+    (or ``hr``, as SRNO's configs spell it); 'div2k' or 'DIV2K_valid' is
+    ``<data_dir>/DIV2K_valid_HR`` or, as LIIF's ``load/`` lays it out,
+    ``<data_dir>/div2k/DIV2K_valid_HR``: the first that exists. Raises `DataError`
+    naming the folders looked for when none does.
     """
     if epath.Path(name).is_dir():
         path = _normpath(name)
         return _label(path, 1), path
     key = name.lower()
     if key in _BENCHMARKS:
-        display, parts = _BENCHMARKS[key], ("benchmark", _BENCHMARKS[key], "HR")
+        display = _BENCHMARKS[key]
+        layouts = [("benchmark", display, "HR"), ("benchmark", display, "hr")]
     elif key in ("div2k", "div2k_valid"):
-        display, parts = "DIV2K", ("DIV2K_valid_HR",)
+        display, layouts = "DIV2K", [("DIV2K_valid_HR",), ("div2k", "DIV2K_valid_HR")]
     else:
         raise DataError(
             f"dataset {name!r} is neither a folder nor one of Set5, Set14, B100, "
@@ -111,10 +114,11 @@ def resolve_dataset(name: str, data_dir: str | None) -> tuple[str, str]:
         raise DataError(
             f"dataset {name!r} needs --data_dir (the folder holding benchmark/ and DIV2K_valid_HR/)"
         )
-    path = _normpath(os.path.join(data_dir, *parts))
-    if not epath.Path(path).is_dir():
-        raise DataError(f"dataset {name!r}: folder {path} not found")
-    return display, path
+    paths = [_normpath(os.path.join(data_dir, *parts)) for parts in layouts]
+    for path in paths:
+        if epath.Path(path).is_dir():
+            return display, path
+    raise DataError(f"dataset {name!r}: no folder {' or '.join(paths)}")
 
 
 def _normpath(path: str) -> str:

@@ -18,6 +18,7 @@ _GOLDEN = SMALL_GOLDEN
 
 from srno_jax import eval_cli, load_checkpoint
 from srno_jax.coords import make_coord
+from srno_jax.errors import DataError
 from srno_jax.metrics import eval_cell, make_eval_pair, psnr
 
 
@@ -136,11 +137,26 @@ def test_checkpoints_give_one_row_each(data_dir, tmp_path, capsys):
     assert "img/s" not in captured.err and "%|" not in captured.err  # stderr is no terminal: no bar
 
 
+def test_data_dir_in_the_layouts_of_liif_and_srno(tmp_path):
+    """LIIF's load/ keeps DIV2K in div2k/DIV2K_valid_HR; SRNO's configs spell hr lower-case."""
+    from srno_jax.evaluation import resolve_dataset
+
+    (tmp_path / "div2k" / "DIV2K_valid_HR").mkdir(parents=True)
+    (tmp_path / "benchmark" / "Urban100" / "hr").mkdir(parents=True)
+    assert resolve_dataset("div2k", str(tmp_path)) == (
+        "DIV2K",
+        str(tmp_path / "div2k" / "DIV2K_valid_HR"),
+    )
+    assert resolve_dataset("urban100", str(tmp_path))[1].endswith("benchmark/Urban100/hr")
+    with pytest.raises(DataError, match=r"no folder .*Set5/HR or .*Set5/hr"):
+        resolve_dataset("Set5", str(tmp_path))
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
         (["--data", "/no/such/folder"], "neither a folder"),
-        (["--data", "Set14"], "not found"),
+        (["--data", "Set14"], "no folder"),
         (["--data", "Set5", "--scales", "0.5"], "scale"),
         (["--data", "Set5", "--scales", "1"], "> 1"),
         (["--data", ","], "--data names nothing"),
