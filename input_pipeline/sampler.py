@@ -38,20 +38,26 @@ def check_config(inp_size: int, scale_min: float, scale_max: float, sample_q: in
     return sample_q
 
 
+def _warn_once(key, message: str, *args) -> None:
+    """Logs `message` the first time this process sees `key` (an image and a reason)."""
+    with _warned_lock:
+        first = key not in _warned_small
+        _warned_small.add(key)
+    if first:
+        logging.warning(message, *args)
+
+
 def _upscale_to(hr: np.ndarray, short: int, name) -> np.ndarray:
     """PIL bicubic upscale so the short side is `short` (long side rounded half-to-even)."""
     h, w = hr.shape[:2]
-    with _warned_lock:
-        first = name not in _warned_small
-        _warned_small.add(name)
-    if first:
-        logging.warning(
-            "image %s is %dx%d, smaller than inp_size %d: upscaled (bicubic) for training",
-            name,
-            h,
-            w,
-            short,
-        )
+    _warn_once(
+        (name, "upscaled"),
+        "image %s is %dx%d, smaller than inp_size %d: upscaled (bicubic) for training",
+        name,
+        h,
+        w,
+        short,
+    )
     f = short / min(h, w)
     return np.asarray(Image.fromarray(hr).resize((round(w * f), round(h * f)), Image.BICUBIC))
 
@@ -76,7 +82,8 @@ def sample_patch(
     transpose, in that order) act alike on LR and HR. `sample_q` HR pixels, drawn
     without replacement, give `coord` (their `make_coord` centres in the augmented crop,
     (row, col) in [-1, 1]) and `gt`. Unlike the reference, which crashes there:
-    - a side shorter than w_hr lowers this sample's scale: w_hr = min(H, W);
+    - a side shorter than w_hr lowers this sample's scale: w_hr = min(H, W), with one
+      warning per `name` where scale_max would need more;
     - an image whose short side is below inp_size is first upscaled (PIL bicubic) so
       its short side is inp_size, with one warning per `name`.
 
@@ -95,6 +102,19 @@ def sample_patch(
     if min(hr.shape[:2]) < inp_size:
         hr = _upscale_to(hr, inp_size, name)
     h, w = hr.shape[:2]
+    if min(h, w) < round(inp_size * scale_max):
+        _warn_once(
+            (name, "capped"),
+            "image %s is %dx%d, smaller than the x%g crop (%d pixels): its samples above "
+            "x%.3g are taken at x%.3g",
+            name,
+            h,
+            w,
+            scale_max,
+            round(inp_size * scale_max),
+            min(h, w) / inp_size,
+            min(h, w) / inp_size,
+        )
     s = rng.uniform(scale_min, scale_max)
     w_hr = min(round(inp_size * s), h, w)
     x0 = int(rng.integers(0, h - w_hr + 1))
@@ -119,10 +139,13 @@ def sample_pair_patch(
     The LR patch is inp_size x inp_size with its top-left (x0, y0) uniform in
     [0, h - inp_size] x [0, w - inp_size] (inclusive); the HR patch is w_hr x w_hr,
     w_hr = round(inp_size * scale), at (min(round(x0 * scale), H - w_hr),
-    min(round(y0 * scale), W - w_hr)) (Python round, half to even), so the two cover the
-    same area to within half an HR pixel, exactly at integer scales. Flips and query
-    points then follow `sample_patch` (same draws, same order, same outputs); the scale
-    is the pair's, not drawn.
+    min(round(y0 * scale), W - w_hr)) (Python round, half to even). Each query's `coord`
+    is where its HR pixel's centre lies on the LR patch, ((hx0 + r + 0.5) / scale - x0) /
+    inp_size * 2 - 1 for HR row r (columns alike; beyond [-1, 1] by less than an HR pixel
+    where the crop overhangs the patch), and ``cell`` is one HR pixel there, 2 / (inp_size
+    * scale): exact at any scale, equal to the crop's own grid at integer ones. Flips and
+    query points then follow `sample_patch` (same draws, same order); the scale is the
+    pair's, not drawn.
 
     Args:
       lr: (h, w, 3) uint8 LR image, h, w >= inp_size (the loader checks this once).
@@ -131,7 +154,7 @@ def sample_pair_patch(
       scale: the pair's scale, >= 1.
       sample_q: None means inp_size**2.
     Returns:
-      as `sample_patch`; ``cell`` is 2 / w_hr twice.
+      as `sample_patch`, with ``coord`` and ``cell`` as above.
     """
     h, w = lr.shape[:2]
     w_hr = round(inp_size * scale)
@@ -140,15 +163,37 @@ def sample_pair_patch(
     hx0 = min(round(x0 * scale), hr.shape[0] - w_hr)
     hy0 = min(round(y0 * scale), hr.shape[1] - w_hr)
     crop = hr[hx0 : hx0 + w_hr, hy0 : hy0 + w_hr]
+    # Where each HR row's and column's centre lies on the LR patch, in [-1, 1]: exactly,
+    # where the crop's own grid would be up to an HR pixel off at non-integer scales.
+    at = lambda start, lr_start: (
+        ((start + np.arange(w_hr) + 0.5) / scale - lr_start) / inp_size * 2 - 1
+    ).astype(np.float32)
     return _augment_and_query(
-        lr[x0 : x0 + inp_size, y0 : y0 + inp_size], crop, rng, augment, sample_q or inp_size**2
+        lr[x0 : x0 + inp_size, y0 : y0 + inp_size],
+        crop,
+        rng,
+        augment,
+        sample_q or inp_size**2,
+        positions=(at(hx0, x0), at(hy0, y0)),
+        cell=np.float32(2 / (inp_size * scale)),
     )
 
 
 def _augment_and_query(
-    lr: np.ndarray, crop: np.ndarray, rng: np.random.Generator, augment: bool, sample_q: int
+    lr: np.ndarray,
+    crop: np.ndarray,
+    rng: np.random.Generator,
+    augment: bool,
+    sample_q: int,
+    positions: tuple[np.ndarray, np.ndarray] | None = None,
+    cell=None,
 ) -> dict:
-    """The sample from an LR patch and its square HR crop: flips, then query points."""
+    """The sample from an LR patch and its square HR crop: flips, then query points.
+
+    `positions`: where the crop's rows and columns lie on the LR patch, in [-1, 1], before
+    the flips; None: the crop's own `make_coord` grid, as the reference. `cell`: one HR
+    pixel's size there; None: 2 / w_hr.
+    """
     w_hr = crop.shape[0]
     flips = [rng.random() < 0.5 for _ in range(3)] if augment else [False] * 3
     lr = _augment(lr, *flips)
@@ -156,15 +201,21 @@ def _augment_and_query(
     # Row and column of each drawn pixel in the augmented crop, and where that pixel sits
     # in the crop itself: no augmented copy of the crop and no full coordinate grid.
     row, col = np.divmod(idx, w_hr)
-    axis = make_coord((w_hr,))[:, 0]
-    coord = np.stack([axis[row], axis[col]], axis=-1)
     flip_rows, flip_cols, transpose = flips
     i, j = (col, row) if transpose else (row, col)
-    gt = crop[w_hr - 1 - i if flip_rows else i, w_hr - 1 - j if flip_cols else j]
+    ci, cj = w_hr - 1 - i if flip_rows else i, w_hr - 1 - j if flip_cols else j
+    gt = crop[ci, cj]
+    if positions is None:  # a grid symmetric about 0: the augmented crop's own
+        axis = make_coord((w_hr,))[:, 0]
+        coord = np.stack([axis[row], axis[col]], axis=-1)
+    else:  # the unflipped positions, then the flips (a flip negates, transpose swaps)
+        x = -positions[0][ci] if flip_rows else positions[0][ci]
+        y = -positions[1][cj] if flip_cols else positions[1][cj]
+        coord = np.stack([y, x] if transpose else [x, y], axis=-1)
     return {
         "inp": normalise(lr),
         "coord": coord,
-        "cell": np.full((2,), 2 / w_hr, np.float32),
+        "cell": np.full((2,), 2 / w_hr if cell is None else cell, np.float32),
         "gt": normalise(gt),
     }
 

@@ -153,25 +153,32 @@ def test_config_checked_once_not_per_sample(tmp_path, monkeypatch):
 
 
 def test_small_images(caplog, tmp_path):
+    """Each image is warned about once per reason (names are unique: once per process)."""
     hr = positional_image(30, 100)  # shorter than w_hr for most scales
-    for seed in range(5):
-        out = sample_patch(
-            hr,
-            np.random.default_rng(seed),
-            inp_size=16,
-            scale_min=3.0,
-            scale_max=4.0,
-            augment=False,
-        )
-        x0, y0, w, _ = reconstruct(hr, out, 16)
-        assert w == 30 and x0 == 0
+    short = str(tmp_path / "short.png")
+    with caplog.at_level(logging.WARNING):
+        for seed in range(5):
+            out = sample_patch(
+                hr,
+                np.random.default_rng(seed),
+                inp_size=16,
+                scale_min=3.0,
+                scale_max=4.0,
+                augment=False,
+                name=short,
+            )
+            x0, y0, w, _ = reconstruct(hr, out, 16)
+            assert w == 30 and x0 == 0
+    (warning,) = [r.getMessage() for r in caplog.records if short in r.getMessage()]
+    assert "is 30x100, smaller than the x4 crop (64 pixels): its samples above x1.88" in warning
     tiny = positional_image(10, 30)  # shorter than inp_size: upscaled to 16 x 48
-    name = str(tmp_path / "tiny.png")  # unique: the warning comes once per name per process
+    name = str(tmp_path / "tiny.png")
     with caplog.at_level(logging.WARNING):
         for seed in range(3):
             out = sample_patch(tiny, np.random.default_rng(seed), inp_size=16, name=name)
             assert out["cell"][0] == np.float32(2 / 16) and out["inp"].shape == (16, 16, 3)
-    assert sum(name in r.getMessage() for r in caplog.records) == 1
+    said = [r.getMessage() for r in caplog.records if name in r.getMessage()]
+    assert len(said) == 2 and "upscaled" in said[0] and "x4 crop" in said[1], said
 
 
 def write_images(folder, n, size=(64, 80), seed=0):
@@ -349,15 +356,14 @@ def write_pairs(folder, hr_lr_sizes, seed=0):
     return folder
 
 
-@pytest.mark.parametrize("scale", [2.0, 2.5])
+@pytest.mark.parametrize("scale", [2.0, 2.5, 42 / 17])
 def test_pair_patch_is_aligned(scale):
-    """An LR and an HR image that spell out their own pixel positions: the LR patch, the
-    HR crop and the flips found in a sample agree with each other and with the rules."""
+    """An LR and an HR image that spell out their own pixel positions: each query's coord,
+    read on the (flipped) LR patch, is its HR pixel's centre on the LR image, exactly."""
     h, w, p = 40, 36, 8
     lr = positional_image(h, w)
     hr = positional_image(round(h * scale), round(w * scale))
-    w_hr = round(p * scale)
-    flips_seen = set()
+    maps_seen = set()
     for seed in range(10):
         out = sample_pair_patch(lr, hr, scale, np.random.default_rng(seed), inp_size=p, sample_q=50)
         assert {k: v.shape for k, v in out.items()} == {
@@ -366,21 +372,18 @@ def test_pair_patch_is_aligned(scale):
             "cell": (2,),
             "gt": (50, 3),
         }
-        hx0, hy0, w_found, flips = reconstruct(hr, out, p)
-        assert w_found == w_hr
-        inp = to_uint8(out["inp"])
-        fr, fc, tr = flips  # undo the augmentation: transpose first, then the flips
-        x0, y0 = [int(v) for v in augment(augment(inp, False, False, tr), fr, fc, False)[0, 0, :2]]
-        assert x0 <= h - p and y0 <= w - p
-        np.testing.assert_array_equal(inp, augment(lr[x0 : x0 + p, y0 : y0 + p], *flips))
-        assert (hx0, hy0) == (
-            min(round(x0 * scale), hr.shape[0] - w_hr),
-            min(round(y0 * scale), hr.shape[1] - w_hr),
-        )
-        if scale == 2.0:
-            assert (hx0, hy0) == (2 * x0, 2 * y0)
-        flips_seen.add(flips)
-    assert len(flips_seen) > 3
+        assert (out["cell"] == np.float32(2 / (p * scale))).all()
+        # The patch's pixel centres on the LR image: an affine map of the patch's own
+        # (row, col), with the flips in its matrix.
+        inp = to_uint8(out["inp"]).astype(float)[..., :2] + 0.5
+        t = inp[0, 0] - 0.5 * (inp[1, 0] - inp[0, 0]) - 0.5 * (inp[0, 1] - inp[0, 0])
+        A = np.stack([inp[1, 0] - inp[0, 0], inp[0, 1] - inp[0, 0]], -1)
+        u = (out["coord"].astype(np.float64) + 1) / 2 * p
+        on_lr = u @ A.T + t
+        hr_centre = (to_uint8(out["gt"])[:, :2].astype(float) + 0.5) / scale
+        np.testing.assert_allclose(on_lr, hr_centre, atol=1e-4)
+        maps_seen.add(tuple(A.ravel()))
+    assert len(maps_seen) > 3  # the flips were exercised
 
 
 def test_paired_folder_loader(tmp_path):
