@@ -32,6 +32,7 @@ def _real(lo, hi=None, lo_open=False, hi_open=False):
     return ok, f"a finite number {'>' if lo_open else '>='} {lo}{high}"
 
 
+F32_MAX = 3.4028234663852886e38
 # field -> (predicate, what it must be).
 RULES = {
     "seed": _int(0),
@@ -45,7 +46,7 @@ RULES = {
     "data.sample_q": _int(0),
     "data.workers": _int(0),
     "data.prefetch": _int(0),
-    "optim.lr": _real(0, lo_open=True),
+    "optim.lr": _real(0, F32_MAX, lo_open=True),  # beyond, the step's float32 rate is inf
     "optim.warmup_mult": _real(0, lo_open=True),
     "optim.warmup_epochs": _int(0),
     "optim.epochs": _int(1),

@@ -441,7 +441,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data: TrainDa
                 stop.raise_if_failed(agreed, step)
                 reason = stop.reason(agreed)
                 if step % config.log_every_steps == 0 or step == total or reason:
-                    _check_divergence(state, step, config, mngr, workdir)
+                    _check_divergence(state, step, config, mngr, workdir, start)
                     rate = (step - last_log) * config.batch_size / max(time.time() - last_t, 1e-9)
                     with stop.guard("logging", step):
                         _log_progress(writer, step, total, metrics, rate, config.batch_size)
@@ -467,19 +467,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data: TrainDa
     return results
 
 
-def _check_divergence(state, step, config, mngr, workdir):
+def _check_divergence(state, step, config, mngr, workdir, start: int):
     """Raises `TrainingDiverged` after max_nonfinite_steps non-finite steps in a row.
 
     Skipped steps leave the parameters alone, so the whole streak evaluated the state
-    saved just before it: that checkpoint is deleted, and the error names the last one
-    left. Every host reads the same replicated counter, so all of them raise.
+    saved just before it: that checkpoint is deleted if this run wrote it, and the error
+    names the last one left. The one the run resumed from (`start`) is kept: a streak
+    right after it may come from this run's config (an infinite learning rate), and a
+    retry would otherwise delete one more good checkpoint each time. Every host reads
+    the same replicated counter, so all of them raise.
     """
     n = int(state.nonfinite)
     if n < config.max_nonfinite_steps:
         return
     checkpoints.finish(mngr)
     first_bad = step - n + 1
-    kept = checkpoints.delete_after(mngr, first_bad - 1)
+    kept = checkpoints.delete_after(mngr, max(first_bad - 1, start + 1))
     good = (
         f"the last good checkpoint, step {kept}, is kept in {workdir}"
         if kept is not None

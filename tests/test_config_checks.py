@@ -38,3 +38,10 @@ def test_missing_fields_are_named_once_per_section():
         ConfigError, match=r"the config has no field data, optim.lr, model.encoder_args: a config"
     ):
         check_config(config)
+
+
+def test_a_learning_rate_beyond_float32_is_refused():
+    config = default.get_config()
+    config.optim.lr = 1e39  # inf in the step's float32: every step would be skipped
+    with pytest.raises(ConfigError, match=r"optim.lr = 1e\+39 is invalid: .* <= 3.4"):
+        check_config(config)

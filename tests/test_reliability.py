@@ -305,6 +305,19 @@ def test_divergence_keeps_the_last_good_checkpoint(env, image_dir, tmp_path):
     assert steps_in(wd) == [2, 3, 4], steps_in(wd)
     assert not [n for n in os.listdir(wd / "checkpoints") if TMP_SUFFIX in n]
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params_of(wd)))
+    # A rate that is infinite in float32 (3e38 x 10) makes every step non-finite from the
+    # first: the checkpoint resumed from is not the cause, and retries must keep it.
+    for _ in range(2):
+        p = run_main(
+            env,
+            image_dir,
+            wd,
+            *DIVERGING,
+            "--config.optim.lr=3e38",
+            "--config.optim.warmup_mult=10",
+        )
+        assert_clean_error(p, "steps 5..7", f"the last good checkpoint, step 4, is kept in {wd}")
+        assert steps_in(wd) == [2, 3, 4], steps_in(wd)
 
 
 def test_nan_learning_rate_never_reaches_the_parameters(tiny_step):
