@@ -408,6 +408,7 @@ def restore_latest(mngr: ocp.CheckpointManager, target, shardings, check_meta):
         try:
             meta = _read_meta(step_dir)
             try:
+                _check_step_name(step_dir, meta)
                 check_meta(meta)
             except SRNOError as e:
                 refused = e
@@ -521,10 +522,15 @@ def load_orbax(path) -> tuple[SRNO, dict]:
     train state). A newest step that cannot be read gives way to the one before with a
     warning, as in `restore_latest`.
     """
+    return _load_newest(path)[1:]
+
+
+def _load_newest(path) -> tuple[epath.Path, SRNO, dict]:
+    """`load_orbax`, with the step folder it read."""
     dirs = _step_dirs(workdir_lib.resolve(path))
     for i, step_dir in enumerate(dirs):
         try:
-            return _load_step(step_dir)
+            return (step_dir, *_load_step(step_dir))
         except CheckpointError:
             raise
         except Exception as e:
@@ -536,8 +542,20 @@ def load_orbax(path) -> tuple[SRNO, dict]:
     raise AssertionError("unreachable")
 
 
+def _check_step_name(step_dir: epath.Path, meta: dict) -> None:
+    """Refuses a step folder whose name is not the step it holds (a copy or a rename):
+    the newest-first order of the folder names would pick the wrong weights."""
+    step = meta.get("step")
+    if step_dir.name.isdigit() and isinstance(step, int) and step != int(step_dir.name):
+        raise CheckpointError(
+            f"checkpoint folder {step_dir} holds step {step}; rename it to {step} or move "
+            f"it out of {step_dir.parent}"
+        )
+
+
 def _load_step(step_dir: epath.Path):
     meta = _read_meta(step_dir)
+    _check_step_name(step_dir, meta)
     model = model_from_spec(meta["model"])
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     if (step_dir / "state").exists():  # the older layout: the parameters inside the state
@@ -594,18 +612,25 @@ def _check_stored_shapes(step_dir: epath.Path, like) -> None:
 
 
 def export_for_inference(path, out, dtype: str = "float32") -> epath.Path:
-    """Writes the parameters of an Orbax checkpoint (a workdir or a step folder) as an
-    inference-only folder `out` holding the items `params` and `meta`, in `dtype`, one of
-    `EXPORT_DTYPES` (float16 halves the size; loading casts back to float32). Returns
-    `out`."""
+    """Writes the parameters of an Orbax checkpoint (a workdir, its newest readable step,
+    or a step folder) as an inference-only folder `out` holding the items `params` and
+    `meta`, in `dtype`, one of `EXPORT_DTYPES` (float16 halves the size; loading casts
+    back to float32). Returns `out`. Raises `CheckpointError` when a parameter does not
+    fit `dtype`'s range, before writing anything."""
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"export dtype {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
-    step_dir = _step_dirs(workdir_lib.resolve(path))[0]
-    _, variables = load_orbax(step_dir)
+    step_dir, _, variables = _load_newest(path)
     out = workdir_lib.resolve(out)
     if out.exists():
         raise CheckpointError(f"{out} exists; choose a new folder for the export")
-    params = jax.tree.map(lambda x: np.asarray(x, jnp.dtype(dtype)), variables["params"])
+    with np.errstate(over="ignore"):  # an overflow is reported below, in one line
+        params = jax.tree.map(lambda x: np.asarray(x, jnp.dtype(dtype)), variables["params"])
+    for key, x in jax.tree.leaves_with_path(params):
+        if not np.isfinite(x).all():  # the checkpoint's own are finite: the cast overflowed
+            raise CheckpointError(
+                f"params{jax.tree_util.keystr(key)} exceeds {dtype}'s range; export it as "
+                "bfloat16 or float32"
+            )
     out.mkdir(parents=True)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(out / "params", params)

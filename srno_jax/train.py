@@ -247,8 +247,14 @@ def restore_or_init(mngr, model, tx, config, mesh, order: dict) -> TrainState:
                 f"asks for {checkpoints.model_spec(config)}; use another --workdir or the "
                 "matching config"
             )
-        # A checkpoint without "data" tells only its batch size, in its config.
-        saved = meta.get("data") or {"batch_size": meta.get("config", {}).get("batch_size")}
+        # A checkpoint without "data" tells its seed, and its batch size and repeat in its
+        # config (its steps per epoch and image count are not known).
+        old = meta.get("config", {})
+        saved = meta.get("data") or {
+            "batch_size": old.get("batch_size"),
+            "seed": meta.get("seed"),
+            "repeat": old.get("data", {}).get("repeat"),
+        }
         changed = [k for k in order if saved.get(k) is not None and saved[k] != order[k]]
         if changed:
             was = lambda d: ", ".join(f"{k} {d[k]}" for k in changed)

@@ -63,6 +63,50 @@ def test_export_for_inference_float16(run4, tmp_path):
         checkpoints.export_for_inference(run4, out)
 
 
+def test_a_step_folder_named_after_another_step_is_refused(image_dir, run4, tmp_path):
+    """A kept copy of step 2 named 100 would be taken for the newest: refused in one line."""
+    wd = tmp_path / "run"
+    shutil.copytree(run4, wd)
+    shutil.copytree(wd / "checkpoints" / "2", wd / "checkpoints" / "100")
+    message = r"checkpoints/100 holds step 2; rename it to 2 or move it out of"
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(wd)
+    with pytest.raises(CheckpointError, match=message):
+        train_cli.run(tiny_config(image_dir, total_steps=6), wd)
+
+
+def test_a_legacy_checkpoint_refuses_another_seed(image_dir, tmp_path):
+    wd = tmp_path / "legacy"
+    shutil.copytree(LEGACY, wd)
+    with pytest.raises(ConfigError, match="trained with seed 0; resuming with seed 7"):
+        train_cli.run(tiny_config(image_dir, total_steps=4, seed=7), wd)
+
+
+def test_export_falls_back_as_loading_does_and_refuses_an_overflow(run4, tmp_path):
+    wd = tmp_path / "run"
+    shutil.copytree(run4, wd)
+    shutil.rmtree(wd / "checkpoints" / "4" / "params")  # the newest step is unreadable
+    out = checkpoints.export_for_inference(wd, tmp_path / "export")
+    assert_same(
+        load_checkpoint(out)[1]["params"], load_checkpoint(run4 / "checkpoints" / "2")[1]["params"]
+    )
+    big = tmp_path / "big"
+    shutil.copytree(run4, big)
+    mngr = checkpoints.manager(big, keep=3)
+    model, tx = train.model_from_config(tiny_config(".")), train.make_optimizer(tiny_config("."))
+    state = train.init_state(model, tx, 0)
+    params = jax.tree.map(lambda x: x, state.params)
+    params["lifting"]["bias"] = params["lifting"]["bias"].at[0].set(1e5)
+    checkpoints.save(mngr, state.replace(params=params, step=jnp.asarray(9)), tiny_config("."))
+    mngr.wait_until_finished()
+    mngr.close()
+    with pytest.raises(
+        CheckpointError, match=r"params\['lifting'\]\['bias'\] exceeds float16's range"
+    ):
+        checkpoints.export_for_inference(big, tmp_path / "half", dtype="float16")
+    assert not (tmp_path / "half").exists()
+
+
 def test_export_dtypes(run4, tmp_path):
     out = checkpoints.export_for_inference(run4, tmp_path / "bf16", dtype="bfloat16")
     _, full = load_checkpoint(run4)
