@@ -47,15 +47,16 @@ has_backend() { "$py" -c "import jax; assert jax.default_backend() == '$backend'
 
 if [[ -n $dry ]]; then work='$WORK'; else work=$(mktemp -d); fi
 run mkdir -p "$out"
-if [[ -n $dry ]] || ! has_backend; then
+if ! has_backend; then  # checked in a dry run too: it only imports jax
   echo "# $py has no JAX for $backend: a virtualenv with jax[cuda12] from PyPI"
   run python3 -m venv "$work/venv"
   py=$work/venv/bin/python
-  run "$py" -m pip install -q -U "jax[cuda12]" -e "$repo"
+  # [train]: scikit-image, for the demo photographs of input_pipeline_128 and main_*.
+  run "$py" -m pip install -q -U "jax[cuda12]" -e "$repo[train]"
 fi
 missing=()
 for m in "${extras[@]}"; do
-  if [[ -n $dry ]] || ! "$py" -c "import $m" 2>/dev/null; then missing+=("$m"); fi
+  if ! "$py" -c "import $m" 2>/dev/null; then missing+=("$m"); fi
 done
 if ((${#missing[@]})); then
   if [[ -n ${WHEELS:-} ]]; then

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import statistics
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -186,6 +187,16 @@ def test_gpu_script_dry_run(tmp_path):
         ["bash", str(_BENCH / "gpu.sh"), "--no-such"], capture_output=True, text=True, env=env
     )
     assert bad.returncode == 2 and "unknown argument" in bad.stderr
+    # A Python that has JAX for the backend is used as it is, in the preview too.
+    proc = subprocess.run(
+        ["bash", str(_BENCH / "gpu.sh"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        env=dict(env, PYTHON=sys.executable, BACKEND="cpu"),
+        check=True,
+    )
+    assert "-m venv" not in proc.stdout, proc.stdout
+    assert f"+ {sys.executable} benchmarks/run.py --only" in proc.stdout, proc.stdout
 
 
 def test_time_fn_profile_summarises_the_traced_call(tmp_path):
