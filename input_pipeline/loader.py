@@ -21,6 +21,8 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
+import time
 import weakref
 
 import numpy as np
@@ -99,6 +101,16 @@ def _init_worker(source, started, decoded_dir):
     # died of the signal first would break the pool, and the run would fail unsaved.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Nor does a worker outlive the main process when that is killed outright (kill -9, an
+    # out-of-memory kill): nothing would read its batches, and it would hold its memory.
+    parent = os.getppid()
+
+    def exit_with_parent():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=exit_with_parent, name="parent-watch", daemon=True).start()
     _worker_source = _DecodedOnce(source, decoded_dir) if decoded_dir else source
     _worker_started = started
 

@@ -200,6 +200,42 @@ def test_a_signal_to_the_process_group_stops_worker_processes_cleanly(env, image
         assert m and steps_in(wd)[-1] == int(m.group(1)), log
 
 
+def _children(pid):
+    """Process ids whose parent is `pid` (Linux /proc)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if entry.isdigit() and int(fields[1]) == pid:
+            kids.append(int(entry))
+    return kids
+
+
+def _alive(pid):
+    try:  # a zombie (state Z) has exited; only its parent has not collected it
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_worker_processes_exit_when_the_main_process_is_killed(env, image_dir, tmp_path):
+    """kill -9 (or the kernel's out-of-memory killer) gives the main process no chance to
+    close its loader: the workers must notice and exit, not hold their memory forever."""
+    flags = ("--config.total_steps=100000", "--config.data.worker_processes=true")
+    proc, lines = start_main(env, image_dir, tmp_path / "run", *flags), []
+    wait_for_step(proc, 2, lines)
+    workers = _children(proc.pid)
+    assert len(workers) >= 2, workers  # the workers (and multiprocessing's resource tracker)
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 15
+    while any(_alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [w for w in workers if _alive(w)], "workers outlived the main process"
+
+
 def test_kill9_during_async_saves_keeps_last_complete_checkpoint(
     env, image_dir, tmp_path, straight
 ):
