@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
+
 from srno_jax import metrics
 from srno_jax.errors import ConfigError
 
@@ -32,7 +34,7 @@ def _real(lo, hi=None, lo_open=False, hi_open=False):
     return ok, f"a finite number {'>' if lo_open else '>='} {lo}{high}"
 
 
-F32_MAX = 3.4028234663852886e38
+F32_MAX = float(np.finfo(np.float32).max)
 # field -> (predicate, what it must be).
 RULES = {
     "seed": _int(0),
@@ -109,16 +111,15 @@ def check_config(config) -> None:
             "built-in one and changes what it needs (see configs/rdn.py)"
         )
     for field, (ok, what) in RULES.items():
-        value, _ = _get(config, field)
+        value = _get(config, field)[0]
         if not ok(value):
             raise ConfigError(
                 f"config field {field} = {value!r} is invalid: it must be {what} "
                 f"(set it with --config.{field}=...)"
             )
-    dtype, _ = _get(config, "compute_dtype")
-    if dtype not in COMPUTE_DTYPES:
+    if config.compute_dtype not in COMPUTE_DTYPES:
         raise ConfigError(
-            f"config field compute_dtype = {dtype!r} is invalid: it must be one "
+            f"config field compute_dtype = {config.compute_dtype!r} is invalid: it must be one "
             f"of {', '.join(COMPUTE_DTYPES)}"
         )
     # The model is checked as a checkpoint's model args are.

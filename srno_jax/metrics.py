@@ -46,10 +46,17 @@ def check_protocol(protocol: str | None) -> str | None:
     return protocol
 
 
+def lr_side(hr_side: int, scale: float) -> int:
+    """floor(hr_side / scale): the LR side of an HR side cropped to a multiple of the
+    scale. The 1e-9 keeps exact multiples (333 / 3.7 = 89.999...) from flooring one
+    pixel low."""
+    return math.floor(hr_side / scale + 1e-9)
+
+
 def eval_sizes(hr_shape: tuple[int, ...], scale: float) -> tuple[int, int, int, int]:
     """Sizes of a test pair for an HR image of shape (H, W[, C]) at `scale`.
 
-    Returns (h_lr, w_lr, h_hr, w_hr) with h_lr = floor(H / scale + 1e-9) and
+    Returns (h_lr, w_lr, h_hr, w_hr) with h_lr = `lr_side`(H, scale) and
     h_hr = round(h_lr * scale) (Python round), the same for W: the reference's
     ``SRImplicitDownsampled`` with ``inp_size=None``.
 
@@ -59,8 +66,7 @@ def eval_sizes(hr_shape: tuple[int, ...], scale: float) -> tuple[int, int, int, 
     """
     check_scale(scale)
     h, w = int(hr_shape[0]), int(hr_shape[1])
-    # The 1e-9 keeps exact multiples (333 / 3.7 = 89.999...) from flooring one pixel low.
-    h_lr, w_lr = math.floor(h / scale + 1e-9), math.floor(w / scale + 1e-9)
+    h_lr, w_lr = lr_side(h, scale), lr_side(w, scale)
     if h_lr < 1 or w_lr < 1:
         raise DataError(
             f"an image of {h}x{w} is smaller than one LR pixel at scale {scale:g}; "

@@ -15,7 +15,6 @@ configuration. Folders may be local or in a bucket (``gs://...``).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 
@@ -25,6 +24,7 @@ from PIL import Image
 
 from srno_jax.errors import DataError
 from srno_jax.images import bomb_error, image_files, load_image
+from srno_jax.metrics import lr_side
 
 _SCALE_DIR = re.compile(r"^[xX](\d+(?:\.\d+)?)$")  # X2, X3, x2.5
 _SCALE_SUFFIX = re.compile(r"[xX]\d+(?:\.\d+)?$")  # the 'x2' of 0801x2
@@ -47,7 +47,7 @@ class Pair:
 def _fits(hr_hw: tuple[int, int], lr_hw: tuple[int, int], s: float) -> bool:
     """Whether each LR side is its HR side / s, floored (an HR image cropped to a multiple
     of s before it was downsampled, as benchmark LR sets are made) or rounded."""
-    return all(lr in (math.floor(hr / s + 1e-9), round(hr / s)) for hr, lr in zip(hr_hw, lr_hw))
+    return all(lr in (lr_side(hr, s), round(hr / s)) for hr, lr in zip(hr_hw, lr_hw))
 
 
 def pair_scale(

@@ -22,6 +22,8 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
+from srno_jax.errors import summary
+
 BUILTIN_CONFIGS = ("default", "demo", "rdn")
 
 flags.DEFINE_string(
@@ -86,7 +88,7 @@ def _check_config_file(config: str) -> None:
     try:
         loader.exec_module(module)
     except Exception as e:
-        sys.exit(f"error: cannot load --config {path}: {type(e).__name__}: {e}")
+        sys.exit(f"error: cannot load --config {path}: {summary(e)}")
     get_config = getattr(module, "get_config", None)
     if not callable(get_config):
         sys.exit(
@@ -104,7 +106,7 @@ def _check_config_file(config: str) -> None:
     try:
         made = get_config(*args)
     except Exception as e:
-        sys.exit(f"error: --config {config}: get_config failed: {type(e).__name__}: {e}")
+        sys.exit(f"error: --config {config}: get_config failed: {summary(e)}")
     if not isinstance(made, ml_collections.ConfigDict):
         sys.exit(
             f"error: --config {config}: get_config returned a {type(made).__name__}, not an "

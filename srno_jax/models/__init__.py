@@ -116,15 +116,15 @@ def check_variables(model, variables) -> None:
         for k, v in jax.tree.leaves_with_path(variables["params"])
     }
     for path in sorted(want.keys() | got.keys()):
-        if want.get(path) != got.get(path):
-            problem = (
-                "is missing"
-                if path not in got
-                else "is not the model's"
-                if path not in want
-                else f"has shape {got[path]}, the model's {want[path]}"
-            )
-            raise ConfigError(f"the variables do not fit the model: params{path} {problem}; {fix}")
+        if path not in got:
+            problem = "is missing"
+        elif path not in want:
+            problem = "is not the model's"
+        elif got[path] != want[path]:
+            problem = f"has shape {got[path]}, the model's {want[path]}"
+        else:
+            continue
+        raise ConfigError(f"the variables do not fit the model: params{path} {problem}; {fix}")
 
 
 def make_model(
