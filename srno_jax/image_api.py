@@ -170,6 +170,8 @@ def upscale(
       Colour = round(clip(pred * 0.5 + 0.5, 0, 1) * 255), where the model queries the
       output grid's pixel centres with cell = (2 / H', 2 / W') * max(s / 4, 1) and s the
       larger of the two axis scales (`metrics.eval_cell`, the reference's "mcell").
+      The values are in the input's colour space: to keep its colour profile, pass
+      ``image.info.get('icc_profile')`` to the save (PIL's or `images.save_image`).
     Raises:
       ConfigError for a bad scale/size, DataError for a bad image (both before any work).
     """

@@ -300,3 +300,25 @@ def test_a_multi_frame_file_reads_as_its_first_frame_where_allowed(tmp_path, ext
     frames[0].save(tmp_path / f"two{ext}", save_all=True, append_images=frames[1:])
     first = load_image(tmp_path / f"two{ext}")
     assert first.shape == (6, 5, 3) and abs(int(first.mean()) - 10) <= 2
+
+
+def test_the_readmes_python_example_runs_and_keeps_the_colour_profile(tmp_path, monkeypatch, icc):
+    """The README's "From Python or a notebook" block, as written, on the shipped demo
+    model and a small JPEG with a colour profile."""
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("From Python or a notebook:", 1)[1].split("```python\n", 1)[1]
+    code = block.split("```", 1)[0]
+    checkpoint = str(ROOT / "examples" / "assets" / "demo_srno")
+    assert '"edsr-baseline_epoch-1000.pth"' in code
+    code = code.replace('"edsr-baseline_epoch-1000.pth"', repr(checkpoint))
+    rgb = np.random.default_rng(0).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "photo.jpg", icc_profile=icc[b"RGB "])
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["pred"].shape == (1, 44, 44, 3)
+    with Image.open(tmp_path / "photo_x3.7.png") as out:
+        assert out.size == (44, 44)
+        assert out.info.get("icc_profile") == icc[b"RGB "]
