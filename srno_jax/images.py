@@ -214,6 +214,7 @@ def save_image(
     img: np.ndarray,
     quality: int | None = None,
     icc_profile: bytes | None = None,
+    replace: bool = True,
 ) -> None:
     """Writes a uint8 (H, W), (H, W, 2|3|4) array (L, LA, RGB, RGBA) in the format of
     the file's extension (`output_format`): 8-bit PNG, JPEG, WebP, TIFF or BMP.
@@ -226,8 +227,11 @@ def save_image(
     embedded in PNG, JPEG, WebP and TIFF (`ICC_FORMATS`) when it fits the mode written
     (`icc_profile_for`); otherwise, and in BMP, the file has none (viewers assume sRGB).
     The file appears complete or not at all (written beside it, then renamed).
+    With `replace` False an existing file at `path` is kept, including one that another
+    program creates while this one writes (the rename is then a hard link, which fails
+    if the name is taken).
     Raises `ConfigError` for what `check_savable` refuses, `DataError` naming the file
-    when it cannot be written.
+    when it cannot be written or exists with `replace` False.
     """
     img = np.asarray(img, np.uint8)
     fmt = check_savable(path, img.shape[:2])
@@ -249,12 +253,32 @@ def save_image(
     partial = os.path.join(folder, f".{name}.partial")
     try:
         pil.save(partial, format=fmt, **options)
-        os.replace(partial, path)
+        if replace:
+            os.replace(partial, path)
+        else:
+            _move_to_new_name(partial, path)
+    except FileExistsError:
+        raise DataError(
+            f"not replacing {path}: it exists (made while this image was computed)"
+        ) from None
     except (OSError, ValueError) as e:
         raise DataError(f"cannot write {path}: {e}") from None
     finally:
         if os.path.exists(partial):
             os.remove(partial)
+
+
+def _move_to_new_name(src: str, dst: str | os.PathLike) -> None:
+    """Renames `src` to `dst` unless `dst` exists (FileExistsError), atomically where the
+    filesystem has hard links; without them (FAT, some network mounts) check, then rename."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError:
+        if os.path.lexists(dst):
+            raise FileExistsError(dst) from None
+        os.replace(src, dst)
 
 
 def resize_bicubic(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:

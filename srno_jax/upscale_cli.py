@@ -391,7 +391,13 @@ def main(argv: list[str] | None = None) -> int:
                         model, variables, image, size=job.size, chunk_size=args.chunk_size
                     )
                     # The input's colour profile (a phone's Display-P3), where it fits.
-                    save_image(job.output, out, args.quality, image.info.get("icc_profile"))
+                    save_image(
+                        job.output,
+                        out,
+                        args.quality,
+                        image.info.get("icc_profile"),
+                        replace=args.overwrite,
+                    )
                     done += 1
                     # Progress lines must never stop the work (`| head -1`, a non-UTF-8 name).
                     line = f"wrote {job.output} ({job.size[1]}x{job.size[0]})"

@@ -317,6 +317,36 @@ def test_unwritable_output_folder_is_refused_before_any_work(
     assert "not writable" in capsys.readouterr().err and not loads
 
 
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_an_output_made_while_computing_is_kept(
+    ckpt, photo, tmp_path, capsys, monkeypatch, hard_links
+):
+    """A file that appears at the output's name after the check up front (another job,
+    the user) is kept without --overwrite, on filesystems with and without hard links."""
+    out = tmp_path / "out.png"
+    from srno_jax import image_api  # main imports upscale from there when it runs
+
+    compute = image_api.upscale
+
+    def meanwhile(*args, **kwargs):
+        out.write_bytes(b"someone else's")
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(image_api, "upscale", meanwhile)
+    if not hard_links:
+
+        def no_links(src, dst):
+            raise PermissionError(1, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", no_links)
+    assert run(photo, out, "--scale", 2, "--checkpoint", ckpt) == 2
+    assert f"not replacing {out}: it exists" in capsys.readouterr().err
+    assert out.read_bytes() == b"someone else's"
+    assert sorted(os.listdir(tmp_path)) == ["in.png", "out.png"]
+    assert run(photo, out, "--scale", 2, "--checkpoint", ckpt, "--overwrite") == 0
+    assert Image.open(out).size == (20, 24)
+
+
 def test_output_equal_to_input_needs_overwrite(ckpt, photo, capsys, loads):
     before = photo.read_bytes()
     assert run(photo, photo, "--scale", 2, "--checkpoint", ckpt) == 2
