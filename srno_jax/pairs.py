@@ -6,10 +6,9 @@ Two folder layouts are paired (``find_pairs``):
     root/HR/0801.png  root/X2/0801x2.png  root/X4/0801x4.png   DIV2K: one folder per scale
 
 An LR file matches the HR file whose stem is its own stem, or its own stem less a
-trailing ``x<s>`` (``0801x2``, ``0801x2.5``; either case). Each pair has a fixed scale,
-read from the two images' sizes (``pair_scale``; whole numbers first, as the reference's
-paired loader takes them), so real camera pairs and non-integer scales need no
-configuration. Folders may be local or in a bucket (``gs://...``).
+trailing ``x<s>`` (``0801x2``, ``0801x2.5``; either case). Each pair has a fixed scale:
+an ``X<s>`` folder's, or one read from the two images' sizes (``pair_scale``: a whole
+number, as the reference's paired loader takes it, or an exact ratio of both sides). Folders may be local or in a bucket (``gs://...``).
 """
 
 from __future__ import annotations
@@ -56,19 +55,23 @@ def pair_scale(
     """The scale s >= 1 that maps the LR size onto the HR size.
 
     s is `nominal` (an ``X<s>`` folder's scale) where given, else the whole number
-    H // h when it fits, else min(H / h, W / w), the ratio of the axis the LR covers more
-    tightly. It fits (`_fits`) when each LR side is the HR side / s, floored or rounded:
-    a 321 x 481 HR image with its 80 x 120 LR is x4, as the reference's paired loader
-    takes it, not x4.008. The HR grid the LR covers is then round(h * s) x round(w * s),
-    never larger than H x W (see `pair_images`).
+    H // h when it fits, else H / h when that equals W / w exactly (the HR image is the LR
+    image's size times s on both axes). It fits (`_fits`) when each LR side is the HR
+    side / s, floored or rounded: a 321 x 481 HR image with its 80 x 120 LR is x4, as the
+    reference's paired loader takes it, not x4.008. Other non-integer scales are not read
+    from the sizes, because a range of them fits: a 50 x 60 HR image with a 13 x 16 LR is
+    x3.7 (floored sides) as well as x3.75 (60 / 16), and the two crop and align the HR
+    image differently. The HR grid the LR covers is round(h * s) x round(w * s), which can
+    exceed H x W by a row or column of rounding (`pair_images` keeps the rows that exist).
 
     Args:
       hr_hw, lr_hw: (height, width) of the HR and LR images, in pixels.
       names: names the files in the error message.
       nominal: the scale the pair must have, if known.
     Raises:
-      DataError: naming `names`, when the LR is larger than the HR on either axis or the
-        sizes do not fit `nominal` or match no single scale.
+      DataError: naming `names`, when the LR is larger than the HR on either axis, the
+        sizes do not fit `nominal`, or (without `nominal`) they fit no scale or only
+        non-integer scales other than an exact ratio.
     """
     (hh, hw), (lh, lw) = hr_hw, lr_hw
     what = f" ({names})" if names else ""
@@ -80,14 +83,23 @@ def pair_scale(
             f"the LR image is larger than the HR image{what}: HR {hh}x{hw}, "
             f"LR {lh}x{lw} (H x W); are the two folders swapped?"
         )
-    candidates = [nominal] if nominal is not None else [hh // lh, tight]
-    for s in candidates:
-        if s >= 1 and _fits(hr_hw, lr_hw, s):
-            return s
     if nominal is not None:
+        if _fits(hr_hw, lr_hw, nominal):
+            return nominal
         raise DataError(
             f"the sizes{what} do not fit x{nominal:g}: HR {hh}x{hw}, LR {lh}x{lw} (H x W) "
             f"are x{tight:.4g} apart; move the LR image to the folder of its scale"
+        )
+    if _fits(hr_hw, lr_hw, hh // lh):
+        return float(hh // lh)
+    if hh * lw == hw * lh:
+        return hh / lh
+    if _fits(hr_hw, lr_hw, tight):
+        raise DataError(
+            f"the scale of{what} cannot be told from the sizes: HR {hh}x{hw} and LR "
+            f"{lh}x{lw} (H x W) fit no whole number but several non-integer scales "
+            f"(x{tight:.4g} among them), which crop the HR image differently; put the LR "
+            "images of this scale in a folder named for it (X3.7/ for x3.7) beside HR/"
         )
     raise DataError(
         f"the sizes match no single scale{what}: HR {hh}x{hw}, LR {lh}x{lw} "
@@ -167,12 +179,19 @@ def find_pairs(folder: str | os.PathLike) -> list[Pair] | None:
     matched_hr, pairs = set(), []
     for lr_name in lr_names:
         lr_dir = os.path.join(folder, lr_name)
-        unmatched = []
+        unmatched, lr_of_hr = [], {}
         for stem, lr_path in sorted(_by_stem(image_files(lr_dir), lr_dir).items()):
             hr_stem = stem if stem in hr_by_stem else _SCALE_SUFFIX.sub("", stem)
             if hr_stem not in hr_by_stem:
                 unmatched.append(os.path.basename(lr_path))
                 continue
+            if hr_stem in lr_of_hr:  # scored twice, that image would weigh double
+                raise DataError(
+                    f"two images in {lr_dir} pair with {hr_by_stem[hr_stem]}: "
+                    f"{os.path.basename(lr_of_hr[hr_stem])} and {os.path.basename(lr_path)}; "
+                    "keep one, or move the other to the folder of its scale (X2/, X4/)"
+                )
+            lr_of_hr[hr_stem] = lr_path
             hr_path = hr_by_stem[hr_stem]
             names = f"{hr_path} and {lr_path}"
             nominal = _SCALE_DIR.match(lr_name)
@@ -214,7 +233,8 @@ def pair_images(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
     lr is the whole LR image, (h, w, 3). hr is the HR image cropped to the grid the LR
     covers: its top-left round(h * s) x round(w * s) pixels (Python round, half to even;
     s = ``pair.scale``), which drops at most the last rows or columns that fall short of
-    one LR pixel.
+    one LR pixel; where an LR side was rounded up, the HR side is one short of that grid
+    and is kept whole (as the reference's paired loader crops).
 
     Raises:
       DataError: naming the files, when they cannot be read or their sizes no longer

@@ -20,10 +20,7 @@ def test_pair_scale_rules():
     assert pair_scale((64, 80), (16, 20)) == 4.0
     assert pair_scale((100, 90), (40, 36)) == 2.5
     assert pair_scale((33, 48), (11, 16)) == 3.0
-    # A side one pixel beyond the LR grid: the scale comes from the tighter axis, and the
-    # LR side is the rounded HR side / s.
-    assert pair_scale((101, 90), (40, 36)) == 2.5
-    assert pair_scale((90, 101), (36, 40)) == 2.5
+    assert pair_scale((90, 101), (36, 40), nominal=2.5) == 2.5
     assert pair_scale((10, 10), (10, 10)) == 1.0
     # LR sets made from an HR image cropped to a multiple of the scale (B100's 321 x 481 at
     # x4, Set5's 512^2 baby at x3): the whole number, as the reference's paired loader.
@@ -41,8 +38,25 @@ def test_pair_scale_rules():
         pair_scale((16, 20), (64, 80))
 
 
+@pytest.mark.parametrize(
+    "hr,lr,scale",
+    [
+        ((50, 60), (13, 16), 3.7),  # x3.7 floored; 60 / 16 = x3.75 would fit as well
+        ((45, 52), (12, 14), 3.7),
+        ((101, 90), (40, 36), 2.5),  # one spare HR row: x2.5, or x2.525 rounded
+    ],
+)
+def test_a_non_integer_scale_that_the_sizes_leave_open_needs_its_folder(hr, lr, scale):
+    """Several non-integer scales fit these sizes and crop the HR image differently
+    (x3.75 would score the reference's x3.7 pair 4 dB low): refused, naming the fix; the
+    scale's X<s> folder gives it."""
+    with pytest.raises(DataError, match=r"cannot be told from the sizes.*X3\.7/ for x3\.7"):
+        pair_scale(hr, lr, "a.png and b.png")
+    assert pair_scale(hr, lr, nominal=scale) == scale
+
+
 def test_hr_lr_layout_with_non_integer_scale(tmp_path):
-    hr_a = save(tmp_path / "HR" / "a.png", (101, 90), 1)  # x2.5, one spare HR row
+    hr_a = save(tmp_path / "HR" / "a.png", (100, 90), 1)  # exactly x2.5 on both axes
     save(tmp_path / "LR" / "a.png", (40, 36), 2)
     save(tmp_path / "HR" / "b.png", (48, 64), 3)  # x4
     lr_b = save(tmp_path / "LR" / "bx4.png", (12, 16), 4)
@@ -54,7 +68,7 @@ def test_hr_lr_layout_with_non_integer_scale(tmp_path):
     ]
     lr, hr = pair_images(pairs[0])
     assert lr.shape == (40, 36, 3) and lr.dtype == np.uint8
-    np.testing.assert_array_equal(hr, hr_a[:100, :90])  # top-left kept
+    np.testing.assert_array_equal(hr, hr_a)
     lr, hr = pair_images(pairs[1])
     np.testing.assert_array_equal(lr, lr_b)
     assert hr.shape == (48, 64, 3)
@@ -80,6 +94,15 @@ def test_div2k_layout(tmp_path):
     assert pairs[2].lr_path.endswith("0801x3.png") and pairs[2].hr_path.endswith("0801.png")
     lr, hr = pair_images(pairs[2])
     assert lr.shape == (16, 24, 3) and hr.shape == (48, 72, 3)
+
+
+def test_two_lr_images_of_one_hr_image_are_refused(tmp_path):
+    """im0.png and im0x2.png in one LR folder: scoring both would count im0 twice."""
+    save(tmp_path / "HR" / "im0.png", (16, 16))
+    save(tmp_path / "LR" / "im0.png", (8, 8))
+    save(tmp_path / "LR" / "im0x2.png", (8, 8))
+    with pytest.raises(DataError, match=r"two images in .*LR pair with .*im0\.png: im0\.png and"):
+        find_pairs(tmp_path)
 
 
 def test_not_a_paired_layout(tmp_path):
