@@ -231,7 +231,6 @@ def _evaluate(args, results: list[dict], state: dict) -> None:
         _DEFAULT_SCALES if args.scales is None else args.scales,
         args.protocol,
         strict=args.strict,
-        with_ssim=args.per_image,
         max_output_pixels=(
             MAX_OUTPUT_PIXELS if args.max_output_pixels is None else args.max_output_pixels
         ),

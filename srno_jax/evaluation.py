@@ -176,7 +176,6 @@ def plan(
     protocol: str | None = None,
     *,
     strict: bool = False,
-    with_ssim: bool = False,
     max_output_pixels: int | None = None,
 ) -> list[Task]:
     """The tasks of an evaluation, every argument and image checked before any work.
@@ -188,7 +187,6 @@ def plan(
         folder is evaluated at its pairs' own scales instead.
       protocol: 'div2k' or 'benchmark' for all; None: `metrics.default_protocol(name)`.
       strict: raise on the first unusable image instead of skipping it.
-      with_ssim: images must leave an SSIM window after shaving.
       max_output_pixels: the largest HR grid (H x W) to predict; None: no limit.
     Returns:
       [Task] in datasets x scales order (a paired folder's scales ascending). An image
@@ -218,7 +216,7 @@ def plan(
             for item in items:
                 try:
                     hw = _hr_grid(size, item, s)
-                    check_evaluable(hw, proto, s, with_ssim)
+                    check_evaluable(hw, proto, s)
                 except (DataError, ConfigError) as e:
                     if strict:
                         raise DataError(f"{name}: {item.name}: {e}") from None
@@ -292,12 +290,19 @@ def score_pair(
     protocol: str | None,
     with_ssim: bool = False,
 ) -> dict:
-    """{'psnr'[, 'ssim']} of upsampling the uint8 `lr` to its uint8 ground truth `hr`."""
+    """{'psnr'[, 'ssim']} of upsampling the uint8 `lr` to its uint8 ground truth `hr`;
+    'ssim' is None for an image too small for SSIM's 11 x 11 window after the shave
+    (which still has a PSNR: asking for SSIM never changes which images are scored)."""
     sr = upsampler(lr, hr.shape[:2], scale)
     hr = hr.astype(np.float64) / 255.0
     row = {"psnr": psnr(sr, hr, protocol, scale)}
     if with_ssim:
-        row["ssim"] = ssim(sr, hr, protocol, scale)
+        try:
+            check_evaluable(hr.shape[:2], protocol, scale, with_ssim=True)
+        except DataError:
+            row["ssim"] = None
+        else:
+            row["ssim"] = ssim(sr, hr, protocol, scale)
     return row
 
 

@@ -603,3 +603,23 @@ def test_paired_decompression_bomb_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "refusing" in err and "b.png" in err and "MAX_IMAGE_PIXELS" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_per_image_does_not_change_which_images_are_scored(tmp_path, capsys):
+    """A 16 x 16 image at x4 keeps 8 x 8 pixels after the shave: a PSNR, but no 11 x 11
+    SSIM window. Asking for SSIM must not drop it from the table's mean."""
+    folder = tmp_path / "imgs"
+    _image(folder / "big.png", (40, 40), seed=1, smooth=True)
+    _image(folder / "small.png", (16, 16), seed=2, smooth=True)
+    rows = {}
+    for extra in ((), ("--per_image",)):
+        out = tmp_path / f"r{len(extra)}.json"
+        assert _run("--data", folder, "--scales", "4", "--json", out, *extra) == 0
+        (rows[extra],) = _strict_json(out)["results"]
+    plain, per = rows[()], rows[("--per_image",)]
+    assert plain["images"] == per["images"] == 2 and per["skipped"] == []
+    assert per["psnr"] == plain["psnr"]
+    by_name = {r["image"]: r for r in per["per_image"]}
+    assert by_name["small.png"]["ssim"] is None and 0 < by_name["big.png"]["ssim"] <= 1
+    assert per["psnr"] == pytest.approx(np.mean([r["psnr"] for r in per["per_image"]]))
+    assert "skipping" not in capsys.readouterr().err
