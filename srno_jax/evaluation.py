@@ -88,18 +88,21 @@ class Task:
 def resolve_dataset(name: str, data_dir: str | None) -> tuple[str, str]:
     """(display name, folder) for a dataset name or a folder path.
 
-    An existing folder, local or in a bucket (``gs://...``), is used as is, normalised
-    (`_normpath`); it is named after itself, or its parent when it is called 'HR'. Set5,
-    Set14, B100, Urban100, Manga109 (any case) are ``<data_dir>/benchmark/<Name>/HR``
+    Set5, Set14, B100, Urban100, Manga109 (any case) are ``<data_dir>/benchmark/<Name>/HR``
     (or ``hr``, as SRNO's configs spell it); 'div2k' or 'DIV2K_valid' is
     ``<data_dir>/DIV2K_valid_HR`` or, as LIIF's ``load/`` lays it out,
-    ``<data_dir>/div2k/DIV2K_valid_HR``: the first that exists. Raises `DataError`
-    naming the folders looked for when none does.
+    ``<data_dir>/div2k/DIV2K_valid_HR``: the first that exists. With `data_dir` given,
+    these names always mean those folders, even where a folder of the same name is in
+    the working directory (``./Set5`` names that one). Any other existing folder, local
+    or in a bucket (``gs://...``), is used as is, normalised (`_normpath`); it is named
+    after itself, or its parent when it is called 'HR'. Raises `DataError` naming the
+    folders looked for when none exists.
     """
-    if epath.Path(name).is_dir():
+    key = name.lower()
+    known = key in _BENCHMARKS or key in ("div2k", "div2k_valid")
+    if epath.Path(name).is_dir() and not (known and data_dir is not None):
         path = _normpath(name)
         return _label(path, 1), path
-    key = name.lower()
     if key in _BENCHMARKS:
         display = _BENCHMARKS[key]
         layouts = [("benchmark", display, "HR"), ("benchmark", display, "hr")]
@@ -118,7 +121,10 @@ def resolve_dataset(name: str, data_dir: str | None) -> tuple[str, str]:
     for path in paths:
         if epath.Path(path).is_dir():
             return display, path
-    raise DataError(f"dataset {name!r}: no folder {' or '.join(paths)}")
+    here = (
+        f"; to evaluate ./{name} instead, pass it as ./{name}" if epath.Path(name).is_dir() else ""
+    )
+    raise DataError(f"dataset {name!r}: no folder {' or '.join(paths)}{here}")
 
 
 def _normpath(path: str) -> str:

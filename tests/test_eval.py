@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -150,6 +151,25 @@ def test_data_dir_in_the_layouts_of_liif_and_srno(tmp_path):
     assert resolve_dataset("urban100", str(tmp_path))[1].endswith("benchmark/Urban100/hr")
     with pytest.raises(DataError, match=r"no folder .*Set5/HR or .*Set5/hr"):
         resolve_dataset("Set5", str(tmp_path))
+
+
+def test_a_folder_named_like_a_benchmark_does_not_shadow_data_dir(tmp_path, monkeypatch):
+    """A stray ./Set5 (SR outputs, an unzipped copy) must not replace the benchmark that
+    --data_dir names; ./Set5 still reaches it, and without --data_dir Set5 is the folder."""
+    from srno_jax.evaluation import resolve_dataset
+
+    (tmp_path / "Set5").mkdir()
+    (tmp_path / "load" / "benchmark" / "Set5" / "HR").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_dataset("Set5", "load") == (
+        "Set5",
+        os.path.join("load", "benchmark", "Set5", "HR"),
+    )
+    assert resolve_dataset("./Set5", "load") == ("Set5", "Set5")
+    assert resolve_dataset("Set5", None) == ("Set5", "Set5")
+    with pytest.raises(DataError, match=r"no folder .*Set14/hr; to evaluate ./Set14 instead, pass"):
+        (tmp_path / "Set14").mkdir()
+        resolve_dataset("Set14", "load")
 
 
 @pytest.mark.parametrize(
