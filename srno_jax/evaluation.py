@@ -24,7 +24,7 @@ import numpy as np
 from etils import epath
 
 from srno_jax import pairs
-from srno_jax.errors import ConfigError, DataError
+from srno_jax.errors import CheckpointError, ConfigError, DataError
 from srno_jax.images import (
     IMAGE_EXTENSIONS,
     check_mode,
@@ -298,8 +298,16 @@ def score_pair(
 ) -> dict:
     """{'psnr'[, 'ssim']} of upsampling the uint8 `lr` to its uint8 ground truth `hr`;
     'ssim' is None for an image too small for SSIM's 11 x 11 window after the shave
-    (which still has a PSNR: asking for SSIM never changes which images are scored)."""
+    (which still has a PSNR: asking for SSIM never changes which images are scored).
+    Raises `CheckpointError` when the prediction is not finite: a broken model, not an
+    image to skip while the others are averaged."""
     sr = upsampler(lr, hr.shape[:2], scale)
+    if not np.isfinite(sr).all():
+        raise CheckpointError(
+            f"the model predicts NaN or infinite values at x{scale:g} ({hr.shape[0]}x"
+            f"{hr.shape[1]} output); its parameters are broken (a diverged run?), so no "
+            "PSNR of it means anything: evaluate an earlier checkpoint"
+        )
     hr = hr.astype(np.float64) / 255.0
     row = {"psnr": psnr(sr, hr, protocol, scale)}
     if with_ssim:

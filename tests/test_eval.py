@@ -219,3 +219,27 @@ def test_unparsable_scales_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         eval_cli.main(["--checkpoint", "bicubic", "--data", "x", "--scales", "two"])
     assert e.value.code == 2 and "comma-separated" in capsys.readouterr().err
+
+
+def test_a_model_that_predicts_nan_stops_the_evaluation(tmp_path):
+    """NaN in one image's prediction is a broken model, not an image to skip while the
+    others are averaged into a number that looks fine."""
+    from srno_jax.errors import CheckpointError
+    from srno_jax.evaluation import bicubic_upsampler, evaluate_task, plan
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(folder / name)
+    (task,) = plan([("imgs", str(folder))], [2.0])
+    calls = []
+
+    def nan_on_second(lr, hr_size, scale):
+        calls.append(1)
+        out = bicubic_upsampler(lr, hr_size, scale)
+        return out * np.nan if len(calls) == 2 else out
+
+    with pytest.raises(CheckpointError, match=r"NaN or infinite values at x2 \(24x24 output\)"):
+        evaluate_task(nan_on_second, task)
+    assert evaluate_task(bicubic_upsampler, task)["images"] == 2
