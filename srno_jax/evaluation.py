@@ -421,6 +421,8 @@ def format_table(results: list[dict]) -> str:
     columns keep their first-seen order; PSNR has 2 decimals, '-' marks a missing cell;
     scales read as `scale_labels` gives them, so no two columns share a header.
     A cell with skipped images gets a '*' and a note below the table with its counts.
+    Results with a 'protocol' add a last line naming each protocol and its datasets, since
+    it is chosen by folder name (`metrics.default_protocol`).
     """
     columns = list(dict.fromkeys((r.get("dataset", ""), r["scale"]) for r in results))
     methods = list(dict.fromkeys(r.get("checkpoint", "") for r in results))
@@ -447,7 +449,19 @@ def format_table(results: list[dict]) -> str:
                 )
             row.append(text)
         lines.append("| " + " | ".join(row) + " |")
+    by_protocol = {}
+    for r in results:
+        if r.get("protocol") is not None:
+            by_protocol.setdefault(r["protocol"], {})[r.get("dataset") or "all"] = None
+    if by_protocol:
+        notes.append(
+            "PSNR protocol: "
+            + "; ".join(f"{p} ({_PROTOCOLS[p]}) for {', '.join(d)}" for p, d in by_protocol.items())
+        )
     return "\n".join(lines + ([""] + list(dict.fromkeys(notes)) if notes else []))
+
+
+_PROTOCOLS = {"benchmark": "Y channel, shave ceil(s)", "div2k": "RGB, shave ceil(s) + 6"}
 
 
 def check_validation_images(images, scales, protocol: str = "benchmark") -> None:

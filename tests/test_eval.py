@@ -130,6 +130,8 @@ def test_checkpoints_give_one_row_each(data_dir, tmp_path, capsys):
         "|---|---|",
         f"| bicubic | {bic['psnr']:.2f} |",
         f"| {pth} | {r['psnr']:.2f} |",
+        "",
+        "PSNR protocol: benchmark (Y channel, shave ceil(s)) for small",
     ]
     # The compile share: the model compiled here; bicubic compiles nothing.
     timing = doc["timing"]
@@ -243,3 +245,20 @@ def test_a_model_that_predicts_nan_stops_the_evaluation(tmp_path):
     with pytest.raises(CheckpointError, match=r"NaN or infinite values at x2 \(24x24 output\)"):
         evaluate_task(nan_on_second, task)
     assert evaluate_task(bicubic_upsampler, task)["images"] == 2
+
+
+def test_the_table_names_the_protocol_of_each_dataset():
+    """The protocol follows the folder's name (/data/DIV2K/valid is a benchmark by that
+    rule): the table says which one each column used."""
+    from srno_jax.evaluation import format_table
+
+    results = [
+        {"checkpoint": "m", "dataset": d, "scale": 2.0, "psnr": 30.0, "protocol": p}
+        for d, p in (("Set5", "benchmark"), ("DIV2K", "div2k"), ("valid", "benchmark"))
+    ]
+    assert format_table(results).splitlines()[-2:] == [
+        "",
+        "PSNR protocol: benchmark (Y channel, shave ceil(s)) for Set5, valid; "
+        "div2k (RGB, shave ceil(s) + 6) for DIV2K",
+    ]
+    assert "protocol" not in format_table([{"scale": 2.0, "psnr": 30.0}])
