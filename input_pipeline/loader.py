@@ -29,7 +29,7 @@ import numpy as np
 
 from input_pipeline.sampler import check_config, sample_pair_patch, sample_patch
 from input_pipeline.sources import PairedSource
-from srno_jax.errors import ConfigError
+from srno_jax.errors import ConfigError, HostError
 
 _ALIGN = 64  # bytes: each array of a batch block starts on a cache line
 _SHM_PREFIX = "srno-loader-"
@@ -386,6 +386,16 @@ class TrainLoader:
     def __next__(self) -> dict:
         if self._closed:
             raise RuntimeError("TrainLoader is closed")
+        try:
+            return self._next()
+        except concurrent.futures.BrokenExecutor as e:  # from a result, or a submit
+            raise HostError(
+                f"a data loader worker process died building the batch of step {self.step} "
+                f"({e}): killed for memory (see dmesg) or crashed; rerun to resume from the "
+                "last checkpoint, with fewer --config.data.workers if memory ran out"
+            ) from None
+
+    def _next(self) -> dict:
         self._fill(1)
         step, block, futures = self._pending.popleft()
         self._fill(self.prefetch)
@@ -402,11 +412,35 @@ class TrainLoader:
     def close(self):
         """Stops the workers; batches in flight are dropped, batches handed out stay."""
         self._closed = True
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._shm_dir is None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        else:
+            self._stop_processes()
         self._pending.clear()
         self._blocks.clear()
         if self._shm_dir is not None:
             self._remove_shm()
+
+    def _stop_processes(self, grace_s: float = 10.0):
+        """Shuts the process pool down, killing workers that do not exit within `grace_s`.
+
+        A worker killed outright (the out-of-memory killer) can die holding the pool's
+        task-queue lock; the others then wait on it forever. The pool's own terminate()
+        sends SIGTERM, which workers ignore (see `_init_worker`), so without SIGKILL here
+        the shutdown, and the run, would hang until the job's time limit.
+        """
+        # ProcessPoolExecutor keeps these private; without them, a plain shutdown.
+        procs = list((getattr(self._pool, "_processes", None) or {}).values())
+        manager = getattr(self._pool, "_executor_manager_thread", None)
+        self._pool.shutdown(wait=not procs, cancel_futures=True)
+        deadline = time.monotonic() + grace_s
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join()
+        if manager is not None:
+            manager.join()
 
     def __enter__(self):
         return self

@@ -25,7 +25,7 @@ from input_pipeline import (
     steps_per_epoch,
 )
 from srno_jax.coords import make_coord
-from srno_jax.errors import ConfigError, DataError
+from srno_jax.errors import ConfigError, DataError, HostError
 from srno_jax.images import resize_bicubic
 
 
@@ -425,6 +425,29 @@ def test_loader_batches_are_not_overwritten(tmp_path):
         shm_dir = loader._shm_dir
     assert not os.path.exists(shm_dir)
     np.testing.assert_array_equal(inp_view, copy["inp"][1:])  # still readable after close
+
+
+def test_a_killed_worker_process_stops_the_loader_within_seconds(tmp_path):
+    """Workers killed outright (the out-of-memory killer) break the pool; one of them may
+    die holding the task queue's lock, on which the others then wait forever, ignoring
+    the pool's SIGTERM. The loader must fail in one line and close, not hang the run."""
+    import signal
+    import threading
+
+    source = FolderSource(write_images(tmp_path / "imgs", 3))
+    loader = TrainLoader(source, **LOADER_KW, workers=3, processes=True)
+    next(loader)
+    workers = list(loader._pool._processes.values())
+    for p in workers[:2]:  # whichever held the lock, the third may be left waiting on it
+        os.kill(p.pid, signal.SIGKILL)
+    with pytest.raises(HostError, match=r"worker process died .*see dmesg.*rerun to resume"):
+        for _ in range(20):
+            next(loader)
+    closing = threading.Thread(target=loader.close, daemon=True)
+    closing.start()
+    closing.join(60)
+    assert not closing.is_alive(), "close() hangs on the surviving worker"
+    assert not any(p.is_alive() for p in workers)
 
 
 def test_full_shared_memory_is_one_clear_error(tmp_path, monkeypatch):
