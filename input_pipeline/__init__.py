@@ -13,6 +13,7 @@ from input_pipeline.sources import (
     FolderSource,
     PairedSource,
     TFDSSource,
+    describe,
     make_source,
 )
 
@@ -27,5 +28,6 @@ __all__ = [
     "FolderSource",
     "PairedSource",
     "TFDSSource",
+    "describe",
     "make_source",
 ]

@@ -76,7 +76,9 @@ def _build_sample(source, i: int, seed: int, step: int, k: int, kw: dict) -> dic
     rng = np.random.default_rng([seed, step, k])
     if isinstance(source, PairedSource):
         return sample_pair_patch(*source[i], rng, **kw)
-    return sample_patch(source[i], rng, name=f"{source.name}[{i}]", **kw)
+    files = getattr(getattr(source, "source", source), "files", None)  # under _DecodedOnce too
+    name = files[i] if files is not None else f"{source.name}[{i}]"
+    return sample_patch(source[i], rng, name=name, **kw)
 
 
 def _build_rows(source, buf, layout: dict, todo: list, seed: int, step: int, kw: dict) -> None:

@@ -18,6 +18,8 @@ from srno_jax.coords import make_coord
 from srno_jax.errors import ConfigError
 from srno_jax.images import normalise, resize_bicubic
 
+# A child of the package's logger, which main.py shows; the root logger is absl's.
+log = logging.getLogger("srno_jax.data")
 _warned_small: set = set()
 _warned_lock = threading.Lock()
 
@@ -44,7 +46,7 @@ def _warn_once(key, message: str, *args) -> None:
         first = key not in _warned_small
         _warned_small.add(key)
     if first:
-        logging.warning(message, *args)
+        log.warning(message, *args)
 
 
 def _upscale_to(hr: np.ndarray, short: int, name) -> np.ndarray:

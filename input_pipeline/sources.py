@@ -14,6 +14,7 @@ import importlib.resources
 import logging
 import os
 import threading
+import warnings
 
 import numpy as np
 from etils import epath
@@ -23,14 +24,25 @@ from srno_jax.errors import ConfigError, DataError
 from srno_jax.images import IMAGE_EXTENSIONS, image_files, load_image
 from srno_jax.pairs import find_pairs, image_hw, pair_images
 
+# A child of the package's logger, which main.py shows; the root logger is absl's.
+log = logging.getLogger("srno_jax.data")
+
 
 class _SkipsUnreadable:
     """Reading item i of a source, or the next readable one when i fails to decode.
 
     Each item that fails is warned about once, counted in ``skipped`` and not tried
-    again; the substitute is the next readable item (deterministic). Subclasses set
-    ``path`` and ``skipped`` and call `_read`.
+    again; the substitute is the next readable item (deterministic). ``first_failure``
+    names the first item skipped and why (None while none was). Subclasses set ``path``
+    and ``skipped`` and call `_read`.
     """
+
+    first_failure: str | None = None
+
+    def _skip(self, what: str, error: Exception) -> None:
+        self.skipped += 1
+        self.first_failure = self.first_failure or f"{what}: {error}"
+        log.warning("skipping unreadable %s: %s", what, error)
 
     def __getstate__(self):  # for worker processes: a lock does not pickle
         return {k: v for k, v in self.__dict__.items() if k != "_lock"}
@@ -51,9 +63,10 @@ class _SkipsUnreadable:
                 with self._lock:
                     if j not in self._bad:
                         self._bad.add(j)
-                        self.skipped += 1
-                        logging.warning("skipping unreadable %s: %s", describe(j), e)
-        raise DataError(f"no image in {self.path} could be decoded")
+                        self._skip(describe(j), e)
+        raise DataError(
+            f"no image in {self.path} could be decoded (the first: {self.first_failure})"
+        )
 
 
 class FolderSource(_SkipsUnreadable):
@@ -61,8 +74,9 @@ class FolderSource(_SkipsUnreadable):
 
     Files with an image extension (case-insensitive) are checked at construction with
     PIL's ``verify`` (the header; for PNG also every chunk's CRC, so truncated files are
-    caught without decoding). Unreadable ones are skipped with one warning each and
-    counted in ``skipped``. A file that passes the check but fails to decode later is
+    caught without decoding) and PIL's pixel limit (``MAX_IMAGE_PIXELS``, which decoding
+    enforces). Unreadable ones are skipped with one warning each and counted in
+    ``skipped``. A file that passes the check but fails to decode later is
     warned about once, counted, and replaced by the next readable image (deterministic).
     With ``cache``, decoded images stay in memory (DIV2K train: about 5 GB); without,
     each read decodes (``decodes_each_read``).
@@ -79,12 +93,13 @@ class FolderSource(_SkipsUnreadable):
         self.files = []
         for full in image_files(self.path):
             try:
-                with epath.Path(full).open("rb") as f, Image.open(f) as img:
-                    img.verify()
+                with warnings.catch_warnings():  # over the limit: decoding would refuse it
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
+                    with epath.Path(full).open("rb") as f, Image.open(f) as img:
+                        img.verify()
                 self.files.append(full)
             except Exception as e:  # PIL raises many kinds for bad files
-                self.skipped += 1
-                logging.warning("skipping unreadable image %s: %s", full, e)
+                self._skip(f"image {full}", e)
         if not self.files:
             raise DataError(
                 f"no readable images ({', '.join(IMAGE_EXTENSIONS)}) in folder "
@@ -236,6 +251,7 @@ class PairedSource(_SkipsUnreadable):
                 f"beside LR/ or X2/, X3/, ... (one per scale)"
             )
         self.pairs = pairs
+        self._smallest_lr = None
         self.skipped = 0
         self._bad = set()
         self._lock = threading.Lock()
@@ -253,15 +269,39 @@ class PairedSource(_SkipsUnreadable):
 
     def check_inp_size(self, inp_size: int) -> None:
         """Raises `ConfigError` when an LR image is smaller than inp_size x inp_size: a
-        given LR cannot be resized without changing its degradation."""
-        for p in self.pairs:
-            h, w = image_hw(p.lr_path)
-            if min(h, w) < inp_size:
-                raise ConfigError(
-                    f"LR image {p.lr_path} is {h}x{w}, smaller than "
-                    f"data.inp_size {inp_size}; lower data.inp_size or remove "
-                    f"the pair"
-                )
+        given LR cannot be resized without changing its degradation. The LR sizes are
+        read once."""
+        if self._smallest_lr is None:
+            sizes = [(min(image_hw(p.lr_path)), p.lr_path) for p in self.pairs]
+            self._smallest_lr = min(sizes)
+        side, path = self._smallest_lr
+        if side < inp_size:
+            h, w = image_hw(path)
+            raise ConfigError(
+                f"LR image {path} is {h}x{w}, smaller than data.inp_size {inp_size}; lower "
+                "data.inp_size or remove the pair"
+            )
+
+
+def describe(source) -> str:
+    """One line on what a source holds: its size, a paired source's scales (naming the
+    pairs of a scale that few have: a stray LR of the wrong size), and what was skipped."""
+    if isinstance(source, PairedSource):
+        by_scale = {}
+        for p in source.pairs:
+            by_scale.setdefault(p.scale, []).append(p.name)
+        most = max(map(len, by_scale.values()))
+        scales = ", ".join(
+            f"{len(names)} at x{s:g}"
+            + (f" ({', '.join(names)})" if len(names) <= min(3, most - 1) else "")
+            for s, names in sorted(by_scale.items())
+        )
+        text = f"{len(source)} pairs in {source.name}: {scales}"
+    else:
+        text = f"{len(source)} images from {source.name}"
+    if getattr(source, "first_failure", None):
+        text += f"; {source.skipped} unreadable, skipped (the first {source.first_failure})"
+    return text
 
 
 def make_source(spec: str, split: str = "train", data_dir: str | None = None):

@@ -134,8 +134,10 @@ def open_image(
         raise DataError(f"image not found: {path}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise bomb_error(path, e, bomb_fix) from None
-    except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad files
-        raise DataError(f"cannot read image {path}: {e}; is it a complete image file?") from None
+    except Exception as e:  # PIL's errors for corrupt files: OSError, TypeError, ...
+        raise DataError(
+            f"cannot read image {path}: {type(e).__name__}: {e}; is it a complete image file?"
+        ) from None
     if one_frame and frames > 1:
         raise DataError(
             f"{path} is animated or multi-page ({frames} frames), and only the first would "

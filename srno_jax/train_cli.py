@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import inspect
+import logging
 import os
 import re
 import sys
@@ -154,6 +155,10 @@ def training_data(config):
     d = config.data
     sample_q = input_pipeline.check_config(d.inp_size, d.scale_min, d.scale_max, d.sample_q or None)
     source = input_pipeline.make_source(d.train, "train", d.get("data_dir") or None)
+    if isinstance(source, input_pipeline.PairedSource):  # before the model is built
+        source.check_inp_size(d.inp_size)
+    if jax.process_index() == 0:
+        logging.getLogger("srno_jax").info("training data: %s", input_pipeline.describe(source))
     val = []
     if d.val:  # checked on every host, read by process 0 alone, which validates
         val_src = input_pipeline.make_source(d.val, "validation", d.get("data_dir") or None)
@@ -164,6 +169,11 @@ def training_data(config):
             )
         if jax.process_index() == 0:
             val = [val_src[i] for i in range(min(len(val_src), config.eval.max_images))]
+            if getattr(val_src, "skipped", 0):  # a fixed set: no image left out or doubled
+                raise ConfigError(
+                    f"data.val {d.val}: {val_src.skipped} unreadable image(s), the first "
+                    f"{val_src.first_failure}; remove them from the folder"
+                )
             try:  # at the start, not at the first validation after hours of training
                 evaluation.check_validation_images(val, config.eval.scales, config.eval.protocol)
             except DataError as e:

@@ -19,6 +19,7 @@ from input_pipeline import (
     TFDSSource,
     TrainLoader,
     check_config,
+    describe,
     make_source,
     sample_pair_patch,
     sample_patch,
@@ -265,6 +266,56 @@ def test_folder_decode_failure_substitutes_next(tmp_path, caplog):
         source[1]
     assert source.skipped == 1 and len(source) == 3
     assert sum("img01.png" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_an_image_pil_fails_on_oddly_is_skipped_by_name(tmp_path, monkeypatch, caplog):
+    """A corrupt TIFF can pass verify() and then raise TypeError ("Missing dimensions")
+    while decoding: skipped like any unreadable file, and named, not a crash with no name."""
+    from PIL import ImageFile
+
+    folder = write_images(tmp_path / "imgs", 2)
+    source = FolderSource(folder)
+    real = ImageFile.ImageFile.load
+
+    def load(self):
+        if str(getattr(self, "filename", "")).endswith("img00.png"):
+            raise TypeError("Missing dimensions")
+        return real(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    with caplog.at_level(logging.WARNING):
+        np.testing.assert_array_equal(source[0], source[1])
+    assert source.skipped == 1
+    assert "img00.png: cannot read image" in source.first_failure
+    assert "TypeError: Missing dimensions" in source.first_failure
+    monkeypatch.setattr(
+        ImageFile.ImageFile, "load", lambda self: (_ for _ in ()).throw(TypeError("x"))
+    )
+    with pytest.raises(
+        DataError, match=r"no image in .* could be decoded \(the first: image .*img01"
+    ):
+        FolderSource(folder)[1]
+
+
+def test_images_over_pils_pixel_limit_are_skipped_at_the_start(tmp_path, monkeypatch):
+    """Past MAX_IMAGE_PIXELS (PIL warns below twice that, and decoding refuses): skipped
+    when the folder is listed, not substituted during training."""
+    folder = write_images(tmp_path / "imgs", 1)
+    write_images(tmp_path / "imgs", 1, size=(100, 100), seed=1)  # overwrites img00
+    Image.fromarray(np.zeros((64, 80, 3), np.uint8)).save(folder / "img01.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6000)  # 100 x 100 is over, not twice
+    source = FolderSource(folder)
+    assert source.files == [str(folder / "img01.png")] and source.skipped == 1
+    assert "img00.png" in source.first_failure
+    assert "1 images from" in describe(source) and "1 unreadable, skipped" in describe(source)
+
+
+def test_describe_names_the_pairs_of_a_rare_scale(tmp_path):
+    folder = write_pairs(
+        tmp_path / "pairs",
+        {"a": ((32, 40), (8, 10)), "b": ((32, 40), (8, 10)), "odd": ((48, 48), (25, 25))},
+    )
+    assert describe(PairedSource(folder)) == (f"3 pairs in {folder}: 1 at x1.92 (odd), 2 at x4")
 
 
 def test_folder_errors(tmp_path):

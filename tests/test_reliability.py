@@ -9,6 +9,7 @@ import asyncio.base_events
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -481,6 +482,20 @@ def test_resume_of_another_architecture_is_refused(env, image_dir, straight):
     )
     assert_clean_error(p, "holds a checkpoint of model", "'width': 16", "'width': 24")
     assert steps_in(straight)[-1] == STRAIGHT_STEPS
+
+
+def test_unreadable_images_are_reported_and_refused_for_validation(env, image_dir, tmp_path):
+    """main.py shows the loader's skips (absl sets the root logger to FATAL) and one line
+    on the data; an unreadable validation image is refused at the start, since skipping
+    it would change, or double an image in, the validation set."""
+    train, val = tmp_path / "train", tmp_path / "val"
+    for folder in (train, val):
+        shutil.copytree(image_dir, folder)
+        (folder / "broken.png").write_bytes(b"not an image")
+    p = run_main(env, train, tmp_path / "run", f"--config.data.val={val}", timeout=120)
+    assert_clean_error(p, f"data.val {val}: 1 unreadable image(s), the first image ")
+    assert f"skipping unreadable image {train / 'broken.png'}" in p.stderr
+    assert f"training data: 4 images from {train}; 1 unreadable, skipped" in p.stderr
 
 
 def test_workdir_that_is_a_file_or_unwritable(env, image_dir, tmp_path):
