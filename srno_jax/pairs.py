@@ -22,7 +22,7 @@ from etils import epath
 from PIL import Image
 
 from srno_jax.errors import DataError
-from srno_jax.images import bomb_error, image_files, load_image
+from srno_jax.images import ORIENTATION_TAG, bomb_error, image_files, load_image
 from srno_jax.metrics import lr_side
 
 _SCALE_DIR = re.compile(r"^[xX](\d+(?:\.\d+)?)$")  # X2, X3, x2.5
@@ -114,9 +114,15 @@ def image_hw(path: str) -> tuple[int, int]:
 
     Raises `DataError` naming the file when it is missing or its header unreadable.
     """
+    return _header(path)[0]
+
+
+def _header(path: str) -> tuple[tuple[int, int], int]:
+    """((height, width), EXIF orientation, 1 when none) of an image file, as stored; see
+    `image_hw`."""
     try:
         with epath.Path(path).open("rb") as f, Image.open(f) as img:
-            return img.height, img.width
+            return (img.height, img.width), img.getexif().get(ORIENTATION_TAG, 1)
     except FileNotFoundError:
         raise DataError(f"image not found: {path}") from None
     except Image.DecompressionBombError as e:
@@ -165,8 +171,9 @@ def find_pairs(folder: str | os.PathLike) -> list[Pair] | None:
 
     Raises:
       DataError: naming the files, when an HR or LR image has no partner, two images
-        share a stem, a header cannot be read, the sizes match no scale (or not the
-        folder's), or the layout holds no image at all.
+        share a stem or two LR images one HR image, a header cannot be read, the two
+        images of a pair carry different EXIF orientations, the sizes match no scale
+        (or not the folder's; see `pair_scale`), or the layout holds no image at all.
     """
     folder = os.fspath(folder)
     hr_dir = os.path.join(folder, "HR")
@@ -194,13 +201,15 @@ def find_pairs(folder: str | os.PathLike) -> list[Pair] | None:
             lr_of_hr[hr_stem] = lr_path
             hr_path = hr_by_stem[hr_stem]
             names = f"{hr_path} and {lr_path}"
+            (hr_hw, hr_turn), (lr_hw, lr_turn) = _header(hr_path), _header(lr_path)
+            if hr_turn != lr_turn:  # read as stored, the two would not be aligned
+                raise DataError(
+                    f"{names} are stored turned differently (EXIF orientation {hr_turn} "
+                    f"and {lr_turn}); pairs are read as stored, as the reference reads "
+                    "them, so save both upright (e.g. PIL's ImageOps.exif_transpose)"
+                )
             nominal = _SCALE_DIR.match(lr_name)
-            scale = pair_scale(
-                image_hw(hr_path),
-                image_hw(lr_path),
-                names,
-                float(nominal.group(1)) if nominal else None,
-            )
+            scale = pair_scale(hr_hw, lr_hw, names, float(nominal.group(1)) if nominal else None)
             matched_hr.add(hr_stem)
             name = hr_stem if len(lr_names) == 1 else f"{lr_name}/{hr_stem}"
             pairs.append(Pair(name, hr_path, lr_path, scale))

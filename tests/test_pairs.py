@@ -105,6 +105,25 @@ def test_two_lr_images_of_one_hr_image_are_refused(tmp_path):
         find_pairs(tmp_path)
 
 
+def test_a_pair_stored_turned_differently_is_refused(tmp_path):
+    """A phone's HR JPEG stored sideways with an EXIF orientation, its LR made from the
+    upright view: read as stored (as the reference does) they are not aligned."""
+    rng = np.random.default_rng(0)
+    hr = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees
+    (tmp_path / "HR").mkdir()
+    (tmp_path / "LR").mkdir()
+    hr.save(tmp_path / "HR" / "a.jpg", exif=exif)
+    hr.resize((8, 8)).save(tmp_path / "LR" / "a.jpg")
+    with pytest.raises(
+        DataError, match=r"a\.jpg are stored turned differently .*orientation 6 and 1"
+    ):
+        find_pairs(tmp_path)
+    hr.resize((8, 8)).save(tmp_path / "LR" / "a.jpg", exif=exif)  # both as stored: aligned
+    assert find_pairs(tmp_path)[0].scale == 4
+
+
 def test_not_a_paired_layout(tmp_path):
     assert find_pairs(tmp_path) is None
     save(tmp_path / "img.png", (8, 8))
