@@ -37,14 +37,16 @@ BOMB_FIX = "raise PIL.Image.MAX_IMAGE_PIXELS"
 
 
 def image_files(folder: str | os.PathLike) -> list[str]:
-    """Sorted paths of the files directly in `folder` with an image extension (any case).
+    """Sorted paths of the files directly in `folder` with an image extension (any case),
+    leaving out macOS's ``._NAME`` files (AppleDouble metadata that copies from a Mac
+    leave beside each file; never images).
 
     `folder` may be local or a bucket (``gs://...``): it is listed through `etils.epath`.
     """
     return sorted(
         str(p)
         for p in epath.Path(folder).iterdir()
-        if p.name.lower().endswith(IMAGE_EXTENSIONS) and p.is_file()
+        if p.name.lower().endswith(IMAGE_EXTENSIONS) and not p.name.startswith("._") and p.is_file()
     )
 
 

@@ -61,6 +61,8 @@ def test_hr_lr_layout_with_non_integer_scale(tmp_path):
     save(tmp_path / "HR" / "b.png", (48, 64), 3)  # x4
     lr_b = save(tmp_path / "LR" / "bx4.png", (12, 16), 4)
     (tmp_path / "notes.txt").write_text("not an image")
+    for sub in ("HR", "LR"):  # macOS AppleDouble files: no partner needed, never read
+        (tmp_path / sub / "._a.png").write_bytes(b"\x00\x05\x16\x07 metadata")
     pairs = find_pairs(tmp_path)
     assert pairs == [
         Pair("a", str(tmp_path / "HR" / "a.png"), str(tmp_path / "LR" / "a.png"), 2.5),
