@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import threading
+import zlib
 
 import jax
 import numpy as np
@@ -59,6 +62,7 @@ def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    timeout_s: int = 300,
 ) -> str:
     """Joins a multi-host run with `jax.distributed.initialize`; returns how, for the log.
 
@@ -68,7 +72,9 @@ def initialize_distributed(
     cluster found by `detect_cluster` (SLURM, Open MPI, Cloud TPU, Kubernetes) fills in
     the rest, as JAX recommends; one process outside any cluster stays a single-host run
     with no coordinator. A failure to detect or to join is a `ConfigError` naming the
-    flags that set the values by hand.
+    flags that set the values by hand. JAX aborts the process (a C++ fatal error, no
+    exception) when the others have not all joined within `timeout_s`; a line on stderr
+    says why just before.
     """
     coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
     num_processes = _env_int(num_processes, "JAX_NUM_PROCESSES")
@@ -87,16 +93,35 @@ def initialize_distributed(
     # default; older versions defaulted to none, and the first all-reduce failed.
     if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") in (None, "", "none"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    how = f"the {cluster[0]} cluster" if cluster else "the multi-host run"
+    count = num_processes or (cluster[1] if cluster else "?")
+    log.info(
+        "joining %s of %s processes; waiting up to %d s for all of them", how, count, timeout_s
+    )
+    late = threading.Timer(
+        max(timeout_s - 5, 1),
+        lambda: print(
+            f"error: the {count} processes of {how} have not all joined after {timeout_s - 5} "
+            f"s, and JAX will now abort; start all of them (srun -n {count}, not python "
+            f"alone in the batch script), check that they reach the coordinator, or {_BY_HAND}",
+            file=sys.stderr,
+            flush=True,
+        ),
+    )
+    late.daemon = True
+    late.start()
     try:
         jax.distributed.initialize(
             coordinator_address=coordinator_address,
             num_processes=num_processes,
             process_id=process_id,
             cluster_detection_method="deactivate" if explicit else None,
+            initialization_timeout=timeout_s,
         )
     except Exception as e:
-        how = f"the {cluster[0]} cluster" if cluster else "the multi-host run"
         raise ConfigError(f"joining {how} failed ({summary(e)}); {_BY_HAND}") from None
+    finally:
+        late.cancel()
     how = "explicit settings" if explicit else f"cluster {cluster[0]}" if cluster else "settings"
     return f"{how}: process {jax.process_index()} of {jax.process_count()}"
 
@@ -169,6 +194,59 @@ def check_same(value: int, what: str, fix: str) -> None:
     if (values != values[0]).any():
         each = ", ".join(f"process {i}: {v}" for i, v in enumerate(values))
         raise ConfigError(f"the hosts see different numbers of {what} ({each}); {fix}")
+
+
+def check_even_devices() -> None:
+    """Raises `ConfigError` unless every process has the same number of devices, as the
+    mesh and every all-gather need (a node with a dead GPU would fail in a reshape).
+    Not a collective: each process sees every device's process."""
+    counts = np.bincount([d.process_index for d in jax.devices()], minlength=jax.process_count())
+    if (counts != counts[0]).any():
+        each = ", ".join(f"process {i}: {n}" for i, n in enumerate(counts))
+        raise ConfigError(
+            f"the processes have different numbers of devices ({each}); give every process "
+            "the same number (CUDA_VISIBLE_DEVICES, JAX_LOCAL_DEVICE_IDS)"
+        )
+
+
+def crc(text: str) -> int:
+    """A checksum of `text` that fits `host_ints`."""
+    return zlib.crc32(text.encode()) & 0x7FFFFFFF  # an int32 for `host_ints`
+
+
+def check_same_config(config) -> None:
+    """Raises `ConfigError` on every host, naming the fields that differ, unless every
+    host was given the same config: a host with another learning rate, batch size or
+    number of steps would train replicas that drift apart, or wait forever in another
+    collective. A collective."""
+    flat = {}
+
+    def walk(d, prefix):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[f"{prefix}{k}"] = repr(v)
+
+    walk(config.to_dict(), "")
+    keys = sorted(flat)
+    own = crc("\n".join(f"{k}={flat[k]}" for k in keys))
+    if (host_ints(own) == own).all():  # the same decision on every host
+        return
+    fix = "start every host with the same --config and flags"
+    names = crc("\n".join(keys))
+    if not (host_ints(names) == names).all():
+        raise ConfigError(f"the hosts were given configs with different fields; {fix}")
+    from jax.experimental import multihost_utils
+
+    each = np.asarray([crc(f"{k}={flat[k]}") for k in keys], np.int32)
+    every = np.asarray(multihost_utils.process_allgather(each)).reshape(-1, len(keys))
+    differ = [k for j, k in enumerate(keys) if (every[:, j] != every[0, j]).any()]
+    here = ", ".join(f"{k}={flat[k]}" for k in differ[:4])
+    raise ConfigError(
+        f"the hosts were given different configs: {', '.join(differ)} "
+        f"(process {jax.process_index()} has {here}); {fix}"
+    )
 
 
 def raise_together(error: Exception | None, what: str) -> None:

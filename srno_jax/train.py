@@ -30,7 +30,7 @@ from srno_jax.metric_writer import MetricWriter
 from srno_jax.models import SRNO, init_variables
 from srno_jax.models import fused as fused_kernels
 from srno_jax.schedules import lr_at_epoch
-from srno_jax.workdir import WorkdirLock, check_writable
+from srno_jax.workdir import WorkdirLock, check_writable, lock_token
 
 log = logging.getLogger("srno_jax")
 
@@ -345,24 +345,34 @@ class StopVote:
 
 @contextlib.contextmanager
 def hold_workdir(workdir):
-    """Checks and locks the workdir on process 0; every host learns whether that worked."""
-    error = None
-    lock = None
-    if jax.process_index() == 0:
-        try:
-            check_writable(workdir)
+    """Checks the workdir on every host and locks it on process 0; every host learns
+    whether that worked, and that it sees the folder process 0 locked (a folder local to
+    each host, or another path on one, would fail only at the first save, hours later)."""
+    error, lock = None, None
+    try:
+        # Every host writes checkpoints: a read-only mount on one fails here, not at a save.
+        check_writable(workdir)
+        if jax.process_index() == 0:
             lock = WorkdirLock(workdir)
             lock.acquire()
-        except SRNOError as e:
-            error, lock = e, None
-        except Exception as e:  # agreed below all the same: the other hosts wait for it
-            lock = None
-            error = ConfigError(
-                f"cannot lock the workdir {workdir} ({summary(e)}); "
-                "check that it is a folder you can write to"
-            )
-    sharding.raise_together(error, f"to lock the workdir {workdir}")
+    except SRNOError as e:
+        error, lock = e, None
+    except Exception as e:  # agreed below all the same: the other hosts wait for it
+        lock = None
+        error = ConfigError(
+            f"cannot lock the workdir {workdir} ({summary(e)}); "
+            "check that it is a folder you can write to"
+        )
     try:
+        sharding.raise_together(error, f"to check or lock the workdir {workdir}")
+        seen = sharding.host_ints(sharding.crc(lock.token if lock else lock_token(workdir) or ""))
+        if (seen != seen[0]).any():
+            others = ", ".join(str(i) for i in np.flatnonzero(seen != seen[0]))
+            raise ConfigError(
+                f"--workdir {workdir} is not one folder for all hosts: process(es) {others} "
+                "do not see the lock file process 0 wrote in it; give every host the same "
+                "shared folder (a network file system, or a gs:// bucket)"
+            )
         yield
     finally:
         if lock:

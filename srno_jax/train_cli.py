@@ -47,6 +47,9 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+flags.DEFINE_integer(
+    "join_timeout_s", 300, "Multi-host: how long to wait for every process to join the run."
+)
 FLAGS = flags.FLAGS
 
 
@@ -211,6 +214,8 @@ def run(config, workdir) -> dict:
     from srno_jax.config_checks import check_config
 
     check_config(config)
+    sharding.check_even_devices()  # before any collective, which would fail on it
+    sharding.check_same_config(config)
     data, error = None, None
     try:
         data = training_data(config)
@@ -240,7 +245,7 @@ def _main(argv):
         check_config(FLAGS.config)
         compiler.enable_compilation_cache()
         how = sharding.initialize_distributed(
-            FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+            FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.join_timeout_s
         )
         train.log.info("distributed: %s", how)
         results = run(FLAGS.config, FLAGS.workdir)

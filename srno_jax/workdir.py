@@ -84,6 +84,17 @@ def _read(lock: epath.Path) -> dict | None:
         return {}  # half-written by its holder, or garbage: judged by its age below
 
 
+def lock_token(workdir: str | os.PathLike) -> str | None:
+    """The token of the run that holds `workdir`'s lock, or None when there is none (or
+    its file stays unreadable)."""
+    for _ in range(5):
+        info = _read(resolve(workdir) / LOCK_NAME)
+        if info != {}:  # {}: caught half-written by its heartbeat, or garbage
+            return (info or {}).get("token")
+        time.sleep(0.2)
+    return None
+
+
 class WorkdirLock:
     """Holds `<workdir>/LOCK` while the run is on (a context manager); see the module."""
 

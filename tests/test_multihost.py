@@ -60,7 +60,7 @@ def _state(image_dir, step):
         (
             "--config.total_steps=3",
             "unlockable-workdir",
-            ["cannot lock the workdir", "process 0 failed to lock the workdir"],
+            ["cannot lock the workdir", "process 0 failed to check or lock the workdir"],
         ),
     ],
     ids=["missing-validation-set", "validation-image-on-process-0", "lock-on-process-0"],
@@ -177,6 +177,7 @@ def test_jax_variables_are_explicit_settings(joins, monkeypatch):
             num_processes=4,
             process_id=3,
             cluster_detection_method="deactivate",
+            initialization_timeout=300,
         )
     ]
     joins.clear()  # a flag wins over its variable

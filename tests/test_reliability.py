@@ -754,6 +754,67 @@ def test_divergence_on_two_hosts_ends_both_keeping_no_bad_checkpoint(env, image_
     assert steps_in(wd) == [], steps_in(wd)
 
 
+@pytest.mark.parametrize(
+    "flags, host_env, other_workdir, needles",
+    [
+        (
+            ["--config.optim.lr=0.002"],
+            {},
+            False,
+            ["the hosts were given different configs: optim.lr (process {i} has optim.lr="],
+        ),
+        (
+            [],
+            {},
+            True,
+            ["is not one folder for all hosts: process(es) 1 do not see the lock file"],
+        ),
+        (
+            [],
+            {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+            False,
+            ["different numbers of devices (process 0: 2, process 1: 1)"],
+        ),
+    ],
+    ids=["config", "workdir", "devices"],
+)
+def test_hosts_that_differ_are_refused_at_the_start(
+    env, image_dir, tmp_path, flags, host_env, other_workdir, needles
+):
+    """Process 1 started with another learning rate (its replicas would drift apart with
+    exit 0; another total_steps hangs both in different collectives), a workdir that is
+    not the folder process 0 sees, or fewer devices: every host stops in one line."""
+    base = _slurm_env(env, 0)
+    workdirs = [tmp_path / "wd", tmp_path / ("wd1" if other_workdir else "wd")]
+    procs = [
+        subprocess.Popen(
+            main_cmd(image_dir, workdirs[i], "--config.total_steps=3", *(flags if i else [])),
+            env=dict(base, SLURM_PROCID=str(i), SLURM_LOCALID=str(i), **(host_env if i else {})),
+            cwd=ROOT,
+            text=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(2)
+    ]
+    logs = _finish_all(procs, timeout=180)
+    for i, (p, log) in enumerate(zip(procs, logs)):
+        done = subprocess.CompletedProcess(p.args, p.returncode, None, log)
+        assert_clean_error(done, *(n.format(i=i) for n in needles))
+        assert "step 1/" not in log, log
+    assert not steps_in(workdirs[0])
+
+
+def test_a_process_whose_peers_never_join_says_why_before_jax_aborts(env, image_dir, tmp_path):
+    """SLURM_NTASKS=2 but one process launched (python alone in an sbatch script): JAX
+    waits for the other, then aborts in C++ without a Python error; a line says why."""
+    p = run_main(_slurm_env(env, 0), image_dir, tmp_path / "run", "--join_timeout_s=8", timeout=120)
+    assert p.returncode != 0
+    assert "joining the slurm cluster of 2 processes; waiting up to 8 s" in p.stderr, p.stderr
+    assert "error: the 2 processes of the slurm cluster have not all joined after 3 s" in p.stderr
+    assert "srun -n 2" in p.stderr
+
+
 def test_hosts_load_disjoint_halves_of_each_batch(image_dir):
     import input_pipeline
 
