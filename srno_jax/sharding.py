@@ -214,18 +214,33 @@ def crc(text: str) -> int:
     return zlib.crc32(text.encode()) & 0x7FFFFFFF  # an int32 for `host_ints`
 
 
+# Fields each host may set for itself: where its copy of the data lies, and how many
+# loader workers its cores allow. Neither changes a batch (the image count is compared
+# apart, and a batch is a function of the seed and the step).
+PER_HOST_FIELDS = frozenset(
+    [
+        "data.train",
+        "data.val",
+        "data.data_dir",
+        "data.workers",
+        "data.worker_processes",
+        "data.prefetch",
+    ]
+)
+
+
 def check_same_config(config) -> None:
     """Raises `ConfigError` on every host, naming the fields that differ, unless every
-    host was given the same config: a host with another learning rate, batch size or
-    number of steps would train replicas that drift apart, or wait forever in another
-    collective. A collective."""
+    host was given the same config but for `PER_HOST_FIELDS`: a host with another
+    learning rate, batch size or number of steps would train replicas that drift apart,
+    or wait forever in another collective. A collective."""
     flat = {}
 
     def walk(d, prefix):
         for k, v in d.items():
             if isinstance(v, dict):
                 walk(v, f"{prefix}{k}.")
-            else:
+            elif f"{prefix}{k}" not in PER_HOST_FIELDS:
                 flat[f"{prefix}{k}"] = repr(v)
 
     walk(config.to_dict(), "")

@@ -406,7 +406,7 @@ def test_bad_arguments_fail_fast(env, image_dir, tmp_path, flags, extra_env, nee
     p = run_main(env, image_dir, tmp_path / "run", *flags, timeout=120, **extra_env)
     assert_clean_error(p, *needles)
     assert "--config.batch_size=8" not in p.stderr  # only the flag that failed is blamed
-    assert "training " not in p.stderr  # it stopped before any work
+    assert " device(s) of " not in p.stderr  # it stopped before training began
     assert not (tmp_path / "run" / "checkpoints").exists() or not steps_in(tmp_path / "run")
     assert time.time() - t0 < 60
 
@@ -757,8 +757,8 @@ def test_divergence_on_two_hosts_ends_both_keeping_no_bad_checkpoint(env, image_
 @pytest.mark.parametrize(
     "flags, host_env, other_workdir, needles",
     [
-        (
-            ["--config.optim.lr=0.002"],
+        (  # a host's own copy of the data, and its own worker count, are its own
+            ["--config.optim.lr=0.002", "--config.data.workers=1", "--config.data.train={copy}"],
             {},
             False,
             ["the hosts were given different configs: optim.lr (process {i} has optim.lr="],
@@ -786,6 +786,8 @@ def test_hosts_that_differ_are_refused_at_the_start(
     not the folder process 0 sees, or fewer devices: every host stops in one line."""
     base = _slurm_env(env, 0)
     workdirs = [tmp_path / "wd", tmp_path / ("wd1" if other_workdir else "wd")]
+    copy = shutil.copytree(image_dir, tmp_path / "copy")
+    flags = [f.format(copy=copy) for f in flags]
     procs = [
         subprocess.Popen(
             main_cmd(image_dir, workdirs[i], "--config.total_steps=3", *(flags if i else [])),
