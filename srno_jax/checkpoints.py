@@ -281,8 +281,11 @@ class CheckpointWriteError(CheckpointError):
     """A checkpoint could not be written (a full disk, an unwritable bucket, a lost host)."""
 
 
-def _last_complete(mngr, step: int) -> str:
-    done = [s for s in mngr.all_steps() if s != step]
+def _last_complete(mngr, step: int = -1) -> str:
+    """The newest step other than `step` whose folder was written in full (renamed from
+    Orbax's temporary name)."""
+    folder = epath.Path(mngr.directory)
+    done = [s for s in mngr.all_steps() if s != step and (folder / str(s)).is_dir()]
     return f"step {max(done)}" if done else "none yet"
 
 
@@ -383,7 +386,7 @@ def finish(mngr: ocp.CheckpointManager) -> None:
     try:
         mngr.wait_until_finished()
     except Exception as e:
-        raise _write_failed(mngr, mngr.latest_step() or -1, e) from None
+        raise _write_failed(mngr, -1, e) from None  # the failed step has no folder
 
 
 def _read_meta(step_dir: epath.Path) -> dict:
@@ -466,7 +469,12 @@ def _set_aside(mngr: ocp.CheckpointManager, steps) -> None:
         try:
             for step in steps:
                 d = epath.Path(mngr.directory) / str(step)
-                d.rename(d.parent / f"{step}.unreadable")
+                # A step set aside before and written again: keep both.
+                name, n = f"{step}.unreadable", 1
+                while (d.parent / name).exists():
+                    n += 1
+                    name = f"{step}.unreadable.{n}"
+                d.rename(d.parent / name)
         except OSError as e:
             error = CheckpointError(
                 f"cannot rename the unreadable checkpoint {d} ({first_line(e)}); "
@@ -495,13 +503,17 @@ def delete_after(mngr: ocp.CheckpointManager, step: int) -> int | None:
     return mngr.latest_step()
 
 
+_STEP = re.compile(r"0|[1-9][0-9]*")
+
+
 def _step_dirs(path: epath.Path) -> list[epath.Path]:
     """Step folders for a workdir, its checkpoints/ folder or one step folder, newest first."""
     if (path / "meta").is_dir():
         return [path]
     ckpts = path if path.name == "checkpoints" else path / "checkpoints"
     steps = (
-        sorted((int(p.name) for p in ckpts.iterdir() if p.name.isdigit()), reverse=True)
+        # Orbax's names: ASCII digits without leading zeros ('²' and '0010' are not steps).
+        sorted((int(p.name) for p in ckpts.iterdir() if _STEP.fullmatch(p.name)), reverse=True)
         if ckpts.is_dir()
         else []
     )

@@ -37,9 +37,9 @@ def resolve(path: str | os.PathLike) -> epath.Path:
 
 def check_writable(workdir: str | os.PathLike) -> epath.Path:
     """Creates `workdir` if needed and checks that it is a writable folder, and that the
-    folders a run writes in it (`SUBFOLDERS`) are folders where they exist.
+    folders a run writes in it (`SUBFOLDERS`) are writable folders where they exist.
 
-    Raises `ConfigError` in one line when one is a file or the workdir cannot be written.
+    Raises `ConfigError` in one line when one is a file or cannot be written.
     """
     path = resolve(workdir)
     if path.exists() and not path.is_dir():
@@ -50,29 +50,42 @@ def check_writable(workdir: str | os.PathLike) -> epath.Path:
                 f"{path / name} is a file, but a run keeps its {name} in a folder of that "
                 "name; move the file away or use another --workdir"
             )
-    probe = path / f".write-test-{uuid.uuid4().hex}"
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe.write_text("")
-        probe.unlink()
     except OSError as e:
         raise ConfigError(
-            f"--workdir {path} is not writable ({e.strerror or e}); "
-            "choose a folder you can write to"
+            f"--workdir {path} is not writable ({e.strerror or e}); choose a folder you can write to"
         ) from None
+    # A read-only checkpoints/ would fail only at the first save, hours later.
+    for folder in [path] + [path / name for name in SUBFOLDERS if (path / name).exists()]:
+        probe = folder / f".write-test-{uuid.uuid4().hex}"
+        try:
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(
+                f"{'--workdir ' if folder == path else ''}{folder} is not writable "
+                f"({e.strerror or e}); choose a workdir you can write to, or fix its permissions"
+            ) from None
     return path
 
 
 def _holder_alive(info: dict) -> bool:
+    """Whether the run that wrote lock `info` still runs: its heartbeat is fresh and, on
+    this host, its process exists and is not this one (a restarted container reuses
+    pids, and may give this run the old one)."""
+    fresh = time.time() - float(info.get("heartbeat", 0)) < STALE_S
     if info.get("host") == socket.gethostname():
         try:
+            if int(info["pid"]) == os.getpid():
+                return False
             os.kill(int(info["pid"]), 0)
         except ProcessLookupError:
             return False
         except (PermissionError, ValueError, KeyError):
-            return True
-        return True
-    return time.time() - float(info.get("heartbeat", 0)) < STALE_S
+            return fresh
+        return fresh
+    return fresh
 
 
 def _read(lock: epath.Path) -> dict | None:

@@ -200,3 +200,31 @@ def test_no_readable_checkpoint_is_one_error(tmp_path, run4, image_dir):
         load_checkpoint(wd)
     with pytest.raises(CheckpointError, match=r"none of the checkpoints \[4, 2\]"):
         train_cli.run(tiny_config(image_dir, total_steps=6), wd)
+
+
+def test_a_step_set_aside_twice_keeps_both_copies(image_dir, tmp_path, run4):
+    """Step 4 unreadable, set aside, written again and unreadable again: the second
+    set-aside must not collide with the first and block every resume."""
+    wd = tmp_path / "run"
+    shutil.copytree(run4, wd)
+    for round_ in range(2):
+        (wd / "checkpoints" / "4" / "meta" / "metadata").write_text("{not json")
+        train_cli.run(tiny_config(image_dir, total_steps=4), wd)  # falls back to 2, redoes 4
+    names = sorted(p.name for p in (wd / "checkpoints").iterdir())
+    assert names == ["2", "4", "4.unreadable", "4.unreadable.2"], names
+
+
+def test_only_orbax_step_names_are_steps(run4, tmp_path):
+    """'²' passes str.isdigit; '0010' is no name Orbax writes: neither is a step."""
+    wd = tmp_path / "run"
+    shutil.copytree(run4, wd)
+    shutil.copytree(wd / "checkpoints" / "4", wd / "checkpoints" / "0010")
+    (wd / "checkpoints" / "²").mkdir()
+    assert [p.name for p in checkpoints._step_dirs(wd)] == ["4", "2"]
+    load_checkpoint(wd)
+
+
+def test_a_failed_write_names_the_last_complete_step(run4, tmp_path):
+    mngr = checkpoints.manager(run4, keep=10)
+    assert checkpoints._last_complete(mngr) == "step 4"
+    assert checkpoints._last_complete(mngr, 4) == "step 2"

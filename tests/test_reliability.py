@@ -834,3 +834,31 @@ def test_hosts_load_disjoint_halves_of_each_batch(image_dir):
             np.testing.assert_array_equal(
                 np.concatenate([halves[0][step][key], halves[1][step][key]]), full[step][key]
             )
+
+
+def test_a_read_only_checkpoints_folder_is_refused_at_the_start(tmp_path, monkeypatch):
+    """Root ignores permissions, so the refusal of the write is simulated."""
+    (tmp_path / "checkpoints").mkdir()
+    real = workdir_lib.epath.Path.write_text
+
+    def read_only(self, *args, **kwargs):
+        if self.parent.name == "checkpoints":
+            raise PermissionError(13, "Permission denied")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(workdir_lib.epath.Path, "write_text", read_only)
+    with pytest.raises(ConfigError, match=r"checkpoints is not writable \(Permission denied\)"):
+        workdir_lib.check_writable(tmp_path)
+
+
+def test_a_lock_with_a_stale_heartbeat_is_taken_over_on_the_same_host():
+    """A restarted container keeps its host name and reuses pids: a pid that exists (or
+    is this process's own) proves nothing when the heartbeat stopped long ago."""
+    host = socket.gethostname()
+    now = time.time()
+    alive = workdir_lib._holder_alive
+    assert alive({"host": host, "pid": os.getppid(), "heartbeat": now})
+    assert not alive({"host": host, "pid": os.getppid(), "heartbeat": 1})
+    assert not alive({"host": host, "pid": os.getpid(), "heartbeat": now})
+    assert not alive({"host": "elsewhere", "pid": os.getppid(), "heartbeat": 1})
+    assert alive({"host": "elsewhere", "pid": 1, "heartbeat": now})
