@@ -93,6 +93,9 @@ def initialize_distributed(
     # default; older versions defaulted to none, and the first all-reduce failed.
     if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") in (None, "", "none"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Its SIGTERM handler only logs the signal, which then neither stops the run nor
+    # reaches the run's own handlers (train.StopVote).
+    jax.config.update("jax_enable_preemption_service", False)
     how = f"the {cluster[0]} cluster" if cluster else "the multi-host run"
     count = num_processes or (cluster[1] if cluster else "?")
     log.info(

@@ -17,6 +17,7 @@ import inspect
 import logging
 import os
 import re
+import signal
 import sys
 
 import ml_collections
@@ -238,6 +239,9 @@ def _main(argv):
     from srno_jax.errors import SRNOError, first_line
 
     train.setup_logging()
+    # Until training's own handlers (train.StopVote) take over, a SIGTERM ends the run at
+    # once: nothing was computed since its last checkpoint.
+    signal.signal(signal.SIGTERM, _terminated_before_training)
     compiler.retain_freed_memory()  # before XLA starts its threads
     try:
         # Before joining a cluster: a typo, or one host's unusable cache folder, costs no
@@ -257,7 +261,17 @@ def _main(argv):
         sys.exit(f"error: {e}")
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
+            # A collective that failed between hosts; exiting normally would wait minutes
+            # in JAX's shutdown for hosts that are gone.
+            late = " (on CPU, hosts reach each new collective within 30 s of each other)"
+            print(
+                f"error: process {jax.process_index()}: {first_line(e)}"
+                f"{late if 'Gloo' in str(e) else ''}; if another host failed, its log names "
+                "the error; rerun to resume from the last checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(1)
         sys.exit(
             f"error: out of memory on {jax.devices()[0].device_kind} ({first_line(e)}); "
             f"lower --config.batch_size (now {FLAGS.config.batch_size}) or "
@@ -267,8 +281,26 @@ def _main(argv):
         print(evaluation.format_results(results))
 
 
+def _terminated_before_training(signum, frame):
+    print(
+        "error: SIGTERM outside training (before it began, or after its last save); the "
+        "workdir keeps its last checkpoint: rerun to resume",
+        file=sys.stderr,
+        flush=True,
+    )
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
-    app.run(_main, argv=argv, flags_parser=parse_flags)
+    try:
+        app.run(_main, argv=argv, flags_parser=parse_flags)
+    except KeyboardInterrupt:  # outside training's own handlers: starting up, or ending
+        print(
+            "error: interrupted outside training (starting up or finishing); the workdir "
+            "keeps its last checkpoint: rerun to resume",
+            file=sys.stderr,
+        )
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -97,15 +97,16 @@ def _read(lock: epath.Path) -> dict | None:
         return {}  # half-written by its holder, or garbage: judged by its age below
 
 
-def lock_token(workdir: str | os.PathLike) -> str | None:
+def lock_token(workdir: str | os.PathLike, wait_s: float = 60.0) -> str | None:
     """The token of the run that holds `workdir`'s lock, or None when there is none (or
-    its file stays unreadable)."""
-    for _ in range(5):
-        info = _read(resolve(workdir) / LOCK_NAME)
-        if info != {}:  # {}: caught half-written by its heartbeat, or garbage
+    its file stays unreadable) for `wait_s` seconds: a network file system may show a new
+    file to other hosts only after its attribute cache expires (NFS: up to a minute)."""
+    deadline = time.time() + wait_s
+    while True:
+        info = _read(resolve(workdir) / LOCK_NAME)  # {}: caught half-written, or garbage
+        if info or time.time() > deadline:
             return (info or {}).get("token")
-        time.sleep(0.2)
-    return None
+        time.sleep(1.0)
 
 
 class WorkdirLock:
@@ -139,7 +140,8 @@ class WorkdirLock:
                 raise ConfigError(
                     f"workdir {self.path.parent} is in use by {who} (lock file {self.path}); "
                     "wait for it to finish, use another --workdir, or delete the lock file "
-                    "if that run is gone"
+                    f"if that run is gone (it is taken over {STALE_S:.0f} s after its last "
+                    "heartbeat)"
                 )
             self.path.unlink(missing_ok=True)  # its holder is gone: take it over
         self._create()

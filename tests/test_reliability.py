@@ -862,3 +862,38 @@ def test_a_lock_with_a_stale_heartbeat_is_taken_over_on_the_same_host():
     assert not alive({"host": host, "pid": os.getpid(), "heartbeat": now})
     assert not alive({"host": "elsewhere", "pid": os.getppid(), "heartbeat": 1})
     assert alive({"host": "elsewhere", "pid": 1, "heartbeat": now})
+
+
+def test_a_collective_that_fails_between_hosts_is_one_line_and_a_prompt_exit(
+    env, image_dir, tmp_path
+):
+    """A host 30 s late to a collective on CPU (Gloo): one line, and no wait of minutes in
+    JAX's shutdown for hosts that are gone."""
+    cmd = main_cmd(image_dir, tmp_path / "run")
+    cmd[1:2] = [str(TESTS / "train_worker.py"), "--fault=lost-peer"]
+    t0 = time.time()
+    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert_clean_error(p, "process 0: UNKNOWN: Gloo context initialization failed", "within 30 s")
+    assert time.time() - t0 < 60
+
+
+def test_sigterm_between_joining_and_training_ends_both_hosts(env, image_dir, tmp_path):
+    """JAX's preemption service caught SIGTERM after the join and only logged it: the run
+    trained on until SLURM's SIGKILL. Now each host stops, at once or at its first step."""
+    procs, lines = (
+        _start_two_hosts(env, image_dir, tmp_path / "wd", "--config.total_steps=100000"),
+        [],
+    )
+    for line in procs[0].stderr:
+        lines.append(line)
+        if "distributed: cluster slurm" in line:
+            break
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    logs = _finish_all(procs, timeout=120)
+    logs[0] = "".join(lines) + logs[0]
+    for p, log in zip(procs, logs):
+        assert "Traceback" not in log, log
+        assert (p.returncode == 143 and "error: SIGTERM outside training" in log) or (
+            p.returncode == 0 and "stopping at step" in log
+        ), log

@@ -71,11 +71,24 @@ def _dead_loader():
     _fail_on(1, input_pipeline.TrainLoader, "__next__", error, calls=range(2, sys.maxsize))
 
 
+def _lost_peer():
+    import jax
+
+    from srno_jax import train
+
+    error = jax.errors.JaxRuntimeError(
+        "UNKNOWN: Gloo context initialization failed: DEADLINE_EXCEEDED: GetKeyValue() "
+        "timed out with key: cpu:gloo/0,1/2 and duration: 30s"
+    )
+    _fail_on(0, train, "train_and_evaluate", error)
+
+
 FAULTS = {
     "unreadable-validation": _unreadable_validation,  # process 0 reads a bad image
     "unlockable-workdir": _unlockable_workdir,  # process 0 cannot create the lock file
     "unreadable-checkpoint": _unreadable_checkpoint,  # process 1 fails to read one once
     "dead-loader": _dead_loader,  # process 1's loader workers die at step 3
+    "lost-peer": _lost_peer,  # a collective of process 0 times out (a host 30 s late)
 }
 
 
