@@ -70,15 +70,18 @@ def check_writable(workdir: str | os.PathLike) -> epath.Path:
     return path
 
 
+_HELD: set[str] = set()  # tokens of the locks this process holds
+
+
 def _holder_alive(info: dict) -> bool:
     """Whether the run that wrote lock `info` still runs: its heartbeat is fresh and, on
-    this host, its process exists and is not this one (a restarted container reuses
-    pids, and may give this run the old one)."""
+    this host, its process exists; with this process's pid, only if this process holds
+    that lock (a restarted container reuses pids, and may give this run the old one)."""
     fresh = time.time() - float(info.get("heartbeat", 0)) < STALE_S
     if info.get("host") == socket.gethostname():
         try:
             if int(info["pid"]) == os.getpid():
-                return False
+                return info.get("token") in _HELD
             os.kill(int(info["pid"]), 0)
         except ProcessLookupError:
             return False
@@ -145,6 +148,7 @@ class WorkdirLock:
                 )
             self.path.unlink(missing_ok=True)  # its holder is gone: take it over
         self._create()
+        _HELD.add(self.token)
         self._thread = threading.Thread(target=self._heartbeat, name="workdir-lock", daemon=True)
         self._thread.start()
 
@@ -176,6 +180,7 @@ class WorkdirLock:
                 self.path.write_text(json.dumps(self._info()))
 
     def release(self) -> None:
+        _HELD.discard(self.token)
         self._stop.set()
         if self._thread:
             self._thread.join()

@@ -859,7 +859,7 @@ def test_a_lock_with_a_stale_heartbeat_is_taken_over_on_the_same_host():
     alive = workdir_lib._holder_alive
     assert alive({"host": host, "pid": os.getppid(), "heartbeat": now})
     assert not alive({"host": host, "pid": os.getppid(), "heartbeat": 1})
-    assert not alive({"host": host, "pid": os.getpid(), "heartbeat": now})
+    assert not alive({"host": host, "pid": os.getpid(), "heartbeat": now, "token": "old"})
     assert not alive({"host": "elsewhere", "pid": os.getppid(), "heartbeat": 1})
     assert alive({"host": "elsewhere", "pid": 1, "heartbeat": now})
 
