@@ -231,6 +231,13 @@ def _data_order(config, data: dict) -> dict:
     return dict(batch_size=config.batch_size, seed=config.seed, repeat=config.data.repeat, **data)
 
 
+def _flat_spec(spec: dict) -> dict:
+    """A model spec (`checkpoints.model_spec`) as {'width': 16, 'encoder_args.n_feats': 64}."""
+    flat = {k: v for k, v in spec.items() if k != "encoder_args"}
+    flat.update({f"encoder_args.{k}": v for k, v in spec.get("encoder_args", {}).items()})
+    return flat
+
+
 def restore_or_init(mngr, model, tx, config, mesh, order: dict) -> TrainState:
     """The newest readable checkpoint in `mngr` on the mesh, or a fresh state.
 
@@ -243,10 +250,14 @@ def restore_or_init(mngr, model, tx, config, mesh, order: dict) -> TrainState:
 
     def check(meta):
         if meta["model"] != checkpoints.model_spec(config):
+            there, here = _flat_spec(meta["model"]), _flat_spec(checkpoints.model_spec(config))
+            keys = [k for k in {**there, **here} if there.get(k) != here.get(k)]
             raise CheckpointError(
-                f"{mngr.directory} holds a checkpoint of model {meta['model']}, but the config "
-                f"asks for {checkpoints.model_spec(config)}; use another --workdir or the "
-                "matching config"
+                f"{mngr.directory} holds a checkpoint of another model: "
+                + ", ".join(f"model.{k} {there.get(k)} there, {here.get(k)} here" for k in keys)
+                + "; resume with "
+                + " ".join(f"--config.model.{k}={there[k]}" for k in keys if k in there)
+                + ", or use another --workdir"
             )
         # A checkpoint without "data" tells its seed, and its batch size and repeat in its
         # config (its steps per epoch and image count are not known).

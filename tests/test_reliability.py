@@ -480,7 +480,11 @@ def test_resume_of_another_architecture_is_refused(env, image_dir, straight):
         "--config.model.width=24",
         timeout=120,
     )
-    assert_clean_error(p, "holds a checkpoint of model", "'width': 16", "'width': 24")
+    assert_clean_error(
+        p,
+        "holds a checkpoint of another model: model.width 16 there, 24 here",
+        "resume with --config.model.width=16, or use another --workdir",
+    )
     assert steps_in(straight)[-1] == STRAIGHT_STEPS
 
 
