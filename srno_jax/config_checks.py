@@ -82,6 +82,18 @@ REQUIRED = (
 )
 
 
+def dotted(tree: dict, prefix: str = "") -> dict:
+    """A nested dict (a config's ``to_dict()``, a checkpoint's model spec) as
+    {'optim.lr': 0.001, 'model.encoder_args.n_feats': 64}: its leaves by dotted name."""
+    flat = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            flat.update(dotted(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
 def _get(config, field):
     node = config
     for key in field.split("."):

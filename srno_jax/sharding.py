@@ -16,6 +16,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from srno_jax.config_checks import dotted
 from srno_jax.errors import ConfigError, HostError, summary
 
 log = logging.getLogger("srno_jax")
@@ -237,16 +238,7 @@ def check_same_config(config) -> None:
     host was given the same config but for `PER_HOST_FIELDS`: a host with another
     learning rate, batch size or number of steps would train replicas that drift apart,
     or wait forever in another collective. A collective."""
-    flat = {}
-
-    def walk(d, prefix):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            elif f"{prefix}{k}" not in PER_HOST_FIELDS:
-                flat[f"{prefix}{k}"] = repr(v)
-
-    walk(config.to_dict(), "")
+    flat = {k: repr(v) for k, v in dotted(config.to_dict()).items() if k not in PER_HOST_FIELDS}
     keys = sorted(flat)
     own = crc("\n".join(f"{k}={flat[k]}" for k in keys))
     if (host_ints(own) == own).all():  # the same decision on every host

@@ -26,6 +26,7 @@ import optax
 from flax import struct
 
 from srno_jax import checkpoints, compiler, evaluation, sharding
+from srno_jax.config_checks import dotted
 from srno_jax.errors import CheckpointError, ConfigError, HostError, SRNOError, summary
 from srno_jax.metric_writer import MetricWriter
 from srno_jax.models import SRNO, init_variables
@@ -231,13 +232,6 @@ def _data_order(config, data: dict) -> dict:
     return dict(batch_size=config.batch_size, seed=config.seed, repeat=config.data.repeat, **data)
 
 
-def _flat_spec(spec: dict) -> dict:
-    """A model spec (`checkpoints.model_spec`) as {'width': 16, 'encoder_args.n_feats': 64}."""
-    flat = {k: v for k, v in spec.items() if k != "encoder_args"}
-    flat.update({f"encoder_args.{k}": v for k, v in spec.get("encoder_args", {}).items()})
-    return flat
-
-
 def restore_or_init(mngr, model, tx, config, mesh, order: dict) -> TrainState:
     """The newest readable checkpoint in `mngr` on the mesh, or a fresh state.
 
@@ -250,7 +244,7 @@ def restore_or_init(mngr, model, tx, config, mesh, order: dict) -> TrainState:
 
     def check(meta):
         if meta["model"] != checkpoints.model_spec(config):
-            there, here = _flat_spec(meta["model"]), _flat_spec(checkpoints.model_spec(config))
+            there, here = dotted(meta["model"]), dotted(checkpoints.model_spec(config))
             keys = [k for k in {**there, **here} if there.get(k) != here.get(k)]
             raise CheckpointError(
                 f"{mngr.directory} holds a checkpoint of another model: "

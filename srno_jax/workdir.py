@@ -77,7 +77,6 @@ def _holder_alive(info: dict) -> bool:
     """Whether the run that wrote lock `info` still runs: its heartbeat is fresh and, on
     this host, its process exists; with this process's pid, only if this process holds
     that lock (a restarted container reuses pids, and may give this run the old one)."""
-    fresh = time.time() - float(info.get("heartbeat", 0)) < STALE_S
     if info.get("host") == socket.gethostname():
         try:
             if int(info["pid"]) == os.getpid():
@@ -86,9 +85,8 @@ def _holder_alive(info: dict) -> bool:
         except ProcessLookupError:
             return False
         except (PermissionError, ValueError, KeyError):
-            return fresh
-        return fresh
-    return fresh
+            pass  # another user's process, or no pid: the heartbeat decides
+    return time.time() - float(info.get("heartbeat", 0)) < STALE_S
 
 
 def _read(lock: epath.Path) -> dict | None:
