@@ -182,7 +182,8 @@ def model_from_reference_args(args: dict, source: str = "checkpoint") -> SRNO:
 
 
 def load_torch_checkpoint(path: str | os.PathLike):
-    """Reads a reference ``.pth`` (no PyTorch needed) -> (model, {'params': ...})."""
+    """Reads a reference ``.pth`` (no PyTorch needed) -> (model, {'params': ...}, epoch),
+    the epoch the reference's train.py recorded, or None."""
     from srno_jax.torch_pickle import read_pth
 
     ckpt = read_pth(path)
@@ -199,7 +200,12 @@ def load_torch_checkpoint(path: str | os.PathLike):
     if name != "sronet":
         raise CheckpointError(f"{path}: holds a {name!r} model; only 'sronet' (SRNO) is supported")
     model = model_from_reference_args(args, str(path))
-    return model, {"params": params_from_torch(sd, model, str(path))}
+    epoch = ckpt.get("epoch")
+    return (
+        model,
+        {"params": params_from_torch(sd, model, str(path))},
+        epoch if isinstance(epoch, int) else None,
+    )
 
 
 def check_finite(params, source: str) -> None:
@@ -527,18 +533,11 @@ def _step_dirs(path: epath.Path) -> list[epath.Path]:
     return [ckpts / str(s) for s in steps]
 
 
-def load_orbax(path) -> tuple[SRNO, dict]:
-    """(model, {'params': ...}) from one of this package's Orbax checkpoints, on one device.
-
-    Reads only the parameters (in the older layout, the parameters part of the stored
-    train state). A newest step that cannot be read gives way to the one before with a
-    warning, as in `restore_latest`.
-    """
-    return _load_newest(path)[1:]
-
-
-def _load_newest(path) -> tuple[epath.Path, SRNO, dict]:
-    """`load_orbax`, with the step folder it read."""
+def _load_newest(path) -> tuple[epath.Path, dict, SRNO, dict]:
+    """(step folder, its meta, model, {'params': ...}) from one of this package's Orbax
+    checkpoints, on one device. Reads only the parameters (in the older layout, the
+    parameters part of the stored train state). A newest step that cannot be read gives
+    way to the one before with a warning, as in `restore_latest`."""
     dirs = _step_dirs(workdir_lib.resolve(path))
     for i, step_dir in enumerate(dirs):
         try:
@@ -565,7 +564,8 @@ def _check_step_name(step_dir: epath.Path, meta: dict) -> None:
         )
 
 
-def _load_step(step_dir: epath.Path):
+def _load_step(step_dir: epath.Path) -> tuple[dict, SRNO, dict]:
+    """(meta, model, {'params': ...}) of one step folder or export folder."""
     meta = _read_meta(step_dir)
     _check_step_name(step_dir, meta)
     model = model_from_spec(meta["model"])
@@ -597,7 +597,7 @@ def _load_step(step_dir: epath.Path):
         params = _restore_item(step_dir / "params", like, jax.tree.map(lambda _: device, like))
         params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
     check_finite(params, str(step_dir))
-    return model, {"params": params}
+    return meta, model, {"params": params}
 
 
 def _check_stored_shapes(step_dir: epath.Path, like) -> None:
@@ -631,7 +631,7 @@ def export_for_inference(path, out, dtype: str = "float32") -> epath.Path:
     fit `dtype`'s range, before writing anything."""
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"export dtype {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
-    step_dir, _, variables = _load_newest(path)
+    _, meta, _, variables = _load_newest(path)
     out = workdir_lib.resolve(out)
     if out.exists():
         raise CheckpointError(f"{out} exists; choose a new folder for the export")
@@ -648,7 +648,7 @@ def export_for_inference(path, out, dtype: str = "float32") -> epath.Path:
         checkpointer.save(out / "params", params)
     (out / "meta").mkdir()
     (out / "meta" / "metadata").write_text(
-        json.dumps({"model": _read_meta(step_dir)["model"], "params_dtype": dtype})
+        json.dumps({"model": meta["model"], "params_dtype": dtype, "from_step": meta.get("step")})
     )
     return out
 
@@ -661,17 +661,31 @@ def load_checkpoint(path: str | os.PathLike):
     workdir (its latest readable step is used), its checkpoints/ folder, one step's
     folder, or an `export_for_inference` folder. ``~`` is expanded. Raises
     `CheckpointError` for a missing or unusable file, and for parameters that are not
-    all finite.
+    all finite. `read_checkpoint` also says which file or step it read.
     """
+    model, variables, _ = read_checkpoint(path)
+    return model, variables
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[SRNO, dict, str]:
+    """`load_checkpoint`'s ``(model, variables)`` and, for a log line, what was read: the
+    step folder and its step (``runs/edsr/checkpoints/12000 (step 12000)``), an export
+    folder and the step it was exported from, or the ``.pth`` file and the epoch it
+    records."""
     if not isinstance(path, (str, os.PathLike)):
         raise CheckpointError(
             f"checkpoint path {path!r} is not a path: give a .pth file or a checkpoint folder"
         )
     p = workdir_lib.resolve(path)
     if p.is_dir():
-        return load_orbax(p)
+        step_dir, meta, model, variables = _load_newest(p)
+        if isinstance(meta.get("step"), int):
+            return model, variables, f"{step_dir} (step {meta['step']})"
+        if isinstance(meta.get("from_step"), int):
+            return model, variables, f"{step_dir} (exported from step {meta['from_step']})"
+        return model, variables, str(step_dir)
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p}")
-    model, variables = load_torch_checkpoint(os.fspath(p))
+    model, variables, epoch = load_torch_checkpoint(os.fspath(p))
     check_finite(variables["params"], os.fspath(p))
-    return model, variables
+    return model, variables, f"{p}" + ("" if epoch is None else f" (epoch {epoch})")

@@ -105,13 +105,15 @@ def _names(values: list[str], flag: str) -> list[str]:
 
 
 def _upsampler(checkpoint: str, chunk_size: int | None):
+    """(the upsampler, what was read: the step folder and its step, or the .pth file)."""
     from srno_jax import evaluation
 
     if checkpoint == "bicubic":
-        return evaluation.bicubic_upsampler
-    from srno_jax.checkpoints import load_checkpoint
+        return evaluation.bicubic_upsampler, "bicubic"
+    from srno_jax.checkpoints import read_checkpoint
 
-    return evaluation.model_upsampler(*load_checkpoint(checkpoint), chunk_size)
+    model, variables, source = read_checkpoint(checkpoint)
+    return evaluation.model_upsampler(model, variables, chunk_size), source
 
 
 def _json_safe(x):
@@ -146,10 +148,10 @@ class _JsonOutput:
     A failed write (a full disk) leaves the file as the last write left it and sets
     `failed`, since a retry would fail again."""
 
-    def __init__(self, path: str, checkpoints: list[str]):
+    def __init__(self, path: str, checkpoints: list[str], sources: dict[str, str]):
         from etils import epath
 
-        self.path, self.checkpoints = epath.Path(path), checkpoints
+        self.path, self.checkpoints, self.sources = epath.Path(path), checkpoints, sources
         self._tmp = self.path.with_name(self.path.name + ".partial")
         self.cells, self.failed = None, False  # the cells the file holds; None: not written
         if self.path.is_dir():
@@ -164,6 +166,7 @@ class _JsonOutput:
     def write(self, results: list[dict], complete: bool, timing: dict | None = None) -> None:
         doc = {
             "checkpoints": self.checkpoints,
+            "read": self.sources,
             "complete": complete,
             "results": _json_safe(results),
         }
@@ -222,6 +225,7 @@ def _evaluate(args, results: list[dict], state: dict) -> None:
     from tqdm import tqdm
 
     from srno_jax import evaluation
+    from srno_jax import workdir as workdir_lib
     from srno_jax.image_api import MAX_OUTPUT_PIXELS
 
     checkpoints = _names(args.checkpoint, "--checkpoint")
@@ -249,9 +253,14 @@ def _evaluate(args, results: list[dict], state: dict) -> None:
             skips.setdefault((t.dataset, image, why), []).append(x[t.scale])
     for (dataset, image, why), at in skips.items():
         warn(f"warning: skipping {dataset}/{image} at {', '.join(at)}: {why}")
-    upsamplers = [(c, _upsampler(c, args.chunk_size)) for c in checkpoints]
+    upsamplers, sources = [], {}
+    for c in checkpoints:
+        upsampler, sources[c] = _upsampler(c, args.chunk_size)
+        upsamplers.append((c, upsampler))
+        if c != "bicubic" and workdir_lib.resolve(c).is_dir():  # its newest step can change
+            warn(f"{c}: read {sources[c]}")
     if args.json:
-        state["json"] = _JsonOutput(args.json, checkpoints)
+        state["json"] = _JsonOutput(args.json, checkpoints, sources)
     total = len(checkpoints) * sum(len(t.items) for t in tasks)
     state["bar"] = bar = tqdm(
         total=total, unit="img", leave=False, disable=True if args.no_progress else None

@@ -311,11 +311,15 @@ def check_no_existing_outputs(jobs: list[Job]) -> None:
 
 
 def _model(args):
-    from srno_jax.checkpoints import load_checkpoint
+    from srno_jax import workdir as workdir_lib
+    from srno_jax.checkpoints import read_checkpoint
     from srno_jax.models import init_variables, make_model
 
     if args.checkpoint:
-        return load_checkpoint(os.path.expanduser(args.checkpoint))
+        model, variables, source = read_checkpoint(args.checkpoint)
+        if workdir_lib.resolve(args.checkpoint).is_dir():  # its newest step can change
+            print(f"srno-upscale: model from {source}", file=sys.stderr)
+        return model, variables
     print(
         "warning: --random_weights: using a randomly initialised EDSR-baseline SRNO. Its "
         "weights are UNTRAINED, so the output is NOT a real super-resolution.",

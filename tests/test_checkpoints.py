@@ -7,7 +7,12 @@ from conftest import require_golden
 from test_torch_pickle import Storage, tensor, write_ckpt
 
 from srno_jax import CheckpointError, load_checkpoint, make_model
-from srno_jax.checkpoints import abstract_variables, params_from_torch, params_to_torch
+from srno_jax.checkpoints import (
+    abstract_variables,
+    params_from_torch,
+    params_to_torch,
+    read_checkpoint,
+)
 from srno_jax.torch_pickle import read_pth
 
 
@@ -42,6 +47,11 @@ def test_architecture_comes_from_args(small_ckpt):
     model, variables = load_checkpoint(require_golden("small_edsr_srno") / "checkpoint.pth")
     assert (model.width, model.heads, model.encoder.n_resblocks) == (64, 4, 2)
     assert variables["params"]["lifting"]["kernel"].shape == (266, 64)
+
+
+def test_a_pth_is_read_with_the_epoch_it_records():
+    path = require_golden("small_edsr_srno") / "checkpoint.pth"
+    assert read_checkpoint(path)[2] == f"{path.resolve()} (epoch 1)"
 
 
 def test_rewritten_checkpoint_loads_the_same(tmp_path, small_ckpt):

@@ -1,5 +1,6 @@
 """This package's Orbax checkpoints: layouts old and new, refusals, and unreadable steps."""
 
+import json
 import logging
 import re
 import shutil
@@ -13,7 +14,15 @@ import numpy as np
 import pytest
 from test_train import image_dir, tiny_config  # noqa: F401  (image_dir is a fixture)
 
-from srno_jax import CheckpointError, checkpoints, load_checkpoint, train, train_cli
+from srno_jax import (
+    CheckpointError,
+    checkpoints,
+    eval_cli,
+    load_checkpoint,
+    train,
+    train_cli,
+    upscale_cli,
+)
 from srno_jax.errors import ConfigError
 
 LEGACY = Path(__file__).resolve().parent / "data" / "legacy_workdir"
@@ -179,8 +188,9 @@ def test_unreadable_latest_falls_back(image_dir, tmp_path, run4, damage, caplog)
     shutil.copytree(run4, wd)
     damage(wd / "checkpoints" / "4")
     with caplog.at_level(logging.WARNING, logger="srno_jax"):
-        _, params = load_checkpoint(wd)
+        _, params, source = checkpoints.read_checkpoint(wd)
     assert any("checkpoints/4 is unreadable" in r.getMessage() for r in caplog.records)
+    assert source == f"{wd / 'checkpoints' / '2'} (step 2)"
     assert_same(params["params"], load_checkpoint(run4 / "checkpoints" / "2")[1]["params"])
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="srno_jax"):
@@ -189,6 +199,29 @@ def test_unreadable_latest_falls_back(image_dir, tmp_path, run4, damage, caplog)
     assert any("checkpoints/4 is unreadable" in m for m in messages), messages
     assert "resumed from step 2" in messages, messages
     assert_same(load_checkpoint(wd)[1]["params"], load_checkpoint(run4)[1]["params"])
+
+
+def test_the_tools_name_the_step_they_read(run4, image_dir, tmp_path, capsys):
+    """A workdir's newest step changes while it trains: eval.py and srno-upscale say
+    which one they read, and the JSON records it."""
+    newest = f"{run4 / 'checkpoints' / '4'} (step 4)"
+    assert checkpoints.read_checkpoint(run4)[2] == newest
+    export = checkpoints.export_for_inference(run4, tmp_path / "export")
+    assert checkpoints.read_checkpoint(export)[2] == f"{export} (exported from step 4)"
+    photo = image_dir / "0.png"
+    data = tmp_path / "set"
+    data.mkdir()
+    shutil.copy(photo, data)
+    args = ["--checkpoint", str(run4), "--data", str(data), "--scales", "2"]
+    assert (
+        eval_cli.main([*args, "--json", str(tmp_path / "r.json"), "--compilation_cache", ""]) == 0
+    )
+    assert f"read {newest}" in capsys.readouterr().err
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["read"] == {str(run4): newest}
+    out = tmp_path / "up.png"
+    assert upscale_cli.main([str(photo), str(out), "--scale", "2", "--checkpoint", str(run4)]) == 0
+    assert f"model from {newest}" in capsys.readouterr().err
 
 
 def test_no_readable_checkpoint_is_one_error(tmp_path, run4, image_dir):
