@@ -28,16 +28,36 @@ def detect_cluster() -> tuple[str, int] | None:
     Uses JAX's own detectors (`jax.distributed.initialize` picks the first present,
     opt-in ones excluded): Open MPI, SLURM, Cloud TPU (GKE and GCE), Kubernetes. A
     detected cluster of one process (a 1-task SLURM job, a single TPU VM) counts as none:
-    it needs no coordinator.
+    it needs no coordinator. A JAX that keeps its detectors elsewhere falls back to the
+    task counts of SLURM and Open MPI, so that a single-host run still starts.
     """
-    from jax._src import clusters  # JAX's detectors have no public name yet
+    try:
+        from jax._src import clusters  # JAX's detectors have no public name yet
 
-    for env in clusters.ClusterEnv._cluster_types:
+        detectors = clusters.ClusterEnv._cluster_types
+    except (ImportError, AttributeError):
+        log.warning(
+            "this JAX's cluster detectors were not found; only SLURM and Open MPI are "
+            "recognised, from their variables (other clusters: %s)",
+            _BY_HAND,
+        )
+        return _cluster_from_variables()
+    for env in detectors:
         if not env.opt_in_only_method and env.is_env_present():
             count = env.get_process_count()
             return (
                 (env.name if hasattr(env, "name") else env.__name__, count) if count > 1 else None
             )
+    return None
+
+
+def _cluster_from_variables() -> tuple[str, int] | None:
+    """A SLURM job step or an Open MPI run of more than one task, from its variables
+    (which `jax.distributed.initialize` reads by itself), or None."""
+    for name, variable in (("SLURM", "SLURM_NTASKS"), ("Open MPI", "OMPI_COMM_WORLD_SIZE")):
+        count = _env_int(None, variable)
+        if count is not None and count > 1:
+            return name, count
     return None
 
 

@@ -216,6 +216,26 @@ def test_a_failing_cluster_detection_or_join_is_one_line_naming_the_flags(joins,
     assert sharding.initialize_distributed(None, 1, None) == "single process"
 
 
+def test_a_jax_without_its_cluster_detectors_still_starts(joins, monkeypatch, caplog):
+    """The detectors are JAX internals: without them a single-host run starts, and a
+    SLURM job of two tasks still joins (JAX reads SLURM's variables by itself)."""
+    monkeypatch.delattr(clusters.ClusterEnv, "_cluster_types")
+    assert sharding.initialize_distributed() == "single process"
+    assert "cluster detectors were not found" in caplog.text
+    for name, value in SLURM_TASK_1.items():
+        monkeypatch.setenv(name, value)
+    assert "SLURM" in sharding.initialize_distributed()
+    assert joins == [
+        dict(
+            coordinator_address=None,
+            num_processes=None,
+            process_id=None,
+            cluster_detection_method=None,
+            initialization_timeout=300,
+        )
+    ]
+
+
 # --- signals -------------------------------------------------------------------------------
 
 
