@@ -298,7 +298,7 @@ def _last_complete(mngr, step: int = -1) -> str:
 def _free_bytes(mngr) -> int | None:
     """Free bytes on the disk of a local checkpoint folder; None for a bucket."""
     where = os.fspath(mngr.directory)
-    if "://" in where:
+    if workdir_lib.is_uri(where):
         return None
     import shutil
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from srno_jax.errors import ConfigError
+from srno_jax.workdir import is_uri
 
 _CPU_CONV_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"
@@ -124,7 +125,7 @@ def enable_compilation_cache(cache_dir: str | None = DEFAULT_CACHE_DIR) -> str |
 def _cache_dir_problem(path: str) -> str | None:
     """Why the local folder `path` cannot hold the cache (made if missing), or None; a
     bucket (``gs://``) is left to JAX."""
-    if "://" in path:
+    if is_uri(path):
         return None
     if os.path.exists(path) and not os.path.isdir(path):
         return "is a file, not a folder"

@@ -43,6 +43,7 @@ from srno_jax.metrics import (
     psnr,
     ssim,
 )
+from srno_jax.workdir import is_uri
 
 _BENCHMARKS = {
     "set5": "Set5",
@@ -130,7 +131,7 @@ def resolve_dataset(name: str, data_dir: str | None) -> tuple[str, str]:
 def _normpath(path: str) -> str:
     """`os.path.normpath` of a local path; a URI (``gs://b/x/``) without its trailing
     slash, its ``//`` kept."""
-    return path.rstrip("/") if "://" in path else os.path.normpath(path)
+    return path.rstrip("/") if is_uri(path) else os.path.normpath(path)
 
 
 def _label(path: str, parts: int) -> str:

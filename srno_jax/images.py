@@ -15,6 +15,7 @@ from etils import epath
 from PIL import Image, ImageOps
 
 from srno_jax.errors import ConfigError, DataError
+from srno_jax.workdir import is_uri
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 WRITE_FORMATS = {
@@ -125,8 +126,8 @@ def open_image(
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with contextlib.ExitStack() as files:
-                local = "://" not in os.fspath(path)  # a bucket's file is read through epath
-                src = path if local else files.enter_context(epath.Path(path).open("rb"))
+                # A bucket's file is read through epath.
+                src = files.enter_context(epath.Path(path).open("rb")) if is_uri(path) else path
                 img = files.enter_context(Image.open(src))
                 # Before load: counting frames seeks through them, dropping loaded pixels.
                 frames = getattr(img, "n_frames", 1) if img.format != "MPO" else 1

@@ -64,7 +64,7 @@ class MetricWriter:
             )
             return
         logdir = workdir_lib.resolve(workdir) / "tensorboard"
-        if "://" in str(logdir):
+        if workdir_lib.is_uri(logdir):
             record_writer.register_writer_factory(str(logdir).split(":")[0], _EpathFiles())
         self._tb = SummaryWriter(str(logdir))
 

@@ -31,10 +31,10 @@ import pickletools
 import reprlib
 import warnings
 import zipfile
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from etils import epath
 
 from srno_jax.errors import CheckpointError
 
@@ -79,30 +79,31 @@ def read_pth(path) -> object:
       CheckpointError: the file is missing, not a zip-format checkpoint, corrupt, or uses
         anything beyond what the module docstring lists.
     """
-    path = Path(path)
+    path = epath.Path(path)  # a local file or a bucket's (gs://)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint file at {path}")
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         head = f.read(len(_LEGACY_MAGIC))
-    if head == _LEGACY_MAGIC:
-        raise CheckpointError(
-            f"{path} is in PyTorch's legacy (pre-1.6) format, which is not supported: re-save "
-            "it in the zip format with torch: torch.save(torch.load(p), p2)"
-        )
-    try:
-        zf = zipfile.ZipFile(path)
-    except Exception as e:  # zipfile raises many types for bad bytes
-        if head.startswith(b"PK"):
-            raise _corrupt(path, e) from e
-        raise CheckpointError(
-            f"{path} is not a PyTorch checkpoint: not a zip archive (torch.save writes zip "
-            "files since torch 1.6)"
-        ) from e
-    with zf:
-        return _Archive(zf, path).load()
+        if head == _LEGACY_MAGIC:
+            raise CheckpointError(
+                f"{path} is in PyTorch's legacy (pre-1.6) format, which is not supported: "
+                "re-save it in the zip format with torch: torch.save(torch.load(p), p2)"
+            )
+        f.seek(0)
+        try:
+            zf = zipfile.ZipFile(f)
+        except Exception as e:  # zipfile raises many types for bad bytes
+            if head.startswith(b"PK"):
+                raise _corrupt(path, e) from e
+            raise CheckpointError(
+                f"{path} is not a PyTorch checkpoint: not a zip archive (torch.save writes "
+                "zip files since torch 1.6)"
+            ) from e
+        with zf:
+            return _Archive(zf, path).load()
 
 
-def _corrupt(path: Path, e: Exception) -> CheckpointError:
+def _corrupt(path: epath.Path, e: Exception) -> CheckpointError:
     return CheckpointError(f"{path} is a truncated or corrupt zip archive ({e})")
 
 
@@ -118,7 +119,7 @@ class _Storage(NamedTuple):
 class _Archive:
     """One open checkpoint: reads its records and builds its tensors."""
 
-    def __init__(self, zf: zipfile.ZipFile, path: Path):
+    def __init__(self, zf: zipfile.ZipFile, path: epath.Path):
         self.zf, self.path = zf, path
         names = zf.namelist()
         pickles = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]

@@ -32,7 +32,7 @@ from srno_jax.metric_writer import MetricWriter
 from srno_jax.models import SRNO, init_variables
 from srno_jax.models import fused as fused_kernels
 from srno_jax.schedules import lr_at_epoch
-from srno_jax.workdir import WorkdirLock, check_writable, lock_token, resolve
+from srno_jax.workdir import WorkdirLock, check_writable, is_uri, lock_token, resolve
 
 log = logging.getLogger("srno_jax")
 
@@ -374,7 +374,7 @@ def hold_workdir(workdir):
         seen = sharding.host_ints(sharding.crc(lock.token if lock else lock_token(workdir) or ""))
         if (seen != seen[0]).any():
             others = ", ".join(str(i) for i in np.flatnonzero(seen != seen[0]))
-            relative = "://" not in str(workdir) and not os.path.isabs(os.fspath(workdir))
+            relative = not is_uri(workdir) and not os.path.isabs(os.fspath(workdir))
             raise ConfigError(
                 f"--workdir {resolve(workdir)} is not one folder for all hosts: "
                 f"process(es) {others} do not see the lock file process 0 wrote in it; give "

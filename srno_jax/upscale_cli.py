@@ -337,8 +337,16 @@ def _check_arguments(args) -> None:
             "or examples/assets/demo_srno; --random_weights tries the tool "
             "with untrained weights"
         )
-    if args.checkpoint and not os.path.exists(os.path.expanduser(args.checkpoint)):
+    from srno_jax import workdir as workdir_lib
+
+    if args.checkpoint and not workdir_lib.resolve(args.checkpoint).exists():
         raise CheckpointError(f"checkpoint not found: {args.checkpoint}")
+    for path in [*args.paths, *([args.out_dir] if args.out_dir else [])]:
+        if workdir_lib.is_uri(path):
+            raise DataError(
+                f"{path}: srno-upscale reads and writes local files only; copy the images "
+                "from the bucket first (gcloud storage cp), and the results back after"
+            )
     if args.chunk_size is not None and args.chunk_size < 1:
         raise ConfigError(f"--chunk_size must be >= 1, got {args.chunk_size}")
     if args.quality is not None and not 1 <= args.quality <= 100:

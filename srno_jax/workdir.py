@@ -28,11 +28,16 @@ HEARTBEAT_S = 30.0
 STALE_S = 120.0
 
 
+def is_uri(path: str | os.PathLike) -> bool:
+    """Whether `path` names a bucket's file or folder (``gs://bucket/run``), which only
+    epath reads, rather than a local path."""
+    return "://" in os.fspath(path)
+
+
 def resolve(path: str | os.PathLike) -> epath.Path:
     """A local path made absolute with ``~`` expanded (Orbax needs absolute paths), or a
     URI such as ``gs://bucket/run`` as it is."""
-    text = os.fspath(path)
-    return epath.Path(text) if "://" in text else epath.Path(text).expanduser().absolute()
+    return epath.Path(path) if is_uri(path) else epath.Path(path).expanduser().absolute()
 
 
 def check_writable(workdir: str | os.PathLike) -> epath.Path:
@@ -152,7 +157,7 @@ class WorkdirLock:
 
     def _create(self) -> None:
         data = json.dumps(self._info())
-        if "://" not in os.fspath(self.path):
+        if not is_uri(self.path):
             try:  # local: atomic, so two runs started together cannot both win
                 fd = os.open(os.fspath(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:

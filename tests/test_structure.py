@@ -39,7 +39,7 @@ def test_srno_jax_never_imports_input_pipeline():
 def test_workdir_io_goes_through_epath():
     """The modules that touch a workdir or checkpoint never use os.path or open() on it, so
     a gs:// workdir is not turned into a local path."""
-    for name in ("train", "checkpoints", "workdir", "metric_writer", "train_cli"):
+    for name in ("train", "checkpoints", "workdir", "metric_writer", "train_cli", "torch_pickle"):
         text = (ROOT / "srno_jax" / f"{name}.py").read_text()
         code = "\n".join(line.split("#")[0] for line in text.splitlines())
         assert not re.search(
@@ -106,3 +106,42 @@ def test_a_bucket_workdir_is_written_through_epath(fake_gcs, monkeypatch):
         "Set5",
         "gs://bucket/run/benchmark/Set5/HR",
     )
+
+
+def test_a_reference_checkpoint_in_a_bucket_loads_for_upscaling(fake_gcs, tmp_path, capsys):
+    """A .pth in a bucket reads as the local file does; srno-upscale takes it, and refuses a
+    bucket's image in one line (its inputs and outputs are local files)."""
+    import jax
+    import numpy as np
+    from conftest import SMALL_GOLDEN
+    from etils import epath
+    from PIL import Image
+
+    from srno_jax import load_checkpoint, upscale_cli
+
+    local = SMALL_GOLDEN / "checkpoint.pth"
+    remote = epath.Path("gs://bucket/ck/checkpoint.pth")
+    remote.parent.mkdir(parents=True)
+    remote.write_bytes(local.read_bytes())
+    (_, a), (_, b) = load_checkpoint(local), load_checkpoint(str(remote))
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    Image.fromarray(np.zeros((6, 5, 3), np.uint8)).save(tmp_path / "in.png")
+    out = tmp_path / "out.png"
+    assert (
+        upscale_cli.main(
+            [str(tmp_path / "in.png"), str(out), "--scale", "2", "--checkpoint", str(remote)]
+        )
+        == 0
+    )
+    assert Image.open(out).size == (10, 12)
+    (epath.Path("gs://bucket/in.png")).write_bytes((tmp_path / "in.png").read_bytes())
+    args = [
+        "gs://bucket/in.png",
+        str(tmp_path / "o2.png"),
+        "--scale",
+        "2",
+        "--checkpoint",
+        str(local),
+    ]
+    assert upscale_cli.main(args) == 2
+    assert "local files only" in capsys.readouterr().err
