@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import json
 import math
 import os
@@ -89,10 +88,7 @@ def compile_step(fused: bool, dtype: str, devices: int = 1) -> str:
     f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32, sharding=bat)
     batch = {"inp": f32(b, lr, lr, 3), "coord": f32(b, q, 2), "cell": f32(b, 2), "gt": f32(b, q, 3)}
     votes = jax.ShapeDtypeStruct((devices,), jnp.int32, sharding=bat)
-    step = functools.partial(
-        train.train_step, model=model, tx=tx, config=config, steps_per_epoch=250
-    )
-    jitted = jax.jit(step, donate_argnums=0, in_shardings=(rep, bat, bat), out_shardings=(rep, rep))
+    jitted = train.jit_step(model, tx, config, 250, mesh, state)  # main.py's, as it is
     return jitted.lower(state, batch, votes).compile().as_text()
 
 

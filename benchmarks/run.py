@@ -5,7 +5,7 @@
 Cases (the paper's EDSR-baseline SRNO, width 256, 16 heads, random weights):
   inference_x4_128_to_512   `inference.predict` (what eval.py and upscale run): LR
                             128 x 128 -> the whole 512 x 512 grid, batch 1.
-  train_step_b4_48          main.py's jitted step (`train.compile_step`), batch 4,
+  train_step_b4_48          main.py's jitted step (`train.jit_step`), batch 4,
                             48 x 48 LR, 2,304 queries, on a fixed batch on device.
   train_step_b64_128        the paper's step: batch 64, 128 x 128 LR, 16,384 queries
   train_step_b64_128_bf16   (GPU/TPU only), in float32 and in bfloat16 compute; on a
@@ -22,12 +22,12 @@ Cases (the paper's EDSR-baseline SRNO, width 256, 16 heads, random weights):
                             in-memory 2040 x 1356 photographs; and one worker thread
                             alone on the same batches (``single_process_samples_per_s``,
                             ``per_core_share`` = the rate per core over that).
-  eval_mixed_sizes          eval.py's path (`evaluation.evaluate`, model upsampler) over
-                            20 HR images of 20 sizes (160..320 a side) at x2, x3, x4,
-                            once, with the persistent compilation cache in a new
-                            folder: wall time, compile time and compilations; then
-                            again in a second process with that cache (``rerun``),
-                            which should compile nothing.
+  eval_mixed_sizes          eval.py's path (`evaluation.plan`, `evaluate_task`, the
+                            model upsampler) over 20 HR images of 20 sizes (160..320
+                            a side) at x2, x3, x4, once, with the persistent
+                            compilation cache in a new folder: wall time, compile
+                            time and compilations; then again in a second process
+                            with that cache (``rerun``), which should compile nothing.
 
 Each case runs in its own subprocess, so its peak memory is its own: the device's
 ``peak_bytes_in_use`` on GPU/TPU, the process's peak RSS on CPU. A jitted case is
@@ -246,7 +246,7 @@ def _case_train_step(
     )
     votes = sharding.host_values(0, mesh)  # no host votes to stop
     step, compile_s = compile_timed(
-        train.compile_step(model, tx, config, 250, mesh, state), state, data, votes
+        train.jit_step(model, tx, config, 250, mesh, state), state, data, votes
     )
 
     def run():  # the state is donated: carry the returned one forward

@@ -6,7 +6,7 @@ with TrainLoader(source, global_batch=64, seed=0, repeat=20, ...) as loader:
 """
 
 from input_pipeline.loader import TrainLoader, steps_per_epoch
-from input_pipeline.sampler import check_config, sample_pair_patch, sample_patch
+from input_pipeline.sampler import check_sampler_settings, sample_pair_patch, sample_patch
 from input_pipeline.sources import (
     DEMO_FILES,
     DemoSource,
@@ -20,7 +20,7 @@ from input_pipeline.sources import (
 __all__ = [
     "TrainLoader",
     "steps_per_epoch",
-    "check_config",
+    "check_sampler_settings",
     "sample_patch",
     "sample_pair_patch",
     "DEMO_FILES",

@@ -27,7 +27,7 @@ import weakref
 
 import numpy as np
 
-from input_pipeline.sampler import check_config, sample_pair_patch, sample_patch
+from input_pipeline.sampler import check_sampler_settings, sample_pair_patch, sample_patch
 from input_pipeline.sources import PairedSource
 from srno_jax.errors import ConfigError, HostError
 
@@ -249,7 +249,7 @@ class TrainLoader:
 
     A `PairedSource` gives `sample_pair_patch` samples (each pair at its own scale;
     scale_min and scale_max unused), any other source `sample_patch` samples. The settings
-    are checked once, here (`check_config`; for pairs also that every LR image holds an
+    are checked once, here (`check_sampler_settings`; for pairs also that every LR image holds an
     inp_size patch).
 
     `workers` threads (None: os.cpu_count()) build samples, each a contiguous chunk of
@@ -298,7 +298,7 @@ class TrainLoader:
                 f"need seed >= 0, start_step >= 0, repeat >= 1, prefetch >= 0; "
                 f"got {seed}, {start_step}, {repeat}, {prefetch}"
             )
-        sample_q = check_config(inp_size, scale_min, scale_max, sample_q)
+        sample_q = check_sampler_settings(inp_size, scale_min, scale_max, sample_q)
         self._sample_kw = dict(inp_size=inp_size, augment=augment, sample_q=sample_q)
         if isinstance(source, PairedSource):
             source.check_inp_size(inp_size)

@@ -24,7 +24,9 @@ _warned_small: set = set()
 _warned_lock = threading.Lock()
 
 
-def check_config(inp_size: int, scale_min: float, scale_max: float, sample_q: int | None) -> int:
+def check_sampler_settings(
+    inp_size: int, scale_min: float, scale_max: float, sample_q: int | None
+) -> int:
     """Raises `ConfigError` for sampler settings that cannot work; returns sample_q.
 
     Needs inp_size >= 1, 1 <= scale_min <= scale_max and 1 <= sample_q <= inp_size**2
@@ -89,7 +91,7 @@ def sample_patch(
     - an image whose short side is below inp_size is first upscaled (PIL bicubic) so
       its short side is inp_size, with one warning per `name`.
 
-    The settings are not checked here, for every sample: `check_config` checks them once,
+    The settings are not checked here, for every sample: `check_sampler_settings` checks them once,
     where the loader is built.
 
     Args:

@@ -78,13 +78,14 @@ class FolderSource(_SkipsUnreadable):
     enforces). Unreadable ones are skipped with one warning each and counted in
     ``skipped``. A file that passes the check but fails to decode later is
     warned about once, counted, and replaced by the next readable image (deterministic).
-    With ``cache``, decoded images stay in memory (DIV2K train: about 5 GB); without,
-    each read decodes (``decodes_each_read``).
+    Each read decodes (``decodes_each_read``).
 
     Raises `DataError` naming the path if it is not a folder or holds no readable image.
     """
 
-    def __init__(self, path: str | os.PathLike, cache: bool = False):
+    decodes_each_read = True
+
+    def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         self.name = self.path
         if not epath.Path(self.path).is_dir():
@@ -105,8 +106,6 @@ class FolderSource(_SkipsUnreadable):
                 f"no readable images ({', '.join(IMAGE_EXTENSIONS)}) in folder "
                 f"{self.path}" + (f" ({self.skipped} skipped)" if self.skipped else "")
             )
-        self._cache = {} if cache else None
-        self.decodes_each_read = not cache
         self._bad = set()
         self._lock = threading.Lock()
 
@@ -114,18 +113,12 @@ class FolderSource(_SkipsUnreadable):
         return len(self.files)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        i = int(i)
-        if self._cache is not None and i in self._cache:
-            return self._cache[i]
-        img = self._read(
-            i,
+        return self._read(
+            int(i),
             len(self.files),
             lambda j: load_image(self.files[j]),
             lambda j: f"image {self.files[j]}",
         )
-        if self._cache is not None:
-            self._cache[i] = img
-        return img
 
 
 _TFDS_FIX = (

@@ -22,8 +22,15 @@ from etils import epath
 
 from srno_jax import sharding
 from srno_jax import workdir as workdir_lib
+from srno_jax.config_checks import dotted
 from srno_jax.errors import CheckpointError, ConfigError, SRNOError, first_line
-from srno_jax.models import SRNO, init_variables, make_model
+from srno_jax.models import (
+    SRNO,
+    first_shape_mismatch,
+    init_variables,
+    make_model,
+    shapes_by_path,
+)
 
 # (pattern on the Flax path, torch name template); the first match wins.
 _RULES = [
@@ -355,6 +362,33 @@ def _check_room(mngr, state, step: int) -> None:
         )
 
 
+def check_same_model(meta: dict, config, where) -> None:
+    """Refuses (`CheckpointError`) a step's `meta` of another model than `config`'s,
+    naming each field that differs and the flags that match the checkpoint."""
+    if meta["model"] != model_spec(config):
+        there, here = dotted(meta["model"]), dotted(model_spec(config))
+        keys = [k for k in {**there, **here} if there.get(k) != here.get(k)]
+        raise CheckpointError(
+            f"{where} holds a checkpoint of another model: "
+            + ", ".join(f"model.{k} {there.get(k)} there, {here.get(k)} here" for k in keys)
+            + "; resume with "
+            + " ".join(f"--config.model.{k}={there[k]}" for k in keys if k in there)
+            + ", or use another --workdir"
+        )
+
+
+def saved_data_order(meta: dict) -> dict:
+    """What fixed the data order of the run that saved a step's `meta` (`save`'s `data`).
+    The older layout without "data" tells its seed, and its batch size and repeat in its
+    config; its steps per epoch and image count are not known."""
+    old = meta.get("config", {})
+    return meta.get("data") or {
+        "batch_size": old.get("batch_size"),
+        "seed": meta.get("seed"),
+        "repeat": old.get("data", {}).get("repeat"),
+    }
+
+
 def save(mngr: ocp.CheckpointManager, state, config, data: dict | None = None) -> None:
     """Starts an asynchronous save of a train state at its step (all hosts call it).
 
@@ -609,18 +643,14 @@ def _check_stored_shapes(step_dir: epath.Path, like) -> None:
         stored = handler.metadata(step_dir / "params").tree
     finally:
         handler.close()
-    shape = lambda tree: {
-        jax.tree_util.keystr(k): tuple(v.shape)
-        for k, v in jax.tree_util.tree_leaves_with_path(tree)
-    }
-    stored, expected = shape(stored), shape(like)
-    for key in sorted(stored.keys() | expected.keys()):
-        if stored.get(key) != expected.get(key):
-            raise CheckpointError(
-                f"{step_dir}: its meta describes a model whose parameter {key} has shape "
-                f"{expected.get(key, 'none')}, but the stored one has {stored.get(key, 'none')}"
-                ": the meta was edited or belongs to another checkpoint"
-            )
+    stored, expected = shapes_by_path(stored), shapes_by_path(like)
+    key = first_shape_mismatch(stored, expected)
+    if key is not None:
+        raise CheckpointError(
+            f"{step_dir}: its meta describes a model whose parameter {key} has shape "
+            f"{expected.get(key, 'none')}, but the stored one has {stored.get(key, 'none')}"
+            ": the meta was edited or belongs to another checkpoint"
+        )
 
 
 def export_for_inference(path, out, dtype: str = "float32") -> epath.Path:

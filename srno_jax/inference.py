@@ -274,7 +274,8 @@ def _chunk_len(n: int, chunk_size: int | None) -> tuple[int, int]:
 def predict(
     model, variables, inp, coord, cell, chunk_size: int | None = None, tile: int = DEFAULT_TILE
 ) -> np.ndarray:
-    """The model's output at every query, exactly as one-pass ``model.apply``.
+    """The model's output at every query: one-pass ``model.apply``'s to float rounding,
+    for any `chunk_size` (the reference's chunked prediction changes the result).
 
     Args:
       model, variables: an SRNO and its ``{'params': ...}``.

@@ -169,16 +169,15 @@ def batch_sharded(mesh) -> NamedSharding:
     return NamedSharding(mesh, P("data"))
 
 
-def check_batch_size(global_batch: int, mesh) -> int:
-    """The per-host batch size; a clear error when the batch does not split evenly."""
-    n_dev, n_proc = mesh.devices.size, jax.process_count()
+def check_batch_size(global_batch: int, mesh) -> None:
+    """A clear error when the batch does not split evenly over the mesh's devices."""
+    n_dev = mesh.devices.size
     if global_batch % n_dev:
         ok = n_dev * max(1, round(global_batch / n_dev))
         raise ConfigError(
             f"batch_size {global_batch} is not divisible by the {n_dev} devices; "
             f"use a multiple of {n_dev}, e.g. --config.batch_size={ok}"
         )
-    return global_batch // n_proc
 
 
 def to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:

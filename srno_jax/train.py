@@ -26,8 +26,7 @@ import optax
 from flax import struct
 
 from srno_jax import checkpoints, compiler, evaluation, sharding
-from srno_jax.config_checks import dotted
-from srno_jax.errors import CheckpointError, ConfigError, HostError, SRNOError, summary
+from srno_jax.errors import ConfigError, HostError, SRNOError, summary
 from srno_jax.metric_writer import MetricWriter
 from srno_jax.models import SRNO, init_variables
 from srno_jax.models import fused as fused_kernels
@@ -75,14 +74,10 @@ def model_from_config(config, mesh=None) -> SRNO:
     """The config's model; its fused kernels (`fused_kernels`) on GPUs where they run on
     every host (agreed: a collective there, as every host builds the model), each device
     running them on its share of the batch when the step is jitted over `mesh`."""
-    dtype, m = config.get("compute_dtype", "float32"), config.model
+    dtype, m = config.compute_dtype, config.model
     # The step's query points: sample_q, or the whole inp_size^2 crop where it is 0.
     n, d = config.data.sample_q or config.data.inp_size**2, m.width // m.heads
-    fused = (
-        config.get("fused_kernels", True)
-        and jax.default_backend() == "gpu"
-        and fused_kernels.supports(n, d)
-    )
+    fused = config.fused_kernels and jax.default_backend() == "gpu" and fused_kernels.supports(n, d)
     if fused:
         fused = bool(sharding.host_ints(int(fused_kernels.works_here(dtype, n, d))).all())
     return checkpoints.model_from_spec(
@@ -203,7 +198,7 @@ def state_shardings(state, mesh):
     return jax.tree.map(lambda _: sharding.replicated(mesh), state)
 
 
-def compile_step(model, tx, config, steps_per_epoch, mesh, state):
+def jit_step(model, tx, config, steps_per_epoch, mesh, state):
     """The jitted step: batch and votes sharded over 'data', state replicated and donated."""
     fn = lambda s, b, v: train_step(
         s, b, v, model=model, tx=tx, config=config, steps_per_epoch=steps_per_epoch
@@ -243,24 +238,8 @@ def restore_or_init(mngr, model, tx, config, mesh, order: dict) -> TrainState:
     shardings = state_shardings(state, mesh)
 
     def check(meta):
-        if meta["model"] != checkpoints.model_spec(config):
-            there, here = dotted(meta["model"]), dotted(checkpoints.model_spec(config))
-            keys = [k for k in {**there, **here} if there.get(k) != here.get(k)]
-            raise CheckpointError(
-                f"{mngr.directory} holds a checkpoint of another model: "
-                + ", ".join(f"model.{k} {there.get(k)} there, {here.get(k)} here" for k in keys)
-                + "; resume with "
-                + " ".join(f"--config.model.{k}={there[k]}" for k in keys if k in there)
-                + ", or use another --workdir"
-            )
-        # A checkpoint without "data" tells its seed, and its batch size and repeat in its
-        # config (its steps per epoch and image count are not known).
-        old = meta.get("config", {})
-        saved = meta.get("data") or {
-            "batch_size": old.get("batch_size"),
-            "seed": meta.get("seed"),
-            "repeat": old.get("data", {}).get("repeat"),
-        }
+        checkpoints.check_same_model(meta, config, mngr.directory)
+        saved = checkpoints.saved_data_order(meta)
         changed = [k for k in order if saved.get(k) is not None and saved[k] != order[k]]
         if changed:
             was = lambda d: ", ".join(f"{k} {d[k]}" for k in changed)
@@ -429,7 +408,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data: TrainDa
                 total,
             )
             return {}
-        step_fn = compile_step(model, tx, config, spe, mesh, state)
+        step_fn = jit_step(model, tx, config, spe, mesh, state)
         with stop.guard("opening the TensorBoard log", start):  # process 0's alone
             writer = MetricWriter(workdir)
         sharding.raise_together(stop.error, "to open its TensorBoard log")
@@ -451,6 +430,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data: TrainDa
                 batches = stack.enter_context(data.batches(start))
                 batch = next(batches)
             sharding.raise_together(stop.error, "to start its data loader")
+            # Compiled apart, so that the first samples/s and ETA leave the compile out. Not
+            # guarded, as no step is: out of memory here gets train_cli's advice.
+            with compiler.CompileClock() as clock:
+                step_fn = step_fn.lower(
+                    state, sharding.to_global(batch, mesh), stop.votes(mesh)
+                ).compile()
+            writer.log(
+                "compiled the step in %.1f s (%.1f s tracing and lowering, %.1f s in XLA%s)",
+                clock.compile_s,
+                clock.tracing,
+                clock.xla,
+                ", from the persistent cache" if clock.cache_hits else "",
+            )
             prev, last_log, last_t = None, start, time.time()
             for step in range(start + 1, total + 1):
                 if step > start + 1 and stop.error is None:

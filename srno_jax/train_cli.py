@@ -157,7 +157,9 @@ def training_data(config):
     from srno_jax.train import TrainData
 
     d = config.data
-    sample_q = input_pipeline.check_config(d.inp_size, d.scale_min, d.scale_max, d.sample_q or None)
+    sample_q = input_pipeline.check_sampler_settings(
+        d.inp_size, d.scale_min, d.scale_max, d.sample_q or None
+    )
     source = input_pipeline.make_source(d.train, "train", d.get("data_dir") or None)
     if isinstance(source, input_pipeline.PairedSource):  # before the model is built
         source.check_inp_size(d.inp_size)

@@ -18,7 +18,7 @@ from input_pipeline import (
     PairedSource,
     TFDSSource,
     TrainLoader,
-    check_config,
+    check_sampler_settings,
     describe,
     make_source,
     sample_pair_patch,
@@ -134,19 +134,22 @@ def test_sample_q_and_scale_one():
     hr = positional_image(40, 50)
     out = sample_patch(hr, np.random.default_rng(0), inp_size=16, scale_max=1.0, sample_q=100)
     assert out["coord"].shape == (100, 2) and out["cell"][0] == np.float32(2 / 16)
-    assert check_config(16, 1.0, 4.0, None) == 256 and check_config(16, 1.0, 1.0, 100) == 100
+    assert (
+        check_sampler_settings(16, 1.0, 4.0, None) == 256
+        and check_sampler_settings(16, 1.0, 1.0, 100) == 100
+    )
     for bad in [(16, 1.0, 4.0, 257), (16, 0.5, 4.0, None), (16, 3.0, 2.0, None), (0, 1, 1, 1)]:
         with pytest.raises(ConfigError):
-            check_config(*bad)
+            check_sampler_settings(*bad)
 
 
 def test_config_checked_once_not_per_sample(tmp_path, monkeypatch):
     import input_pipeline.loader
 
     calls = []
-    checked = input_pipeline.loader.check_config
+    checked = input_pipeline.loader.check_sampler_settings
     monkeypatch.setattr(
-        input_pipeline.loader, "check_config", lambda *a: calls.append(a) or checked(*a)
+        input_pipeline.loader, "check_sampler_settings", lambda *a: calls.append(a) or checked(*a)
     )
     source = FolderSource(write_images(tmp_path / "imgs", 2))
     batches(source, 3, workers=2)
@@ -336,7 +339,7 @@ def test_folder_modes_load_as_rgb(tmp_path):
     Image.fromarray(rgb).convert("P").save(tmp_path / "c_palette.png")
     Image.fromarray(rng.integers(0, 65536, (20, 30)).astype(np.uint16)).save(tmp_path / "d16.png")
     Image.fromarray(rgb).save(tmp_path / "e.bmp")
-    source = FolderSource(tmp_path, cache=True)
+    source = FolderSource(tmp_path)
     assert len(source) == 5
     for i in range(5):
         img = source[i]
@@ -344,7 +347,6 @@ def test_folder_modes_load_as_rgb(tmp_path):
     np.testing.assert_array_equal(source[0][..., 2], rgb[..., 0])
     np.testing.assert_array_equal(source[1], rgb)
     np.testing.assert_array_equal(source[4], rgb)
-    assert source[4] is source[4]  # cached
 
 
 def test_demo_source():

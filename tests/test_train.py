@@ -65,7 +65,7 @@ def assert_loss_falls(config, steps=40):
     model, tx = train.model_from_config(config), train.make_optimizer(config)
     mesh = sharding.make_mesh()
     state = train.init_state(model, tx, 0)
-    step = train.compile_step(model, tx, config, 100, mesh, state)
+    step = train.jit_step(model, tx, config, 100, mesh, state)
     losses = []
     with train_cli.training_data(config).batches(0) as loader:
         for _ in range(steps):

@@ -7,6 +7,8 @@ import math
 import numbers
 from collections.abc import Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from srno_jax.errors import ConfigError
@@ -80,27 +82,33 @@ def make_encoder(name: str, args: dict | None = None, dtype="float32"):
 
 def init_variables(model: SRNO, seed: int = 0) -> dict:
     """Freshly initialised ``{'params': ...}`` (the shapes do not depend on input sizes)."""
-    import jax
-    import jax.numpy as jnp
-
     dummy = (jnp.zeros((1, 8, 8, 3)), jnp.zeros((1, 4, 2)), jnp.zeros((1, 2)))
     return model.init(jax.random.key(seed), *dummy)
 
 
+def shapes_by_path(params) -> dict[str, tuple[int, ...]]:
+    """``{keystr path: shape}`` of a parameter tree (arrays or `jax.ShapeDtypeStruct`)."""
+    return {
+        jax.tree_util.keystr(k): tuple(v.shape) if hasattr(v, "shape") else np.shape(v)
+        for k, v in jax.tree.leaves_with_path(params)
+    }
+
+
+def first_shape_mismatch(got: dict, want: dict) -> str | None:
+    """The first path (sorted) that `shapes_by_path` trees `got` and `want` do not share
+    with one shape, or None."""
+    return next((p for p in sorted(got.keys() | want.keys()) if got.get(p) != want.get(p)), None)
+
+
 @functools.lru_cache(maxsize=8)
 def _param_shapes(model: SRNO) -> dict[str, tuple[int, ...]]:
-    import jax
-
-    params = jax.eval_shape(lambda: init_variables(model))["params"]
-    return {jax.tree_util.keystr(k): v.shape for k, v in jax.tree.leaves_with_path(params)}
+    return shapes_by_path(jax.eval_shape(lambda: init_variables(model))["params"])
 
 
 def check_variables(model, variables) -> None:
     """Raises `ConfigError` unless `model` is an SRNO and `variables` are its
     ``{'params': ...}``: the same parameter paths and shapes (any float dtype). Flax
     would apply a smaller model to a larger model's parameters without a word."""
-    import jax
-
     fix = "pass the (model, variables) pair that load_checkpoint or make_model gave"
     if not isinstance(model, SRNO):
         raise ConfigError(f"model is a {type(model).__name__}, not an SRNO; {fix}")
@@ -110,20 +118,16 @@ def check_variables(model, variables) -> None:
             "variables must be {'params': ...}"
             + (": pass the whole variables, not variables['params']" if whole else f"; {fix}")
         )
-    want = _param_shapes(model)
-    got = {
-        jax.tree_util.keystr(k): np.shape(v)
-        for k, v in jax.tree.leaves_with_path(variables["params"])
-    }
-    for path in sorted(want.keys() | got.keys()):
-        if path not in got:
-            problem = "is missing"
-        elif path not in want:
-            problem = "is not the model's"
-        elif got[path] != want[path]:
-            problem = f"has shape {got[path]}, the model's {want[path]}"
-        else:
-            continue
+    want, got = _param_shapes(model), shapes_by_path(variables["params"])
+    path = first_shape_mismatch(got, want)
+    if path is not None:
+        problem = (
+            "is missing"
+            if path not in got
+            else "is not the model's"
+            if path not in want
+            else f"has shape {got[path]}, the model's {want[path]}"
+        )
         raise ConfigError(f"the variables do not fit the model: params{path} {problem}; {fix}")
 
 

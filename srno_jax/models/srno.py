@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from srno_jax.coords import gather, nearest_flat_index, sample_bilinear_flat
+from srno_jax.errors import ConfigError
 from srno_jax.models import fused
 from srno_jax.models.grid import OFFSETS, lr_grid
 from srno_jax.models.layers import LinearParams, dense, gelu
@@ -188,9 +189,9 @@ class GalerkinAttention(nn.Module):
         # W1 (q kv + z) with q = z Wq + bq is z (Wq kv + I) W1 + bq kv W1: one width x width
         # matrix per image instead of the q projection and o_proj1 at every point.
         mixing = jnp.einsum("chd,bhde->bche", wq, kv).reshape(b, self.width, self.width)
-        fused = jnp.einsum("bcw,wo->bco", mixing + jnp.eye(self.width), w1)
+        folded = jnp.einsum("bcw,wo->bco", mixing + jnp.eye(self.width), w1)
         shift = jnp.einsum("hd,bhde->bhe", bq, kv).reshape(b, self.width) @ w1 + b1
-        h = jnp.einsum("bnc,bco->bno", z, fused.astype(self.dtype)) + shift[:, None].astype(
+        h = jnp.einsum("bnc,bco->bno", z, folded.astype(self.dtype)) + shift[:, None].astype(
             self.dtype
         )
         return self.o_proj2(gelu(h)) + z
@@ -229,7 +230,7 @@ class SRNO(nn.Module):
 
     def setup(self):
         if self.width % self.heads:
-            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+            raise ConfigError(f"width {self.width} is not divisible by heads {self.heads}")
         self.lifting = LinearParams(self.width, 4 * (self.encoder.out_dim + 2) + 2)
         self.kernel_integrals = [
             GalerkinAttention(self.width, self.heads, self.dtype, self.fused, self.mesh)
