@@ -7,6 +7,7 @@ Owns output sizes, image modes and their conversions; the numerics are
 from __future__ import annotations
 
 import math
+import numbers
 from decimal import Decimal
 from fractions import Fraction
 
@@ -39,8 +40,9 @@ def super_resolve(
     Queries the pixel centres of the whole output grid (`make_coord`) with cell
     `metrics.eval_cell(size, scale)` (enlarged beyond x4, the reference's "mcell") and
     returns clip(pred * 0.5 + 0.5, 0, 1), not quantised. Raises `ConfigError` when
-    `variables` are not `model`'s (`models.check_variables`), `DataError` when `lr` is
-    not a uint8 (h, w, 3) array.
+    `variables` are not `model`'s (`models.check_variables`) or give a prediction that is
+    not finite (clipping would turn it into a black image), `DataError` when `lr` is not a
+    uint8 (h, w, 3) array.
     """
     check_variables(model, variables)
     lr = np.asarray(lr)
@@ -58,6 +60,12 @@ def super_resolve(
         chunk_size,
         tile,
     )[0]
+    if not np.isfinite(pred).all():
+        raise ConfigError(
+            "the model's prediction holds NaN or infinite values: its variables hold "
+            "non-finite or diverged parameters (load_checkpoint refuses such files; check "
+            "what changed the variables)"
+        )
     return np.clip(pred * 0.5 + 0.5, 0, 1)
 
 
@@ -66,18 +74,33 @@ def _count(n: int) -> str:
     return str(n) if n < 10**12 else f"{Decimal(n):.3g}"
 
 
+def _plain(x):
+    """A NumPy or JAX scalar or 0-d array as the Python number it holds, a `Fraction` or
+    `Decimal` as a float, and anything else as it is (for `output_size` to judge)."""
+    if hasattr(x, "item") and np.ndim(x) == 0:
+        x = x.item()
+    if isinstance(x, numbers.Real) and not isinstance(x, (int, float)):
+        x = float(x)
+    return x
+
+
 def output_size(hw: tuple[int, int], scale, size) -> tuple[int, int]:
     """(H, W) of the output for an input of hw = (h, w); see `upscale` for the rules.
 
-    Raises `ConfigError` for a bad scale or size or more than MAX_OUTPUT_PIXELS pixels.
-    Its messages write sizes as WIDTHxHEIGHT, as `srno-upscale --size` and image editors do.
+    `scale` is a real number (Python's, NumPy's or a JAX scalar), `size` two integers (a
+    tuple, list or 1-d integer array). Raises `ConfigError` for a bad scale or size or
+    more than MAX_OUTPUT_PIXELS pixels. Its messages write sizes as WIDTHxHEIGHT, as
+    `srno-upscale --size` and image editors do.
     """
+    scale = _plain(scale)
+    if hasattr(size, "shape") and np.ndim(size) == 1:
+        size = np.asarray(size).tolist()
     if (scale is None) == (size is None):
         raise ConfigError("give exactly one of scale (e.g. 3.7) or size (height, width)")
     if scale is not None:
         if (
             isinstance(scale, bool)
-            or not isinstance(scale, (int, float, np.number))
+            or not isinstance(scale, (int, float))
             or not math.isfinite(scale)
             or scale <= 1
         ):

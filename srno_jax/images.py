@@ -235,10 +235,16 @@ def save_image(
     With `replace` False an existing file at `path` is kept, including one that another
     program creates while this one writes (the rename is then a hard link, which fails
     if the name is taken).
-    Raises `ConfigError` for what `check_savable` refuses, `DataError` naming the file
+    Raises `ConfigError` for another dtype than uint8 and for what `check_savable`
+    refuses, `DataError` naming the file
     when it cannot be written or exists with `replace` False.
     """
-    img = np.asarray(img, np.uint8)
+    img = np.asarray(img)
+    if img.dtype != np.uint8:  # a cast would wrap 16-bit values and floor [0, 1] floats to 0
+        raise ConfigError(
+            f"save_image takes a uint8 image, got {img.dtype}; convert a float image in "
+            "[0, 1] (super_resolve's) with np.round(img * 255).astype(np.uint8)"
+        )
     fmt = check_savable(path, img.shape[:2])
     pil = Image.fromarray(img)
     if fmt in ("JPEG", "BMP") and pil.mode in ("LA", "RGBA"):

@@ -322,3 +322,42 @@ def test_the_readmes_python_example_runs_and_keeps_the_colour_profile(tmp_path, 
     with Image.open(tmp_path / "photo_x3.7.png") as out:
         assert out.size == (44, 44)
         assert out.info.get("icc_profile") == icc[b"RGB "]
+
+
+def test_non_finite_variables_are_an_error_not_a_black_image(tiny):
+    """Variables edited in a notebook (load_checkpoint refuses such files) that predict
+    NaN: clipping would have turned the prediction into zeros."""
+    import jax
+
+    model, variables = tiny
+    broken = jax.tree.map(lambda x: x, variables)
+    broken["params"]["projection"]["fc2"]["bias"] = broken["params"]["projection"]["fc2"][
+        "bias"
+    ] * float("nan")
+    with pytest.raises(ConfigError, match="prediction holds NaN or infinite values"):
+        upscale(model, broken, np.zeros((6, 5, 3), np.uint8), scale=2)
+
+
+@pytest.mark.parametrize("img", [np.full((4, 4, 3), 0.5), np.full((4, 4, 3), 300, np.uint16)])
+def test_save_image_refuses_what_a_cast_would_change(tmp_path, img):
+    """A float image in [0, 1] was written black, a 16-bit one wrapped around."""
+    with pytest.raises(ConfigError, match=rf"uint8 image, got {img.dtype}; convert"):
+        save_image(tmp_path / "x.png", img)
+    assert not os.listdir(tmp_path)
+
+
+def test_scales_and_sizes_of_numpy_and_jax_types(tiny):
+    import fractions
+
+    import jax.numpy as jnp
+
+    for scale in (jnp.float32(2.5), np.float64(2.5), np.array(2.5), fractions.Fraction(5, 2)):
+        assert output_size((6, 5), scale, None) == (15, 12), scale
+    assert output_size((6, 5), None, np.array([15, 12])) == (15, 12)
+    for bad in (jnp.array([2.5]), np.bool_(True), 2.5j, "2"):
+        with pytest.raises(ConfigError, match="scale must be a finite number > 1"):
+            output_size((6, 5), bad, None)
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(
+        upscale(*tiny, rgb, scale=jnp.float32(2.5)), upscale(*tiny, rgb, scale=2.5)
+    )
