@@ -115,8 +115,12 @@ def params_to_torch(params, model: SRNO) -> dict[str, np.ndarray]:
 def params_from_torch(state_dict: dict[str, np.ndarray], model: SRNO, source: str = "checkpoint"):
     """Maps a reference state dict onto the model's Flax params, checking every key and shape.
 
-    Raises `CheckpointError` naming the first unknown or missing key or wrong shape.
+    Keys saved from a ``DataParallel`` or ``DistributedDataParallel`` wrapper (every one
+    starting ``module.``) are read without that prefix. Raises `CheckpointError` naming
+    the first unknown or missing key or wrong shape, or a weight beyond float32's range.
     """
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
     sd = {}
     for k, v in state_dict.items():
         for old, new in _ALIASES.items():
@@ -154,6 +158,14 @@ def params_from_torch(state_dict: dict[str, np.ndarray], model: SRNO, source: st
                 f"{source}: parameter {name} is {value.dtype}, not floating point; the file "
                 "holds no trained weights there (was it written by a quantising tool?)"
             )
+        # float64 beyond float32's range would become infinite, and then be taken for
+        # a diverged run.
+        if value.dtype.itemsize > 4 and np.isfinite(value).all():
+            if (np.abs(value) > np.finfo(np.float32).max).any():
+                raise CheckpointError(
+                    f"{source}: parameter {name} ({value.dtype}) exceeds float32's range; "
+                    "the file holds no trained SRNO weights there"
+                )
         got = from_torch_layout(value, path, len(want))
         flat[path] = jnp.asarray(got, jnp.float32)
     return _unflatten(flat)
@@ -200,9 +212,21 @@ def load_torch_checkpoint(path: str | os.PathLike):
         if not isinstance(sd, dict):
             raise TypeError
     except (KeyError, TypeError):
+        bare = (
+            isinstance(ckpt, dict)
+            and ckpt
+            and all(isinstance(v, np.ndarray) for v in ckpt.values())
+        )
         raise CheckpointError(
             f"{path}: not a reference SRNO checkpoint (expected {{'model': {{'name', 'args', "
-            f"'sd'}}}} as the reference's train.py saves)"
+            "'sd'}} as the reference's train.py saves)"
+            + (
+                "; it holds a bare state dict (torch.save(model.state_dict())), which does "
+                "not record the architecture: save {'model': {'name': 'sronet', 'args': "
+                "<the model args of its training config>, 'sd': state_dict}} instead"
+                if bare
+                else ""
+            )
         ) from None
     if name != "sronet":
         raise CheckpointError(f"{path}: holds a {name!r} model; only 'sronet' (SRNO) is supported")

@@ -150,6 +150,23 @@ def test_refusal_message_shows_the_expected_layout(tmp_path):
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(save_pth(tmp_path / "bare.pth", {"conv00.weight": np.zeros(3)}))
     assert "{'model': {'name', 'args', 'sd'}}" in str(e.value) and "}}}" not in str(e.value)
+    assert "it holds a bare state dict (torch.save(model.state_dict()))" in str(e.value)
+
+
+def test_a_data_parallel_state_dict_loads(tmp_path, small_ckpt):
+    """A fine-tune saved from nn.DataParallel prefixes every key with 'module.'."""
+    sd = {f"module.{k}": v for k, v in small_ckpt["model"]["sd"].items()}
+    _, a = load_checkpoint(save_pth(tmp_path / "dp.pth", with_model(small_ckpt, sd=sd)))
+    _, b = load_checkpoint(require_golden("small_edsr_srno") / "checkpoint.pth")
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_float64_weights_beyond_float32_are_refused_as_such(small_ckpt):
+    model = load_checkpoint(require_golden("small_edsr_srno") / "checkpoint.pth")[0]
+    sd = {k: np.asarray(v, np.float64) for k, v in small_ckpt["model"]["sd"].items()}
+    sd["conv00.weight"] = sd["conv00.weight"] * 0 + 1e39
+    with pytest.raises(CheckpointError, match=r"conv00.weight \(float64\) exceeds float32's range"):
+        params_from_torch(sd, model)
 
 
 def test_home_is_expanded(tmp_path, monkeypatch, small_ckpt):
@@ -191,3 +208,16 @@ def test_state_dict_must_be_a_dict(tmp_path, small_ckpt):
     path = save_pth(tmp_path / "sd.pth", with_model(small_ckpt, sd=[1, 2]))
     with pytest.raises(CheckpointError, match="not a reference SRNO checkpoint"):
         load_checkpoint(path)
+
+
+def test_encoder_args_that_only_shape_the_reference_tail_are_ignored(tmp_path, small_ckpt):
+    """`scale` and `rgb_range` are arguments of the reference's make_edsr_baseline that
+    change only its upsampling tail and an unused mean shift."""
+    args = dict(small_ckpt["model"]["args"])
+    args["encoder_spec"] = {
+        "name": "edsr-baseline",
+        "args": {"no_upsampling": True, "n_resblocks": 2, "scale": 4, "rgb_range": 1},
+    }
+    _, a = load_checkpoint(save_pth(tmp_path / "tail.pth", with_model(small_ckpt, args=args)))
+    _, b = load_checkpoint(require_golden("small_edsr_srno") / "checkpoint.pth")
+    jax.tree.map(np.testing.assert_array_equal, a, b)

@@ -49,7 +49,10 @@ def make_encoder(name: str, args: dict | None = None, dtype="float32"):
     # A dict, or a ConfigDict (which has items() but is no Mapping).
     if args is not None and not callable(getattr(args, "items", None)):
         raise ConfigError(f"encoder args {args!r} are not a mapping of names to values")
-    args = {k: v for k, v in (args or {}).items() if k != "no_upsampling"}
+    # The reference's constructors also take these, which change only the upsampling
+    # tail (SRNO builds none) and a mean shift its forward pass never applies.
+    ignored = {"no_upsampling", "scale"} | ({"rgb_range"} if name != "rdn" else set())
+    args = {k: v for k, v in (args or {}).items() if k not in ignored}
     unknown = set(args) - set(ENCODER_DEFAULTS[name])
     if unknown:
         raise ConfigError(
