@@ -4,10 +4,12 @@
     python main.py --config configs/default.py --workdir runs/edsr --config.batch_size=32
 
 --config is a config file (``path.py``, or ``path.py:arg``) or the name of a built-in
-one (default, demo, rdn); fields are overridden with ``--config.FIELD=VALUE``. This is
-where the input pipeline is wired to `train.train_and_evaluate`: the one module of
-srno_jax that imports `input_pipeline`, which itself depends on srno_jax.
+one (default, demo, rdn); fields are overridden with ``--config.FIELD=VALUE``. A rerun
+with the same --workdir resumes from its latest checkpoint.
 """
+
+# This module wires the input pipeline to `train.train_and_evaluate`: the one module of
+# srno_jax that imports `input_pipeline`, which itself depends on srno_jax.
 
 from __future__ import annotations
 
@@ -31,13 +33,15 @@ BUILTIN_CONFIGS = ("default", "demo", "rdn")
 flags.DEFINE_string(
     "workdir",
     None,
-    "Where checkpoints and TensorBoard logs go (a local folder or a bucket such as gs://b/run).",
+    "Where checkpoints and TensorBoard logs go (a local folder or a bucket such as "
+    "gs://b/run); a rerun with the same workdir resumes from it.",
     required=True,
 )
 config_flags.DEFINE_config_file(
     "config",
     "default",
-    f"A config file, or the name of a built-in config: {', '.join(BUILTIN_CONFIGS)}.",
+    f"A config file (path.py or path.py:arg), or the name of a built-in config: "
+    f"{', '.join(BUILTIN_CONFIGS)}. Override its fields with --config.FIELD=VALUE.",
     lock_config=True,
 )
 flags.DEFINE_string(
@@ -52,6 +56,14 @@ flags.DEFINE_integer(
     "join_timeout_s", 300, "Multi-host: how long to wait for every process to join the run."
 )
 FLAGS = flags.FLAGS
+_OWN_FLAGS = (
+    "config",
+    "workdir",
+    "coordinator_address",
+    "num_processes",
+    "process_id",
+    "join_timeout_s",
+)
 
 
 def builtin_config_path(name: str) -> str | None:
@@ -130,6 +142,10 @@ def parse_flags(argv: list[str]):
             f"({', '.join(BUILTIN_CONFIGS)})"
         )
     _check_config_file(config)
+    # absl's --help lists the main module's flags: main.py and the srno-train script
+    # define none, so name this module's there.
+    for name in _OWN_FLAGS:
+        FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
     try:
         return FLAGS(argv)
     except flags.Error as e:  # absl's own report is two lines, the message indented
@@ -294,6 +310,9 @@ def _terminated_before_training(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> None:
+    main_module = sys.modules["__main__"]
+    if not main_module.__doc__:  # the srno-train script: absl's --help prints this docstring
+        main_module.__doc__ = __doc__
     try:
         app.run(_main, argv=argv, flags_parser=parse_flags)
     except KeyboardInterrupt:  # outside training's own handlers: starting up, or ending

@@ -411,6 +411,21 @@ def test_bad_arguments_fail_fast(env, image_dir, tmp_path, flags, extra_env, nee
     assert time.time() - t0 < 60
 
 
+@pytest.mark.parametrize("entry", ["main.py", "srno-train"])
+def test_help_lists_the_training_flags(env, entry):
+    """absl's --help shows the main module's flags; these are train_cli's."""
+    script = Path(sys.executable).with_name("srno-train")
+    if entry == "srno-train" and not script.exists():
+        pytest.skip("the package is not installed with its scripts")
+    cmd = [sys.executable, "main.py"] if entry == "main.py" else [str(script)]
+    p = subprocess.run(
+        [*cmd, "--help"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert p.returncode == 1, p.stderr  # absl's --help ends with status 1
+    for needle in ("--workdir", "--config.FIELD=VALUE", "--num_processes", "resumes"):
+        assert needle in p.stdout, p.stdout
+
+
 @pytest.mark.parametrize(
     "config, needles",
     [
