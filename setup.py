@@ -16,11 +16,13 @@ setup(
     packages=find_packages(
         include=["srno_jax", "srno_jax.*", "input_pipeline", "input_pipeline.*", "configs"]
     ),
+    # The floors are the versions tested (jax.shard_map with check_vma, explicit mesh axis
+    # types, Orbax's Composite checkpoints); older ones are not known to work.
     install_requires=[
-        "jax>=0.6",
-        "flax>=0.10",
+        "jax>=0.10",
+        "flax>=0.12",
         "optax>=0.2.5",
-        "orbax-checkpoint>=0.11",
+        "orbax-checkpoint>=0.12",
         "etils[epath]",
         "numpy>=1.26",
         "ml_collections>=0.1.1",

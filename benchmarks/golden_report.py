@@ -55,6 +55,8 @@ def report(folder: Path) -> str:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        sys.exit(print(__doc__))
     repo = Path(__file__).resolve().parents[1]
     shared = repo.parent / "shared" / "golden"
     root = (
@@ -64,6 +66,9 @@ if __name__ == "__main__":
         if shared.is_dir()
         else repo / "tests" / "golden"
     )
-    for name in ("small_edsr_srno", "edsr_srno", "rdn_srno"):
-        if (root / name / "cases.npz").exists():
-            print(report(root / name), flush=True)
+    sets = [root / n for n in ("small_edsr_srno", "edsr_srno", "rdn_srno")]
+    sets = [s for s in sets if (s / "cases.npz").exists()]
+    if len(sys.argv) > 2 or not sets:
+        sys.exit(__doc__.split("\n\n")[1] + f"\nerror: no golden set in {root}")
+    for folder in sets:
+        print(report(folder), flush=True)

@@ -553,7 +553,12 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", default=None, help="write the report here")
     p.add_argument("--only", default=",".join(CASES), help="comma-separated case names")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per case (median)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="timed runs per case, their median reported (default 5)",
+    )
     p.add_argument("--quick", action="store_true", help="2 repeats; for developing the harness")
     p.add_argument("--list", action="store_true", help="print the selected cases and exit")
     p.add_argument(

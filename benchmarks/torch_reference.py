@@ -28,9 +28,16 @@ import statistics
 import time
 
 import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+
+try:
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+except ImportError:  # the project's venv has no torch
+    raise SystemExit(
+        "torch_reference.py needs PyTorch, in its own venv: python3 -m venv torchref && "
+        "torchref/bin/pip install torch==2.13.0 numpy"
+    ) from None
 
 # --- EDSR-baseline (LIIF's edsr.py, no upsampling) --------------------------------------
 

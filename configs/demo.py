@@ -1,4 +1,4 @@
-"""The built-in default: a small SRNO trained on scikit-image's photographs in minutes on a CPU.
+"""The demo: a small SRNO trained on scikit-image's photographs in minutes on a CPU.
 
 It stops after `max_train_minutes`, then reports PSNR on held-out photographs at x2, x3
 and x4 against bicubic interpolation (benchmark protocol).

@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
         "--checkpoint",
         required=True,
         action="append",
-        help="a .pth, an Orbax workdir or step folder, or 'bicubic'; several "
+        help="a .pth, an Orbax workdir, step folder or export, or 'bicubic'; several "
         "comma-separated or with the flag repeated, one table row each",
     )
     p.add_argument(

@@ -443,8 +443,9 @@ def format_table(results: list[dict]) -> str:
             if r.get("skipped"):
                 text += "*"
                 n = len(r["skipped"])
+                k = r.get("images", 0)
                 notes.append(
-                    f"* {m} {d} {x[s]}: {r.get('images', 0)} images scored, {n} "
+                    f"* {m} {d} {x[s]}: {k} image{'s' * (k != 1)} scored, {n} "
                     f"skipped ({', '.join(x['image'] for x in r['skipped'][:3])}"
                     f"{' ...' if n > 3 else ''})"
                 )

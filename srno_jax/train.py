@@ -468,8 +468,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data: TrainDa
                     last_log, last_t = step, time.time()
                 if save and int(state.nonfinite) == 0:  # never save a state that just failed
                     checkpoints.save(mngr, state, config, order)
-                if data.val_images and (
-                    step % config.eval.every_steps == 0 or step == total or reason
+                # A signal's grace period (SLURM's --signal, a preemption notice) is for
+                # the save: a stop for a signal does not validate.
+                if (
+                    data.val_images
+                    and not agreed & STOP_SIGNAL
+                    and (step % config.eval.every_steps == 0 or step == total or reason)
                 ):
                     with stop.guard("validation", step):
                         results = _validate(

@@ -134,7 +134,7 @@ def test_bad_images_are_skipped_and_counted(tmp_path, capsys):
         == evaluation.score_image(evaluation.bicubic_upsampler, hr, 2, "benchmark")["psnr"]
     )
     assert f"| {r['psnr']:.2f}* |" in captured.out
-    assert "second x2: 1 images scored, 2 skipped (cut.png, text.png)" in captured.out
+    assert "second x2: 1 image scored, 2 skipped (cut.png, text.png)" in captured.out
 
 
 def test_strict_stops_at_a_bad_image_before_any_work(tmp_path, capsys, forward_passes):
@@ -387,7 +387,7 @@ def test_decompression_bomb_is_one_line(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "skipping imgs/bomb.png at x2, x3: refusing" in captured.err  # one warning
     assert len(captured.err.splitlines()) == 1
-    assert "imgs x3: 1 images scored, 1 skipped (bomb.png)" in captured.out
+    assert "imgs x3: 1 image scored, 1 skipped (bomb.png)" in captured.out
     assert _run("--data", folder, "--scales", "2", "--strict") == 2
     err = capsys.readouterr().err
     assert "error: imgs: bomb.png: refusing" in err and "Traceback" not in err

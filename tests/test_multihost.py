@@ -267,6 +267,25 @@ def test_a_signal_while_restoring_or_saving_is_a_vote_to_stop(image_dir, tmp_pat
     assert steps_in(tmp_path / "run") == [2]
 
 
+def test_a_stop_for_a_signal_saves_without_validating(image_dir, tmp_path, monkeypatch):
+    """The grace period after SIGTERM is for the save: validation (100 DIV2K images in
+    the paper's config) could outlast it. A scheduled validation still runs."""
+    validated, logged = [], []
+
+    def logging_step(writer, step, *args):
+        logged.append(step)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(train, "_log_progress", logging_step)
+    monkeypatch.setattr(train, "_validate", lambda *a: validated.append(a[-1]) or {})
+    config = tiny_config(image_dir, total_steps=100)
+    config.data.val, config.eval.every_steps = str(image_dir), 1
+    train_cli.run(config, tmp_path / "run")
+    stopped = steps_in(tmp_path / "run")[-1]
+    assert 2 < stopped < 100 and validated == list(range(1, stopped)), (stopped, validated)
+
+
 def test_hosts_with_different_training_sets_are_refused(monkeypatch):
     """Copies of the data of different sizes on two hosts: one line on every host."""
     monkeypatch.setattr(sharding, "host_ints", lambda value: np.asarray([800, 799]))
