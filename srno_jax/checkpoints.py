@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import sys
 from typing import Any
 
 import jax
@@ -552,11 +553,32 @@ def _set_aside(mngr: ocp.CheckpointManager, steps) -> None:
 def _restore_item(path: epath.Path, target, shardings):
     # The handler, not a Checkpointer: a Checkpointer's restore ends in a barrier of all
     # hosts, which a host whose read failed would never reach.
+    _quiet_abandoned_reads()
     handler = ocp.StandardCheckpointHandler()
     try:
         return handler.restore(path, args=ocp.args.StandardRestore(_abstract(target, shardings)))
     finally:
         handler.close()
+
+
+def _quiet_abandoned_reads() -> None:
+    """Drops what a failed Orbax read leaves behind (installed before the read, as the
+    first leftovers come while it fails). Its other TensorStore reads end on a closed
+    event loop, and Python reports each as an "unraisable" exception: hundreds of
+    tracebacks around the one line about the unreadable step. Any other unraisable
+    exception still reaches the hook that was in place."""
+    if getattr(sys.unraisablehook, "quiets_abandoned_reads", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        error, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
+        closed = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+        if not closed and (code is None or "orbax" not in code.co_filename):
+            previous(unraisable)
+
+    hook.quiets_abandoned_reads = True
+    sys.unraisablehook = hook
 
 
 def delete_after(mngr: ocp.CheckpointManager, step: int) -> int | None:

@@ -1,11 +1,13 @@
 """This package's Orbax checkpoints: layouts old and new, refusals, and unreadable steps."""
 
+import gc
 import json
 import logging
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -222,6 +224,25 @@ def test_the_tools_name_the_step_they_read(run4, image_dir, tmp_path, capsys):
     out = tmp_path / "up.png"
     assert upscale_cli.main([str(photo), str(out), "--scale", "2", "--checkpoint", str(run4)]) == 0
     assert f"model from {newest}" in capsys.readouterr().err
+
+
+def test_a_damaged_array_file_is_one_warning_not_a_flood_of_tracebacks(
+    image_dir, tmp_path, run4, monkeypatch
+):
+    """A failed TensorStore read leaves Orbax's other reads to end on a closed event
+    loop, each reported as an unraisable exception: hundreds of tracebacks."""
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(repr(u.exc_value)[:80]))
+    wd = tmp_path / "run"
+    shutil.copytree(run4, wd)
+    for f in (wd / "checkpoints" / "4" / "params").glob("ocdbt.process_*/d/*"):
+        if f.stat().st_size > 1000:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    train_cli.run(tiny_config(image_dir, total_steps=4), wd)
+    assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["2", "4", "4.unreadable"]
+    time.sleep(1)  # the abandoned reads end in their own threads
+    gc.collect()
+    assert not seen, seen
 
 
 def test_no_readable_checkpoint_is_one_error(tmp_path, run4, image_dir):
