@@ -74,9 +74,10 @@ def _views(flat: np.ndarray, layout: dict) -> dict:
 
 def _build_sample(source, i: int, seed: int, step: int, k: int, kw: dict) -> dict:
     rng = np.random.default_rng([seed, step, k])
-    if isinstance(source, PairedSource):
+    inner = getattr(source, "source", source)  # under _DecodedOnce too
+    if isinstance(inner, PairedSource):
         return sample_pair_patch(*source[i], rng, **kw)
-    files = getattr(getattr(source, "source", source), "files", None)  # under _DecodedOnce too
+    files = getattr(inner, "files", None)
     name = files[i] if files is not None else f"{source.name}[{i}]"
     return sample_patch(source[i], rng, name=name, **kw)
 
@@ -118,13 +119,15 @@ def _init_worker(source, started, decoded_dir):
 
 
 class _DecodedOnce:
-    """An HR source (a folder, TFDS) whose images all worker processes decode once.
+    """A source (a folder, TFDS, paired folders) whose items all worker processes decode
+    once.
 
-    The first worker to read image i saves it decoded as ``<folder>/image-<i>.npy``
-    (written beside, then renamed: the file is complete or absent); every later read, in
-    any worker, maps that file read-only, so the pages are shared, not copied. An image
-    is saved only while its file system keeps half its size free; past that it is
-    decoded at each read, as without this cache.
+    The first worker to read item i saves its arrays decoded (an image, or a pair's LR and
+    HR and its scale) as ``<folder>/image-<i>-<k>.npy``, each written beside and then
+    renamed, and then ``image-<i>.parts`` with their count, so an item is complete or
+    absent. Every later read, in any worker, maps those files read-only, so the pages are
+    shared, not copied. An item is saved only while its file system keeps half its size
+    free; past that it is decoded at each read, as without this cache.
     """
 
     def __init__(self, source, folder: str):
@@ -134,20 +137,34 @@ class _DecodedOnce:
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, i: int) -> np.ndarray:
+    def __getitem__(self, i: int):
         i = int(i)
         if i not in self._mapped:
-            path = os.path.join(self.folder, f"image-{i}.npy")
-            if not os.path.exists(path):
-                img = self.source[i]
+            base = os.path.join(self.folder, f"image-{i}")
+            if not os.path.exists(f"{base}.parts"):
+                item = self.source[i]
+                parts = item if isinstance(item, tuple) else (item,)
                 st = os.statvfs(self.folder)
-                if (st.f_bavail - st.f_blocks // 2) * st.f_frsize < img.nbytes:
-                    return img
-                with open(f"{path}.{os.getpid()}", "wb") as f:
-                    np.save(f, img)
-                os.replace(f"{path}.{os.getpid()}", path)
-            self._mapped[i] = np.load(path, mmap_mode="r")
+                room = (st.f_bavail - st.f_blocks // 2) * st.f_frsize
+                if room < sum(np.asarray(p).nbytes for p in parts):
+                    return item
+                for k, part in enumerate(parts):
+                    _write_atomically(f"{base}-{k}.npy", lambda f, part=part: np.save(f, part))
+                _write_atomically(f"{base}.parts", lambda f: f.write(b"%d" % len(parts)))
+            with open(f"{base}.parts", "rb") as f:
+                n = int(f.read())
+            # A pair's scale comes back as the float it was, not as a 0-d array.
+            loaded = [np.load(f"{base}-{k}.npy", mmap_mode="r") for k in range(n)]
+            loaded = [x.item() if x.ndim == 0 else x for x in loaded]
+            self._mapped[i] = tuple(loaded) if n > 1 else loaded[0]
         return self._mapped[i]
+
+
+def _write_atomically(path: str, write) -> None:
+    """`write(file)` into ``path.<pid>``, then renamed to `path`."""
+    with open(f"{path}.{os.getpid()}", "wb") as f:
+        write(f)
+    os.replace(f"{path}.{os.getpid()}", path)
 
 
 def _wait_for_all_workers() -> None:

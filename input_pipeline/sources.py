@@ -227,13 +227,15 @@ class DemoSource:
 
 class PairedSource(_SkipsUnreadable):
     """The LR / HR pairs of a paired folder (``HR/`` beside ``LR/`` or ``X<s>/``; see
-    `srno_jax.pairs.find_pairs`), read from disk at each access.
+    `srno_jax.pairs.find_pairs`), read from disk at each access (``decodes_each_read``).
 
     ``source[i]`` is (lr (h, w, 3), hr cropped to the LR grid, scale) of pair i
     (`pairs.pair_images`), both images uint8. A pair that fails to decode is warned about
     once, counted in ``skipped`` and replaced by the next readable pair (deterministic).
     Raises `DataError` when `path` is not a paired layout, or as `find_pairs` does.
     """
+
+    decodes_each_read = True
 
     def __init__(self, path: str | os.PathLike):
         self.path = self.name = os.fspath(path)

@@ -455,6 +455,8 @@ def test_paired_folder_loader(tmp_path):
             for k in range(4):
                 s = source.pairs[threads.image_index(step, k)].scale
                 assert a["cell"][k, 0] == np.float32(2 / round(8 * s))
+        # The workers read each pair decoded once, from shared memory.
+        assert any(f.endswith(".parts") for f in os.listdir(procs._shm_dir))
     with pytest.raises(
         ConfigError,
         match=r"LR image .*a\.png is 16x20, smaller than "
@@ -577,9 +579,26 @@ def test_images_are_decoded_once_for_all_workers(tmp_path, monkeypatch):
     img = first[1]
     np.testing.assert_array_equal(second[1], img)  # another worker: mapped, not decoded
     np.testing.assert_array_equal(first[1], img)
-    assert reads == [1] and sorted(os.listdir(cache_dir)) == ["image-1.npy"]
+    assert reads == [1] and sorted(os.listdir(cache_dir)) == ["image-1-0.npy", "image-1.parts"]
     assert not img.flags.writeable
 
     monkeypatch.setattr(os, "statvfs", lambda path: Full)
     np.testing.assert_array_equal(first[0], source[0])
-    assert reads == [1, 0, 0] and sorted(os.listdir(cache_dir)) == ["image-1.npy"]
+    assert reads == [1, 0, 0] and sorted(os.listdir(cache_dir)) == [
+        "image-1-0.npy",
+        "image-1.parts",
+    ]
+
+
+def test_pairs_are_decoded_once_with_their_scale(tmp_path):
+    from input_pipeline.loader import _DecodedOnce
+
+    source = PairedSource(write_pairs(tmp_path / "pairs", {"a": ((40, 50), (16, 20))}))
+    cache_dir = tmp_path / "shm"
+    cache_dir.mkdir()
+    _DecodedOnce(source, str(cache_dir))[0]
+    lr, hr, scale = _DecodedOnce(source, str(cache_dir))[0]  # another worker: mapped
+    want = source[0]
+    np.testing.assert_array_equal(lr, want[0])
+    np.testing.assert_array_equal(hr, want[1])
+    assert type(scale) is float and scale == want[2] == 2.5
