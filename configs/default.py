@@ -52,7 +52,9 @@ def get_config():
     c.max_nonfinite_steps = 20
 
     c.log_every_steps = 50
-    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=2500, keep=3))
+    # The newest `keep` (+ 1), and every `keep_every_epochs` epochs for good: the reference
+    # saves epochs 250, 500, 750 and 1000, whose last is the paper's published model.
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=2500, keep=3, keep_every_epochs=250))
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 50 * 250  # the reference validates every 50 epochs
     c.eval.scales = (2.0,)

@@ -28,6 +28,7 @@ def get_config():
     c.max_train_minutes = 9.0
     c.log_every_steps = 100
     c.checkpoint.every_steps = 500
+    c.checkpoint.keep_every_epochs = 0
     c.eval.every_steps = 250  # a PSNR curve in TensorBoard; two photographs, a few seconds each
     c.eval.scales = (2.0, 3.0, 4.0)
     c.eval.protocol = "benchmark"

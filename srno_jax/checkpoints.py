@@ -284,21 +284,28 @@ def model_from_spec(spec: dict, dtype="float32", fused: bool = False, mesh=None)
     )
 
 
-def manager(workdir, keep: int) -> ocp.CheckpointManager:
-    """Asynchronous saves into <workdir>/checkpoints, keeping the last `keep` + 1.
+def manager(workdir, keep: int, keep_every: int = 0) -> ocp.CheckpointManager:
+    """Asynchronous saves into <workdir>/checkpoints, keeping the last `keep` + 1, and
+    every step that is a multiple of `keep_every` (0: none).
 
     One more than asked: the newest checkpoint is the one a divergence can prove bad
     (`delete_after`), and the `keep` before it must still be there then.
     """
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep + 1, create=True)
+    policies = ocp.checkpoint_managers
+    kept = [policies.LatestN(keep + 1)]
+    if keep_every:
+        kept.append(policies.EveryNSteps(keep_every))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policies.AnyPreservationPolicy(kept), create=True
+    )
     return ocp.CheckpointManager(workdir_lib.resolve(workdir) / "checkpoints", options=options)
 
 
 @contextlib.contextmanager
-def managed(workdir, keep: int):
+def managed(workdir, keep: int, keep_every: int = 0):
     """`manager` as a context, closed at its end unless a write failed: closing Orbax's
     broken writer threads then prints their tracebacks, and the run is ending anyway."""
-    mngr, failed = manager(workdir, keep), False
+    mngr, failed = manager(workdir, keep, keep_every), False
     try:
         yield mngr
     except CheckpointWriteError:

@@ -62,6 +62,7 @@ RULES = {
     "log_every_steps": _int(1),
     "checkpoint.every_steps": _int(1),
     "checkpoint.keep": _int(1),
+    "checkpoint.keep_every_epochs": _int(0),
     "eval.every_steps": _int(1),
     "eval.max_images": _int(1),
 }

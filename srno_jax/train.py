@@ -391,12 +391,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data: TrainDa
             spe,
             -(-total // spe),
         )
+    keep_every = config.checkpoint.keep_every_epochs * spe  # kept whatever `keep` says
     # The signal handlers are on from here to the last save: a signal while starting,
     # restoring or saving is a vote to stop, not the end of the process.
     with (
         StopVote(config.max_train_minutes) as stop,
         hold_workdir(workdir),
-        checkpoints.managed(workdir, config.checkpoint.keep) as mngr,
+        checkpoints.managed(workdir, config.checkpoint.keep, keep_every) as mngr,
     ):
         order = _data_order(config, {"steps_per_epoch": spe, "images": data.images})
         state = restore_or_init(mngr, model, tx, config, mesh, order)
@@ -455,7 +456,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data: TrainDa
                 # too, so that no step a host's error spoiled is saved.
                 agreed = int(prev["stop"]) if prev is not None else 0
                 prev = metrics
-                save = agreed or step % config.checkpoint.every_steps == 0 or step == total
+                save = (
+                    agreed
+                    or step % config.checkpoint.every_steps == 0
+                    or (keep_every and step % keep_every == 0)
+                    or step == total
+                )
                 if save:
                     agreed |= int(metrics["stop"])
                 stop.raise_if_failed(agreed, step)

@@ -42,7 +42,12 @@ def assert_same(a, b, atol=1e-6):
 def run4(image_dir, tmp_path_factory):
     """A 4-step run with checkpoints at steps 2 and 4."""
     wd = tmp_path_factory.mktemp("run4")
-    train_cli.run(tiny_config(image_dir, total_steps=4, checkpoint=dict(every_steps=2, keep=5)), wd)
+    train_cli.run(
+        tiny_config(
+            image_dir, total_steps=4, checkpoint=dict(every_steps=2, keep=5, keep_every_epochs=0)
+        ),
+        wd,
+    )
     return wd
 
 
@@ -243,6 +248,16 @@ def test_a_damaged_array_file_is_one_warning_not_a_flood_of_tracebacks(
     time.sleep(1)  # the abandoned reads end in their own threads
     gc.collect()
     assert not seen, seen
+
+
+def test_every_keep_every_epochs_step_outlives_keep(image_dir, tmp_path):
+    """The paper's recipe keeps epochs 250, 500, 750 and 1000 (its published model) past
+    the newest `keep`; here one step is an epoch."""
+    config = tiny_config(
+        image_dir, total_steps=8, checkpoint=dict(every_steps=1, keep=1, keep_every_epochs=3)
+    )
+    train_cli.run(config, tmp_path / "run")
+    assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()) == [3, 6, 7, 8]
 
 
 def test_no_readable_checkpoint_is_one_error(tmp_path, run4, image_dir):
