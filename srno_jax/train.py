@@ -380,17 +380,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data: TrainDa
     model, tx = model_from_config(config, mesh), make_optimizer(config)
     spe = config.steps_per_epoch or data.steps_per_epoch
     total = config.total_steps or config.optim.epochs * spe
-    if total > config.optim.epochs * spe and jax.process_index() == 0:
-        log.warning(
-            "total_steps %d runs past the learning-rate schedule, which ends at step %d "
-            "(optim.epochs %d x %d steps/epoch): the steps after it train at rate 0. "
-            "Raise --config.optim.epochs to %d to train them",
-            total,
-            config.optim.epochs * spe,
-            config.optim.epochs,
-            spe,
-            -(-total // spe),
-        )
+    _warn_past_schedule(config, spe, total)
     keep_every = config.checkpoint.keep_every_epochs * spe  # kept whatever `keep` says
     # The signal handlers are on from here to the last save: a signal while starting,
     # restoring or saving is a vote to stop, not the end of the process.
@@ -431,18 +421,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data: TrainDa
                 batches = stack.enter_context(data.batches(start))
                 batch = next(batches)
             sharding.raise_together(stop.error, "to start its data loader")
-            # Compiled apart, so that the first samples/s and ETA leave the compile out. Not
-            # guarded, as no step is: out of memory here gets train_cli's advice.
-            with compiler.CompileClock() as clock:
-                step_fn = step_fn.lower(
-                    state, sharding.to_global(batch, mesh), stop.votes(mesh)
-                ).compile()
-            writer.log(
-                "compiled the step in %.1f s (%.1f s tracing and lowering, %.1f s in XLA%s)",
-                clock.compile_s,
-                clock.tracing,
-                clock.xla,
-                ", from the persistent cache" if clock.cache_hits else "",
+            step_fn = _compile(
+                step_fn, writer, state, sharding.to_global(batch, mesh), stop.votes(mesh)
             )
             prev, last_log, last_t = None, start, time.time()
             for step in range(start + 1, total + 1):
@@ -495,6 +475,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data: TrainDa
         # An error after the last vote (the last step's logging or validation).
         sharding.raise_together(stop.error, f"at step {step}")
     return results
+
+
+def _warn_past_schedule(config, spe: int, total: int) -> None:
+    if total > config.optim.epochs * spe and jax.process_index() == 0:
+        log.warning(
+            "total_steps %d runs past the learning-rate schedule, which ends at step %d "
+            "(optim.epochs %d x %d steps/epoch): the steps after it train at rate 0. "
+            "Raise --config.optim.epochs to %d to train them",
+            total,
+            config.optim.epochs * spe,
+            config.optim.epochs,
+            spe,
+            -(-total // spe),
+        )
+
+
+def _compile(step_fn, writer, *args):
+    """`step_fn` compiled for `args`, its compile time logged on its own line, so that the
+    first samples/s and ETA leave it out. Not guarded, as no step is: out of memory here
+    gets train_cli's advice."""
+    with compiler.CompileClock() as clock:
+        compiled = step_fn.lower(*args).compile()
+    writer.log(
+        "compiled the step in %.1f s (%.1f s tracing and lowering, %.1f s in XLA%s)",
+        clock.compile_s,
+        clock.tracing,
+        clock.xla,
+        ", from the persistent cache" if clock.cache_hits else "",
+    )
+    return compiled
 
 
 def _check_divergence(state, step, config, mngr, workdir, start: int):
