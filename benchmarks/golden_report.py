@@ -68,7 +68,9 @@ if __name__ == "__main__":
     )
     sets = [root / n for n in ("small_edsr_srno", "edsr_srno", "rdn_srno")]
     sets = [s for s in sets if (s / "cases.npz").exists()]
-    if len(sys.argv) > 2 or not sets:
+    if len(sys.argv) > 2:
+        sys.exit(__doc__.split("\n\n")[1] + "\nerror: give one GOLDEN_DIR at most")
+    if not sets:
         sys.exit(__doc__.split("\n\n")[1] + f"\nerror: no golden set in {root}")
     for folder in sets:
         print(report(folder), flush=True)

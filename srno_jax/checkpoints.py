@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import sys
+import time
 from typing import Any
 
 import jax
@@ -561,19 +563,30 @@ def _restore_item(path: epath.Path, target, shardings):
     # The handler, not a Checkpointer: a Checkpointer's restore ends in a barrier of all
     # hosts, which a host whose read failed would never reach.
     _quiet_abandoned_reads()
+    _quiet_until[0] = math.inf  # the first leftovers come while the read fails
     handler = ocp.StandardCheckpointHandler()
     try:
-        return handler.restore(path, args=ocp.args.StandardRestore(_abstract(target, shardings)))
+        restored = handler.restore(
+            path, args=ocp.args.StandardRestore(_abstract(target, shardings))
+        )
+    except Exception:
+        _quiet_until[0] = time.monotonic() + 60  # the abandoned reads end within this
+        raise
     finally:
         handler.close()
+    _quiet_until[0] = 0.0
+    return restored
+
+
+_quiet_until = [0.0]  # when `_quiet_abandoned_reads`' hook stops dropping (monotonic time)
 
 
 def _quiet_abandoned_reads() -> None:
-    """Drops what a failed Orbax read leaves behind (installed before the read, as the
-    first leftovers come while it fails). Its other TensorStore reads end on a closed
-    event loop, and Python reports each as an "unraisable" exception: hundreds of
-    tracebacks around the one line about the unreadable step. Any other unraisable
-    exception still reaches the hook that was in place."""
+    """Drops what a failed Orbax read leaves behind, during a read and for a minute after
+    one fails. Its other TensorStore reads end on a closed event loop, and Python reports
+    each as an "unraisable" exception: hundreds of tracebacks around the one line about
+    the unreadable step. Any other unraisable exception, and these at any other time,
+    still reach the hook that was in place."""
     if getattr(sys.unraisablehook, "quiets_abandoned_reads", False):
         return
     previous = sys.unraisablehook
@@ -581,7 +594,8 @@ def _quiet_abandoned_reads() -> None:
     def hook(unraisable):
         error, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
         closed = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
-        if not closed and (code is None or "orbax" not in code.co_filename):
+        orbax = code is not None and "orbax" in code.co_filename
+        if not (time.monotonic() < _quiet_until[0] and (closed or orbax)):
             previous(unraisable)
 
     hook.quiets_abandoned_reads = True

@@ -75,8 +75,9 @@ def _count(n: int) -> str:
 
 
 def _plain(x):
-    """A NumPy or JAX scalar or 0-d array as the Python number it holds, a `Fraction` or
-    `Decimal` as a float, and anything else as it is (for `output_size` to judge)."""
+    """A NumPy or JAX scalar or 0-d array as the Python number it holds, another real
+    number (a `Fraction`) as a float, and anything else as it is (for `output_size` to
+    judge)."""
     if hasattr(x, "item") and np.ndim(x) == 0:
         x = x.item()
     if isinstance(x, numbers.Real) and not isinstance(x, (int, float)):

@@ -469,6 +469,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data: TrainDa
                     log.info(
                         "stopping at step %d (%s); checkpoint saved, rerun to resume", step, reason
                     )
+                    if agreed & STOP_SIGNAL:  # an earlier step's table is not this model's
+                        results = {}
                     break
         checkpoints.finish(mngr)
         writer.close()

@@ -248,6 +248,16 @@ def test_a_damaged_array_file_is_one_warning_not_a_flood_of_tracebacks(
     time.sleep(1)  # the abandoned reads end in their own threads
     gc.collect()
     assert not seen, seen
+    # Outside a failed read's minute, the same message from the user's code is reported.
+    load_checkpoint(run4)
+
+    class Closing:
+        def __del__(self):
+            raise RuntimeError("Event loop is closed")
+
+    Closing()
+    gc.collect()
+    assert seen == ["RuntimeError('Event loop is closed')"], seen
 
 
 def test_every_keep_every_epochs_step_outlives_keep(image_dir, tmp_path):

@@ -278,12 +278,15 @@ def test_a_stop_for_a_signal_saves_without_validating(image_dir, tmp_path, monke
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(train, "_log_progress", logging_step)
-    monkeypatch.setattr(train, "_validate", lambda *a: validated.append(a[-1]) or {})
+    monkeypatch.setattr(
+        train, "_validate", lambda *a: validated.append(a[-1]) or {2.0: (a[-1], 0.0)}
+    )
     config = tiny_config(image_dir, total_steps=100)
     config.data.val, config.eval.every_steps = str(image_dir), 1
-    train_cli.run(config, tmp_path / "run")
+    results = train_cli.run(config, tmp_path / "run")
     stopped = steps_in(tmp_path / "run")[-1]
     assert 2 < stopped < 100 and validated == list(range(1, stopped)), (stopped, validated)
+    assert results == {}  # not an earlier step's table, printed as if it were this model's
 
 
 def test_hosts_with_different_training_sets_are_refused(monkeypatch):
