@@ -278,10 +278,12 @@ class TrainLoader:
     or use ``with`` to stop the workers. With `processes`, the workers are processes
     instead (spawned; the source must pickle) and the blocks are files in /dev/shm that
     every worker maps once: nothing is pickled, stacked or copied per sample; a source
-    that decodes at each read (a folder, TFDS) is decoded once per image for all workers
-    (`_DecodedOnce`). Part of a
-    sample's work holds Python's GIL, so threads stop scaling at a few cores, processes
-    do not. The samples are the same either way.
+    that decodes at each read (a folder, TFDS, pairs) is decoded once per item for all
+    workers (`_DecodedOnce`); and a batch that worker processes have not finished within
+    `stall_timeout_s` (a stalled network file system, a hung decoder) is a `HostError`,
+    not a wait until the job's time limit. Part of a sample's work holds Python's GIL, so
+    threads stop scaling at a few cores, processes do not. The samples are the same either
+    way.
     """
 
     def __init__(
@@ -302,6 +304,7 @@ class TrainLoader:
         workers: int | None = None,
         prefetch: int = 2,
         processes: bool = False,
+        stall_timeout_s: float = 600.0,
     ):
         if global_batch < 1 or global_batch % process_count:
             raise ConfigError(
@@ -323,6 +326,7 @@ class TrainLoader:
             self._sample_kw.update(scale_min=scale_min, scale_max=scale_max)
         workers = workers or os.cpu_count() or 1
         self.source = source
+        self.stall_timeout_s = stall_timeout_s
         self.global_batch = global_batch
         self.seed = seed
         self.step = start_step
@@ -418,9 +422,18 @@ class TrainLoader:
         self._fill(1)
         step, block, futures = self._pending.popleft()
         self._fill(self.prefetch)
+        # Worker processes can be killed when they hang (`close`); a thread cannot, so
+        # threads are waited for.
+        deadline = time.monotonic() + self.stall_timeout_s if self._shm_dir else None
         try:
             for f in futures:
-                f.result()
+                f.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise HostError(
+                f"the data loader made no batch for step {step} in {self.stall_timeout_s:g} "
+                "s: a worker process is stuck (a stalled network file system or bucket, a "
+                "hung decoder); rerun to resume from the last checkpoint"
+            ) from None
         finally:
             block.busy = False
         flat = np.frombuffer(block.buf, np.uint8)

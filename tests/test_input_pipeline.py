@@ -505,6 +505,28 @@ def test_a_killed_worker_process_stops_the_loader_within_seconds(tmp_path):
     assert not any(p.is_alive() for p in workers)
 
 
+def test_stuck_worker_processes_are_an_error_not_a_hang(tmp_path):
+    """Workers that stop making progress (stopped here; in life a stalled network file
+    system) would leave the run waiting for its batch until the job's time limit."""
+    import signal
+    import threading
+
+    source = FolderSource(write_images(tmp_path / "imgs", 3))
+    loader = TrainLoader(source, **LOADER_KW, workers=2, processes=True, stall_timeout_s=2)
+    next(loader)
+    workers = list(loader._pool._processes.values())
+    for p in workers:
+        os.kill(p.pid, signal.SIGSTOP)
+    with pytest.raises(HostError, match=r"no batch for step \d+ in 2 s: a worker process is stuck"):
+        for _ in range(20):
+            next(loader)
+    closing = threading.Thread(target=loader.close, daemon=True)
+    closing.start()
+    closing.join(60)
+    assert not closing.is_alive(), "close() hangs on the stopped workers"
+    assert not any(p.is_alive() for p in workers)
+
+
 def test_full_shared_memory_is_one_clear_error(tmp_path, monkeypatch):
     """No room in /dev/shm (Docker's default is 64 MB) is refused at construction with
     the fix, before any training, and leaves no worker or folder behind."""
