@@ -487,7 +487,6 @@ def test_a_killed_worker_process_stops_the_loader_within_seconds(tmp_path):
     die holding the task queue's lock, on which the others then wait forever, ignoring
     the pool's SIGTERM. The loader must fail in one line and close, not hang the run."""
     import signal
-    import threading
 
     source = FolderSource(write_images(tmp_path / "imgs", 3))
     loader = TrainLoader(source, **LOADER_KW, workers=3, processes=True)
@@ -495,13 +494,21 @@ def test_a_killed_worker_process_stops_the_loader_within_seconds(tmp_path):
     workers = list(loader._pool._processes.values())
     for p in workers[:2]:  # whichever held the lock, the third may be left waiting on it
         os.kill(p.pid, signal.SIGKILL)
-    with pytest.raises(HostError, match=r"worker process died .*see dmesg.*rerun to resume"):
+    _assert_fails_and_closes(loader, workers, r"worker process died .*see dmesg.*rerun to resume")
+
+
+def _assert_fails_and_closes(loader, workers, error):
+    """The next batches raise HostError matching `error`; close() then returns within a
+    minute and no worker is left alive."""
+    import threading
+
+    with pytest.raises(HostError, match=error):
         for _ in range(20):
             next(loader)
     closing = threading.Thread(target=loader.close, daemon=True)
     closing.start()
     closing.join(60)
-    assert not closing.is_alive(), "close() hangs on the surviving worker"
+    assert not closing.is_alive(), "close() hangs on the workers"
     assert not any(p.is_alive() for p in workers)
 
 
@@ -509,7 +516,6 @@ def test_stuck_worker_processes_are_an_error_not_a_hang(tmp_path):
     """Workers that stop making progress (stopped here; in life a stalled network file
     system) would leave the run waiting for its batch until the job's time limit."""
     import signal
-    import threading
 
     source = FolderSource(write_images(tmp_path / "imgs", 3))
     loader = TrainLoader(source, **LOADER_KW, workers=2, processes=True, stall_timeout_s=2)
@@ -517,14 +523,9 @@ def test_stuck_worker_processes_are_an_error_not_a_hang(tmp_path):
     workers = list(loader._pool._processes.values())
     for p in workers:
         os.kill(p.pid, signal.SIGSTOP)
-    with pytest.raises(HostError, match=r"no batch for step \d+ in 2 s: a worker process is stuck"):
-        for _ in range(20):
-            next(loader)
-    closing = threading.Thread(target=loader.close, daemon=True)
-    closing.start()
-    closing.join(60)
-    assert not closing.is_alive(), "close() hangs on the stopped workers"
-    assert not any(p.is_alive() for p in workers)
+    _assert_fails_and_closes(
+        loader, workers, r"no batch for step \d+ in 2 s: a worker process is stuck"
+    )
 
 
 def test_full_shared_memory_is_one_clear_error(tmp_path, monkeypatch):
