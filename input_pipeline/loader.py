@@ -14,6 +14,7 @@ import collections
 import concurrent.futures
 import fcntl
 import functools
+import logging
 import math
 import mmap
 import multiprocessing
@@ -30,6 +31,8 @@ import numpy as np
 from input_pipeline.sampler import check_sampler_settings, sample_pair_patch, sample_patch
 from input_pipeline.sources import PairedSource
 from srno_jax.errors import ConfigError, HostError
+
+log = logging.getLogger("srno_jax.data")
 
 _ALIGN = 64  # bytes: each array of a batch block starts on a cache line
 _SHM_PREFIX = "srno-loader-"
@@ -147,6 +150,7 @@ class _DecodedOnce:
                 st = os.statvfs(self.folder)
                 room = (st.f_bavail - st.f_blocks // 2) * st.f_frsize
                 if room < sum(np.asarray(p).nbytes for p in parts):
+                    self._warn_full()
                     return item
                 for k, part in enumerate(parts):
                     _write_atomically(f"{base}-{k}.npy", lambda f, part=part: np.save(f, part))
@@ -158,6 +162,20 @@ class _DecodedOnce:
             loaded = [x.item() if x.ndim == 0 else x for x in loaded]
             self._mapped[i] = tuple(loaded) if n > 1 else loaded[0]
         return self._mapped[i]
+
+    def _warn_full(self) -> None:
+        """Says once per run, from the first worker to find it, that the cache is full: a
+        run that decodes at each read can be many times slower."""
+        try:
+            os.close(os.open(os.path.join(self.folder, "full"), os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return
+        log.warning(
+            "%s is half full: the images not decoded there yet are decoded at every read "
+            "from now on, which can make the loader many times slower; give the machine or "
+            "container more shared memory (docker run --shm-size=...)",
+            os.path.dirname(self.folder),
+        )
 
 
 def _write_atomically(path: str, write) -> None:

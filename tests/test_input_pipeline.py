@@ -578,7 +578,7 @@ def test_paired_decode_failure_substitutes_next(tmp_path, caplog):
     assert sum("b.png" in r.getMessage() for r in caplog.records) == 1
 
 
-def test_images_are_decoded_once_for_all_workers(tmp_path, monkeypatch):
+def test_images_are_decoded_once_for_all_workers(tmp_path, monkeypatch, caplog):
     from input_pipeline.loader import _DecodedOnce
 
     source = FolderSource(write_images(tmp_path / "imgs", 2))
@@ -606,11 +606,16 @@ def test_images_are_decoded_once_for_all_workers(tmp_path, monkeypatch):
     assert not img.flags.writeable
 
     monkeypatch.setattr(os, "statvfs", lambda path: Full)
-    np.testing.assert_array_equal(first[0], source[0])
-    assert reads == [1, 0, 0] and sorted(os.listdir(cache_dir)) == [
+    with caplog.at_level(logging.WARNING, logger="srno_jax.data"):
+        np.testing.assert_array_equal(first[0], source[0])
+        second[0]
+    assert reads == [1, 0, 0, 0] and sorted(os.listdir(cache_dir)) == [
+        "full",
         "image-1-0.npy",
         "image-1.parts",
     ]
+    # Said once, by whichever worker found it first: decoding at every read is slow.
+    assert sum("is half full" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_pairs_are_decoded_once_with_their_scale(tmp_path):
