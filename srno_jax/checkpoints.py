@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -563,22 +562,21 @@ def _restore_item(path: epath.Path, target, shardings):
     # The handler, not a Checkpointer: a Checkpointer's restore ends in a barrier of all
     # hosts, which a host whose read failed would never reach.
     _quiet_abandoned_reads()
-    _quiet_until[0] = math.inf  # the first leftovers come while the read fails
+    _quiet["reads"] += 1  # the first leftovers come while the read fails
     handler = ocp.StandardCheckpointHandler()
     try:
-        restored = handler.restore(
-            path, args=ocp.args.StandardRestore(_abstract(target, shardings))
-        )
+        return handler.restore(path, args=ocp.args.StandardRestore(_abstract(target, shardings)))
     except Exception:
-        _quiet_until[0] = time.monotonic() + 60  # the abandoned reads end within this
+        # The reads it abandoned end within this, also while a later read succeeds.
+        _quiet["until"] = time.monotonic() + 60
         raise
     finally:
         handler.close()
-    _quiet_until[0] = 0.0
-    return restored
+        _quiet["reads"] -= 1
 
 
-_quiet_until = [0.0]  # when `_quiet_abandoned_reads`' hook stops dropping (monotonic time)
+# `_quiet_abandoned_reads`' hook drops while reads are in flight and until "until".
+_quiet = {"reads": 0, "until": 0.0}
 
 
 def _quiet_abandoned_reads() -> None:
@@ -595,7 +593,8 @@ def _quiet_abandoned_reads() -> None:
         error, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
         closed = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
         orbax = code is not None and "orbax" in code.co_filename
-        if not (time.monotonic() < _quiet_until[0] and (closed or orbax)):
+        quiet = _quiet["reads"] > 0 or time.monotonic() < _quiet["until"]
+        if not (quiet and (closed or orbax)):
             previous(unraisable)
 
     hook.quiets_abandoned_reads = True

@@ -306,7 +306,10 @@ def _terminated_before_training(signum, frame):
         file=sys.stderr,
         flush=True,
     )
-    raise SystemExit(128 + signum)
+    # At once: nothing is left to save, and a normal exit would wait in JAX's shutdown
+    # barrier for the other hosts, up to its 100 s heartbeat timeout and a fatal error
+    # when one of them is blocked in a collective this host has left.
+    os._exit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> None:
