@@ -56,14 +56,6 @@ flags.DEFINE_integer(
     "join_timeout_s", 300, "Multi-host: how long to wait for every process to join the run."
 )
 FLAGS = flags.FLAGS
-_OWN_FLAGS = (
-    "config",
-    "workdir",
-    "coordinator_address",
-    "num_processes",
-    "process_id",
-    "join_timeout_s",
-)
 
 
 def builtin_config_path(name: str) -> str | None:
@@ -144,8 +136,8 @@ def parse_flags(argv: list[str]):
     _check_config_file(config)
     # absl's --help lists the main module's flags: main.py and the srno-train script
     # define none, so name this module's there.
-    for name in _OWN_FLAGS:
-        FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
+    for flag in FLAGS.get_flags_for_module(__name__):
+        FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     try:
         return FLAGS(argv)
     except flags.Error as e:  # absl's own report is two lines, the message indented
