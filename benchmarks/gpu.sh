@@ -12,16 +12,22 @@
 # from PyPI. The project's small pure-Python dependencies that are missing are installed
 # into a private folder put on PYTHONPATH, from $WHEELS (a folder made by --fetch-wheels
 # and carried to a machine without network) or PyPI; nothing else is changed.
-# Then it runs the cases in $CASES with $RUN_ARGS (e.g. "--repeats 10") and leaves in
-# $OUT: gpu.json (the report), profile.tgz (a jax.profiler trace of one timed call of each
-# case: open it with TensorBoard's profile plugin or xprof), nvidia-smi.txt and log.txt.
+# Then it runs the cases in $CASES, most wanted first, with $RUN_ARGS (e.g. "--repeats
+# 10"), each killed after $CASE_TIMEOUT seconds (default 240) and all of them after
+# $TIME_LIMIT (default 540: a machine lent for 10-minute commands keeps what was measured),
+# and leaves in $OUT: gpu.json (the report, rewritten after each case), profile.tgz (a
+# jax.profiler trace of one timed call of each case: open it with TensorBoard's profile
+# plugin or xprof; without the xplane files if it would pass 15 MB), machine.txt
+# (nvidia-smi, cores, memory, /dev/shm, which the loader's batches need) and log.txt.
 # $BACKEND (default gpu) is the JAX backend required; `BACKEND=cpu` checks the script
 # itself on a machine without a GPU.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 out=${OUT:-$repo/gpu_out}
-cases=${CASES:-train_step_b64_128_bf16,train_step_b64_128_bf16_xla,main_b64_128_bf16,train_step_b64_128,inference_x4_128_to_512,eval_mixed_sizes,input_pipeline_128}
+cases=${CASES:-train_step_b64_128_bf16,train_step_b64_128_bf16_xla,main_b64_128_bf16,input_pipeline_128,inference_x4_128_to_512,train_step_b64_128,eval_mixed_sizes}
+time_limit=${TIME_LIMIT:-540}
+case_timeout=${CASE_TIMEOUT:-240}
 backend=${BACKEND:-gpu}
 py=${PYTHON:-python3}
 # What the benchmarks import beyond a CUDA image's scientific stack (package = module name).
@@ -43,7 +49,11 @@ case "${1:-}" in
   *) echo "gpu.sh: unknown argument $1 (use --dry-run or --fetch-wheels DIR)" >&2; exit 2 ;;
 esac
 
-has_backend() { "$py" -c "import jax; assert jax.default_backend() == '$backend'" 2>/dev/null; }
+has_backend() {  # says why not
+  "$py" -c "import jax; b = jax.default_backend(); assert b == '$backend', 'JAX backend ' + b" 2>&1 \
+    | tail -1 | sed "s|^|# $py: |"
+  return "${PIPESTATUS[0]}"
+}
 
 if [[ -n $dry ]]; then work='$WORK'; else work=$(mktemp -d); fi
 run mkdir -p "$out"
@@ -71,14 +81,32 @@ if ((${#missing[@]})); then
 fi
 run "$py" -c "import jax; print(jax.__version__, jax.devices()); assert jax.default_backend() == '$backend'"
 if [[ -z $dry ]]; then
-  nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
+  # The loader's batches and decoded images live in /dev/shm, of which a container may
+  # have 64 MB: enlarge it where this runs as root, else say so.
+  if (($(df -k --output=avail /dev/shm | tail -1) < 4194304)); then
+    if [[ $(id -u) == 0 ]] && mount -o remount,size=8g /dev/shm; then
+      echo "# /dev/shm enlarged to 8 GB"
+    else
+      echo "# /dev/shm has under 4 GB free: main_b64_128_bf16 and input_pipeline_128 may fail"
+    fi
+  fi
+  { nvidia-smi; echo "cores: $(nproc)"; free -g; df -h /dev/shm "$work"; } > "$out/machine.txt" 2>&1 || true
 fi
+args=(--only "$cases" --json "$out/gpu.json" --profile "$work/profile" --case_timeout "$case_timeout")
 # shellcheck disable=SC2086  # RUN_ARGS is a list of words
-echo "+ $py benchmarks/run.py --only $cases --json $out/gpu.json --profile $work/profile ${RUN_ARGS:-}"
+echo "+ $py benchmarks/run.py ${args[*]} ${RUN_ARGS:-}"
 if [[ -z $dry ]]; then
   cd "$repo"
+  status=0
   # shellcheck disable=SC2086
-  PYTHONUNBUFFERED=1 "$py" benchmarks/run.py --only "$cases" --json "$out/gpu.json" \
-    --profile "$work/profile" ${RUN_ARGS:-} 2>&1 | tee "$out/log.txt"
-  if [[ -d $work/profile ]]; then tar czf "$out/profile.tgz" -C "$work" profile; fi
+  PYTHONUNBUFFERED=1 timeout -k 20 "$time_limit" "$py" benchmarks/run.py "${args[@]}" \
+    ${RUN_ARGS:-} 2>&1 | tee "$out/log.txt" || status=$?
+  if [[ -d $work/profile ]]; then
+    tar czf "$out/profile.tgz" -C "$work" profile
+    if (($(stat -c %s "$out/profile.tgz") > 15000000)); then
+      tar czf "$out/profile.tgz" -C "$work" --exclude='*.xplane.pb' profile
+    fi
+  fi
+  ((status == 0)) || echo "gpu.sh: run.py ended with status $status (124: past TIME_LIMIT)" | tee -a "$out/log.txt"
+  exit "$status"
 fi

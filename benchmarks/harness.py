@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -24,28 +25,58 @@ from pathlib import Path
 import jax
 
 
-def in_child(script, *args: str, env: dict | None = None) -> dict:
-    """Runs ``python script *args`` and returns the JSON object on its last stdout line,
-    or {'error': ...} when it fails (its stderr passes through)."""
-    proc = subprocess.run(
+def in_child(script, *args: str, env: dict | None = None, timeout: float | None = None) -> dict:
+    """Runs ``python script *args`` and returns the JSON object on the last stdout line
+    that holds one, or {'error': ...} when it printed none (its stderr passes through).
+
+    A child that printed its result and then failed (a profiler crashing while it traces
+    one more call) keeps that result, the failure under 'error_after'. The child runs in
+    a session of its own, so that it is killed with every process it started: when it
+    is still running after `timeout` seconds, or when this process is interrupted.
+    """
+    proc = subprocess.Popen(
         [sys.executable, str(script), *args],
         stdout=subprocess.PIPE,
         text=True,
         env=None if env is None else {**os.environ, **env},
+        start_new_session=True,
     )
-    if proc.returncode:
-        return {"error": f"exit status {proc.returncode}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        failure = f"exit status {proc.returncode}" if proc.returncode else None
+    except subprocess.TimeoutExpired:
+        _kill_session(proc)
+        out, _ = proc.communicate()
+        failure = f"timed out after {timeout:g} s"
+    except BaseException:
+        _kill_session(proc)
+        raise
+    records = []
+    for line in out.splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    records = [r for r in records if isinstance(r, dict)]
+    if not records:
+        return {"error": failure or "printed no result"}
+    return {**records[-1], "error_after": failure} if failure else records[-1]
 
 
-def time_fn(fn, repeats: int, warmup: int = 1, profile_dir=None, paired=None) -> dict:
+def _kill_session(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # it had ended
+        pass
+    proc.wait()
+
+
+def time_fn(fn, repeats: int, warmup: int = 1, paired=None) -> dict:
     """Calls fn() `warmup` times, then times `repeats` calls, each until its result is ready;
     with `paired`, one call of paired() is timed after each timed call of fn (the two then
-    see the same moments of a shared machine); with `profile_dir`, one more call is traced
-    there (`jax.profiler.trace`) and summarised (`trace_summary`).
+    see the same moments of a shared machine).
 
-    Returns {'median_s', 'times_s'}, 'paired_times_s' with `paired`, and 'profile' (the
-    summary) with `profile_dir`.
+    Returns {'median_s', 'times_s'}, and 'paired_times_s' with `paired`.
     """
     for _ in range(warmup):
         jax.block_until_ready(fn())
@@ -58,11 +89,15 @@ def time_fn(fn, repeats: int, warmup: int = 1, profile_dir=None, paired=None) ->
     result = {"median_s": statistics.median(times), "times_s": times}
     if paired:
         result["paired_times_s"] = paired_times
-    if profile_dir is not None:
-        with jax.profiler.trace(str(profile_dir), create_perfetto_trace=True):
-            jax.block_until_ready(fn())
-        result["profile"] = trace_summary(profile_dir)
     return result
+
+
+def trace_call(fn, trace_dir) -> dict:
+    """Traces one call of fn() into `trace_dir` (`jax.profiler.trace`) and returns its
+    `trace_summary`."""
+    with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+        jax.block_until_ready(fn())
+    return trace_summary(trace_dir)
 
 
 def trace_summary(trace_dir, top: int = 40) -> dict:

@@ -43,7 +43,9 @@ other rows carry the run's, measured first (``ceiling`` in the JSON). ``gflop`` 
 the reference model's operations (`benchmarks/flops.py`). With ``--profile DIR`` the
 inference and training cases trace one more call into DIR/<case> and record in the JSON
 (``profile``) and the printed table its longest operations (on a GPU, its kernels), so the
-report alone says where the time went. ``--quick`` (2 repeats) is for developing the
+report alone says where the time went; the case's timings are printed before that call,
+so a failure while tracing keeps them. ``--case_timeout S`` kills a case (with every
+process it started) after S seconds and records it as an error. ``--quick`` (2 repeats) is for developing the
 harness, not for numbers.
 """
 
@@ -54,6 +56,7 @@ import json
 import os
 import re
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -69,7 +72,15 @@ import flops  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from harness import compile_timed, in_child, machine_info, peak_memory_mb, time_fn, write_json  # noqa: E402
+from harness import (  # noqa: E402
+    compile_timed,
+    in_child,
+    machine_info,
+    peak_memory_mb,
+    time_fn,
+    trace_call,
+    write_json,
+)
 
 CASES = (
     "inference_x4_128_to_512",
@@ -100,7 +111,7 @@ RESULT_KEYS = (
     "compile_s",
 )
 EVAL_SCALES = (2.0, 3.0, 4.0)
-PROFILE = {"dir": None}  # in a child run with --profile: where its timed cases trace one call
+PROFILE = {"call": None}  # in a child: its timed call, which --profile traces once more
 
 
 # --- records ---------------------------------------------------------------------------------
@@ -192,7 +203,8 @@ def time_against_ceiling(run, repeats: int, warmup: int = 1) -> dict:
     time_fn(run, repeats, warmup)
     memory = peak_memory_mb()
     call, gflop, _ = ceiling_matmul()
-    t = time_fn(run, repeats, warmup=0, profile_dir=PROFILE["dir"], paired=call)
+    t = time_fn(run, repeats, warmup=0, paired=call)
+    PROFILE["call"] = run  # traced once the record is printed: see main
     ceiling = gflop / statistics.median(t["paired_times_s"])
     return {**t, "ceiling_gflops_per_s": ceiling, "peak_memory": memory}
 
@@ -475,15 +487,15 @@ def run_case(name: str, repeats: int, ceiling: float | None) -> dict:
 # --- the parent: one subprocess per case ---------------------------------------------------
 
 
-def _run_eval_mixed_sizes(args: list[str]) -> dict:
+def _run_eval_mixed_sizes(args: list[str], timeout: float | None) -> dict:
     """eval_mixed_sizes in a child with a new persistent cache, then in a second child
     with that cache: the first's record, and the second's as 'rerun'."""
     with tempfile.TemporaryDirectory() as cache:
         env = {"JAX_COMPILATION_CACHE_DIR": cache}
-        first = in_child(__file__, *args, env=env)
+        first = in_child(__file__, *args, env=env, timeout=timeout)
         if "error" in first:
             return first
-        again = in_child(__file__, *args, env=env)
+        again = in_child(__file__, *args, env=env, timeout=timeout)
     keys = ("median_s", "compile_s", "compilations", "compile_share")
     return {**first, "rerun": again if "error" in again else {k: again[k] for k in keys}}
 
@@ -520,6 +532,11 @@ def print_table(report: dict) -> None:
             f"{_fmt(r.get('speedup_vs_torch'), 8, '.2f')}" + ("x" if "torch_cpu_s" in r else "")
         )
     for r in report["results"]:
+        if "fused" in r:
+            how = "the Pallas kernel" if r["fused"] else "XLA (no Pallas kernel)"
+            print(f"{r['name']}: kernel integrals through {how}")
+        if r.get("error_after"):
+            print(f"{r['name']}: after its result: {r['error_after']}")
         if "compile_share" in r:
             again = r.get("rerun", {})
             print(
@@ -566,6 +583,12 @@ def main(argv=None) -> None:
         default=None,
         help="trace one more call of each timed case into PROFILE/<case> (jax.profiler)",
     )
+    p.add_argument(
+        "--case_timeout",
+        type=float,
+        default=None,
+        help="seconds a case may take before it is killed and recorded as an error",
+    )
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_ceiling", type=float, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -578,8 +601,12 @@ def main(argv=None) -> None:
         print(json.dumps(run_ceiling(repeats)))
         return
     if a._child:
-        PROFILE["dir"] = a.profile and str(Path(a.profile) / a._child)
-        print(json.dumps(run_case(a._child, repeats, a._ceiling)))
+        record = run_case(a._child, repeats, a._ceiling)
+        # Printed before the trace: if tracing fails, the parent keeps the timings.
+        print(json.dumps(record), flush=True)
+        if a.profile and PROFILE["call"]:
+            record["profile"] = trace_call(PROFILE["call"], Path(a.profile) / a._child)
+            print(json.dumps(record))
         return
     names = [n for n in a.only.split(",") if n]
     unknown = set(names) - set(CASES)
@@ -593,7 +620,7 @@ def main(argv=None) -> None:
     if a.list:
         print("\n".join(names))
         return
-    ceiling = in_child(__file__, "--_child", "ceiling", *base)
+    ceiling = in_child(__file__, "--_child", "ceiling", *base, timeout=a.case_timeout)
     if "error" in ceiling:
         raise SystemExit(f"the ceiling matmul failed ({ceiling['error']})")
     machine = ceiling.pop("machine")
@@ -605,9 +632,9 @@ def main(argv=None) -> None:
             print(f"running {name} ...", file=sys.stderr, flush=True)
             args = ["--_child", name, "--_ceiling", str(ceiling["ceiling_gflops_per_s"]), *base]
             if name == "eval_mixed_sizes":
-                r = _run_eval_mixed_sizes(args)
+                r = _run_eval_mixed_sizes(args, a.case_timeout)
             else:
-                r = in_child(__file__, *args)
+                r = in_child(__file__, *args, timeout=a.case_timeout)
             r = {"name": name, **r} if "error" in r else r
         r.setdefault("ceiling_gflops_per_s", ceiling["ceiling_gflops_per_s"])
         results.append(r)
@@ -620,4 +647,10 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # A SIGTERM (a time limit) ends a run as Ctrl-C does: the running case's processes
+    # are killed with it (`in_child`), and the JSON keeps the cases finished.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        main()
+    except KeyboardInterrupt:
+        raise SystemExit("run.py: stopped; the JSON holds the cases finished before") from None

@@ -147,6 +147,39 @@ def test_in_child_returns_the_last_json_line(tmp_path):
     assert harness.in_child(script, "a", env={"X": "1"}) == {"args": ["a"], "env": "1"}
     script.write_text("raise SystemExit(3)\n")
     assert harness.in_child(script) == {"error": "exit status 3"}
+    # A result printed before a failure (a profiler crashing in the extra traced call).
+    script.write_text("print('{\"median_s\": 1.0}', flush=True)\nimport os\nos.abort()\n")
+    assert harness.in_child(script) == {"median_s": 1.0, "error_after": "exit status -6"}
+
+
+def test_in_child_timeout_kills_the_child_and_what_it_started(tmp_path):
+    import os
+    import time
+
+    pid_file = tmp_path / "grandchild"
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import subprocess, sys, time\n"
+        "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(g.pid))\n"
+        "print('{\"median_s\": 2.0}', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    start = time.monotonic()
+    out = harness.in_child(script, timeout=3)
+    assert time.monotonic() - start < 30
+    assert out == {"median_s": 2.0, "error_after": "timed out after 3 s"}
+    grandchild = int(pid_file.read_text())
+    for _ in range(50):  # killed, then reaped by init
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the child's own child outlived the timeout")
+    script.write_text("import time\ntime.sleep(60)\n")
+    assert harness.in_child(script, timeout=1) == {"error": "timed out after 1 s"}
 
 
 def test_eval_mixed_sizes_counts_compilations():
@@ -199,14 +232,13 @@ def test_gpu_script_dry_run(tmp_path):
     assert f"+ {sys.executable} benchmarks/run.py --only" in proc.stdout, proc.stdout
 
 
-def test_time_fn_profile_summarises_the_traced_call(tmp_path):
+def test_trace_call_summarises_the_traced_call(tmp_path):
     import jax
     import jax.numpy as jnp
 
     f = jax.jit(lambda a: jnp.tanh(a @ a).sum())
     a = jnp.ones((256, 256))
-    out = harness.time_fn(lambda: f(a), repeats=1, profile_dir=tmp_path)
-    prof = out["profile"]
+    prof = harness.trace_call(lambda: f(a), tmp_path)
     assert prof["top"] and prof["busy_ms"]
     assert all(op["ms"] >= 0 and op["calls"] >= 1 for op in prof["top"])
     assert [op["ms"] for op in prof["top"]] == sorted(
@@ -243,7 +275,7 @@ def test_report_is_written_after_each_case(tmp_path, monkeypatch):
     ceiling = {"machine": machine, "ceiling_gflops_per_s": 1.0, "matmul_n": 1}
     record = {k: 1.0 for k in run.RESULT_KEYS} | {"name": "inference_x4_128_to_512"}
 
-    def child(script, *args, env=None):
+    def child(script, *args, env=None, timeout=None):
         if args[1] == "ceiling":
             return dict(ceiling)
         if args[1] == "inference_x4_128_to_512":
