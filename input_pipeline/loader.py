@@ -297,9 +297,10 @@ class TrainLoader:
     instead (spawned; the source must pickle) and the blocks are files in /dev/shm that
     every worker maps once: nothing is pickled, stacked or copied per sample; a source
     that decodes at each read (a folder, TFDS, pairs) is decoded once per item for all
-    workers (`_DecodedOnce`); and a batch that worker processes have not finished within
-    `stall_timeout_s` (a stalled network file system, a hung decoder) is a `HostError`,
-    not a wait until the job's time limit. Part of a sample's work holds Python's GIL, so
+    workers (`_DecodedOnce`); and worker processes that have not all started, or not
+    finished a batch, within `stall_timeout_s` (a stalled network file system, a hung
+    decoder) are a `HostError`, not a wait until the job's time limit. A batch that fails
+    raises its error, and every later call then raises too: its step cannot be skipped. Part of a sample's work holds Python's GIL, so
     threads stop scaling at a few cores, processes do not. The samples are the same either
     way.
     """
@@ -358,6 +359,7 @@ class TrainLoader:
         self._pending = collections.deque()  # (step, block, [future per chunk])
         self._next_submit = start_step
         self._closed = False
+        self._failed = None  # the step whose batch failed
         self._shm_dir = None
         if processes:  # the source is sent to each process once, at its start
             self._shm_dir, lock_fd = _shared_memory_dir()
@@ -378,8 +380,17 @@ class TrainLoader:
             if processes:
                 # The pool starts a process per task while none is idle: tasks that wait
                 # for each other start every worker now, not one by one during training.
-                for f in [self._pool.submit(_wait_for_all_workers) for _ in range(workers)]:
-                    f.result()
+                deadline = time.monotonic() + stall_timeout_s
+                try:
+                    for f in [self._pool.submit(_wait_for_all_workers) for _ in range(workers)]:
+                        f.result(max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
+                    raise HostError(
+                        f"the data loader's {workers} worker processes did not all start "
+                        f"in {stall_timeout_s:g} s: one is stuck (a stalled network file "
+                        "system or bucket, a hung import); rerun to resume from the last "
+                        "checkpoint"
+                    ) from None
             self._fill(prefetch)
         except BaseException:
             self.close()
@@ -427,14 +438,26 @@ class TrainLoader:
     def __next__(self) -> dict:
         if self._closed:
             raise RuntimeError("TrainLoader is closed")
+        if self._failed is not None:
+            raise RuntimeError(
+                f"the TrainLoader failed at step {self._failed}; make a new one with "
+                f"start_step={self._failed} to go on"
+            )
         try:
-            return self._next()
-        except concurrent.futures.BrokenExecutor as e:  # from a result, or a submit
-            raise HostError(
-                f"a data loader worker process died building the batch of step {self.step} "
-                f"({e}): killed for memory (see dmesg) or crashed; rerun to resume from the "
-                "last checkpoint, with fewer --config.data.workers if memory ran out"
-            ) from None
+            try:
+                return self._next()
+            except concurrent.futures.BrokenExecutor as e:  # from a result, or a submit
+                raise HostError(
+                    f"a data loader worker process died building the batch of step "
+                    f"{self.step} ({e}): killed for memory (see dmesg) or crashed; rerun to "
+                    "resume from the last checkpoint, with fewer --config.data.workers if "
+                    "memory ran out"
+                ) from None
+        except BaseException:
+            # The failed batch's other chunks may still write into its block, and its
+            # step would be skipped: this loader hands out nothing more.
+            self._failed = self.step
+            raise
 
     def _next(self) -> dict:
         self._fill(1)
@@ -452,8 +475,7 @@ class TrainLoader:
                 "s: a worker process is stuck (a stalled network file system or bucket, a "
                 "hung decoder); rerun to resume from the last checkpoint"
             ) from None
-        finally:
-            block.busy = False
+        block.busy = False  # only now: after an error, a chunk may still write into it
         flat = np.frombuffer(block.buf, np.uint8)
         block.handed_out = weakref.ref(flat)
         self.step = step + 1

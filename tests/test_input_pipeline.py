@@ -465,6 +465,23 @@ def test_paired_folder_loader(tmp_path):
         TrainLoader(source, **{**kw, "inp_size": 17, "sample_q": 1})
 
 
+def test_a_pair_whose_hr_is_short_of_an_lr_patch_is_refused_at_start(tmp_path):
+    """HR 19 x 40 with an LR of 10 x 20 (x2, the 9.5 rows rounded up): a 10-pixel LR
+    patch covers 20 HR rows, one more than the image has. Refused before training,
+    naming the pair, not a ValueError at its first sample."""
+    folder = write_pairs(tmp_path / "pairs", {"a": ((19, 40), (10, 20)), "b": ((40, 40), (20, 20))})
+    source = make_source(str(folder))
+    assert [p.scale for p in source.pairs] == [2.0, 2.0]
+    kw = dict(global_batch=2, seed=1, inp_size=10, sample_q=16, workers=1)
+    with pytest.raises(
+        ConfigError, match=r"pair .*a\.png / .*a\.png: its HR image is 19x40, short of the 20"
+    ):
+        TrainLoader(source, **kw)
+    with TrainLoader(source, **{**kw, "inp_size": 9}) as loader:  # 18 rows fit
+        for _ in range(3):
+            next(loader)
+
+
 def test_loader_batches_are_not_overwritten(tmp_path):
     """A batch still referenced keeps its memory; dropped batches' memory is reused."""
     source = FolderSource(write_images(tmp_path / "imgs", 3))
@@ -526,6 +543,66 @@ def test_stuck_worker_processes_are_an_error_not_a_hang(tmp_path):
     _assert_fails_and_closes(
         loader, workers, r"no batch for step \d+ in 2 s: a worker process is stuck"
     )
+
+
+class _StuckWhenUnpickled(FolderSource):
+    """A folder whose copy in a worker process never arrives (a stalled file system)."""
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        import time
+
+        time.sleep(120)
+
+
+def test_workers_stuck_at_their_start_are_an_error_not_a_hang(tmp_path):
+    import time
+
+    source = _StuckWhenUnpickled(write_images(tmp_path / "imgs", 2))
+    start = time.monotonic()
+    with pytest.raises(HostError, match=r"2 worker processes did not all start in 2 s"):
+        TrainLoader(source, **LOADER_KW, workers=2, processes=True, stall_timeout_s=2)
+    assert time.monotonic() - start < 60
+    assert not multiprocessing.active_children()
+
+
+class _FailsOnce:
+    """Image i fails at its first read; image j takes a second at its first read."""
+
+    name = "flaky"
+
+    def __init__(self, fail=-1, slow=-1):
+        import threading
+
+        self.fail, self.slow, self.reads, self.lock = fail, slow, {}, threading.Lock()
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        import time
+
+        with self.lock:
+            n = self.reads[i] = self.reads.get(i, 0) + 1
+        if i == self.fail and n == 1:
+            raise DataError("a transient failure")
+        if i == self.slow and n == 1:
+            time.sleep(1.0)
+        return np.full((40, 40, 3), 60 * i, np.uint8)
+
+
+def test_a_failed_batch_ends_the_loader():
+    """One chunk of a batch fails while another is still being built: retrying would skip
+    that step and hand out a later batch that the straggler chunk overwrote."""
+    kw = dict(global_batch=2, seed=0, inp_size=8, workers=2, prefetch=2, repeat=4)
+    with TrainLoader(_FailsOnce(), **kw) as probe:
+        first, second = probe.image_index(0, 0), probe.image_index(0, 1)
+    assert first != second
+    with TrainLoader(_FailsOnce(fail=first, slow=second), **kw) as loader:
+        with pytest.raises(DataError, match="transient"):
+            next(loader)
+        with pytest.raises(RuntimeError, match="failed at step 0; .* start_step=0"):
+            next(loader)
 
 
 def test_full_shared_memory_is_one_clear_error(tmp_path, monkeypatch):
