@@ -246,7 +246,7 @@ class PairedSource(_SkipsUnreadable):
                 f"beside LR/ or X2/, X3/, ... (one per scale)"
             )
         self.pairs = pairs
-        self._smallest_lr = None
+        self._lr_hw = None  # the LR images' sizes, read once
         self.skipped = 0
         self._bad = set()
         self._lock = threading.Lock()
@@ -263,19 +263,32 @@ class PairedSource(_SkipsUnreadable):
         )
 
     def check_inp_size(self, inp_size: int) -> None:
-        """Raises `ConfigError` when an LR image is smaller than inp_size x inp_size: a
-        given LR cannot be resized without changing its degradation. The LR sizes are
-        read once."""
-        if self._smallest_lr is None:
-            sizes = [(min(image_hw(p.lr_path)), p.lr_path) for p in self.pairs]
-            self._smallest_lr = min(sizes)
-        side, path = self._smallest_lr
-        if side < inp_size:
-            h, w = image_hw(path)
+        """Raises `ConfigError`, naming the pair, when an LR image is smaller than
+        inp_size x inp_size (a given LR cannot be resized without changing its
+        degradation), or when an LR side of exactly inp_size was rounded up from an HR
+        side too short for the round(inp_size * scale) pixels of an HR patch."""
+        if self._lr_hw is None:
+            self._lr_hw = [image_hw(p.lr_path) for p in self.pairs]
+        (h, w), path = min(
+            zip(self._lr_hw, (p.lr_path for p in self.pairs)), key=lambda x: min(x[0])
+        )
+        if min(h, w) < inp_size:
             raise ConfigError(
                 f"LR image {path} is {h}x{w}, smaller than data.inp_size {inp_size}; lower "
                 "data.inp_size or remove the pair"
             )
+        for pair, lr_hw in zip(self.pairs, self._lr_hw):
+            if inp_size not in lr_hw:  # a longer side leaves its patch room
+                continue
+            hr_hw = image_hw(pair.hr_path)
+            patch = round(inp_size * pair.scale)
+            if any(lr == inp_size and hr < patch for lr, hr in zip(lr_hw, hr_hw)):
+                raise ConfigError(
+                    f"pair {pair.hr_path} / {pair.lr_path}: its HR image is "
+                    f"{hr_hw[0]}x{hr_hw[1]}, short of the {patch} pixels that an LR side of "
+                    f"data.inp_size {inp_size} covers at x{pair.scale:g} (the LR side was "
+                    "rounded up); lower data.inp_size or remove the pair"
+                )
 
 
 def describe(source) -> str:

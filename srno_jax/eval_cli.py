@@ -53,16 +53,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         required=True,
+        action="append",
         help="comma-separated dataset names (Set5, Set14, B100, Urban100, Manga109, "
-        "div2k) or folders: of HR images, or paired (HR/ with LR/ or X2/ X3/ ...)",
+        "div2k) or folders: of HR images, or paired (HR/ with LR/ or X2/ X3/ ...); the "
+        "flag may be repeated",
     )
     p.add_argument("--data_dir", default=None, help="folder holding benchmark/ and DIV2K_valid_HR/")
     p.add_argument(
         "--scales",
         type=_scales,
+        action="append",
         default=None,
-        help="e.g. 2,3,4,6,12 (each > 1; default 2,3,4); paired folders use "
-        "their pairs' own scales",
+        help="e.g. 2,3,4,6,12 (each > 1; default 2,3,4; the flag may be repeated); "
+        "paired folders use their pairs' own scales",
     )
     p.add_argument("--protocol", default=None, help="'div2k' or 'benchmark' (default: by dataset)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
@@ -229,10 +232,10 @@ def _evaluate(args, results: list[dict], state: dict) -> None:
     from srno_jax.image_api import MAX_OUTPUT_PIXELS
 
     checkpoints = _names(args.checkpoint, "--checkpoint")
-    datasets = [evaluation.resolve_dataset(n, args.data_dir) for n in _names([args.data], "--data")]
+    datasets = [evaluation.resolve_dataset(n, args.data_dir) for n in _names(args.data, "--data")]
     tasks = evaluation.plan(
         datasets,
-        _DEFAULT_SCALES if args.scales is None else args.scales,
+        _DEFAULT_SCALES if args.scales is None else [s for group in args.scales for s in group],
         args.protocol,
         strict=args.strict,
         max_output_pixels=(

@@ -301,8 +301,14 @@ def score_pair(
     'ssim' is None for an image too small for SSIM's 11 x 11 window after the shave
     (which still has a PSNR: asking for SSIM never changes which images are scored).
     Raises `CheckpointError` when the prediction is not finite: a broken model, not an
-    image to skip while the others are averaged."""
-    sr = upsampler(lr, hr.shape[:2], scale)
+    image to skip while the others are averaged.
+
+    The prediction is of the grid the LR image covers, round(h * scale) x round(w * scale)
+    (`pairs.pair_images`), cropped to `hr`: a pair's HR image is a row or column short of
+    that grid where its LR side was rounded up, and predicting `hr`'s size would stretch
+    the output over the LR image instead."""
+    grid = (round(lr.shape[0] * scale), round(lr.shape[1] * scale))
+    sr = upsampler(lr, grid, scale)[: hr.shape[0], : hr.shape[1]]
     if not np.isfinite(sr).all():
         raise CheckpointError(
             f"the model predicts NaN or infinite values at x{scale:g} ({hr.shape[0]}x"

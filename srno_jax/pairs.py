@@ -55,7 +55,7 @@ def pair_scale(
     """The scale s >= 1 that maps the LR size onto the HR size.
 
     s is `nominal` (an ``X<s>`` folder's scale) where given, else the whole number
-    H // h when it fits, else H / h when that equals W / w exactly (the HR image is the LR
+    H // h or round(H / h) when it fits, else H / h when that equals W / w exactly (the HR image is the LR
     image's size times s on both axes). It fits (`_fits`) when each LR side is the HR
     side / s, floored or rounded: a 321 x 481 HR image with its 80 x 120 LR is x4, as the
     reference's paired loader takes it, not x4.008. Other non-integer scales are not read
@@ -90,8 +90,9 @@ def pair_scale(
             f"the sizes{what} do not fit x{nominal:g}: HR {hh}x{hw}, LR {lh}x{lw} (H x W) "
             f"are x{tight:.4g} apart; move the LR image to the folder of its scale"
         )
-    if _fits(hr_hw, lr_hw, hh // lh):
-        return float(hh // lh)
+    for whole in (hh // lh, round(hh / lh)):  # LR sides floored, or rounded up
+        if _fits(hr_hw, lr_hw, whole):
+            return float(whole)
     if hh * lw == hw * lh:
         return hh / lh
     if _fits(hr_hw, lr_hw, tight):
@@ -173,7 +174,8 @@ def find_pairs(folder: str | os.PathLike) -> list[Pair] | None:
       DataError: naming the files, when an HR or LR image has no partner, two images
         share a stem or two LR images one HR image, a header cannot be read, the two
         images of a pair carry different EXIF orientations, the sizes match no scale
-        (or not the folder's; see `pair_scale`), or the layout holds no image at all.
+        (or not the folder's; see `pair_scale`), an ``X<s>`` folder names a scale below
+        1, or the layout holds no image at all.
     """
     folder = os.fspath(folder)
     hr_dir = os.path.join(folder, "HR")
@@ -186,6 +188,13 @@ def find_pairs(folder: str | os.PathLike) -> list[Pair] | None:
     matched_hr, pairs = set(), []
     for lr_name in lr_names:
         lr_dir = os.path.join(folder, lr_name)
+        nominal = _SCALE_DIR.match(lr_name)
+        nominal = float(nominal.group(1)) if nominal else None
+        if nominal is not None and nominal < 1:
+            raise DataError(
+                f"{lr_dir} names x{nominal:g}, a scale below 1; an X<s>/ folder holds the LR "
+                "images of scale s >= 1 (X2/, X3.7/)"
+            )
         unmatched, lr_of_hr = [], {}
         for stem, lr_path in sorted(_by_stem(image_files(lr_dir), lr_dir).items()):
             hr_stem = stem if stem in hr_by_stem else _SCALE_SUFFIX.sub("", stem)
@@ -208,8 +217,7 @@ def find_pairs(folder: str | os.PathLike) -> list[Pair] | None:
                     f"and {lr_turn}); pairs are read as stored, as the reference reads "
                     "them, so save both upright (e.g. PIL's ImageOps.exif_transpose)"
                 )
-            nominal = _SCALE_DIR.match(lr_name)
-            scale = pair_scale(hr_hw, lr_hw, names, float(nominal.group(1)) if nominal else None)
+            scale = pair_scale(hr_hw, lr_hw, names, nominal)
             matched_hr.add(hr_stem)
             name = hr_stem if len(lr_names) == 1 else f"{lr_name}/{hr_stem}"
             pairs.append(Pair(name, hr_path, lr_path, scale))
@@ -243,7 +251,7 @@ def pair_images(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
     covers: its top-left round(h * s) x round(w * s) pixels (Python round, half to even;
     s = ``pair.scale``), which drops at most the last rows or columns that fall short of
     one LR pixel; where an LR side was rounded up, the HR side is one short of that grid
-    and is kept whole (as the reference's paired loader crops).
+    and is kept whole (evaluation predicts the whole grid and crops the prediction to it).
 
     Raises:
       DataError: naming the files, when they cannot be read or their sizes no longer

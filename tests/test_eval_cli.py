@@ -509,6 +509,37 @@ def test_paired_folder_uses_the_given_lr_images(tmp_path, capsys):
         assert abs(r["psnr"] - made) > 0.1  # not the LR that bicubic would have made
 
 
+def test_a_pair_whose_lr_side_was_rounded_up_is_scored_on_its_lr_grid(tmp_path):
+    """HR 39 x 59 with an LR of 20 x 30 at x2: the LR covers a 40 x 60 grid, one row and
+    column more than the HR image. The prediction is of that grid, cropped to the HR
+    image; predicting 39 x 59 would stretch it over the LR image, up to a pixel off."""
+    root = tmp_path / "pairs"
+    full = _image(tmp_path / "full.png", (40, 60), smooth=True)
+    lr = resize_bicubic(full, (20, 30))
+    hr = full[:39, :59]
+    (root / "HR").mkdir(parents=True)
+    (root / "X2").mkdir()
+    Image.fromarray(np.ascontiguousarray(hr)).save(root / "HR" / "a.png")
+    Image.fromarray(lr).save(root / "X2" / "ax2.png")
+    out = tmp_path / "r.json"
+    assert _run("--data", root, "--json", out) == 0
+    (row,) = _strict_json(out)["results"]
+    aligned = resize_bicubic(lr, (40, 60))[:39, :59] / 255
+    assert row["psnr"] == pytest.approx(psnr(aligned, hr / 255, "benchmark", 2), abs=1e-9)
+    stretched = resize_bicubic(lr, (39, 59)) / 255
+    assert row["psnr"] > psnr(stretched, hr / 255, "benchmark", 2) + 1
+
+
+def test_data_and_scales_may_be_repeated(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _image(a / "x.png", (24, 24), smooth=True)
+    _image(b / "y.png", (24, 24), seed=1)
+    assert _run("--data", a, "--data", b, "--scales", "2", "--scales", "3,4") == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "| method | a x2 | a x3 | a x4 | b x2 | b x3 | b x4 |"
+    )
+
+
 def test_paired_div2k_layout(tmp_path, capsys):
     root = tmp_path / "DIV2K_valid"
     _pair(root, "0801", "X2", (24, 30), (12, 15), lr_name="0801x2")

@@ -28,6 +28,9 @@ def test_pair_scale_rules():
     assert pair_scale((512, 512), (170, 170)) == 3
     assert pair_scale((321, 481), (80, 120), nominal=4.0) == 4.0
     assert pair_scale((101, 90), (40, 36), nominal=2.5) == 2.5
+    # LR sides rounded up (51.5 -> 52, 49.5 -> 50): x2, not "no whole number".
+    assert pair_scale((103, 99), (52, 50)) == 2.0
+    assert pair_scale((103, 103), (52, 52)) == 2.0  # not the exact ratio 103 / 52
     with pytest.raises(DataError, match=r"do not fit x3: HR 48x48, LR 24x24 \(H x W\) are x2"):
         pair_scale((48, 48), (24, 24), nominal=3.0)
     with pytest.raises(
@@ -145,6 +148,14 @@ def test_scale_folder_must_match_sizes(tmp_path):
     save(tmp_path / "HR" / "a.png", (48, 48))
     save(tmp_path / "X3" / "ax3.png", (24, 24))
     with pytest.raises(DataError, match=r"ax3\.png\) do not fit x3: .* are x2 apart; move"):
+        find_pairs(tmp_path)
+
+
+@pytest.mark.parametrize("folder", ["X0", "X0.5"])
+def test_a_scale_folder_below_one_is_refused(tmp_path, folder):
+    save(tmp_path / "HR" / "a.png", (8, 8))
+    save(tmp_path / folder / "ax0.png", (8, 8))
+    with pytest.raises(DataError, match=rf"{folder} names x0(\.5)?, a scale below 1"):
         find_pairs(tmp_path)
 
 
