@@ -14,6 +14,8 @@ import collections
 import concurrent.futures
 import fcntl
 import functools
+import hashlib
+import json
 import logging
 import math
 import mmap
@@ -35,7 +37,8 @@ from srno_jax.errors import ConfigError, HostError
 log = logging.getLogger("srno_jax.data")
 
 _ALIGN = 64  # bytes: each array of a batch block starts on a cache line
-_SHM_PREFIX = "srno-loader-"
+_SHM_PREFIX = "srno-loader-"  # one loader's batches
+_DECODED_PREFIX = "srno-decoded-"  # decoded images, shared by the loaders of one source
 
 
 def steps_per_epoch(num_images: int, repeat: int, global_batch: int) -> int:
@@ -179,10 +182,12 @@ class _DecodedOnce:
 
 
 def _write_atomically(path: str, write) -> None:
-    """`write(file)` into ``path.<pid>``, then renamed to `path`."""
-    with open(f"{path}.{os.getpid()}", "wb") as f:
+    """`write(file)` into a new file beside `path`, then renamed to `path`. The name is
+    unique across containers that share /dev/shm, where process ids are not."""
+    fd, part = tempfile.mkstemp(prefix=os.path.basename(path) + ".", dir=os.path.dirname(path))
+    with os.fdopen(fd, "wb") as f:
         write(f)
-    os.replace(f"{path}.{os.getpid()}", path)
+    os.replace(part, path)
 
 
 def _wait_for_all_workers() -> None:
@@ -230,30 +235,23 @@ class _Block:
         return not self.busy and (self.handed_out is None or self.handed_out() is None)
 
 
+def _shm_base() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
 def _shared_memory_dir() -> tuple[str, int]:
     """A new private folder in /dev/shm (the temp folder where there is none), and an
     open descriptor holding the lock of its ``lock`` file, which marks it as in use.
 
-    Folders in /dev/shm whose lock is free were left by loaders that no longer run
-    (killed before their cleanup) and are removed first. The kernel drops a dead
-    process's lock, even one in another container sharing /dev/shm, which a process id
-    could not tell.
+    Folders of loaders (this one and `_decoded_cache_dir`'s) whose lock is free were
+    left by loaders that no longer run (killed before their cleanup) and are removed
+    first. The kernel drops a dead process's lock, even one in another container sharing
+    /dev/shm, which a process id could not tell.
     """
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    base = _shm_base()
     for entry in os.listdir(base):
-        if not entry.startswith(_SHM_PREFIX):
-            continue
-        try:
-            fd = os.open(os.path.join(base, entry, "lock"), os.O_RDONLY)
-        except OSError:  # being created, or just removed by another loader
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # its loader is running
-            continue
-        finally:
-            os.close(fd)
-        shutil.rmtree(os.path.join(base, entry), ignore_errors=True)
+        if entry.startswith((_SHM_PREFIX, _DECODED_PREFIX)):
+            _remove_if_unused(os.path.join(base, entry))
     folder = tempfile.mkdtemp(prefix=_SHM_PREFIX, dir=base)
     # Locked before it takes its name: no one can see it unlocked.
     fd = os.open(os.path.join(folder, "lock.new"), os.O_RDWR | os.O_CREAT, 0o600)
@@ -262,9 +260,65 @@ def _shared_memory_dir() -> tuple[str, int]:
     return folder, fd
 
 
-def _remove_shared_memory_dir(folder: str, lock_fd: int) -> None:
-    shutil.rmtree(folder, ignore_errors=True)
-    os.close(lock_fd)
+def _decoded_cache_dir(source) -> tuple[str, int]:
+    """The folder in which worker processes decode each item of `source` once
+    (`_DecodedOnce`), and a descriptor holding a shared lock on its ``lock`` file.
+
+    Every loader of the same content (``source.content_key()``) on this machine, by this
+    user, uses one folder: the eight tasks of a SLURM node hold one decoded copy of
+    DIV2K, not eight. The last loader to leave removes it (`_leave_decoded_cache`).
+    """
+    text = json.dumps([type(source).__name__, source.content_key()])
+    key = hashlib.sha256(text.encode()).hexdigest()[:24]
+    folder = os.path.join(_shm_base(), f"{_DECODED_PREFIX}{os.getuid()}-{key}")
+    lock = os.path.join(folder, "lock")
+    while True:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        except FileNotFoundError:  # removed in between
+            continue
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                return folder, fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # removed while this waited for its lock: made anew
+
+
+def _leave_decoded_cache(folder: str, fd: int) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # another loader still uses it
+        os.close(fd)
+        return
+    _remove_locked(folder, fd)
+
+
+def _remove_if_unused(folder: str) -> None:
+    try:
+        fd = os.open(os.path.join(folder, "lock"), os.O_RDONLY)
+    except OSError:  # being made, removed by another loader, or another user's
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # in use
+        os.close(fd)
+        return
+    _remove_locked(folder, fd)
+
+
+def _remove_locked(folder: str, fd: int) -> None:
+    """Removes `folder`, whose lock `fd` holds alone, and closes `fd`. It is renamed
+    first: a loader waiting to join it (`_decoded_cache_dir`) then finds it gone."""
+    doomed = f"{folder}.removed-{os.urandom(4).hex()}"
+    try:
+        os.rename(folder, doomed)
+    except OSError:
+        doomed = folder
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.close(fd)
 
 
 @functools.lru_cache(maxsize=4)
@@ -297,7 +351,8 @@ class TrainLoader:
     instead (spawned; the source must pickle) and the blocks are files in /dev/shm that
     every worker maps once: nothing is pickled, stacked or copied per sample; a source
     that decodes at each read (a folder, TFDS, pairs) is decoded once per item for all
-    workers (`_DecodedOnce`); and worker processes that have not all started, or not
+    workers, and for every loader of the same images on the machine (`_DecodedOnce`,
+    `_decoded_cache_dir`); and worker processes that have not all started, or not
     finished a batch, within `stall_timeout_s` (a stalled network file system, a hung
     decoder) are a `HostError`, not a wait until the job's time limit. A batch that fails
     raises its error, and every later call then raises too: its step cannot be skipped. Part of a sample's work holds Python's GIL, so
@@ -360,19 +415,22 @@ class TrainLoader:
         self._next_submit = start_step
         self._closed = False
         self._failed = None  # the step whose batch failed
-        self._shm_dir = None
+        self._shm_dir = self._decoded_dir = None
+        self._release = []  # the shared memory folders' removal, after the workers stop
         if processes:  # the source is sent to each process once, at its start
             self._shm_dir, lock_fd = _shared_memory_dir()
-            self._remove_shm = weakref.finalize(
-                self, _remove_shared_memory_dir, self._shm_dir, lock_fd
-            )
+            self._release.append(weakref.finalize(self, _remove_locked, self._shm_dir, lock_fd))
+            if getattr(source, "decodes_each_read", False):
+                self._decoded_dir, lock_fd = _decoded_cache_dir(source)
+                self._release.append(
+                    weakref.finalize(self, _leave_decoded_cache, self._decoded_dir, lock_fd)
+                )
             context = multiprocessing.get_context("spawn")
-            decoded_dir = self._shm_dir if getattr(source, "decodes_each_read", False) else None
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 workers,
                 mp_context=context,
                 initializer=_init_worker,
-                initargs=(source, context.Barrier(workers), decoded_dir),
+                initargs=(source, context.Barrier(workers), self._decoded_dir),
             )
         else:
             self._pool = concurrent.futures.ThreadPoolExecutor(workers, "train-loader")
@@ -490,8 +548,8 @@ class TrainLoader:
             self._stop_processes()
         self._pending.clear()
         self._blocks.clear()
-        if self._shm_dir is not None:
-            self._remove_shm()
+        for release in self._release:
+            release()
 
     def _stop_processes(self, grace_s: float = 10.0):
         """Shuts the process pool down, killing workers that do not exit within `grace_s`.

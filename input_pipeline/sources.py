@@ -4,8 +4,9 @@ folders of LR / HR pairs.
 Every source has ``name`` and ``len(source)`` and is safe to read from several threads
 at once. An HR source gives ``source[i] -> (H, W, 3) uint8`` RGB; a `PairedSource` gives
 ``source[i] -> (lr, hr, scale)``. Sources that decode a file at each read say so with
-``decodes_each_read``: the loader's worker processes then decode each image once for all
-of them.
+``decodes_each_read`` and name what they hold with ``content_key()`` (JSON-able): the
+loader's worker processes then decode each image once for all of them, and for every
+loader of the same content on the machine.
 """
 
 from __future__ import annotations
@@ -23,9 +24,19 @@ from PIL import Image
 from srno_jax.errors import ConfigError, DataError
 from srno_jax.images import IMAGE_EXTENSIONS, image_files, load_image
 from srno_jax.pairs import find_pairs, image_hw, pair_images
+from srno_jax.workdir import is_uri
 
 # A child of the package's logger, which main.py shows; the root logger is absl's.
 log = logging.getLogger("srno_jax.data")
+
+
+def _stamp(path: str) -> list:
+    """A file's path with its size and modification time (a bucket's file: its path), so
+    that a changed file gets a new `content_key`."""
+    if is_uri(path):
+        return [path]
+    st = os.stat(path)
+    return [path, st.st_size, st.st_mtime_ns]
 
 
 class _SkipsUnreadable:
@@ -112,6 +123,9 @@ class FolderSource(_SkipsUnreadable):
     def __len__(self) -> int:
         return len(self.files)
 
+    def content_key(self) -> list:
+        return [self.path, *map(_stamp, self.files)]
+
     def __getitem__(self, i: int) -> np.ndarray:
         return self._read(
             int(i),
@@ -138,6 +152,7 @@ class TFDSSource:
 
     def __init__(self, name: str = "div2k", split: str = "train", data_dir: str | None = None):
         self.name = f"tfds:{name}/{split}"
+        self._data_dir = data_dir
         fix = _TFDS_FIX.format(name=name, dir_flag=f" --data_dir={data_dir}" if data_dir else "")
         try:
             import tensorflow_datasets as tfds
@@ -162,6 +177,9 @@ class TFDSSource:
             ) from None
 
     decodes_each_read = True
+
+    def content_key(self) -> list:
+        return [self.name, self._data_dir, len(self._ds)]
 
     def __len__(self) -> int:
         return len(self._ds)
@@ -253,6 +271,9 @@ class PairedSource(_SkipsUnreadable):
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    def content_key(self) -> list:
+        return [self.path, *([*_stamp(p.hr_path), *_stamp(p.lr_path), p.scale] for p in self.pairs)]
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, float]:
         return self._read(

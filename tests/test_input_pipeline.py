@@ -394,7 +394,7 @@ def test_process_workers_give_the_same_batches(tmp_path):
             for key in a:
                 np.testing.assert_array_equal(a[key], b[key])
         # The workers read the images decoded once, from shared memory.
-        assert any(f.startswith("image-") for f in os.listdir(procs._shm_dir))
+        assert any(f.startswith("image-") for f in os.listdir(procs._decoded_dir))
 
 
 def write_pairs(folder, hr_lr_sizes, seed=0):
@@ -456,7 +456,7 @@ def test_paired_folder_loader(tmp_path):
                 s = source.pairs[threads.image_index(step, k)].scale
                 assert a["cell"][k, 0] == np.float32(2 / round(8 * s))
         # The workers read each pair decoded once, from shared memory.
-        assert any(f.endswith(".parts") for f in os.listdir(procs._shm_dir))
+        assert any(f.endswith(".parts") for f in os.listdir(procs._decoded_dir))
     with pytest.raises(
         ConfigError,
         match=r"LR image .*a\.png is 16x20, smaller than "
@@ -636,11 +636,43 @@ def test_folders_of_killed_loaders_are_removed(tmp_path):
     stale, fd = input_pipeline.loader._shared_memory_dir()
     (open(os.path.join(stale, "0"), "wb")).close()
     os.close(fd)  # as the kernel does for a killed process
+    other = FolderSource(write_images(tmp_path / "other", 2, seed=1))
+    stale_decoded, fd = input_pipeline.loader._decoded_cache_dir(other)
+    os.close(fd)
     with TrainLoader(source, **LOADER_KW, workers=1, processes=True) as running:
-        assert not os.path.exists(stale)
+        assert not os.path.exists(stale) and not os.path.exists(stale_decoded)
         with TrainLoader(source, **LOADER_KW, workers=1, processes=True):
-            assert os.path.isdir(running._shm_dir)
+            assert os.path.isdir(running._shm_dir) and os.path.isdir(running._decoded_dir)
         next(running)
+
+
+def test_loaders_of_the_same_images_share_one_decoded_copy(tmp_path):
+    """Two hosts' loaders on one machine (the tasks of a SLURM node) decode each image
+    once between them; the copy goes with the last of them. Other images, or the same
+    folder after a file changed, get a copy of their own."""
+    import time
+
+    folder = write_images(tmp_path / "imgs", 3)
+    kw = dict(LOADER_KW, workers=1, processes=True, process_count=2)
+    first = TrainLoader(FolderSource(folder), **kw, process_index=0)
+    second = TrainLoader(FolderSource(folder), **kw, process_index=1)
+    shared = first._decoded_dir
+    assert second._decoded_dir == shared and shared != first._shm_dir
+    for _ in range(4):
+        next(first), next(second)
+    parts = [f for f in os.listdir(shared) if f.endswith(".parts")]
+    assert len(parts) == 3  # each image once, for both loaders
+    with TrainLoader(FolderSource(write_images(tmp_path / "other", 2)), **kw) as other:
+        assert other._decoded_dir != shared
+    first.close()
+    assert os.path.isdir(shared)  # the second still reads it
+    next(second)
+    second.close()
+    assert not os.path.exists(shared)
+    time.sleep(0.01)  # a new modification time
+    write_images(tmp_path / "imgs", 3, seed=5)
+    with TrainLoader(FolderSource(folder), **kw) as changed:
+        assert changed._decoded_dir != shared
 
 
 def test_paired_decode_failure_substitutes_next(tmp_path, caplog):
