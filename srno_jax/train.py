@@ -277,7 +277,8 @@ class StopVote:
 
     def _handle(self, signum, frame):
         self.signal = signal.Signals(signum).name
-        # A second signal gets the default behaviour: the user insists.
+        # A second signal gets the handler from before (main.py's stops at once): the
+        # user insists.
         signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
 
     def __exit__(self, *exc):

@@ -249,9 +249,10 @@ def _main(argv):
     from srno_jax.errors import SRNOError, first_line
 
     train.setup_logging()
-    # Until training's own handlers (train.StopVote) take over, a SIGTERM ends the run at
-    # once: nothing was computed since its last checkpoint.
-    signal.signal(signal.SIGTERM, _terminated_before_training)
+    # Outside training's own handlers (train.StopVote), a SIGTERM or Ctrl-C ends the run at
+    # once: nothing was computed since its last checkpoint. Within them, a second one does.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop_at_once)
     compiler.retain_freed_memory()  # before XLA starts its threads
     try:
         # Before joining a cluster: a typo, or one host's unusable cache folder, costs no
@@ -291,9 +292,10 @@ def _main(argv):
         print(evaluation.format_results(results))
 
 
-def _terminated_before_training(signum, frame):
+def _stop_at_once(signum, frame):
     print(
-        "error: SIGTERM outside training (before it began, or after its last save); the "
+        f"error: {signal.Signals(signum).name} outside training (before it began, after "
+        "its last save, or a second signal during it): stopped at once without saving; the "
         "workdir keeps its last checkpoint: rerun to resume",
         file=sys.stderr,
         flush=True,
@@ -310,12 +312,8 @@ def main(argv: list[str] | None = None) -> None:
         main_module.__doc__ = __doc__
     try:
         app.run(_main, argv=argv, flags_parser=parse_flags)
-    except KeyboardInterrupt:  # outside training's own handlers: starting up, or ending
-        print(
-            "error: interrupted outside training (starting up or finishing); the workdir "
-            "keeps its last checkpoint: rerun to resume",
-            file=sys.stderr,
-        )
+    except KeyboardInterrupt:  # before _main's handlers: while parsing the flags
+        print("error: interrupted while starting; nothing was done", file=sys.stderr)
         sys.exit(130)
 
 

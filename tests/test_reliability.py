@@ -186,6 +186,21 @@ def test_sigterm_and_sigint_save_and_resume(env, image_dir, tmp_path, straight):
     assert_same_params(params_of(wd), straight_params(straight, total))
 
 
+def test_a_second_ctrl_c_stops_at_once_and_says_so(env, image_dir, tmp_path):
+    """The first Ctrl-C asks for a stop at an agreed step; the user who presses it again
+    gets an exit at once, without saving, in one line that says so."""
+    proc, lines = start_main(env, image_dir, tmp_path / "run", "--config.total_steps=100000"), []
+    wait_for_step(proc, 3, lines)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.1)  # the first is handled: two pending signals would be one
+    proc.send_signal(signal.SIGINT)
+    rc, log = finish(proc, lines)
+    assert rc == 130, log
+    assert "Traceback" not in log, log
+    assert "error: SIGINT outside training (before it began, after its last save, or a " in log
+    assert "second signal during it): stopped at once without saving" in log, log
+
+
 def test_a_signal_to_the_process_group_stops_worker_processes_cleanly(env, image_dir, tmp_path):
     """SLURM's time limit and Ctrl-C signal every process of the job, the loader's worker
     processes too: the run must still stop at a step, save and exit 0."""
@@ -896,9 +911,12 @@ def test_a_collective_that_fails_between_hosts_is_one_line_and_a_prompt_exit(
     assert time.time() - t0 < 60
 
 
-def test_sigterm_between_joining_and_training_ends_both_hosts(env, image_dir, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_between_joining_and_training_ends_both_hosts(env, image_dir, tmp_path, sig):
     """JAX's preemption service caught SIGTERM after the join and only logged it: the run
-    trained on until SLURM's SIGKILL. Now each host stops, at once or at its first step."""
+    trained on until SLURM's SIGKILL; a Ctrl-C (which srun passes to every task) left
+    each host in JAX's shutdown barrier, waiting for the other, for 5 minutes and a
+    fatal error. Now each host stops, at once or at its first step."""
     procs, lines = (
         _start_two_hosts(env, image_dir, tmp_path / "wd", "--config.total_steps=100000"),
         [],
@@ -908,11 +926,11 @@ def test_sigterm_between_joining_and_training_ends_both_hosts(env, image_dir, tm
         if "distributed: cluster slurm" in line:
             break
     for p in procs:
-        p.send_signal(signal.SIGTERM)
+        p.send_signal(sig)
     logs = _finish_all(procs, timeout=120)
     logs[0] = "".join(lines) + logs[0]
     for p, log in zip(procs, logs):
         assert "Traceback" not in log, log
-        assert (p.returncode == 143 and "error: SIGTERM outside training" in log) or (
-            p.returncode == 0 and "stopping at step" in log
-        ), log
+        assert (
+            p.returncode == 128 + sig and f"error: {sig.name} outside training" in log
+        ) or (p.returncode == 0 and "stopping at step" in log), log
