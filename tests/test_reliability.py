@@ -931,6 +931,6 @@ def test_a_signal_between_joining_and_training_ends_both_hosts(env, image_dir, t
     logs[0] = "".join(lines) + logs[0]
     for p, log in zip(procs, logs):
         assert "Traceback" not in log, log
-        assert (
-            p.returncode == 128 + sig and f"error: {sig.name} outside training" in log
-        ) or (p.returncode == 0 and "stopping at step" in log), log
+        assert (p.returncode == 128 + sig and f"error: {sig.name} outside training" in log) or (
+            p.returncode == 0 and "stopping at step" in log
+        ), log
