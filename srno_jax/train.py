@@ -448,12 +448,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data: TrainDa
                 stop.raise_if_failed(agreed, step)
                 reason = stop.reason(agreed)
                 if step % config.log_every_steps == 0 or step == total or reason:
-                    _check_divergence(state, step, config, mngr, workdir, start)
+                    _check_divergence(state, step, config, mngr, workdir, start, step == total)
                     rate = (step - last_log) * config.batch_size / max(time.time() - last_t, 1e-9)
                     with stop.guard("logging", step):
                         _log_progress(writer, step, total, metrics, rate, config.batch_size)
                     last_log, last_t = step, time.time()
-                if save and int(state.nonfinite) == 0:  # never save a state that just failed
+                # A skipped step keeps the parameters of the last finite one: a periodic
+                # save waits for the streak to end (it would push good checkpoints out),
+                # a stop's or the last one saves them, with the streak's count.
+                if save and (int(state.nonfinite) == 0 or reason or step == total):
                     checkpoints.save(mngr, state, config, order)
                 # A signal's grace period (SLURM's --signal, a preemption notice) is for
                 # the save: a stop for a signal does not validate.
@@ -510,8 +513,10 @@ def _compile(step_fn, writer, *args):
     return compiled
 
 
-def _check_divergence(state, step, config, mngr, workdir, start: int):
-    """Raises `TrainingDiverged` after max_nonfinite_steps non-finite steps in a row.
+def _check_divergence(state, step, config, mngr, workdir, start: int, last: bool = False):
+    """Raises `TrainingDiverged` after max_nonfinite_steps non-finite steps in a row, or
+    at the `last` step when no step of this run was finite; at the last step, warns of a
+    streak shorter than that.
 
     Skipped steps leave the parameters alone, so the whole streak evaluated the state
     saved just before it: that checkpoint is deleted if this run wrote it, and the error
@@ -521,10 +526,19 @@ def _check_divergence(state, step, config, mngr, workdir, start: int):
     the same replicated counter, so all of them raise.
     """
     n = int(state.nonfinite)
-    if n < config.max_nonfinite_steps:
+    first_bad = step - n + 1
+    if n < config.max_nonfinite_steps and not (last and n >= step - start):
+        if last and n and jax.process_index() == 0:
+            log.warning(
+                "the last %d step(s), %d..%d, were non-finite and skipped: the final "
+                "checkpoint holds the parameters of step %d",
+                n,
+                first_bad,
+                step,
+                first_bad - 1,
+            )
         return
     checkpoints.finish(mngr)
-    first_bad = step - n + 1
     kept = checkpoints.delete_after(mngr, max(first_bad - 1, start + 1))
     good = (
         f"the last good checkpoint, step {kept}, is kept in {workdir}"

@@ -164,6 +164,49 @@ def test_steps_past_the_schedule_are_warned_of(image_dir, tmp_path, caplog):
     ), caplog.text
 
 
+def _nan_batches(monkeypatch, steps):
+    """The loader's batches of these steps (1-based, counted from the run's start) hold NaN."""
+    import input_pipeline
+
+    original, calls = input_pipeline.TrainLoader.__next__, []
+
+    def next_batch(self):
+        batch = original(self)
+        calls.append(1)
+        if len(calls) in steps:
+            batch = dict(batch, inp=np.full_like(batch["inp"], np.nan))
+        return batch
+
+    monkeypatch.setattr(input_pipeline.TrainLoader, "__next__", next_batch)
+
+
+def test_a_non_finite_last_step_is_saved_and_said(image_dir, tmp_path, monkeypatch, caplog):
+    """The last step skipped as non-finite (a bad batch): the run used to save nothing and
+    exit 0. Its checkpoint now holds the parameters of the step before, and a warning
+    says so."""
+    train_cli.run(tiny_config(image_dir, total_steps=2), tmp_path / "two")
+    _nan_batches(monkeypatch, {3})
+    train_cli.run(tiny_config(image_dir, total_steps=3), tmp_path / "bad")
+    assert os.listdir(tmp_path / "bad" / "checkpoints") == ["3"]
+    assert "the last 1 step(s), 3..3, were non-finite and skipped" in caplog.text, caplog.text
+    for got, want in zip(
+        jax.tree.leaves(load_checkpoint(tmp_path / "bad")[1]),
+        jax.tree.leaves(load_checkpoint(tmp_path / "two")[1]),
+    ):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_run_whose_every_step_was_non_finite_is_an_error(image_dir, tmp_path, monkeypatch):
+    """Fewer non-finite steps than max_nonfinite_steps, but not one finite: nothing was
+    trained, which used to end with exit 0 and no checkpoint."""
+    _nan_batches(monkeypatch, {1, 2, 3})
+    with pytest.raises(
+        train.TrainingDiverged, match=r"non-finite for 3 steps in a row, steps 1\.\.3"
+    ):
+        train_cli.run(tiny_config(image_dir, total_steps=3), tmp_path / "run")
+    assert not os.path.exists(tmp_path / "run" / "checkpoints" / "3")
+
+
 def test_validation_images_too_small_for_a_scale_are_refused_at_the_start(image_dir, tmp_path):
     from srno_jax.errors import ConfigError
 
