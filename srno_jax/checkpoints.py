@@ -473,13 +473,21 @@ def restore_latest(mngr: ocp.CheckpointManager, target, shardings, check_meta):
     `check_meta(meta)` may raise to refuse a checkpoint of another model or batch size.
     A step that cannot be read (truncated, bit rot, a missing item, edited metadata) is
     skipped with a warning naming it, and renamed `<step>.unreadable` once an older one
-    has been read, so that training can write that step again. All hosts agree on each
-    step before moving on, so a read error on one host moves them all to the same older
-    step. `CheckpointError` when none can be read.
+    has been read, so that training can write that step again. All hosts try the same
+    step, the newest that any of them lists (a shared file system's cache can hide a new
+    folder from one host's listing for a while; that host waits for it to appear), and
+    agree on it before moving on, so a read error on one host moves them all to the same
+    older step. `CheckpointError` when none can be read.
     """
-    steps = sorted(mngr.all_steps(), reverse=True)
-    for i, step in enumerate(steps):
+    listed, tried = set(mngr.all_steps()), []
+    while True:
+        step = int(sharding.host_ints(max(listed.difference(tried), default=-1)).max())
+        if step < 0:
+            break
+        tried.append(step)
         step_dir = epath.Path(mngr.directory) / str(step)
+        if step not in listed:
+            _wait_to_appear(step_dir)
         state, refused = None, None
         try:
             meta = _read_meta(step_dir)
@@ -506,15 +514,22 @@ def restore_latest(mngr: ocp.CheckpointManager, target, shardings, check_meta):
                     np.argmax(votes == 0),
                 )
             continue
-        if i:
-            _set_aside(mngr, steps[:i])
+        if len(tried) > 1:
+            _set_aside(mngr, tried[:-1])
         return state
-    if steps:
+    if tried:
         raise CheckpointError(
-            f"none of the checkpoints {steps} in {mngr.directory} can be read; "
+            f"none of the checkpoints {tried} in {mngr.directory} can be read; "
             "move that folder away to start afresh"
         )
     return None
+
+
+def _wait_to_appear(step_dir: epath.Path, timeout_s: float = 60.0) -> None:
+    """Waits up to `timeout_s` for a folder that another host lists."""
+    deadline = time.monotonic() + timeout_s
+    while not step_dir.exists() and time.monotonic() < deadline:
+        time.sleep(1.0)
 
 
 # A host's verdict on one step in `restore_latest` (0: it could not read the step).

@@ -92,6 +92,21 @@ def test_hosts_resume_from_the_newest_step_every_host_can_read(env, image_dir, t
     assert sorted(os.listdir(wd / "checkpoints")) == ["2", "4.unreadable"]
 
 
+def test_hosts_whose_listings_differ_resume_from_the_same_step(env, image_dir, tmp_path):
+    """Process 0's listing lacks checkpoint 4 (a stale file system cache): each host used
+    to restore the newest step it listed, 2 and 4, and train on from different states."""
+    wd = tmp_path / "run"
+    state, config = _state(image_dir, 2)
+    with checkpoints.managed(wd, keep=5) as mngr:
+        checkpoints.save(mngr, state, config)
+        checkpoints.save(mngr, state.replace(step=jnp.asarray(4, jnp.int32)), config)
+        checkpoints.finish(mngr)
+    rcs, logs = _two_hosts(env, image_dir, wd, "--config.total_steps=5", fault="stale-listing")
+    assert rcs == [0, 0], logs
+    assert all("Traceback" not in log and "resumed from step 4" in log for log in logs), logs
+    assert steps_in(wd) == [2, 4, 5]
+
+
 def test_an_error_on_one_host_while_training_stops_both_at_one_step(env, image_dir, tmp_path):
     """Process 1's loader dies at step 3: both stop after step 3 and keep checkpoints 1, 2
     (step 3 ran on process 1's last batch, to carry its vote, so it is not saved)."""

@@ -83,12 +83,30 @@ def _lost_peer():
     _fail_on(0, train, "train_and_evaluate", error)
 
 
+def _stale_listing():
+    """Process 0's first listing of the checkpoints lacks the newest (a shared file
+    system's cached directory)."""
+    import orbax.checkpoint as ocp
+
+    original, calls = ocp.CheckpointManager.all_steps, []
+
+    def stale(self, *args, **kwargs):
+        steps = list(original(self, *args, **kwargs))
+        calls.append(1)
+        if jax.process_index() == 0 and len(calls) == 1 and steps:
+            steps.remove(max(steps))
+        return steps
+
+    ocp.CheckpointManager.all_steps = stale
+
+
 FAULTS = {
     "unreadable-validation": _unreadable_validation,  # process 0 reads a bad image
     "unlockable-workdir": _unlockable_workdir,  # process 0 cannot create the lock file
     "unreadable-checkpoint": _unreadable_checkpoint,  # process 1 fails to read one once
     "dead-loader": _dead_loader,  # process 1's loader workers die at step 3
     "lost-peer": _lost_peer,  # a collective of process 0 times out (a host 30 s late)
+    "stale-listing": _stale_listing,  # process 0 lists one checkpoint fewer at first
 }
 
 
