@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -26,6 +27,7 @@ import optax
 from flax import struct
 
 from srno_jax import checkpoints, compiler, evaluation, sharding
+from srno_jax.config_checks import dotted
 from srno_jax.errors import ConfigError, HostError, SRNOError, summary
 from srno_jax.metric_writer import MetricWriter
 from srno_jax.models import SRNO, init_variables
@@ -221,6 +223,38 @@ _ORDER_FLAGS = {  # the config fields in `_data_order`
 }
 
 
+# Fields a resumed run may change without a word: how long it runs, how often it logs,
+# saves and validates, and how this host loads its data. The model and the data order
+# are compared apart (refused); any other change is said (`_warn_changed_settings`).
+_RUN_FIELDS = (
+    "total_steps",
+    "max_train_minutes",
+    "log_every_steps",
+    "checkpoint.",
+    "eval.",
+    *(f for f in sharding.PER_HOST_FIELDS if f != "data.train"),
+)
+
+
+def _warn_changed_settings(meta: dict, config, where) -> None:
+    """Warns (process 0) of the settings that differ from those `meta`'s step was trained
+    with, such as the learning rate or compute dtype: they apply from the resumed step
+    on, which may be meant, or a mistyped flag."""
+    there = dotted(meta.get("config", {}))
+    here = dotted(json.loads(config.to_json_best_effort()))
+    changed = [
+        k
+        for k in sorted(there.keys() & here.keys())
+        if there[k] != here[k] and not k.startswith(("model.", *_RUN_FIELDS))
+    ]
+    if changed and jax.process_index() == 0:
+        log.warning(
+            "resuming %s with settings other than its checkpoint's, from here on: %s",
+            where,
+            ", ".join(f"{k} {there[k]!r} -> {here[k]!r}" for k in changed),
+        )
+
+
 def _data_order(config, data: dict) -> dict:
     """What fixes each step's batch and learning rate besides the step: `data` (the
     run's steps per epoch and training images) with the seed, batch size and repeat."""
@@ -251,6 +285,7 @@ def restore_or_init(mngr, model, tx, config, mesh, order: dict) -> TrainState:
                 "would shift the data order and the learning-rate epochs. Resume with "
                 f"{' and '.join(fix)}, or start a new --workdir"
             )
+        _warn_changed_settings(meta, config, mngr.directory)
 
     restored = checkpoints.restore_latest(mngr, state, shardings, check)
     if restored is not None:

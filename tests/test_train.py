@@ -233,6 +233,23 @@ def test_resume_equals_uninterrupted(image_dir, tmp_path):
     assert float(jnp.abs(a["lifting"]["kernel"] - init["lifting"]["kernel"]).max()) > 1e-4
 
 
+def test_a_resume_with_other_settings_says_which(image_dir, tmp_path, caplog):
+    """A resumed run may change its learning rate or compute dtype (it applies from the
+    resumed step on), but a mistyped flag must not pass unseen; how long it runs, how
+    often it saves, and how it loads its data are not worth a word."""
+    train_cli.run(tiny_config(image_dir, total_steps=2), tmp_path / "run")
+    config = tiny_config(image_dir, total_steps=3)
+    config.optim.lr, config.compute_dtype = 0.5, "bfloat16"
+    config.checkpoint.every_steps, config.data.workers = 7, 1
+    train_cli.run(config, tmp_path / "run")
+    (line,) = [
+        r.getMessage() for r in caplog.records if "other than its checkpoint" in r.getMessage()
+    ]
+    assert line.endswith(
+        "from here on: compute_dtype 'float32' -> 'bfloat16', optim.lr 0.001 -> 0.5"
+    ), line
+
+
 def test_one_device_equals_eight(image_dir, tmp_path):
     """The same global batches on 1 and on 8 (fake CPU) devices give the same parameters."""
     out = {}
