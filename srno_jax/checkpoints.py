@@ -286,20 +286,42 @@ def model_from_spec(spec: dict, dtype="float32", fused: bool = False, mesh=None)
 
 
 def manager(workdir, keep: int, keep_every: int = 0) -> ocp.CheckpointManager:
-    """Asynchronous saves into <workdir>/checkpoints, keeping the last `keep` + 1, and
-    every step that is a multiple of `keep_every` (0: none).
+    """Asynchronous saves into <workdir>/checkpoints, keeping the last `keep` + 1, every
+    step that is a multiple of `keep_every` (0: none), and the steps that the runs which
+    saved them kept for good (`_kept_for_good`): a resume with another `keep_every`
+    does not delete them.
 
     One more than asked: the newest checkpoint is the one a divergence can prove bad
     (`delete_after`), and the `keep` before it must still be there then.
     """
     policies = ocp.checkpoint_managers
-    kept = [policies.LatestN(keep + 1)]
+    folder = workdir_lib.resolve(workdir) / "checkpoints"
+    kept = [policies.LatestN(keep + 1), policies.CustomSteps(_kept_for_good(folder))]
     if keep_every:
         kept.append(policies.EveryNSteps(keep_every))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policies.AnyPreservationPolicy(kept), create=True
     )
-    return ocp.CheckpointManager(workdir_lib.resolve(workdir) / "checkpoints", options=options)
+    return ocp.CheckpointManager(folder, options=options)
+
+
+def _kept_for_good(folder: epath.Path) -> list[int]:
+    """The steps in `folder` that are multiples of the every-so-many steps that the run
+    which saved them kept (its ``checkpoint.keep_every_epochs`` times its steps per
+    epoch, read from each step's metadata; unreadable steps are left to the restore)."""
+    steps = []
+    for step_dir in folder.iterdir() if folder.is_dir() else ():
+        if not step_dir.name.isdigit():
+            continue
+        try:
+            meta = _read_meta(step_dir)
+            every = meta["config"]["checkpoint"].get("keep_every_epochs", 0)
+            every *= meta["data"].get("steps_per_epoch") or 0
+        except Exception:  # the restore names what is wrong with it
+            continue
+        if every and int(step_dir.name) % every == 0:
+            steps.append(int(step_dir.name))
+    return sorted(steps)
 
 
 @contextlib.contextmanager

@@ -250,6 +250,21 @@ def test_a_resume_with_other_settings_says_which(image_dir, tmp_path, caplog):
     ), line
 
 
+def test_a_resume_with_another_keep_every_keeps_what_was_kept_for_good(image_dir, tmp_path):
+    """Orbax applies the resumed run's retention to every step: a resume with another
+    checkpoint.keep_every_epochs used to delete the steps kept for good before it."""
+
+    def run(total, keep_every_epochs):
+        config = tiny_config(image_dir, total_steps=total)  # one step an epoch
+        config.checkpoint.update(every_steps=1, keep=1, keep_every_epochs=keep_every_epochs)
+        train_cli.run(config, tmp_path / "run")
+        return sorted(int(n) for n in os.listdir(tmp_path / "run" / "checkpoints"))
+
+    assert run(7, 2) == [2, 4, 6, 7]
+    assert run(10, 0) == [2, 4, 6, 9, 10]
+    assert run(13, 4) == [2, 4, 6, 12, 13]  # 9 and 10 were kept by no run for good
+
+
 def test_one_device_equals_eight(image_dir, tmp_path):
     """The same global batches on 1 and on 8 (fake CPU) devices give the same parameters."""
     out = {}
