@@ -768,6 +768,10 @@ def export_for_inference(path, out, dtype: str = "float32") -> epath.Path:
     out = workdir_lib.resolve(out)
     if out.exists():
         raise CheckpointError(f"{out} exists; choose a new folder for the export")
+    if out.parent.name == "checkpoints":  # a training run would take it for its own step
+        raise CheckpointError(
+            f"{out} is inside a training run's checkpoints folder; export somewhere else"
+        )
     with np.errstate(over="ignore"):  # an overflow is reported below, in one line
         params = jax.tree.map(lambda x: np.asarray(x, jnp.dtype(dtype)), variables["params"])
     for key, x in jax.tree.leaves_with_path(params):

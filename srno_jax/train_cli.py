@@ -26,7 +26,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from srno_jax.errors import summary
+from srno_jax.errors import ConfigError, summary
 
 BUILTIN_CONFIGS = ("default", "demo", "rdn")
 
@@ -224,6 +224,8 @@ def run(config, workdir) -> dict:
     from srno_jax import sharding, train
     from srno_jax.config_checks import check_config
 
+    if not os.fspath(workdir).strip():  # a run would write into the current folder
+        raise ConfigError("--workdir is empty (an unset shell variable?); name the run's folder")
     check_config(config)
     sharding.check_even_devices()  # before any collective, which would fail on it
     sharding.check_same_config(config)

@@ -3,6 +3,7 @@
 import gc
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -77,6 +78,12 @@ def test_export_for_inference_float16(run4, tmp_path):
     assert_same(half["params"], full["params"], atol=2e-3)
     with pytest.raises(CheckpointError, match="exists"):
         checkpoints.export_for_inference(run4, out)
+    # Exported as a step of a run, it would be read as that run's newest step.
+    wd = tmp_path / "run"
+    shutil.copytree(run4, wd)
+    with pytest.raises(CheckpointError, match="inside a training run's checkpoints folder"):
+        checkpoints.export_for_inference(run4, wd / "checkpoints" / "7")
+    assert sorted(os.listdir(wd / "checkpoints")) == sorted(os.listdir(run4 / "checkpoints"))
 
 
 def test_a_step_folder_named_after_another_step_is_refused(image_dir, run4, tmp_path):

@@ -402,6 +402,8 @@ def test_nan_learning_rate_never_reaches_the_parameters(tiny_step):
         (["--config.checkpoint.every_steps=0"], {}, ["checkpoint.every_steps = 0"]),
         (["--config.optim.lr=nan"], {}, ["optim.lr = nan", "finite number > 0"]),
         (["--config.batch_size=8", "--config.modle.width=3"], {}, ["in --config.modle.width)"]),
+        (["--config.seed=99999999999999999999"], {}, ["seed = ", "<= 9223372036854775807"]),
+        (["--workdir="], {}, ["--workdir is empty (an unset shell variable?)"]),
     ],
     ids=[
         "missing-data",
@@ -414,6 +416,8 @@ def test_nan_learning_rate_never_reaches_the_parameters(tiny_step):
         "checkpoint-every-zero",
         "lr-nan",
         "typo-named-alone",
+        "seed-too-large",
+        "empty-workdir",
     ],
 )
 def test_bad_arguments_fail_fast(env, image_dir, tmp_path, flags, extra_env, needles):
