@@ -311,7 +311,17 @@ def _remove_if_unused(folder: str) -> None:
 
 def _remove_locked(folder: str, fd: int) -> None:
     """Removes `folder`, whose lock `fd` holds alone, and closes `fd`. It is renamed
-    first: a loader waiting to join it (`_decoded_cache_dir`) then finds it gone."""
+    first: a loader waiting to join it (`_decoded_cache_dir`) then finds it gone.
+
+    Nothing is removed when `fd`'s file is no longer the folder's lock: the folder was
+    removed while this waited, and the one of that name now is another loader's."""
+    try:
+        current = os.stat(os.path.join(folder, "lock")).st_ino
+    except FileNotFoundError:
+        current = None
+    if current != os.fstat(fd).st_ino:
+        os.close(fd)
+        return
     doomed = f"{folder}.removed-{os.urandom(4).hex()}"
     try:
         os.rename(folder, doomed)

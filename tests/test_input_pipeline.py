@@ -646,6 +646,27 @@ def test_folders_of_killed_loaders_are_removed(tmp_path):
         next(running)
 
 
+def test_a_sweep_never_removes_a_decoded_folder_made_anew(tmp_path):
+    """A sweep opens a decoded folder's lock; the folder's last loader leaves (removing
+    it) and another makes it anew under the same name; the sweep's lock on the old,
+    orphaned file then succeeds, and must not remove the new folder."""
+    import fcntl
+
+    from input_pipeline import loader
+
+    source = FolderSource(write_images(tmp_path / "imgs", 1))
+    folder, first = loader._decoded_cache_dir(source)
+    sweep = os.open(os.path.join(folder, "lock"), os.O_RDONLY)
+    loader._leave_decoded_cache(folder, first)
+    again, second = loader._decoded_cache_dir(source)
+    assert again == folder
+    fcntl.flock(sweep, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the orphaned file: nobody holds it
+    loader._remove_locked(folder, sweep)
+    assert os.path.isdir(folder)
+    loader._leave_decoded_cache(folder, second)
+    assert not os.path.exists(folder)
+
+
 def test_loaders_of_the_same_images_share_one_decoded_copy(tmp_path):
     """Two hosts' loaders on one machine (the tasks of a SLURM node) decode each image
     once between them; the copy goes with the last of them. Other images, or the same
