@@ -271,6 +271,8 @@ def restore_or_init(mngr, model, tx, config, mesh, order: dict) -> TrainState:
     state = init_state(model, tx, config.seed)
     shardings = state_shardings(state, mesh)
 
+    warned = []
+
     def check(meta):
         checkpoints.check_same_model(meta, config, mngr.directory)
         saved = checkpoints.saved_data_order(meta)
@@ -285,7 +287,9 @@ def restore_or_init(mngr, model, tx, config, mesh, order: dict) -> TrainState:
                 "would shift the data order and the learning-rate epochs. Resume with "
                 f"{' and '.join(fix)}, or start a new --workdir"
             )
-        _warn_changed_settings(meta, config, mngr.directory)
+        if not warned:  # once, though newer steps may prove unreadable after this
+            warned.append(True)
+            _warn_changed_settings(meta, config, mngr.directory)
 
     restored = checkpoints.restore_latest(mngr, state, shardings, check)
     if restored is not None:
@@ -483,16 +487,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data: TrainDa
                 stop.raise_if_failed(agreed, step)
                 reason = stop.reason(agreed)
                 if step % config.log_every_steps == 0 or step == total or reason:
-                    _check_divergence(state, step, config, mngr, workdir, start, step == total)
+                    ending = step == total or bool(reason)
+                    _check_divergence(state, step, config, mngr, workdir, start, ending)
                     rate = (step - last_log) * config.batch_size / max(time.time() - last_t, 1e-9)
                     with stop.guard("logging", step):
                         _log_progress(writer, step, total, metrics, rate, config.batch_size)
                     last_log, last_t = step, time.time()
                 # A skipped step keeps the parameters of the last finite one: a periodic
                 # save waits for the streak to end (it would push good checkpoints out),
-                # a stop's or the last one saves them, with the streak's count.
+                # a stop's or the last one saves them. Their count is not saved: a
+                # resumed run starts from those parameters with a streak of its own.
                 if save and (int(state.nonfinite) == 0 or reason or step == total):
-                    checkpoints.save(mngr, state, config, order)
+                    checkpoints.save(
+                        mngr, state.replace(nonfinite=state.nonfinite * 0), config, order
+                    )
                 # A signal's grace period (SLURM's --signal, a preemption notice) is for
                 # the save: a stop for a signal does not validate.
                 if (
@@ -548,10 +556,10 @@ def _compile(step_fn, writer, *args):
     return compiled
 
 
-def _check_divergence(state, step, config, mngr, workdir, start: int, last: bool = False):
-    """Raises `TrainingDiverged` after max_nonfinite_steps non-finite steps in a row, or
-    at the `last` step when no step of this run was finite; at the last step, warns of a
-    streak shorter than that.
+def _check_divergence(state, step, config, mngr, workdir, start: int, ending: bool = False):
+    """Raises `TrainingDiverged` after max_nonfinite_steps non-finite steps in a row, or,
+    when the run is `ending` (its last step, or a stop), if no step since the first ever
+    was finite; an ending run inside a shorter streak is warned of.
 
     Skipped steps leave the parameters alone, so the whole streak evaluated the state
     saved just before it: that checkpoint is deleted if this run wrote it, and the error
@@ -562,11 +570,11 @@ def _check_divergence(state, step, config, mngr, workdir, start: int, last: bool
     """
     n = int(state.nonfinite)
     first_bad = step - n + 1
-    if n < config.max_nonfinite_steps and not (last and n >= step - start):
-        if last and n and jax.process_index() == 0:
+    if n < config.max_nonfinite_steps and not (ending and first_bad == 1):
+        if ending and n and jax.process_index() == 0:
             log.warning(
-                "the last %d step(s), %d..%d, were non-finite and skipped: the final "
-                "checkpoint holds the parameters of step %d",
+                "the last %d step(s), %d..%d, were non-finite and skipped: the checkpoint "
+                "saved now holds the parameters of step %d",
                 n,
                 first_bad,
                 step,

@@ -194,6 +194,19 @@ def test_a_non_finite_last_step_is_saved_and_said(image_dir, tmp_path, monkeypat
         jax.tree.leaves(load_checkpoint(tmp_path / "two")[1]),
     ):
         np.testing.assert_array_equal(got, want)
+    # The streak's count is not saved: a resumed run starts from those parameters afresh.
+    import orbax.checkpoint as ocp
+
+    rest = ocp.StandardCheckpointer().restore(
+        tmp_path / "bad" / "checkpoints" / "3" / "train_state"
+    )
+    assert int(rest["step"]) == 3 and int(rest["nonfinite"]) == 0
+    # Resumed with one step left, and that one non-finite: the same, not an error that
+    # every rerun (the same batch) would repeat.
+    monkeypatch.undo()
+    _nan_batches(monkeypatch, {1})
+    train_cli.run(tiny_config(image_dir, total_steps=3), tmp_path / "two")
+    assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["2", "3"]
 
 
 def test_a_run_whose_every_step_was_non_finite_is_an_error(image_dir, tmp_path, monkeypatch):
