@@ -14,6 +14,7 @@ number, as the reference's paired loader takes it, or an exact ratio of both sid
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 
@@ -45,8 +46,12 @@ class Pair:
 
 def _fits(hr_hw: tuple[int, int], lr_hw: tuple[int, int], s: float) -> bool:
     """Whether each LR side is its HR side / s, floored (an HR image cropped to a multiple
-    of s before it was downsampled, as benchmark LR sets are made) or rounded."""
-    return all(lr in (lr_side(hr, s), round(hr / s)) for hr, lr in zip(hr_hw, lr_hw))
+    of s before it was downsampled, as benchmark LR sets are made), rounded, or rounded
+    up (MATLAB's imresize)."""
+    return all(
+        lr in (lr_side(hr, s), round(hr / s), math.ceil(hr / s - 1e-9))
+        for hr, lr in zip(hr_hw, lr_hw)
+    )
 
 
 def pair_scale(
@@ -57,7 +62,7 @@ def pair_scale(
     s is `nominal` (an ``X<s>`` folder's scale) where given, else the whole number
     H // h or round(H / h) when it fits, else H / h when that equals W / w exactly (the HR image is the LR
     image's size times s on both axes). It fits (`_fits`) when each LR side is the HR
-    side / s, floored or rounded: a 321 x 481 HR image with its 80 x 120 LR is x4, as the
+    side / s, floored, rounded or rounded up: a 321 x 481 HR image with its 80 x 120 LR is x4, as the
     reference's paired loader takes it, not x4.008. Other non-integer scales are not read
     from the sizes, because a range of them fits: a 50 x 60 HR image with a 13 x 16 LR is
     x3.7 (floored sides) as well as x3.75 (60 / 16), and the two crop and align the HR
@@ -250,7 +255,7 @@ def pair_images(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
     lr is the whole LR image, (h, w, 3). hr is the HR image cropped to the grid the LR
     covers: its top-left round(h * s) x round(w * s) pixels (Python round, half to even;
     s = ``pair.scale``), which drops at most the last rows or columns that fall short of
-    one LR pixel; where an LR side was rounded up, the HR side is one short of that grid
+    one LR pixel; where an LR side was rounded up, the HR side is short of that grid
     and is kept whole (evaluation predicts the whole grid and crops the prediction to it).
 
     Raises:

@@ -31,6 +31,11 @@ def test_pair_scale_rules():
     # LR sides rounded up (51.5 -> 52, 49.5 -> 50): x2, not "no whole number".
     assert pair_scale((103, 99), (52, 50)) == 2.0
     assert pair_scale((103, 103), (52, 52)) == 2.0  # not the exact ratio 103 / 52
+    # Rounded up where half-to-even rounds down (60.5 -> 61, 62.5 -> 63), as MATLAB's
+    # imresize sizes its output.
+    assert pair_scale((121, 179), (61, 90)) == 2.0
+    assert pair_scale((125, 125), (63, 63)) == 2.0
+    assert pair_scale((121, 179), (61, 90), nominal=2.0) == 2.0
     with pytest.raises(DataError, match=r"do not fit x3: HR 48x48, LR 24x24 \(H x W\) are x2"):
         pair_scale((48, 48), (24, 24), nominal=3.0)
     with pytest.raises(
