@@ -311,7 +311,7 @@ def _kept_for_good(folder: epath.Path) -> list[int]:
     epoch, read from each step's metadata; unreadable steps are left to the restore)."""
     steps = []
     for step_dir in folder.iterdir() if folder.is_dir() else ():
-        if not step_dir.name.isdigit():
+        if not _STEP.fullmatch(step_dir.name):
             continue
         try:
             meta = _read_meta(step_dir)
@@ -547,8 +547,9 @@ def restore_latest(mngr: ocp.CheckpointManager, target, shardings, check_meta):
     return None
 
 
-def _wait_to_appear(step_dir: epath.Path, timeout_s: float = 60.0) -> None:
-    """Waits up to `timeout_s` for a folder that another host lists."""
+def _wait_to_appear(step_dir: epath.Path, timeout_s: float = 25.0) -> None:
+    """Waits up to `timeout_s` for a folder that another host lists: less than the 30 s
+    in which CPU hosts must reach the next collective (Gloo's limit)."""
     deadline = time.monotonic() + timeout_s
     while not step_dir.exists() and time.monotonic() < deadline:
         time.sleep(1.0)
@@ -768,9 +769,10 @@ def export_for_inference(path, out, dtype: str = "float32") -> epath.Path:
     out = workdir_lib.resolve(out)
     if out.exists():
         raise CheckpointError(f"{out} exists; choose a new folder for the export")
-    if out.parent.name == "checkpoints":  # a training run would take it for its own step
-        raise CheckpointError(
-            f"{out} is inside a training run's checkpoints folder; export somewhere else"
+    if out.parent.name == "checkpoints" and _STEP.fullmatch(out.name):
+        raise CheckpointError(  # a training run would take it for its own step
+            f"{out} would be read as a step of the training run in {out.parent.parent}; "
+            "export somewhere else"
         )
     with np.errstate(over="ignore"):  # an overflow is reported below, in one line
         params = jax.tree.map(lambda x: np.asarray(x, jnp.dtype(dtype)), variables["params"])

@@ -81,9 +81,10 @@ def test_export_for_inference_float16(run4, tmp_path):
     # Exported as a step of a run, it would be read as that run's newest step.
     wd = tmp_path / "run"
     shutil.copytree(run4, wd)
-    with pytest.raises(CheckpointError, match="inside a training run's checkpoints folder"):
+    with pytest.raises(CheckpointError, match=r"checkpoints/7 would be read as a step of the"):
         checkpoints.export_for_inference(run4, wd / "checkpoints" / "7")
     assert sorted(os.listdir(wd / "checkpoints")) == sorted(os.listdir(run4 / "checkpoints"))
+    checkpoints.export_for_inference(run4, tmp_path / "models" / "checkpoints" / "srno_fp16")
 
 
 def test_a_step_folder_named_after_another_step_is_refused(image_dir, run4, tmp_path):

@@ -75,14 +75,19 @@ def test_a_startup_error_on_one_host_stops_both(env, image_dir, tmp_path, flag, 
     assert steps_in(tmp_path / "run") == []
 
 
-def test_hosts_resume_from_the_newest_step_every_host_can_read(env, image_dir, tmp_path):
-    """Process 1 fails once to read checkpoint 4: both resume from 2, and 4 is set aside."""
-    wd = tmp_path / "run"
+def _saved_steps_2_and_4(image_dir, wd):
+    """`wd` with checkpoints of a fresh tiny state at steps 2 and 4."""
     state, config = _state(image_dir, 2)
     with checkpoints.managed(wd, keep=5) as mngr:
         checkpoints.save(mngr, state, config)
         checkpoints.save(mngr, state.replace(step=jnp.asarray(4, jnp.int32)), config)
         checkpoints.finish(mngr)
+    return wd
+
+
+def test_hosts_resume_from_the_newest_step_every_host_can_read(env, image_dir, tmp_path):
+    """Process 1 fails once to read checkpoint 4: both resume from 2, and 4 is set aside."""
+    wd = _saved_steps_2_and_4(image_dir, tmp_path / "run")
     rcs, logs = _two_hosts(
         env, image_dir, wd, "--config.total_steps=2", fault="unreadable-checkpoint"
     )
@@ -95,12 +100,7 @@ def test_hosts_resume_from_the_newest_step_every_host_can_read(env, image_dir, t
 def test_hosts_whose_listings_differ_resume_from_the_same_step(env, image_dir, tmp_path):
     """Process 0's listing lacks checkpoint 4 (a stale file system cache): each host used
     to restore the newest step it listed, 2 and 4, and train on from different states."""
-    wd = tmp_path / "run"
-    state, config = _state(image_dir, 2)
-    with checkpoints.managed(wd, keep=5) as mngr:
-        checkpoints.save(mngr, state, config)
-        checkpoints.save(mngr, state.replace(step=jnp.asarray(4, jnp.int32)), config)
-        checkpoints.finish(mngr)
+    wd = _saved_steps_2_and_4(image_dir, tmp_path / "run")
     rcs, logs = _two_hosts(env, image_dir, wd, "--config.total_steps=5", fault="stale-listing")
     assert rcs == [0, 0], logs
     assert all("Traceback" not in log and "resumed from step 4" in log for log in logs), logs
