@@ -25,7 +25,7 @@ set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 out=${OUT:-$repo/gpu_out}
-cases=${CASES:-train_step_b64_128_bf16,train_step_b64_128_bf16_xla,main_b64_128_bf16,input_pipeline_128,inference_x4_128_to_512,train_step_b64_128,eval_mixed_sizes}
+cases=${CASES:-train_step_b64_128_bf16,train_step_b64_128_bf16_xla,main_b64_128_bf16,input_pipeline_128,inference_x4_128_to_512,inference_x4_128_to_512_sub2048,train_step_b64_128,eval_mixed_sizes}
 time_limit=${TIME_LIMIT:-540}
 case_timeout=${CASE_TIMEOUT:-240}
 backend=${BACKEND:-gpu}

@@ -5,6 +5,8 @@
 Cases (the paper's EDSR-baseline SRNO, width 256, 16 heads, random weights):
   inference_x4_128_to_512   `inference.predict` (what eval.py and upscale run): LR
                             128 x 128 -> the whole 512 x 512 grid, batch 1.
+  inference_x4_128_to_512_sub2048  (GPU/TPU only) the same with the CPU's 2,048-query
+                            sub-chunks instead of the accelerator's (`sub_chunk`).
   train_step_b4_48          main.py's jitted step (`train.jit_step`), batch 4,
                             48 x 48 LR, 2,304 queries, on a fixed batch on device.
   train_step_b64_128        the paper's step: batch 64, 128 x 128 LR, 16,384 queries
@@ -84,6 +86,7 @@ from harness import (  # noqa: E402
 
 CASES = (
     "inference_x4_128_to_512",
+    "inference_x4_128_to_512_sub2048",
     "train_step_b4_48",
     "train_step_b64_128",
     "train_step_b64_128_bf16",
@@ -93,6 +96,7 @@ CASES = (
     "eval_mixed_sizes",
 )
 ACCELERATOR_ONLY = (
+    "inference_x4_128_to_512_sub2048",
     "train_step_b64_128",
     "train_step_b64_128_bf16",
     "train_step_b64_128_bf16_xla",
@@ -209,11 +213,14 @@ def time_against_ceiling(run, repeats: int, warmup: int = 1) -> dict:
     return {**t, "ceiling_gflops_per_s": ceiling, "peak_memory": memory}
 
 
-def _case_inference(repeats: int) -> dict:
+def _case_inference(repeats: int, accelerator_sub_chunk: int | None = None) -> dict:
+    from srno_jax import inference
     from srno_jax.coords import make_coord
     from srno_jax.inference import predict
     from srno_jax.models import init_variables, make_model
 
+    if accelerator_sub_chunk:
+        inference.ACCELERATOR_SUB_CHUNK = accelerator_sub_chunk
     lr, out = 128, 512
     model = make_model()
     variables = init_variables(model)
@@ -229,6 +236,7 @@ def _case_inference(repeats: int) -> dict:
         **t,
         "compile_s": max(first - t["median_s"], 0.0),
         "gflop": flops.forward_flop(model, 1, (lr, lr), out * out) / 1e9,
+        "sub_chunk": inference._chunk_len(out * out, None)[1],
     }
 
 
@@ -454,6 +462,7 @@ def run_case(name: str, repeats: int, ceiling: float | None) -> dict:
     """Runs one case in this process and returns its JSON record."""
     runners = {
         "inference_x4_128_to_512": lambda: _case_inference(repeats),
+        "inference_x4_128_to_512_sub2048": lambda: _case_inference(repeats, 2048),
         "train_step_b4_48": lambda: _case_train_step(repeats, 4, 48, 48 * 48),
         "train_step_b64_128": lambda: _case_train_step(repeats, 64, 128, 128 * 128),
         "train_step_b64_128_bf16": lambda: _case_train_step(

@@ -9,8 +9,10 @@ up to 2^18 of them, a 512 x 512 output) each layer's input is kept between the p
 and nothing is computed twice. Beyond that, the queries go in chunks and each pass
 recomputes the lifting (and pass 3 layer 1) chunk by chunk, about 2.1x the work of one
 pass: peak memory then grows with the chunk size, not with the output size. Inside a
-chunk, every pass walks sub-chunks of SUB_CHUNK queries with a loop (`_sub_map`), which
-keeps their buffers in the CPU's caches and stops after the last query. The lifting's
+chunk, every pass walks sub-chunks of queries with a loop (`_sub_map`) that stops after
+the last query: on a CPU, SUB_CHUNK of them, whose buffers stay in its caches; on a GPU
+or TPU, ACCELERATOR_SUB_CHUNK, a few kernels large enough to fill the device rather
+than many small launches. The lifting's
 1x1 layer is applied to the LR features once (`SRNO.lift_table`) and gathered at each
 query, rather than applied at every query.
 
@@ -44,7 +46,8 @@ from srno_jax.models.srno import KERNEL_INTEGRALS
 
 DEFAULT_CHUNK = 2**18  # queries per chunk: one chunk keeps 2 x chunk x width floats (512 MB)
 MIN_CHUNK = 2**16  # the smallest chunk compiled for, so that output sizes share compilations
-SUB_CHUNK = 2048  # queries per inner step of a pass (see `_sub_map`)
+SUB_CHUNK = 2048  # queries per inner step of a pass on a CPU (see `_sub_map`)
+ACCELERATOR_SUB_CHUNK = MIN_CHUNK  # the same on a GPU or TPU
 DEFAULT_TILE = 512  # LR window side for encoding large inputs
 MIN_CAPACITY = 2**15  # rows of the flat LR map (`_flat`): one size for inputs up to 181 x 181
 MAX_TABLE_BYTES = 2**30  # the largest lifting table (`SRNO.lift_table`); beyond, lift per query
@@ -261,13 +264,14 @@ def _chunk_len(n: int, chunk_size: int | None) -> tuple[int, int]:
     """(queries per chunk, per sub-chunk). The chunk is chunk_size (default
     DEFAULT_CHUNK) but at most the next power of two >= n, or MIN_CHUNK if larger, so
     that output sizes share compilations (the pieces after the last query are skipped),
-    rounded up to a multiple of the sub-chunk (SUB_CHUNK, or the chunk when smaller)."""
+    rounded up to a multiple of the sub-chunk (SUB_CHUNK on a CPU, ACCELERATOR_SUB_CHUNK
+    elsewhere, or the chunk when smaller)."""
     chunk_size = DEFAULT_CHUNK if chunk_size is None else chunk_size
     integer = isinstance(chunk_size, (int, np.integer)) and not isinstance(chunk_size, bool)
     if not integer or chunk_size < 1:
         raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     chunk = min(int(chunk_size), max(_pow2(n), MIN_CHUNK))
-    sub = min(SUB_CHUNK, chunk)
+    sub = min(SUB_CHUNK if jax.default_backend() == "cpu" else ACCELERATOR_SUB_CHUNK, chunk)
     return -(-chunk // sub) * sub, sub
 
 

@@ -44,6 +44,23 @@ def test_chunked_equals_one_pass_and_golden(small, name, chunks):
         np.testing.assert_allclose(out, golden, atol=1e-4, rtol=0, err_msg=f"chunk {chunk}")
 
 
+def test_accelerators_take_larger_sub_chunks_with_the_same_result(small, monkeypatch):
+    """On a GPU or TPU a pass walks ACCELERATOR_SUB_CHUNK queries a step, not the CPU's
+    cache-sized SUB_CHUNK: the same prediction, from fewer and larger kernels."""
+    from srno_jax import inference
+
+    model, variables = small
+    inp, coord, cell, _ = _case("grid_x2.5")
+    on_cpu = predict(model, variables, inp, coord, cell)
+    assert inference._chunk_len(3000, None) == (inference.MIN_CHUNK, inference.SUB_CHUNK)
+    monkeypatch.setattr(inference.jax, "default_backend", lambda: "gpu")
+    assert inference._chunk_len(3000, None) == (inference.MIN_CHUNK, inference.MIN_CHUNK)
+    assert inference._chunk_len(3000, 1000) == (1000, 1000)
+    np.testing.assert_allclose(
+        predict(model, variables, inp, coord, cell), on_cpu, atol=1e-5, rtol=0
+    )
+
+
 def test_lifting_table_equals_lifting_per_query(small, monkeypatch):
     """The lifting's 1x1 layer applied to the LR features before the gather (the default)
     and at each query (too large a table) give the same prediction."""
