@@ -271,7 +271,7 @@ def restore_or_init(mngr, model, tx, config, mesh, order: dict) -> TrainState:
     state = init_state(model, tx, config.seed)
     shardings = state_shardings(state, mesh)
 
-    warned = []
+    checked = []  # the metadata of each step tried; the last is the one restored
 
     def check(meta):
         checkpoints.check_same_model(meta, config, mngr.directory)
@@ -287,13 +287,12 @@ def restore_or_init(mngr, model, tx, config, mesh, order: dict) -> TrainState:
                 "would shift the data order and the learning-rate epochs. Resume with "
                 f"{' and '.join(fix)}, or start a new --workdir"
             )
-        if not warned:  # once, though newer steps may prove unreadable after this
-            warned.append(True)
-            _warn_changed_settings(meta, config, mngr.directory)
+        checked.append(meta)
 
     restored = checkpoints.restore_latest(mngr, state, shardings, check)
     if restored is not None:
         log.info("resumed from step %d", int(restored.step))
+        _warn_changed_settings(checked[-1], config, mngr.directory)
         return restored
     return jax.device_put(state, shardings)
 
@@ -487,17 +486,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data: TrainDa
                 stop.raise_if_failed(agreed, step)
                 reason = stop.reason(agreed)
                 if step % config.log_every_steps == 0 or step == total or reason:
-                    ending = step == total or bool(reason)
-                    _check_divergence(state, step, config, mngr, workdir, start, ending)
+                    _check_divergence(state, step, config, mngr, workdir, start, total, reason)
                     rate = (step - last_log) * config.batch_size / max(time.time() - last_t, 1e-9)
                     with stop.guard("logging", step):
                         _log_progress(writer, step, total, metrics, rate, config.batch_size)
                     last_log, last_t = step, time.time()
                 # A skipped step keeps the parameters of the last finite one: a periodic
                 # save waits for the streak to end (it would push good checkpoints out),
-                # a stop's or the last one saves them. Their count is not saved: a
-                # resumed run starts from those parameters with a streak of its own.
-                if save and (int(state.nonfinite) == 0 or reason or step == total):
+                # a stop's or the last one saves them, unless no step was ever finite.
+                # Their count is not saved: a resumed run starts from those parameters
+                # with a streak of its own.
+                skipped = int(state.nonfinite)
+                saved = save and (skipped == 0 or ((reason or step == total) and skipped < step))
+                if saved:
                     checkpoints.save(
                         mngr, state.replace(nonfinite=state.nonfinite * 0), config, order
                     )
@@ -514,7 +515,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data: TrainDa
                         )
                 if reason:
                     log.info(
-                        "stopping at step %d (%s); checkpoint saved, rerun to resume", step, reason
+                        "stopping at step %d (%s); %s",
+                        step,
+                        reason,
+                        "checkpoint saved, rerun to resume"
+                        if saved
+                        else "no step was finite yet, so nothing is saved: a rerun starts afresh",
                     )
                     if agreed & STOP_SIGNAL:  # an earlier step's table is not this model's
                         results = {}
@@ -556,10 +562,10 @@ def _compile(step_fn, writer, *args):
     return compiled
 
 
-def _check_divergence(state, step, config, mngr, workdir, start: int, ending: bool = False):
-    """Raises `TrainingDiverged` after max_nonfinite_steps non-finite steps in a row, or,
-    when the run is `ending` (its last step, or a stop), if no step since the first ever
-    was finite; an ending run inside a shorter streak is warned of.
+def _check_divergence(state, step, config, mngr, workdir, start: int, total: int, reason=None):
+    """Raises `TrainingDiverged` after max_nonfinite_steps non-finite steps in a row within
+    this run, or at its `total` step when no step since the first ever was finite. At
+    the last step or a stop (`reason`), a shorter streak is warned of.
 
     Skipped steps leave the parameters alone, so the whole streak evaluated the state
     saved just before it: that checkpoint is deleted if this run wrote it, and the error
@@ -570,8 +576,8 @@ def _check_divergence(state, step, config, mngr, workdir, start: int, ending: bo
     """
     n = int(state.nonfinite)
     first_bad = step - n + 1
-    if n < config.max_nonfinite_steps and not (ending and first_bad == 1):
-        if ending and n and jax.process_index() == 0:
+    if n < config.max_nonfinite_steps and not (step == total and first_bad == 1):
+        if (step == total or reason) and n and first_bad > 1 and jax.process_index() == 0:
             log.warning(
                 "the last %d step(s), %d..%d, were non-finite and skipped: the checkpoint "
                 "saved now holds the parameters of step %d",

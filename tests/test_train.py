@@ -209,6 +209,31 @@ def test_a_non_finite_last_step_is_saved_and_said(image_dir, tmp_path, monkeypat
     assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["2", "3"]
 
 
+def test_a_stop_before_any_finite_step_saves_nothing_and_is_no_error(
+    image_dir, tmp_path, monkeypatch, caplog
+):
+    """A preemption during a short streak from step 1 (limit 20): the run stops as
+    stopped, with nothing to save, whenever the signal lands."""
+    import signal
+
+    import input_pipeline
+
+    _nan_batches(monkeypatch, {1, 2, 3})
+    inner, calls = input_pipeline.TrainLoader.__next__, []
+
+    def next_batch(self):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # a vote to stop, in StopVote's hands
+        return inner(self)
+
+    monkeypatch.setattr(input_pipeline.TrainLoader, "__next__", next_batch)
+    caplog.set_level("INFO", logger="srno_jax")
+    train_cli.run(tiny_config(image_dir, total_steps=6), tmp_path / "run")
+    assert not os.listdir(tmp_path / "run" / "checkpoints")
+    assert "no step was finite yet, so nothing is saved: a rerun starts afresh" in caplog.text
+
+
 def test_a_run_whose_every_step_was_non_finite_is_an_error(image_dir, tmp_path, monkeypatch):
     """Fewer non-finite steps than max_nonfinite_steps, but not one finite: nothing was
     trained, which used to end with exit 0 and no checkpoint."""
@@ -249,18 +274,26 @@ def test_resume_equals_uninterrupted(image_dir, tmp_path):
 def test_a_resume_with_other_settings_says_which(image_dir, tmp_path, caplog):
     """A resumed run may change its learning rate or compute dtype (it applies from the
     resumed step on), but a mistyped flag must not pass unseen; how long it runs, how
-    often it saves, and how it loads its data are not worth a word."""
+    often it saves, and how it loads its data are not worth a word. The settings
+    compared are those of the step restored, not of a newer one that proved unreadable."""
+    import shutil
+
     train_cli.run(tiny_config(image_dir, total_steps=2), tmp_path / "run")
     config = tiny_config(image_dir, total_steps=3)
     config.optim.lr, config.compute_dtype = 0.5, "bfloat16"
     config.checkpoint.every_steps, config.data.workers = 7, 1
     train_cli.run(config, tmp_path / "run")
-    (line,) = [
-        r.getMessage() for r in caplog.records if "other than its checkpoint" in r.getMessage()
-    ]
+    warned = lambda: [r.getMessage() for r in caplog.records if "other than its" in r.getMessage()]
+    (line,) = warned()
     assert line.endswith(
         "from here on: compute_dtype 'float32' -> 'bfloat16', optim.lr 0.001 -> 0.5"
     ), line
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "3" / "params")  # step 3 unreadable
+    caplog.clear()
+    config.total_steps = 4
+    train_cli.run(config, tmp_path / "run")
+    (line,) = warned()  # step 2's settings, though step 3's were the run's own
+    assert "optim.lr 0.001 -> 0.5" in line, line
 
 
 def test_a_resume_with_another_keep_every_keeps_what_was_kept_for_good(image_dir, tmp_path):
