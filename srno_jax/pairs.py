@@ -45,13 +45,17 @@ class Pair:
 
 
 def _fits(hr_hw: tuple[int, int], lr_hw: tuple[int, int], s: float) -> bool:
-    """Whether each LR side is its HR side / s, floored (an HR image cropped to a multiple
-    of s before it was downsampled, as benchmark LR sets are made), rounded, or rounded
-    up (MATLAB's imresize)."""
-    return all(
-        lr in (lr_side(hr, s), round(hr / s), math.ceil(hr / s - 1e-9))
-        for hr, lr in zip(hr_hw, lr_hw)
+    """Whether the LR sides are the HR sides / s by one rule on both axes: floored (an HR
+    image cropped to a multiple of s before it was downsampled, as benchmark LR sets are
+    made), rounded half to even (Python, numpy), rounded half up, or rounded up
+    (MATLAB's imresize)."""
+    rules = (
+        lambda x: lr_side(x, s),
+        lambda x: round(x / s),
+        lambda x: math.floor(x / s + 0.5),
+        lambda x: math.ceil(x / s - 1e-9),
     )
+    return any(all(lr == rule(hr) for hr, lr in zip(hr_hw, lr_hw)) for rule in rules)
 
 
 def pair_scale(
@@ -62,7 +66,7 @@ def pair_scale(
     s is `nominal` (an ``X<s>`` folder's scale) where given, else the whole number
     H // h or round(H / h) when it fits, else H / h when that equals W / w exactly (the HR image is the LR
     image's size times s on both axes). It fits (`_fits`) when each LR side is the HR
-    side / s, floored, rounded or rounded up: a 321 x 481 HR image with its 80 x 120 LR is x4, as the
+    side / s by one rule, floored, rounded or rounded up: a 321 x 481 HR image with its 80 x 120 LR is x4, as the
     reference's paired loader takes it, not x4.008. Other non-integer scales are not read
     from the sizes, because a range of them fits: a 50 x 60 HR image with a 13 x 16 LR is
     x3.7 (floored sides) as well as x3.75 (60 / 16), and the two crop and align the HR

@@ -36,6 +36,13 @@ def test_pair_scale_rules():
     assert pair_scale((121, 179), (61, 90)) == 2.0
     assert pair_scale((125, 125), (63, 63)) == 2.0
     assert pair_scale((121, 179), (61, 90), nominal=2.0) == 2.0
+    # One rule for both axes: 21 / 4 floored is 5, 21 / 4 rounded up 6.
+    with pytest.raises(DataError, match="no single scale"):
+        pair_scale((21, 21), (5, 6))
+    # 37 / 4 rounded up is 10, as MATLAB sizes x4: the whole number wins over the exact
+    # x3.7, as everywhere; an X3.7/ folder says otherwise.
+    assert pair_scale((37, 37), (10, 10)) == 4.0
+    assert pair_scale((37, 37), (10, 10), nominal=3.7) == 3.7
     with pytest.raises(DataError, match=r"do not fit x3: HR 48x48, LR 24x24 \(H x W\) are x2"):
         pair_scale((48, 48), (24, 24), nominal=3.0)
     with pytest.raises(
