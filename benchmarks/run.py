@@ -520,13 +520,13 @@ def print_table(report: dict) -> None:
         f"jax {m['jax_version']}, {m['date']}" + ("  [--quick]" if report["quick"] else "")
     )
     head = (
-        f"{'case':26} {'median s':>9} {'GFLOP':>8} {'GFLOP/s':>8} {'% ceil':>7} "
+        f"{'case':31} {'median s':>9} {'GFLOP':>8} {'GFLOP/s':>8} {'% ceil':>7} "
         f"{'samples/s':>10} {'peak MB':>8} {'compile s':>9} {'torch s':>8} {'speed-up':>9}"
     )
     print(head + "\n" + "-" * len(head))
     for r in report["results"]:
         if "skipped" in r or "error" in r:
-            print(f"{r['name']:26} {r.get('skipped') or r.get('error')}")
+            print(f"{r['name']:31} {r.get('skipped') or r.get('error')}")
             continue
         frac = (
             100 * r["gflops_per_s"] / r["ceiling_gflops_per_s"]
@@ -534,7 +534,7 @@ def print_table(report: dict) -> None:
             else None
         )
         print(
-            f"{r['name']:26} {r['median_s']:9.3f} {_fmt(r['gflop'] or None, 8)} "
+            f"{r['name']:31} {r['median_s']:9.3f} {_fmt(r['gflop'] or None, 8)} "
             f"{_fmt(r['gflops_per_s'], 8)} {_fmt(frac, 7)} {_fmt(r.get('samples_per_s'), 10)} "
             f"{r['peak_memory_mb']:8.0f} {_fmt(r['compile_s'], 9)} "
             f"{_fmt(r.get('torch_cpu_s'), 8, '.2f')} "

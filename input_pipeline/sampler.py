@@ -145,8 +145,9 @@ def sample_pair_patch(
     w_hr = round(inp_size * scale), at (min(round(x0 * scale), H - w_hr),
     min(round(y0 * scale), W - w_hr)) (Python round, half to even). Each query's `coord`
     is where its HR pixel's centre lies on the LR patch, ((hx0 + r + 0.5) / scale - x0) /
-    inp_size * 2 - 1 for HR row r (columns alike; beyond [-1, 1] by less than an HR pixel
-    where the crop overhangs the patch), and ``cell`` is one HR pixel there, 2 / (inp_size
+    inp_size * 2 - 1 for HR row r (columns alike; a little beyond [-1, 1] where the crop
+    overhangs the patch: by less than an LR pixel, plus the rows the HR image lacks where
+    an LR side was rounded up), and ``cell`` is one HR pixel there, 2 / (inp_size
     * scale): exact at any scale, equal to the crop's own grid at integer ones. Flips and
     query points then follow `sample_patch` (same draws, same order); the scale is the
     pair's, not drawn.

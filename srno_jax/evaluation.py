@@ -304,8 +304,8 @@ def score_pair(
     image to skip while the others are averaged.
 
     The prediction is of the grid the LR image covers, round(h * scale) x round(w * scale)
-    (`pairs.pair_images`), cropped to `hr`: a pair's HR image is a row or column short of
-    that grid where its LR side was rounded up, and predicting `hr`'s size would stretch
+    (`pairs.pair_images`), cropped to `hr`: a pair's HR image falls short of that grid
+    where its LR side was rounded up, and predicting `hr`'s size would stretch
     the output over the LR image instead."""
     grid = (round(lr.shape[0] * scale), round(lr.shape[1] * scale))
     sr = upsampler(lr, grid, scale)[: hr.shape[0], : hr.shape[1]]

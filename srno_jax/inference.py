@@ -264,15 +264,18 @@ def _chunk_len(n: int, chunk_size: int | None) -> tuple[int, int]:
     """(queries per chunk, per sub-chunk). The chunk is chunk_size (default
     DEFAULT_CHUNK) but at most the next power of two >= n, or MIN_CHUNK if larger, so
     that output sizes share compilations (the pieces after the last query are skipped),
-    rounded up to a multiple of the sub-chunk (SUB_CHUNK on a CPU, ACCELERATOR_SUB_CHUNK
-    elsewhere, or the chunk when smaller)."""
+    split into the fewest equal sub-chunks of at most SUB_CHUNK queries on a CPU,
+    ACCELERATOR_SUB_CHUNK elsewhere, and rounded up to a multiple of them (by less than
+    one query per sub-chunk, so that chunk_size bounds memory)."""
     chunk_size = DEFAULT_CHUNK if chunk_size is None else chunk_size
     integer = isinstance(chunk_size, (int, np.integer)) and not isinstance(chunk_size, bool)
     if not integer or chunk_size < 1:
         raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     chunk = min(int(chunk_size), max(_pow2(n), MIN_CHUNK))
-    sub = min(SUB_CHUNK if jax.default_backend() == "cpu" else ACCELERATOR_SUB_CHUNK, chunk)
-    return -(-chunk // sub) * sub, sub
+    most = SUB_CHUNK if jax.default_backend() == "cpu" else ACCELERATOR_SUB_CHUNK
+    pieces = -(-chunk // most)
+    sub = -(-chunk // pieces)
+    return pieces * sub, sub
 
 
 def predict(

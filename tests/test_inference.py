@@ -53,9 +53,13 @@ def test_accelerators_take_larger_sub_chunks_with_the_same_result(small, monkeyp
     inp, coord, cell, _ = _case("grid_x2.5")
     on_cpu = predict(model, variables, inp, coord, cell)
     assert inference._chunk_len(3000, None) == (inference.MIN_CHUNK, inference.SUB_CHUNK)
+    assert inference._chunk_len(4096**2, 70_000) == (70_000, 2_000)
     monkeypatch.setattr(inference.jax, "default_backend", lambda: "gpu")
     assert inference._chunk_len(3000, None) == (inference.MIN_CHUNK, inference.MIN_CHUNK)
     assert inference._chunk_len(3000, 1000) == (1000, 1000)
+    # A chunk_size lowered to save memory is kept, in equal sub-chunks.
+    assert inference._chunk_len(4096**2, 200_000) == (200_000, 50_000)
+    assert inference._chunk_len(4096**2, None) == (2**18, 2**16)
     np.testing.assert_allclose(
         predict(model, variables, inp, coord, cell), on_cpu, atol=1e-5, rtol=0
     )
