@@ -181,9 +181,9 @@ def _nan_batches(monkeypatch, steps):
 
 
 def test_a_non_finite_last_step_is_saved_and_said(image_dir, tmp_path, monkeypatch, caplog):
-    """The last step skipped as non-finite (a bad batch): the run used to save nothing and
-    exit 0. Its checkpoint now holds the parameters of the step before, and a warning
-    says so."""
+    """The last step skipped as non-finite (a bad batch) is still saved, else a rerun
+    would train from the start: its checkpoint holds the parameters of the step before,
+    and a warning says so."""
     train_cli.run(tiny_config(image_dir, total_steps=2), tmp_path / "two")
     _nan_batches(monkeypatch, {3})
     train_cli.run(tiny_config(image_dir, total_steps=3), tmp_path / "bad")
@@ -236,7 +236,7 @@ def test_a_stop_before_any_finite_step_saves_nothing_and_is_no_error(
 
 def test_a_run_whose_every_step_was_non_finite_is_an_error(image_dir, tmp_path, monkeypatch):
     """Fewer non-finite steps than max_nonfinite_steps, but not one finite: nothing was
-    trained, which used to end with exit 0 and no checkpoint."""
+    trained, and exit 0 would call that a success."""
     _nan_batches(monkeypatch, {1, 2, 3})
     with pytest.raises(
         train.TrainingDiverged, match=r"non-finite for 3 steps in a row, steps 1\.\.3"
@@ -298,7 +298,7 @@ def test_a_resume_with_other_settings_says_which(image_dir, tmp_path, caplog):
 
 def test_a_resume_with_another_keep_every_keeps_what_was_kept_for_good(image_dir, tmp_path):
     """Orbax applies the resumed run's retention to every step: a resume with another
-    checkpoint.keep_every_epochs used to delete the steps kept for good before it."""
+    checkpoint.keep_every_epochs must not delete the steps kept for good before it."""
 
     def run(total, keep_every_epochs):
         config = tiny_config(image_dir, total_steps=total)  # one step an epoch
