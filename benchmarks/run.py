@@ -47,8 +47,8 @@ inference and training cases trace one more call into DIR/<case> and record in t
 (``profile``) and the printed table its longest operations (on a GPU, its kernels), so the
 report alone says where the time went; the case's timings are printed before that call,
 so a failure while tracing keeps them. ``--case_timeout S`` kills a case (with every
-process it started) after S seconds and records it as an error. ``--quick`` (2 repeats) is for developing the
-harness, not for numbers.
+process it started) after S seconds and records it as an error. ``--quick`` (2 repeats)
+is for developing the harness, not for numbers.
 """
 
 from __future__ import annotations

@@ -266,7 +266,7 @@ def _decoded_cache_dir(source) -> tuple[str, int]:
 
     Every loader of the same content (``source.content_key()``) on this machine, by this
     user, uses one folder: the eight tasks of a SLURM node hold one decoded copy of
-    DIV2K, not eight. The last loader to leave removes it (`_leave_decoded_cache`).
+    DIV2K, not eight. The last loader to leave removes it (`_remove_if_alone`).
     """
     text = json.dumps([type(source).__name__, source.content_key()])
     key = hashlib.sha256(text.encode()).hexdigest()[:24]
@@ -287,10 +287,12 @@ def _decoded_cache_dir(source) -> tuple[str, int]:
         os.close(fd)  # removed while this waited for its lock: made anew
 
 
-def _leave_decoded_cache(folder: str, fd: int) -> None:
+def _remove_if_alone(folder: str, fd: int) -> None:
+    """Removes `folder` if `fd`, open on its lock, can take the lock alone (no loader
+    uses the folder, or none but this one); closes `fd` either way."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:  # another loader still uses it
+    except BlockingIOError:  # another loader uses it
         os.close(fd)
         return
     _remove_locked(folder, fd)
@@ -301,12 +303,7 @@ def _remove_if_unused(folder: str) -> None:
         fd = os.open(os.path.join(folder, "lock"), os.O_RDONLY)
     except OSError:  # being made, removed by another loader, or another user's
         return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:  # in use
-        os.close(fd)
-        return
-    _remove_locked(folder, fd)
+    _remove_if_alone(folder, fd)
 
 
 def _remove_locked(folder: str, fd: int) -> None:
@@ -348,8 +345,8 @@ class TrainLoader:
 
     A `PairedSource` gives `sample_pair_patch` samples (each pair at its own scale;
     scale_min and scale_max unused), any other source `sample_patch` samples. The settings
-    are checked once, here (`check_sampler_settings`; for pairs also that every LR image holds an
-    inp_size patch).
+    are checked once, here (`check_sampler_settings`; for pairs also that every LR image
+    holds an inp_size patch).
 
     `workers` threads (None: os.cpu_count()) build samples, each a contiguous chunk of
     about local / workers samples of a batch, written in place into one block of memory
@@ -365,9 +362,9 @@ class TrainLoader:
     `_decoded_cache_dir`); and worker processes that have not all started, or not
     finished a batch, within `stall_timeout_s` (a stalled network file system, a hung
     decoder) are a `HostError`, not a wait until the job's time limit. A batch that fails
-    raises its error, and every later call then raises too: its step cannot be skipped. Part of a sample's work holds Python's GIL, so
-    threads stop scaling at a few cores, processes do not. The samples are the same either
-    way.
+    raises its error, and every later call then raises too: its step cannot be skipped.
+    Part of a sample's work holds Python's GIL, so threads stop scaling at a few cores,
+    processes do not. The samples are the same either way.
     """
 
     def __init__(
@@ -433,7 +430,7 @@ class TrainLoader:
             if getattr(source, "decodes_each_read", False):
                 self._decoded_dir, lock_fd = _decoded_cache_dir(source)
                 self._release.append(
-                    weakref.finalize(self, _leave_decoded_cache, self._decoded_dir, lock_fd)
+                    weakref.finalize(self, _remove_if_alone, self._decoded_dir, lock_fd)
                 )
             context = multiprocessing.get_context("spawn")
             self._pool = concurrent.futures.ProcessPoolExecutor(

@@ -91,8 +91,8 @@ def sample_patch(
     - an image whose short side is below inp_size is first upscaled (PIL bicubic) so
       its short side is inp_size, with one warning per `name`.
 
-    The settings are not checked here, for every sample: `check_sampler_settings` checks them once,
-    where the loader is built.
+    The settings are not checked here, for every sample: `check_sampler_settings` checks
+    them once, where the loader is built.
 
     Args:
       hr: (H, W, 3) uint8 HR image.

@@ -12,9 +12,8 @@ pass: peak memory then grows with the chunk size, not with the output size. Insi
 chunk, every pass walks sub-chunks of queries with a loop (`_sub_map`) that stops after
 the last query: on a CPU, SUB_CHUNK of them, whose buffers stay in its caches; on a GPU
 or TPU, ACCELERATOR_SUB_CHUNK, a few kernels large enough to fill the device rather
-than many small launches. The lifting's
-1x1 layer is applied to the LR features once (`SRNO.lift_table`) and gathered at each
-query, rather than applied at every query.
+than many small launches. The lifting's 1x1 layer is applied to the LR features once
+(`SRNO.lift_table`) and gathered at each query, rather than applied at every query.
 
 Compilation: one compiled encoder serves every LR size that pads to the same
 `lr_bucket` shape, and one compiled operator every LR input up to MIN_CAPACITY pixels

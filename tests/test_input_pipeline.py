@@ -657,13 +657,13 @@ def test_a_sweep_never_removes_a_decoded_folder_made_anew(tmp_path):
     source = FolderSource(write_images(tmp_path / "imgs", 1))
     folder, first = loader._decoded_cache_dir(source)
     sweep = os.open(os.path.join(folder, "lock"), os.O_RDONLY)
-    loader._leave_decoded_cache(folder, first)
+    loader._remove_if_alone(folder, first)
     again, second = loader._decoded_cache_dir(source)
     assert again == folder
     fcntl.flock(sweep, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the orphaned file: nobody holds it
     loader._remove_locked(folder, sweep)
     assert os.path.isdir(folder)
-    loader._leave_decoded_cache(folder, second)
+    loader._remove_if_alone(folder, second)
     assert not os.path.exists(folder)
 
 
