@@ -37,6 +37,7 @@ from srno_jax.metrics import (
     check_evaluable,
     check_protocol,
     check_scale,
+    covered_grid,
     default_protocol,
     eval_sizes,
     make_eval_pair,
@@ -263,8 +264,7 @@ def _hr_grid(size: Callable[[str], tuple[int, int]], item: Item, scale: float) -
     if item.lr_path is None:
         return eval_sizes(hr_hw, scale)[2:]
     check_scale(scale)  # a pair's scale comes from its files, e.g. 1 for equal sizes
-    h, w = size(item.lr_path)
-    return round(h * scale), round(w * scale)
+    return covered_grid(size(item.lr_path), scale)
 
 
 def list_images(folder: str) -> list[str]:
@@ -303,12 +303,10 @@ def score_pair(
     Raises `CheckpointError` when the prediction is not finite: a broken model, not an
     image to skip while the others are averaged.
 
-    The prediction is of the grid the LR image covers, round(h * scale) x round(w * scale)
-    (`pairs.pair_images`), cropped to `hr`: a pair's HR image falls short of that grid
-    where its LR side was rounded up, and predicting `hr`'s size would stretch
-    the output over the LR image instead."""
-    grid = (round(lr.shape[0] * scale), round(lr.shape[1] * scale))
-    sr = upsampler(lr, grid, scale)[: hr.shape[0], : hr.shape[1]]
+    The prediction is of the grid the LR image covers (`metrics.covered_grid`), cropped
+    to `hr`: a pair's HR image falls short of that grid where its LR side was rounded
+    up, and predicting `hr`'s size would stretch the output over the LR image instead."""
+    sr = upsampler(lr, covered_grid(lr.shape, scale), scale)[: hr.shape[0], : hr.shape[1]]
     if not np.isfinite(sr).all():
         raise CheckpointError(
             f"the model predicts NaN or infinite values at x{scale:g} ({hr.shape[0]}x"

@@ -53,6 +53,12 @@ def lr_side(hr_side: int, scale: float) -> int:
     return math.floor(hr_side / scale + 1e-9)
 
 
+def covered_grid(lr_hw: tuple[int, ...], scale: float) -> tuple[int, int]:
+    """(H, W) of the HR grid that an LR image of size (h, w[, ...]) covers at `scale`:
+    round(h * scale), round(w * scale) (Python round, half to even)."""
+    return round(lr_hw[0] * scale), round(lr_hw[1] * scale)
+
+
 def eval_sizes(hr_shape: tuple[int, ...], scale: float) -> tuple[int, int, int, int]:
     """Sizes of a test pair for an HR image of shape (H, W[, C]) at `scale`.
 
@@ -72,7 +78,7 @@ def eval_sizes(hr_shape: tuple[int, ...], scale: float) -> tuple[int, int, int, 
             f"an image of {h}x{w} is smaller than one LR pixel at scale {scale:g}; "
             "use a smaller scale or a larger image"
         )
-    h_hr, w_hr = round(h_lr * scale), round(w_lr * scale)
+    h_hr, w_hr = covered_grid((h_lr, w_lr), scale)
     if (h_hr, w_hr) == (h_lr, w_lr):
         raise DataError(
             f"at scale {scale} an image of {h}x{w} gives a {h_lr}x{w_lr} input and an "

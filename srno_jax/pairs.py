@@ -24,7 +24,7 @@ from PIL import Image
 
 from srno_jax.errors import DataError
 from srno_jax.images import ORIENTATION_TAG, bomb_error, image_files, load_image
-from srno_jax.metrics import lr_side
+from srno_jax.metrics import covered_grid, lr_side
 
 _SCALE_DIR = re.compile(r"^[xX](\d+(?:\.\d+)?)$")  # X2, X3, x2.5
 _SCALE_SUFFIX = re.compile(r"[xX]\d+(?:\.\d+)?$")  # the 'x2' of 0801x2
@@ -64,14 +64,15 @@ def pair_scale(
     """The scale s >= 1 that maps the LR size onto the HR size.
 
     s is `nominal` (an ``X<s>`` folder's scale) where given, else the whole number
-    H // h or round(H / h) when it fits, else H / h when that equals W / w exactly (the HR image is the LR
-    image's size times s on both axes). It fits (`_fits`) when each LR side is the HR
-    side / s by one rule, floored, rounded or rounded up: a 321 x 481 HR image with its 80 x 120 LR is x4, as the
-    reference's paired loader takes it, not x4.008. Other non-integer scales are not read
-    from the sizes, because a range of them fits: a 50 x 60 HR image with a 13 x 16 LR is
-    x3.7 (floored sides) as well as x3.75 (60 / 16), and the two crop and align the HR
-    image differently. The HR grid the LR covers is round(h * s) x round(w * s), which can
-    exceed H x W by a row or column of rounding (`pair_images` keeps the rows that exist).
+    H // h or round(H / h) when it fits, else H / h when that equals W / w exactly (the
+    HR image is the LR image's size times s on both axes). It fits (`_fits`) when the LR
+    sides are the HR sides / s by one rule, floored, rounded or rounded up: a 321 x 481
+    HR image with its 80 x 120 LR is x4, as the reference's paired loader takes it, not
+    x4.008. Other non-integer scales are not read from the sizes, because a range of
+    them fits: a 50 x 60 HR image with a 13 x 16 LR is x3.7 (floored sides) as well as
+    x3.75 (60 / 16), and the two crop and align the HR image differently. The HR grid
+    the LR covers is `metrics.covered_grid`, which can exceed H x W by the rows and
+    columns of rounding up (`pair_images` keeps the rows that exist).
 
     Args:
       hr_hw, lr_hw: (height, width) of the HR and LR images, in pixels.
@@ -257,7 +258,7 @@ def pair_images(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
     """Reads a pair as (lr, hr), both uint8 RGB (see `images.load_image`).
 
     lr is the whole LR image, (h, w, 3). hr is the HR image cropped to the grid the LR
-    covers: its top-left round(h * s) x round(w * s) pixels (Python round, half to even;
+    covers: its top-left `metrics.covered_grid` pixels (round(h * s) x round(w * s),
     s = ``pair.scale``), which drops at most the last rows or columns that fall short of
     one LR pixel; where an LR side was rounded up, the HR side is short of that grid
     and is kept whole (evaluation predicts the whole grid and crops the prediction to it).
@@ -274,5 +275,5 @@ def pair_images(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
             f"(x{s:.4g}, now HR {hr.shape[0]}x{hr.shape[1]}, LR {lr.shape[0]}x{lr.shape[1]}); "
             "restart to list the folder again"
         )
-    h, w = lr.shape[:2]
-    return lr, hr[: round(h * s), : round(w * s)]
+    h, w = covered_grid(lr.shape, s)
+    return lr, hr[:h, :w]

@@ -10,6 +10,7 @@ from srno_jax.errors import ConfigError, DataError
 from srno_jax.images import resize_bicubic
 from srno_jax.metrics import (
     check_evaluable,
+    covered_grid,
     default_protocol,
     eval_cell,
     eval_sizes,
@@ -68,6 +69,11 @@ def test_eval_sizes():
             eval_sizes((64, 64), bad)
     with pytest.raises(DataError, match="smaller than one LR pixel"):
         eval_sizes((5, 64), 6)
+
+
+def test_covered_grid():
+    assert covered_grid((5, 3), 2.5) == (12, 8)  # 12.5 and 7.5 round half to even
+    assert covered_grid((60, 90, 3), 2) == (120, 180)
 
 
 def test_check_evaluable():
