@@ -123,12 +123,18 @@ def params_from_torch(state_dict: dict[str, np.ndarray], model: SRNO, source: st
     """
     if state_dict and all(k.startswith("module.") for k in state_dict):
         state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
-    sd = {}
-    for k, v in state_dict.items():
+    sd, read_as = {}, {}
+    for key, v in state_dict.items():
+        k = key
         for old, new in _ALIASES.items():
             if k.startswith(old):
                 k = new + k[len(old) :]
-        sd[k] = v
+        if k in sd:
+            raise CheckpointError(
+                f"{source}: parameters {read_as[k]} and {key} are both read as {k}; the "
+                "file holds a layer this architecture does not have"
+            )
+        sd[k], read_as[k] = v, key
     target = _flat_paths(abstract_variables(model)["params"])
     n = _n_resblocks(model)
     names = {torch_name(p, n): p for p in target}
@@ -188,6 +194,12 @@ def model_from_reference_args(args: dict, source: str = "checkpoint") -> SRNO:
     """The model described by a reference checkpoint's ``model['args']``."""
     try:
         spec = args["encoder_spec"]
+        unknown = set(args) - {"encoder_spec", "width", "blocks"}
+        if unknown:
+            raise CheckpointError(
+                f"{source}: unknown model argument(s) {sorted(unknown)}; SRNO takes "
+                "encoder_spec, width and blocks"
+            )
         return make_model(
             spec["name"],
             spec.get("args"),

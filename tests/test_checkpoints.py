@@ -136,6 +136,19 @@ def test_torch_names_round_trip(encoder, args):
     jax.tree.map(np.testing.assert_array_equal, back, params)
 
 
+def test_a_layer_read_under_two_names_is_refused():
+    """GFF.2 is read as GFF.1 (the naming of some releases); a file holding both has a
+    layer this RDN lacks, which must not be dropped silently."""
+    model = make_model("rdn", {"RDNconfig": "A"}, width=32, heads=4)
+    params = jax.tree.map(
+        lambda s: np.zeros(s.shape, np.float32), abstract_variables(model)["params"]
+    )
+    sd = params_to_torch(params, model)
+    sd.update({k.replace("GFF.1.", "GFF.2."): v for k, v in sd.items() if "GFF.1." in k})
+    with pytest.raises(CheckpointError, match=r"encoder\.GFF\.1\.\w+ and encoder\.GFF\.2"):
+        params_from_torch(sd, model)
+
+
 def test_non_finite_or_integer_weights_are_refused(tmp_path, small_ckpt):
     sd = dict(small_ckpt["model"]["sd"])
     sd["conv00.weight"] = np.array(sd["conv00.weight"], np.float32)
@@ -196,6 +209,12 @@ def test_home_is_expanded(tmp_path, monkeypatch, small_ckpt):
             "res_scale",
         ),
         ({"encoder_spec": {"name": "rdn", "args": {"RDNkSize": 4}}}, "RDNkSize"),
+        # The reference's SRNO(**args) takes no other argument and would fail.
+        ({"heads": 8}, r"unknown model argument\(s\) \['heads'\]"),
+        (
+            {"encoder_spec": {"name": "edsr-baseline", "args": {"no_upsampling": False}}},
+            "no_upsampling = False",
+        ),
     ],
 )
 def test_model_args_out_of_range_are_refused_before_building(tmp_path, small_ckpt, change, message):

@@ -52,6 +52,11 @@ def make_encoder(name: str, args: dict | None = None, dtype="float32"):
     # The reference's constructors also take these, which change only the upsampling
     # tail (SRNO builds none) and a mean shift its forward pass never applies.
     ignored = {"no_upsampling", "scale"} | ({"rgb_range"} if name != "rdn" else set())
+    if args is not None and "no_upsampling" in args and args["no_upsampling"] is not True:
+        raise ConfigError(
+            f"encoder argument no_upsampling = {args['no_upsampling']!r}: SRNO's encoder "
+            "has no upsampling tail, so it must be True (or left out)"
+        )
     args = {k: v for k, v in (args or {}).items() if k not in ignored}
     unknown = set(args) - set(ENCODER_DEFAULTS[name])
     if unknown:
