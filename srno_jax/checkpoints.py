@@ -258,8 +258,9 @@ def check_finite(params, source: str) -> None:
     for path, v in _flat_paths(params).items():
         if not np.isfinite(np.asarray(v)).all():
             raise CheckpointError(
-                f"{source}: parameter {path} holds NaN or infinite values; "
-                "the run that wrote it diverged. Use an earlier checkpoint"
+                f"{source}: parameter {path} holds NaN or infinite values: the run that "
+                "wrote it diverged, or its files are corrupt. Use an earlier checkpoint or "
+                "another copy"
             )
 
 
@@ -697,7 +698,8 @@ def _load_newest(path) -> tuple[epath.Path, dict, SRNO, dict]:
         except Exception as e:
             if i + 1 == len(dirs):
                 raise CheckpointError(
-                    f"checkpoint {step_dir} cannot be read ({first_line(e)})"
+                    f"checkpoint {step_dir} cannot be read ({first_line(e)}); its files "
+                    "are incomplete or damaged: give another step or copy"
                 ) from None
             _warn_unreadable(step_dir, e)
     raise AssertionError("unreachable")

@@ -17,18 +17,40 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that the same clean-up runs."""
 
 
+_stops: list[int] = []  # the signals received within `stops_as_interrupts`
+
+
+def _as_exception(signum: int) -> KeyboardInterrupt:
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
 @contextlib.contextmanager
-def sigterm_as_interrupt():
-    """Within the block, SIGTERM raises `Terminated`."""
+def stops_as_interrupts():
+    """Within the block, SIGTERM raises `Terminated` and SIGINT `KeyboardInterrupt`.
+
+    Each signal is also recorded, and `raise_if_stopped` raises it again: an exception
+    raised while Python runs a garbage-collection callback (JAX has one) is printed as
+    "ignored" and dropped, which would let a stopped tool run on to its end.
+    """
 
     def handler(signum, frame):
-        raise Terminated
+        _stops.append(signum)
+        raise _as_exception(signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+        _stops.clear()
+
+
+def raise_if_stopped() -> None:
+    """Raises the first stop received in `stops_as_interrupts`, if any: call it between
+    units of work (before reading or writing each image)."""
+    if _stops:
+        raise _as_exception(_stops[0])
 
 
 def interrupted_status(e: KeyboardInterrupt) -> int:

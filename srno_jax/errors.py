@@ -1,5 +1,7 @@
 """The errors srno-jax raises for bad input: each names the problem and the fix."""
 
+import re
+
 
 class SRNOError(Exception):
     """Base class: a problem with the user's input, data, config or checkpoint."""
@@ -22,10 +24,17 @@ class HostError(SRNOError):
     its validation), or another host did: every host stops at the same point."""
 
 
+# TensorStore (under Orbax) appends its whole spec, kilobytes of JSON, to its messages.
+_TENSORSTORE_DETAIL = re.compile(r"\s*(\[tensorstore_spec=|See full TensorStore details).*")
+_MAX_LINE = 300
+
+
 def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (its type's name if it has none)."""
+    """The first line of an exception's message (its type's name if it has none),
+    without TensorStore's spec, cut to 300 characters."""
     text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    line = _TENSORSTORE_DETAIL.sub("", text.splitlines()[0]) if text else type(e).__name__
+    return line if len(line) <= _MAX_LINE else line[: _MAX_LINE - 3] + "..."
 
 
 def summary(e: BaseException) -> str:

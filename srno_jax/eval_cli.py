@@ -25,7 +25,13 @@ import math
 import sys
 import time
 
-from srno_jax.cli import interrupted_status, positive_int, print_safely, sigterm_as_interrupt
+from srno_jax.cli import (
+    interrupted_status,
+    positive_int,
+    print_safely,
+    raise_if_stopped,
+    stops_as_interrupts,
+)
 from srno_jax.errors import ConfigError, DataError, SRNOError
 
 _PROG = "srno-eval"
@@ -268,15 +274,21 @@ def _evaluate(args, results: list[dict], state: dict) -> None:
     state["bar"] = bar = tqdm(
         total=total, unit="img", leave=False, disable=True if args.no_progress else None
     )
+
+    def scored(image):
+        raise_if_stopped()
+        bar.update(1)
+
     for checkpoint, upsampler in upsamplers:
         for task in tasks:
+            raise_if_stopped()
             bar.set_description(f"{task.dataset} {x[task.scale]}")
             row = evaluation.evaluate_task(
                 upsampler,
                 task,
                 per_image=args.per_image,
                 strict=args.strict,
-                on_image=lambda image: bar.update(1),
+                on_image=scored,
                 on_skip=lambda image, why: warn(f"warning: skipping {task.dataset}/{image}: {why}"),
             )
             results.append({"checkpoint": checkpoint, **row})
@@ -295,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         cache = compiler.enable_compilation_cache(
             compiler.DEFAULT_CACHE_DIR if args.compilation_cache is None else args.compilation_cache
         )
-        with sigterm_as_interrupt(), compiler.CompileClock() as clock:
+        with stops_as_interrupts(), compiler.CompileClock() as clock:
             _evaluate(args, results, state)
         status = 0
     except SRNOError as e:

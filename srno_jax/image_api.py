@@ -16,7 +16,7 @@ from PIL import Image
 
 from srno_jax.coords import make_coord
 from srno_jax.errors import ConfigError, DataError
-from srno_jax.images import normalise, orient_image, to_rgb_uint8
+from srno_jax.images import fill_hidden, normalise, orient_image, to_rgb_uint8
 from srno_jax.inference import DEFAULT_TILE, predict
 from srno_jax.metrics import eval_cell
 from srno_jax.models import check_variables
@@ -144,6 +144,8 @@ def _as_pil(image) -> Image.Image:
     """A PIL image from a PIL image (turned upright by its EXIF orientation) or a
     uint8/uint16 numpy array (see `upscale`)."""
     if isinstance(image, Image.Image):
+        if min(image.size) < 1:  # an empty crop
+            raise DataError(f"the image is empty ({image.width}x{image.height} pixels)")
         return orient_image(image)
     a = np.asarray(image)
     if a.ndim == 3 and a.shape[2] == 1:
@@ -190,7 +192,9 @@ def upscale(
       ITU-R 601-2 luma); with a 4th (colour) or 2nd (grayscale) channel for input with
       alpha (`ALPHA_MODES`, or a "transparency" key as in a palette image with a
       transparent colour or a 16-bit grayscale PNG with a transparent value), that alpha
-      resized with PIL bicubic.
+      resized with PIL bicubic; fully transparent pixels are first given the colour of
+      the nearest visible one (`images.fill_hidden`), so that the colour hidden there
+      does not bleed into visible edges.
       Colour = round(clip(pred * 0.5 + 0.5, 0, 1) * 255), where the model queries the
       output grid's pixel centres with cell = (2 / H', 2 / W') * max(s / 4, 1) and s the
       larger of the two axis scales (`metrics.eval_cell`, the reference's "mcell").
@@ -202,13 +206,15 @@ def upscale(
     pil = _as_pil(image)
     out_h, out_w = output_size((pil.height, pil.width), scale, size)
     rgb = to_rgb_uint8(pil)
+    alpha = _alpha(pil)
+    if alpha is not None:
+        rgb = fill_hidden(rgb, np.asarray(alpha))
     s = max(out_h / pil.height, out_w / pil.width)
     out = np.round(
         super_resolve(model, variables, rgb, (out_h, out_w), s, chunk_size, tile) * 255
     ).astype(np.uint8)
     if pil.mode in GRAYSCALE_MODES:
         out = np.asarray(Image.fromarray(out).convert("L"))
-    alpha = _alpha(pil)
     if alpha is not None:
         alpha = alpha.resize((out_w, out_h), Image.BICUBIC)
         out = np.dstack([out, np.asarray(alpha)])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import warnings
 
 import numpy as np
@@ -85,6 +86,24 @@ def to_rgb_uint8(img: Image.Image, source: str = "the image") -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
+def fill_hidden(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """`rgb` (H, W, 3) with each fully transparent pixel (`alpha` (H, W) == 0) given the
+    colour of the nearest visible pixel (Euclidean; ties as scipy's distance transform
+    breaks them).
+
+    The colour under transparency is arbitrary, often black; an upscaler that sees it
+    bleeds it into the visible edge (a dark fringe round a logo). Visible pixels, and
+    images with no or only transparent pixels, are returned unchanged.
+    """
+    hidden = alpha == 0
+    if not hidden.any() or hidden.all():
+        return rgb
+    from scipy import ndimage
+
+    rows, cols = ndimage.distance_transform_edt(hidden, return_distances=False, return_indices=True)
+    return rgb[rows, cols]
+
+
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """Reads an image file as (H, W, 3) uint8 RGB (see `to_rgb_uint8`), as stored.
 
@@ -97,9 +116,13 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
 
 def bomb_error(path, e: Exception, fix: str = BOMB_FIX) -> DataError:
     """The one-line refusal of a file whose header claims more pixels than PIL allows;
-    `fix` says how to raise that limit (PIL's own message may name twice the limit)."""
+    `fix` says how to raise that limit. PIL's own message is not repeated: past twice the
+    limit it names twice the limit."""
+    claimed = re.search(r"\((\d+) pixels\)", str(e))
+    what = f"its header claims {int(claimed[1]):,} pixels" if claimed else str(e)
     return DataError(
-        f"refusing {path}: {e} If you trust the file, {fix} (now {Image.MAX_IMAGE_PIXELS})."
+        f"refusing {path}: {what}, more than PIL's limit of {Image.MAX_IMAGE_PIXELS:,} "
+        f"(a guard against decompression bombs). If you trust the file, {fix}."
     )
 
 
@@ -125,6 +148,8 @@ def open_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # A camera's damaged EXIF: read as stored (no orientation), as viewers show it.
+            warnings.filterwarnings("ignore", "Corrupt EXIF data", UserWarning)
             with contextlib.ExitStack() as files:
                 # A bucket's file is read through epath.
                 src = files.enter_context(epath.Path(path).open("rb")) if is_uri(path) else path
@@ -221,7 +246,7 @@ def save_image(
     icc_profile: bytes | None = None,
     replace: bool = True,
 ) -> None:
-    """Writes a uint8 (H, W), (H, W, 2|3|4) array (L, LA, RGB, RGBA) in the format of
+    """Writes a uint8 (H, W), (H, W, 1|2|3|4) array (L, L, LA, RGB, RGBA) in the format of
     the file's extension (`output_format`): 8-bit PNG, JPEG, WebP, TIFF or BMP.
 
     JPEG and BMP have no alpha channel: LA is written as L and RGBA as RGB there. WebP
@@ -235,9 +260,9 @@ def save_image(
     With `replace` False an existing file at `path` is kept, including one that another
     program creates while this one writes (the rename is then a hard link, which fails
     if the name is taken).
-    Raises `ConfigError` for another dtype than uint8 and for what `check_savable`
-    refuses, `DataError` naming the file
-    when it cannot be written or exists with `replace` False.
+    Raises `ConfigError` for another dtype than uint8 or shape, and for what
+    `check_savable` refuses, `DataError` naming the file when it cannot be written or
+    exists with `replace` False.
     """
     img = np.asarray(img)
     if img.dtype != np.uint8:  # a cast would wrap 16-bit values and floor [0, 1] floats to 0
@@ -245,8 +270,12 @@ def save_image(
             f"save_image takes a uint8 image, got {img.dtype}; convert a float image in "
             "[0, 1] (super_resolve's) with np.round(img * 255).astype(np.uint8)"
         )
+    if not (img.ndim == 2 or (img.ndim == 3 and 1 <= img.shape[2] <= 4)) or 0 in img.shape:
+        raise ConfigError(
+            f"save_image takes an (H, W) or (H, W, 1|2|3|4) image, got shape {img.shape}"
+        )
     fmt = check_savable(path, img.shape[:2])
-    pil = Image.fromarray(img)
+    pil = Image.fromarray(img[..., 0] if img.ndim == 3 and img.shape[2] == 1 else img)
     if fmt in ("JPEG", "BMP") and pil.mode in ("LA", "RGBA"):
         pil = pil.convert(pil.mode[:-1])
     if fmt == "WEBP" and pil.mode in ("L", "LA"):  # as PIL writes it: a gray profile won't fit

@@ -30,7 +30,13 @@ import re
 import string
 import sys
 
-from srno_jax.cli import interrupted_status, positive_int, print_safely, sigterm_as_interrupt
+from srno_jax.cli import (
+    interrupted_status,
+    positive_int,
+    print_safely,
+    raise_if_stopped,
+    stops_as_interrupts,
+)
 from srno_jax.errors import CheckpointError, ConfigError, DataError, SRNOError
 
 DEFAULT_NAME = "{stem}_x{scale}.png"
@@ -38,7 +44,7 @@ FIELDS = ("stem", "ext", "scale", "width", "height")
 BOMB_FIX = "raise the limit with --max_input_pixels"  # the advice in a decompression-bomb error
 NAME_FIELDS = (
     "{stem} (input name without extension), {ext} (input extension), "
-    "{scale} (as given, or WIDTHxHEIGHT for --size), {width}, {height} (output)"
+    "{scale} (to 6 significant digits: 3.7, 10; WIDTHxHEIGHT for --size), {width}, {height} (output)"
 )
 
 
@@ -143,23 +149,28 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def expand_inputs(paths: list[str]) -> list[str]:
-    """The image files named by `paths`: files as given, folders as their images (sorted).
+    """The image files named by `paths`: files as given, folders as their images (sorted),
+    each file once (the first time it is named).
 
     Raises `DataError` for a missing path or a folder without images.
     """
     from srno_jax.images import IMAGE_EXTENSIONS, image_files
 
-    files = []
+    files, seen = [], set()
     for path in paths:
         if os.path.isdir(path):
             found = image_files(path)
             if not found:
                 raise DataError(f"folder {path} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
-            files += found
         elif os.path.exists(path):
-            files.append(path)
+            found = [path]
         else:
             raise DataError(f"image not found: {path}")
+        for file in found:
+            st = os.stat(file)
+            if (st.st_dev, st.st_ino) not in seen:  # a folder and a file in it: once
+                seen.add((st.st_dev, st.st_ino))
+                files.append(file)
     return files
 
 
@@ -381,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     done = 0
     try:
-        with sigterm_as_interrupt(), _input_pixel_limit(args.max_input_pixels):
+        with stops_as_interrupts(), _input_pixel_limit(args.max_input_pixels):
             _check_arguments(args)
             jobs = plan(args)
             _check_quality(args.quality, jobs)
@@ -397,11 +408,13 @@ def main(argv: list[str] | None = None) -> int:
             with tqdm(jobs, unit="image", disable=None, file=sys.stderr) as bar:
                 say = True  # until stdout is gone
                 for job in bar:
+                    raise_if_stopped()
                     bar.set_postfix_str(os.path.basename(job.input))
                     image = open_image(job.input, orient=True, bomb_fix=BOMB_FIX)
                     out = upscale(
                         model, variables, image, size=job.size, chunk_size=args.chunk_size
                     )
+                    raise_if_stopped()
                     # The input's colour profile (a phone's Display-P3), where it fits.
                     save_image(
                         job.output,

@@ -10,7 +10,14 @@ from PIL import Image
 
 from srno_jax.errors import ConfigError, DataError
 from srno_jax.image_api import output_size, upscale
-from srno_jax.images import check_savable, load_image, open_image, output_format, save_image
+from srno_jax.images import (
+    check_savable,
+    fill_hidden,
+    load_image,
+    open_image,
+    output_format,
+    save_image,
+)
 
 
 @pytest.fixture(scope="module")
@@ -361,3 +368,47 @@ def test_scales_and_sizes_of_numpy_and_jax_types(tiny):
     np.testing.assert_array_equal(
         upscale(*tiny, rgb, scale=jnp.float32(2.5)), upscale(*tiny, rgb, scale=2.5)
     )
+
+
+@pytest.mark.parametrize(
+    "image",
+    [Image.new("RGB", (0, 3)), np.zeros((0, 3, 3), np.uint8), np.zeros((3, 3, 5), np.uint8)],
+)
+def test_an_empty_or_misshapen_image_is_a_data_error(tiny, image):
+    """An empty PIL crop at an image's edge, as its array, and five channels."""
+    with pytest.raises(DataError, match="empty|got uint8 of shape"):
+        upscale(*tiny, image, size=(4, 4))
+
+
+def test_save_image_takes_one_channel_and_refuses_other_shapes(tmp_path):
+    a = np.random.default_rng(1).integers(0, 256, (5, 7, 1), dtype=np.uint8)
+    save_image(tmp_path / "x.png", a)
+    with Image.open(tmp_path / "x.png") as img:
+        assert img.mode == "L"
+        np.testing.assert_array_equal(np.asarray(img), a[..., 0])
+    for shape in [(5, 7, 5), (5,), (0, 7, 3)]:
+        with pytest.raises(ConfigError, match=r"\(H, W\) or \(H, W, 1\|2\|3\|4\) image"):
+            save_image(tmp_path / "y.png", np.zeros(shape, np.uint8))
+    assert os.listdir(tmp_path) == ["x.png"]
+
+
+def test_the_colour_under_transparency_does_not_show(tiny):
+    """A logo's transparent surround is often stored black: upscaled as it is, it left
+    a dark fringe round the visible edge. The visible result must not depend on it."""
+    yy, xx = np.mgrid[:16, :16]
+    disc = (yy - 7.5) ** 2 + (xx - 7.5) ** 2 < 5**2
+    black = np.zeros((16, 16, 4), np.uint8)
+    black[disc] = (200, 30, 90, 255)
+    white = black.copy()
+    white[~disc, :3] = 255
+    out = upscale(*tiny, Image.fromarray(black, "RGBA"), scale=3)
+    np.testing.assert_array_equal(out, upscale(*tiny, Image.fromarray(white, "RGBA"), scale=3))
+    assert out.shape == (48, 48, 4)
+
+
+def test_fill_hidden_takes_the_nearest_visible_colour():
+    rgb = np.arange(5 * 3, dtype=np.uint8).reshape(1, 5, 3) * 10
+    alpha = np.array([[0, 255, 0, 0, 128]], np.uint8)
+    got = fill_hidden(rgb, alpha)
+    np.testing.assert_array_equal(got[0, [0, 1, 2, 3, 4]], rgb[0, [1, 1, 1, 4, 4]])
+    assert fill_hidden(rgb, np.zeros_like(alpha)) is rgb  # nothing visible to take from
