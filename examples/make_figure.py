@@ -82,14 +82,18 @@ def render(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="training workdir or any checkpoint")
-    p.add_argument("--out", default="docs/comparison.png")
+    p.add_argument("--out", required=True, help="the figure's file, e.g. comparison.png")
     p.add_argument("--image", default="chelsea", choices=sorted(CROPS))
     p.add_argument("--scales", default="2,3.7,4", help="comma-separated, one row each")
     p.add_argument("--zoom", type=int, default=2, help="nearest-neighbour magnification")
     args = p.parse_args(argv)
     from skimage import data
 
-    model, variables = srno_jax.load_checkpoint(args.workdir)
+    try:
+        model, variables = srno_jax.load_checkpoint(args.workdir)
+    except srno_jax.SRNOError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     hr = getattr(data, args.image)()
     scales = [float(s) for s in args.scales.split(",")]
     rows = [(f"x{s:g}", compare(model, variables, hr, s)) for s in scales]

@@ -3,9 +3,10 @@
     python examples/plot_curves.py --workdir runs/demo --out docs/training_curve.png
 
 Reads the `val/psnr_x<s>` scalars that training writes to `<workdir>/tensorboard`, and
-computes the bicubic PSNR of the same validation photographs under the same protocol
-(`evaluation.bicubic_upsampler`), which training does not log. Needs matplotlib
-(`pip install -e '.[examples]'`).
+computes the bicubic PSNR of the same validation images under the same protocol
+(`evaluation.bicubic_upsampler`), which training does not log: those of the run's saved
+config (`data.val`, `data.data_dir`, `eval.max_images`, `eval.protocol`), unless
+`--data` or `--protocol` say otherwise. Needs matplotlib (`pip install -e '.[examples]'`).
 
 The event files are read with a reader of a few lines (`read_scalars`) on top of
 tensorboardX's own protobuf classes, so that no TensorFlow or `tensorboard` package is
@@ -63,13 +64,20 @@ def read_scalars(logdir: str) -> dict[str, dict[int, float]]:
     return scalars
 
 
-def bicubic_psnr(scales, data: str = "demo", protocol: str = "benchmark") -> dict[float, float]:
-    """{scale: mean PSNR of PIL bicubic} over the validation images of `data`."""
+def bicubic_psnr(
+    scales,
+    data: str = "demo",
+    protocol: str = "benchmark",
+    data_dir: str | None = None,
+    max_images: int | None = None,
+) -> dict[float, float]:
+    """{scale: mean PSNR of PIL bicubic} over the first `max_images` (None: all)
+    validation images of `data`, as training validates."""
     import input_pipeline
     from srno_jax.evaluation import bicubic_upsampler, score_image
 
-    source = input_pipeline.make_source(data, "validation")
-    images = [source[i] for i in range(len(source))]
+    source = input_pipeline.make_source(data, "validation", data_dir)
+    images = [source[i] for i in range(min(len(source), max_images or len(source)))]
     return {
         s: float(
             np.mean([score_image(bicubic_upsampler, hr, s, protocol)["psnr"] for hr in images])
@@ -106,10 +114,20 @@ def plot(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True)
-    p.add_argument("--out", default="docs/training_curve.png")
-    p.add_argument("--data", default="demo", help="the validation data the run used")
-    p.add_argument("--protocol", default="benchmark", help="the run's eval.protocol")
+    p.add_argument("--out", required=True, help="the figure's file, e.g. curve.png")
+    p.add_argument("--data", help="validation data (default: the run's data.val)")
+    p.add_argument("--protocol", help="PSNR protocol (default: the run's eval.protocol)")
     args = p.parse_args(argv)
+    from srno_jax import SRNOError
+    from srno_jax.checkpoints import saved_config
+
+    try:
+        config = saved_config(args.workdir)
+    except SRNOError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    data = args.data or config["data"]["val"]
+    protocol = args.protocol or config["eval"]["protocol"]
     scalars = read_scalars(os.path.join(args.workdir, "tensorboard"))
     curves = {float(m.group(1)): v for tag, v in scalars.items() if (m := VAL_TAG.match(tag))}
     if not curves:
@@ -119,13 +137,14 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    bicubic = bicubic_psnr(sorted(curves), args.data, args.protocol)
-    plot(
-        curves,
-        bicubic,
-        args.out,
-        f"{args.workdir}: PSNR on the held-out photographs ({args.protocol} protocol)",
+    bicubic = bicubic_psnr(
+        sorted(curves),
+        data,
+        protocol,
+        config["data"].get("data_dir") or None,
+        config["eval"]["max_images"],
     )
+    plot(curves, bicubic, args.out, f"{args.workdir}: validation PSNR ({protocol} protocol)")
     for s in sorted(curves):
         last = max(curves[s])
         print(f"x{s:g}: step {last} {curves[s][last]:.2f} dB, bicubic {bicubic[s]:.2f} dB")

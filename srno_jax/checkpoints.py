@@ -771,6 +771,16 @@ def _check_stored_shapes(step_dir: epath.Path, like) -> None:
         )
 
 
+def saved_config(path) -> dict:
+    """The training config (as JSON data) saved with the newest step of a workdir, its
+    checkpoints/ folder or a step folder, the newest whose metadata reads. Raises
+    `CheckpointError` where there is none (an export keeps no config)."""
+    for step_dir in _step_dirs(workdir_lib.resolve(path)):
+        with contextlib.suppress(Exception):
+            return _read_meta(step_dir)["config"]
+    raise CheckpointError(f"no training config in the checkpoints of {path}")
+
+
 def export_for_inference(path, out, dtype: str = "float32") -> epath.Path:
     """Writes the parameters of an Orbax checkpoint (a workdir, its newest readable step,
     or a step folder) as an inference-only folder `out` holding the items `params` and

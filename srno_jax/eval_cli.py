@@ -3,8 +3,8 @@
   srno-eval --checkpoint bicubic,edsr-baseline_epoch-1000.pth --data Set5,Set14,div2k \\
       --data_dir load --scales 2,3,4,6,12 --json results.json
 
-Evaluates each --checkpoint (a reference .pth, an Orbax training workdir or step folder,
-or 'bicubic') on each --data folder under the reference's protocol
+Evaluates each --checkpoint (a reference .pth, an Orbax training workdir, step folder or
+export, or 'bicubic') on each --data folder under the reference's protocol
 (`srno_jax.evaluation`) and prints a Markdown table: one row per checkpoint, columns
 dataset x scale, mean PSNR in dB. Every argument, image and checkpoint is checked, and
 the --json path tried, before the first forward pass (an existing file is kept when a

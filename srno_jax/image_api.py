@@ -135,7 +135,7 @@ def output_size(hw: tuple[int, int], scale, size) -> tuple[int, int]:
         raise ConfigError(
             f"output {_count(out[1])}x{_count(out[0])} (width x height) has "
             f"{_count(out[0] * out[1])} pixels, more than the limit {MAX_OUTPUT_PIXELS}; "
-            "upscale in tiles or choose a smaller size"
+            "choose a smaller scale or size"
         )
     return out
 

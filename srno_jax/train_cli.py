@@ -288,7 +288,7 @@ def _main(argv):
         sys.exit(
             f"error: out of memory on {jax.devices()[0].device_kind} ({first_line(e)}); "
             f"lower --config.batch_size (now {FLAGS.config.batch_size}) or "
-            "--config.data.inp_size, or use more devices; the last checkpoint is kept"
+            "--config.data.inp_size, or use more devices; checkpoints already saved are kept"
         )
     if results:
         print(evaluation.format_results(results))

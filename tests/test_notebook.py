@@ -75,3 +75,36 @@ def test_plot_curves_reads_tensorboardx_event_files(tmp_path):
     }
     # The demo's own validation logs "bicubic 32.92" at x2 (benchmark protocol).
     assert round(plot_curves.bicubic_psnr([2.0])[2.0], 2) == 32.92
+
+
+def test_plot_curves_scores_bicubic_on_the_runs_own_validation(tmp_path, capsys):
+    """The dashed bicubic lines come from the run's data.val, eval.protocol and
+    eval.max_images (its saved config), not from the demo's photographs."""
+    import json
+
+    import plot_curves
+    import tensorboardX
+
+    from srno_jax.evaluation import bicubic_upsampler, score_image
+
+    val = tmp_path / "val"
+    val.mkdir()
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (40, 44, 3), dtype=np.uint8) for _ in range(2)]
+    for i, a in enumerate(images):
+        Image.fromarray(a).save(val / f"{i}.png")
+    wd = tmp_path / "run"
+    (wd / "checkpoints" / "3" / "meta").mkdir(parents=True)
+    config = {
+        "data": {"val": str(val), "data_dir": ""},
+        "eval": {"protocol": "div2k", "max_images": 1},
+    }
+    (wd / "checkpoints" / "3" / "meta" / "metadata").write_text(json.dumps({"config": config}))
+    with tensorboardX.SummaryWriter(str(wd / "tensorboard")) as w:
+        w.add_scalar("val/psnr_x2", 20.0, 3)
+    assert plot_curves.main(["--workdir", str(wd), "--out", str(tmp_path / "c.png")]) == 0
+    want = score_image(bicubic_upsampler, images[0], 2.0, "div2k")["psnr"]
+    assert f"x2: step 3 20.00 dB, bicubic {want:.2f} dB" in capsys.readouterr().out
+    assert (tmp_path / "c.png").stat().st_size > 0
+    assert plot_curves.main(["--workdir", str(tmp_path), "--out", str(tmp_path / "d.png")]) == 2
+    assert "no srno-jax checkpoint" in capsys.readouterr().err
