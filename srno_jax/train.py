@@ -300,12 +300,14 @@ def restore_or_init(mngr, model, tx, config, mesh, order: dict) -> TrainState:
 class StopVote:
     """This host's vote to stop: SIGTERM/SIGINT on any host, the time limit measured on
     process 0's clock alone, or an error in what this host does alone (`guard`).
-    `votes(mesh)` is the vote as the step's input."""
+    `votes(mesh)` is the vote as the step's input. A workdir lock that another run took
+    over (`lock`, process 0's) is an error: this run must not save again."""
 
     def __init__(self, max_minutes: float):
         self.deadline = time.time() + 60 * max_minutes if max_minutes else None
         self.signal = None
         self.error = None
+        self.lock = None
         self._previous = {}
 
     def __enter__(self):
@@ -341,6 +343,8 @@ class StopVote:
                 )
 
     def votes(self, mesh) -> jax.Array:
+        if self.error is None and self.lock is not None:
+            self.error = self.lock.lost
         late = (
             self.deadline is not None and jax.process_index() == 0 and time.time() > self.deadline
         )
@@ -369,8 +373,9 @@ class StopVote:
 
 @contextlib.contextmanager
 def hold_workdir(workdir):
-    """Checks the workdir on every host and locks it on process 0; every host learns
-    whether that worked, and that it sees the folder process 0 locked (a folder local to
+    """Checks the workdir on every host and locks it on process 0 (yields the
+    `WorkdirLock` there, None elsewhere); every host learns whether that worked, and
+    that it sees the folder process 0 locked (a folder local to
     each host, or another path on one, would fail only at the first save, hours later)."""
     error, lock = None, None
     try:
@@ -403,7 +408,7 @@ def hold_workdir(workdir):
                     else ""
                 )
             )
-        yield
+        yield lock
     finally:
         if lock:
             lock.release()
@@ -425,9 +430,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data: TrainDa
     # restoring or saving is a vote to stop, not the end of the process.
     with (
         StopVote(config.max_train_minutes) as stop,
-        hold_workdir(workdir),
+        hold_workdir(workdir) as lock,
         checkpoints.managed(workdir, config.checkpoint.keep, keep_every) as mngr,
     ):
+        stop.lock = lock
         order = _data_order(config, {"steps_per_epoch": spe, "images": data.images})
         state = restore_or_init(mngr, model, tx, config, mesh, order)
         start = int(state.step)

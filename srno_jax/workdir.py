@@ -1,11 +1,13 @@
 """The training workdir: checks before any work, and a lock so that one run owns it.
 
 Paths go through `etils.epath`, so a workdir can be local or a bucket (`gs://...`).
-The lock is `<workdir>/LOCK`, a JSON file with the holder's host, process id and a
-heartbeat time that a background thread refreshes every `HEARTBEAT_S` seconds. Another
+The lock is `<workdir>/LOCK`, a JSON file with the holder's host, process id, folder and
+a heartbeat time that a background thread refreshes every `HEARTBEAT_S` seconds. Another
 run refuses to start while the lock is live, and takes it over when its holder is gone:
-on the same host when that process no longer exists, on another host when the
-heartbeat is older than `STALE_S`. In a multi-host run process 0 holds it for all.
+on the same host when that process no longer exists or holds another folder (this one is
+a copy), on another host when the heartbeat is older than `STALE_S`. A holder whose lock
+was taken over (it was paused past `STALE_S`) learns it at its next heartbeat
+(`WorkdirLock.lost`). In a multi-host run process 0 holds it for all.
 """
 
 from __future__ import annotations
@@ -78,11 +80,15 @@ def check_writable(workdir: str | os.PathLike) -> epath.Path:
 _HELD: set[str] = set()  # tokens of the locks this process holds
 
 
-def _holder_alive(info: dict) -> bool:
-    """Whether the run that wrote lock `info` still runs: its heartbeat is fresh and, on
-    this host, its process exists; with this process's pid, only if this process holds
-    that lock (a restarted container reuses pids, and may give this run the old one)."""
+def _holder_alive(info: dict, folder: epath.Path | None = None) -> bool:
+    """Whether the run that wrote lock `info` (found in `folder`) still runs: its heartbeat
+    is fresh and, on this host, its process exists and holds `folder`, not the folder
+    this one was copied from; with this process's pid, only if this process holds that
+    lock (a restarted container reuses pids, and may give this run the old one)."""
     if info.get("host") == socket.gethostname():
+        held = info.get("workdir")
+        if folder is not None and held and not _same_folder(held, folder):
+            return False
         try:
             if int(info["pid"]) == os.getpid():
                 return info.get("token") in _HELD
@@ -92,6 +98,12 @@ def _holder_alive(info: dict) -> bool:
         except (PermissionError, ValueError, KeyError):
             pass  # another user's process, or no pid: the heartbeat decides
     return time.time() - float(info.get("heartbeat", 0)) < STALE_S
+
+
+def _same_folder(a, b) -> bool:
+    if is_uri(a) or is_uri(b):
+        return os.fspath(a) == os.fspath(b)
+    return os.path.realpath(os.fspath(a)) == os.path.realpath(os.fspath(b))
 
 
 def _read(lock: epath.Path) -> dict | None:
@@ -121,6 +133,7 @@ class WorkdirLock:
     def __init__(self, workdir: str | os.PathLike):
         self.path = resolve(workdir) / LOCK_NAME
         self.token = uuid.uuid4().hex
+        self.lost: ConfigError | None = None  # set when another run took the lock over
         self._stop = threading.Event()
         self._thread = None
 
@@ -128,6 +141,7 @@ class WorkdirLock:
         return {
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "workdir": os.fspath(self.path.parent),
             "token": self.token,
             "heartbeat": time.time(),
         }
@@ -137,7 +151,7 @@ class WorkdirLock:
         info = _read(self.path)
         if info is not None:
             age = time.time() - self.path.stat().mtime if not info else 0.0
-            if (info and _holder_alive(info)) or (not info and age < STALE_S):
+            if (info and _holder_alive(info, self.path.parent)) or (not info and age < STALE_S):
                 who = (
                     f"process {info.get('pid')} on host {info.get('host')}"
                     if info
@@ -149,11 +163,34 @@ class WorkdirLock:
                     f"if that run is gone (it is taken over {STALE_S:.0f} s after its last "
                     "heartbeat)"
                 )
-            self.path.unlink(missing_ok=True)  # its holder is gone: take it over
+            self._take_over(info)
         self._create()
         _HELD.add(self.token)
         self._thread = threading.Thread(target=self._heartbeat, name="workdir-lock", daemon=True)
         self._thread.start()
+
+    def _take_over(self, stale: dict) -> None:
+        """Removes the lock `stale` of a run that is gone. Locally it is first renamed to
+        a name of this run's own, which one run alone can do; if what was renamed is not
+        `stale` (another run took it over since it was read), it is put back."""
+        if is_uri(self.path):  # a bucket: `_create` reads back who won
+            self.path.unlink(missing_ok=True)
+            return
+        aside = self.path.with_name(f"{LOCK_NAME}.{self.token}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return  # taken away by another run: `_create` decides between us
+        taken = _read(aside)
+        if taken != stale:
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, self.path)
+            aside.unlink()
+            raise ConfigError(
+                f"workdir {self.path.parent} was just locked by another run "
+                "started at the same time; use another --workdir"
+            )
+        aside.unlink()
 
     def _create(self) -> None:
         data = json.dumps(self._info())
@@ -179,6 +216,23 @@ class WorkdirLock:
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
+            info = _read(self.path)
+            if info == {}:  # unreadable for now, or half-written by another run: not ours
+                continue
+            if info is None:  # deleted by hand: ours again, unless another run was quicker
+                try:
+                    self._create()
+                    continue
+                except ConfigError:
+                    info = _read(self.path) or {}
+            if info.get("token") != self.token:
+                self.lost = ConfigError(
+                    f"workdir {self.path.parent} was taken over by process {info.get('pid')} "
+                    f"on host {info.get('host')} (this run was "
+                    f"paused, or its heartbeat stalled, for over {STALE_S:.0f} s); this run "
+                    "stops without saving, so that two runs never write one workdir"
+                )
+                return
             with contextlib.suppress(OSError):
                 self.path.write_text(json.dumps(self._info()))
 

@@ -938,3 +938,90 @@ def test_a_signal_between_joining_and_training_ends_both_hosts(env, image_dir, t
         assert (p.returncode == 128 + sig and f"error: {sig.name} outside training" in log) or (
             p.returncode == 0 and "stopping at step" in log
         ), log
+
+
+def test_of_two_runs_taking_over_a_stale_lock_one_wins(tmp_path, monkeypatch):
+    """Both read the dead run's lock; the first replaces it; the second, going by what it
+    read, must not remove the first's new lock and take the workdir too."""
+    import json
+
+    stale = {"host": "gone", "pid": 1, "token": "old", "heartbeat": 0}
+    (tmp_path / "LOCK").write_text(json.dumps(stale))
+    first, second = workdir_lib.WorkdirLock(tmp_path), workdir_lib.WorkdirLock(tmp_path)
+    first.acquire()
+    try:
+        real, reads = workdir_lib._read, []
+
+        def read_before_the_first_took_it(path):
+            reads.append(path)
+            return dict(stale) if len(reads) == 1 else real(path)
+
+        monkeypatch.setattr(workdir_lib, "_read", read_before_the_first_took_it)
+        with pytest.raises(ConfigError, match="just locked by another run"):
+            second.acquire()
+        monkeypatch.undo()
+        assert json.loads((tmp_path / "LOCK").read_text())["token"] == first.token
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["LOCK"]
+    finally:
+        first.release()
+    assert not (tmp_path / "LOCK").exists()
+
+
+def test_a_holder_learns_that_its_lock_was_taken_over(tmp_path, monkeypatch):
+    """A run paused past STALE_S (SIGSTOP, a frozen VM) whose workdir another run took."""
+    import json
+
+    monkeypatch.setattr(workdir_lib, "HEARTBEAT_S", 0.05)
+    lock = workdir_lib.WorkdirLock(tmp_path)
+    lock.acquire()
+    try:
+        (tmp_path / "LOCK").unlink()  # deleted by hand: taken back, not lost
+        deadline = time.time() + 10
+        while not (tmp_path / "LOCK").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        assert json.loads((tmp_path / "LOCK").read_text())["token"] == lock.token
+        assert lock.lost is None
+        other = {"host": "elsewhere", "pid": 42, "token": "other", "heartbeat": time.time()}
+        (tmp_path / "LOCK").write_text(json.dumps(other))
+        while lock.lost is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert "taken over by process 42 on host elsewhere" in str(lock.lost)
+        time.sleep(0.2)
+        assert json.loads((tmp_path / "LOCK").read_text())["token"] == "other"  # left alone
+    finally:
+        lock.release()
+    assert (tmp_path / "LOCK").exists()  # not its own: kept
+
+
+def test_the_lock_of_the_folder_a_workdir_was_copied_from_is_not_its_own(tmp_path):
+    """`cp -r` of a live workdir copies its LOCK, naming a live process that holds the
+    original: the copy can resume; the original stays locked."""
+    host, now = socket.gethostname(), time.time()
+    info = {"host": host, "pid": os.getppid(), "workdir": str(tmp_path / "a"), "heartbeat": now}
+    (tmp_path / "a").mkdir()
+    alive = workdir_lib._holder_alive
+    assert alive(info, workdir_lib.resolve(tmp_path / "a"))
+    assert not alive(info, workdir_lib.resolve(tmp_path / "copy"))
+    assert alive(dict(info, host="elsewhere"), workdir_lib.resolve(tmp_path / "copy"))
+
+
+def test_a_run_whose_lock_was_taken_over_stops_without_saving(image_dir, tmp_path, monkeypatch):
+    class TakenOverAtTheFourthStep(workdir_lib.WorkdirLock):
+        votes = 0
+
+        @property
+        def lost(self):
+            self.votes += 1
+            return ConfigError("workdir taken over") if self.votes > 4 else None
+
+        @lost.setter
+        def lost(self, value):
+            pass
+
+    monkeypatch.setattr(train, "WorkdirLock", TakenOverAtTheFourthStep)
+    config = tiny_config(
+        image_dir, total_steps=10, checkpoint=dict(every_steps=1, keep=20, keep_every_epochs=0)
+    )
+    with pytest.raises(ConfigError, match="workdir taken over"):
+        train_cli.run(config, tmp_path / "run")
+    assert steps_in(tmp_path / "run") == [1, 2, 3]
