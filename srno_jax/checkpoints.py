@@ -688,21 +688,35 @@ def _load_newest(path) -> tuple[epath.Path, dict, SRNO, dict]:
     """(step folder, its meta, model, {'params': ...}) from one of this package's Orbax
     checkpoints, on one device. Reads only the parameters (in the older layout, the
     parameters part of the stored train state). A newest step that cannot be read gives
-    way to the one before with a warning, as in `restore_latest`."""
-    dirs = _step_dirs(workdir_lib.resolve(path))
-    for i, step_dir in enumerate(dirs):
-        try:
-            return (step_dir, *_load_step(step_dir))
-        except CheckpointError:
-            raise
-        except Exception as e:
-            if i + 1 == len(dirs):
-                raise CheckpointError(
-                    f"checkpoint {step_dir} cannot be read ({first_line(e)}); its files "
-                    "are incomplete or damaged: give another step or copy"
-                ) from None
-            _warn_unreadable(step_dir, e)
-    raise AssertionError("unreachable")
+    way to the one before with a warning, as in `restore_latest`; a step deleted while
+    it was read (by a live run keeping its newest few) makes the folder listed again."""
+    root = workdir_lib.resolve(path)
+    bad: dict[str, Exception] = {}  # steps that exist and cannot be read
+    for _ in range(10):
+        fresh = [d for d in _step_dirs(root) if os.fspath(d) not in bad]
+        for step_dir in fresh:
+            try:
+                return (step_dir, *_load_step(step_dir))
+            except CheckpointError:
+                raise
+            except Exception as e:
+                if not step_dir.exists():
+                    break
+                bad[os.fspath(step_dir)] = e
+                if step_dir != fresh[-1]:
+                    _warn_unreadable(step_dir, e)
+        else:
+            break
+    if not bad:
+        raise CheckpointError(
+            f"the checkpoints in {path} were deleted while they were read, again and "
+            "again; give a step folder, or read it when its run saves less often"
+        )
+    step_dir, e = list(bad.items())[-1]
+    raise CheckpointError(
+        f"checkpoint {step_dir} cannot be read ({first_line(e)}); its files "
+        "are incomplete or damaged: give another step or copy"
+    ) from None
 
 
 def _check_step_name(step_dir: epath.Path, meta: dict) -> None:

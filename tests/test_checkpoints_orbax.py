@@ -301,6 +301,32 @@ def test_damaged_array_files_are_one_short_line(tmp_path, run4):
     assert len(str(e.value)) < 500 and "tensorstore_spec" not in str(e.value)
 
 
+def test_steps_deleted_while_read_are_listed_again(tmp_path, run4, image_dir, monkeypatch):
+    """srno-upscale or eval.py on a live run: while step 4 is read, the run saves step 6
+    and its keep policy deletes 4 and 2, every step of the first listing."""
+    wd = tmp_path / "run"
+    shutil.copytree(run4, wd)
+    config = tiny_config(
+        image_dir, total_steps=6, checkpoint=dict(every_steps=2, keep=5, keep_every_epochs=0)
+    )
+    train_cli.run(config, wd)
+    ckpts = wd / "checkpoints"
+    (ckpts / "6").rename(tmp_path / "6")
+    real, reads = checkpoints._load_step, []
+
+    def saved_and_deleted_while_read(step_dir):
+        reads.append(step_dir.name)
+        if len(reads) == 1:
+            (tmp_path / "6").rename(ckpts / "6")
+            shutil.rmtree(ckpts / "4"), shutil.rmtree(ckpts / "2")
+            raise FileNotFoundError(step_dir / "params")
+        return real(step_dir)
+
+    monkeypatch.setattr(checkpoints, "_load_step", saved_and_deleted_while_read)
+    assert checkpoints.read_checkpoint(wd)[2].endswith("checkpoints/6 (step 6)")
+    assert reads == ["4", "6"]
+
+
 def test_a_step_set_aside_twice_keeps_both_copies(image_dir, tmp_path, run4):
     """Step 4 unreadable, set aside, written again and unreadable again: the second
     set-aside must not collide with the first and block every resume."""
