@@ -49,8 +49,9 @@ def read_records(path: str):
 def read_scalars(logdir: str) -> dict[str, dict[int, float]]:
     """{tag: {step: value}} of every scalar in the event files of `logdir`.
 
-    Files are read in name order (tensorboardX names them by start time), so a resumed
-    run's value for a step replaces the earlier run's.
+    Files are read in name order (tensorboardX names them by start time). A resumed run's
+    file starts with a session start at its first step (tensorboardX's ``purge_step``),
+    which drops what earlier files logged from that step on, as TensorBoard does.
     """
     from tensorboardX.proto import event_pb2
 
@@ -58,6 +59,10 @@ def read_scalars(logdir: str) -> dict[str, dict[int, float]]:
     for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
         for payload in read_records(path):
             event = event_pb2.Event.FromString(payload)
+            if event.session_log.status == event_pb2.SessionLog.START:
+                for values in scalars.values():
+                    for step in [k for k in values if k >= event.step]:
+                        del values[step]
             for value in event.summary.value:
                 if value.HasField("simple_value"):
                     scalars.setdefault(value.tag, {})[event.step] = value.simple_value

@@ -49,9 +49,13 @@ class _Stream:
 
 
 class MetricWriter:
-    """Progress lines on stderr and TensorBoard scalars and images, from process 0."""
+    """Progress lines on stderr and TensorBoard scalars and images, from process 0.
 
-    def __init__(self, workdir):
+    A run resumed at step `start` has TensorBoard hide what earlier runs logged after
+    it (``purge_step``): a run that crashed logged steps its resumed run logs again.
+    """
+
+    def __init__(self, workdir, start: int = 0):
         self._tb = None
         if jax.process_index() != 0:
             return
@@ -66,7 +70,7 @@ class MetricWriter:
         logdir = workdir_lib.resolve(workdir) / "tensorboard"
         if workdir_lib.is_uri(logdir):
             record_writer.register_writer_factory(str(logdir).split(":")[0], _EpathFiles())
-        self._tb = SummaryWriter(str(logdir))
+        self._tb = SummaryWriter(str(logdir), purge_step=start + 1 if start else None)
 
     def log(self, msg: str, *args) -> None:
         if jax.process_index() == 0:

@@ -446,7 +446,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data: TrainDa
             return {}
         step_fn = jit_step(model, tx, config, spe, mesh, state)
         with stop.guard("opening the TensorBoard log", start):  # process 0's alone
-            writer = MetricWriter(workdir)
+            writer = MetricWriter(workdir, start)
         sharding.raise_together(stop.error, "to open its TensorBoard log")
         writer.log(
             "training %s on %d device(s) of %d host(s): batch %d (%d per host), "

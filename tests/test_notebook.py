@@ -108,3 +108,25 @@ def test_plot_curves_scores_bicubic_on_the_runs_own_validation(tmp_path, capsys)
     assert (tmp_path / "c.png").stat().st_size > 0
     assert plot_curves.main(["--workdir", str(tmp_path), "--out", str(tmp_path / "d.png")]) == 2
     assert "no srno-jax checkpoint" in capsys.readouterr().err
+
+
+def test_a_resumed_runs_curve_drops_what_the_crashed_run_logged_after_its_start(tmp_path):
+    """A run killed at step 6 after its checkpoint at 3 logged steps 4-6; resumed, it
+    logs 4 and 5 again and stops: TensorBoard and plot_curves show 1-5 once each."""
+    import time
+
+    import plot_curves
+
+    from srno_jax.metric_writer import MetricWriter
+
+    first = MetricWriter(tmp_path)
+    for step in range(1, 7):
+        first.scalars(step, "val", psnr_x2=step)
+    first.close()
+    time.sleep(1.1)  # event files are named by the second they start in
+    resumed = MetricWriter(tmp_path, start=3)
+    for step in (4, 5):
+        resumed.scalars(step, "val", psnr_x2=10 * step)
+    resumed.close()
+    curve = plot_curves.read_scalars(str(tmp_path / "tensorboard"))["val/psnr_x2"]
+    assert curve == {1: 1, 2: 2, 3: 3, 4: 40, 5: 50}
