@@ -20,6 +20,10 @@ def get_config():
     )
     c.model.width = 256
     c.model.heads = 16
+    # Fine-tuning: a checkpoint whose parameters start a new run (a reference .pth, a
+    # workdir, step folder or export; Adam and the schedule start afresh). A resumed run
+    # continues from its own checkpoint.
+    c.init_from = ""
     c.compute_dtype = "float32"  # 'bfloat16' on GPU/TPU: bf16 compute, float32 parameters
     c.fused_kernels = True  # on GPUs, the kernel integrals' LayerNorms and k^T v in Pallas
 

@@ -224,9 +224,11 @@ _ORDER_FLAGS = {  # the config fields in `_data_order`
 
 
 # Fields a resumed run may change without a word: how long it runs, how often it logs,
-# saves and validates, and how this host loads its data. The model and the data order
-# are compared apart (refused); any other change is said (`_warn_changed_settings`).
+# saves and validates, how this host loads its data, and what a new run starts from. The
+# model and the data order are compared apart (refused); any other change is said
+# (`_warn_changed_settings`).
 _RUN_FIELDS = (
+    "init_from",
     "total_steps",
     "max_train_minutes",
     "log_every_steps",
@@ -262,7 +264,9 @@ def _data_order(config, data: dict) -> dict:
 
 
 def restore_or_init(mngr, model, tx, config, mesh, order: dict) -> TrainState:
-    """The newest readable checkpoint in `mngr` on the mesh, or a fresh state.
+    """The newest readable checkpoint in `mngr` on the mesh, or a fresh state: step 0,
+    Adam's state zero, and the parameters of `config.init_from` where it is set
+    (`initial_params`), else a random initialisation.
 
     Refuses (`CheckpointError`, `ConfigError`) a checkpoint of another model, or one saved
     with another data order than this run's `order` (`_data_order`): resuming it would
@@ -294,7 +298,41 @@ def restore_or_init(mngr, model, tx, config, mesh, order: dict) -> TrainState:
         log.info("resumed from step %d", int(restored.step))
         _warn_changed_settings(checked[-1], config, mngr.directory)
         return restored
+    if config.get("init_from"):
+        error = None
+        try:  # every host reads it: a file that one host lacks must not leave it behind
+            state = state.replace(params=initial_params(config))
+        except SRNOError as e:
+            error = e
+        sharding.raise_together(error, f"to read init_from {config.init_from}")
     return jax.device_put(state, shardings)
+
+
+def initial_params(config) -> dict:
+    """The parameters of the checkpoint `config.init_from` (any that `load_checkpoint`
+    reads: a reference .pth, a workdir, a step folder, an export), for a new run to
+    start from (fine-tuning). Raises `ConfigError` where that checkpoint's model is not
+    the config's, naming both."""
+    loaded, variables, what = checkpoints.read_checkpoint(config.init_from)
+    wanted = checkpoints.model_from_spec(checkpoints.model_spec(config))
+    if loaded != wanted:
+        raise ConfigError(
+            f"init_from {what} holds {_architecture(loaded)}; the config's model is "
+            f"{_architecture(wanted)}: set --config.model.* to the checkpoint's"
+        )
+    if jax.process_index() == 0:
+        log.info("starting from the parameters of %s", what)
+    return variables["params"]
+
+
+def _architecture(model: SRNO) -> str:
+    enc = model.encoder
+    args = ", ".join(
+        f"{f.name}={getattr(enc, f.name)!r}"
+        for f in dataclasses.fields(enc)
+        if f.name not in ("parent", "name", "dtype")
+    )
+    return f"{type(enc).__name__}({args}), width {model.width}, heads {model.heads}"
 
 
 class StopVote:

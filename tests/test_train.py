@@ -15,6 +15,7 @@ from PIL import Image
 
 from configs import demo
 from srno_jax import load_checkpoint, sharding, train, train_cli
+from srno_jax.errors import ConfigError
 
 TESTS = Path(__file__).resolve().parent
 
@@ -427,3 +428,44 @@ def test_every_numeric_config_field_has_a_range():
         node[path[-1]] = -1 if isinstance(node[path[-1]], int) else float("nan")
         with pytest.raises(ConfigError, match=rf"config field {field} = "):
             check_config(bad)
+
+
+def _like_the_small_golden_model(config):
+    config.model.encoder_args.n_resblocks = 2
+    config.model.encoder_args.n_feats = 64
+    config.model.width, config.model.heads = 64, 4
+    return config
+
+
+def test_a_new_run_starts_from_init_from_and_a_resumed_one_from_its_own(image_dir, tmp_path):
+    """Fine-tuning the reference's model: step 1 moves each weight by about the learning
+    rate from the .pth's; a resumed run reads its own checkpoint, not init_from."""
+    from conftest import require_golden
+
+    pth = require_golden("small_edsr_srno") / "checkpoint.pth"
+    _, reference = load_checkpoint(pth)
+    config = _like_the_small_golden_model(tiny_config(image_dir, total_steps=1))
+    config.init_from, config.optim.lr = str(pth), 1e-9
+    config.checkpoint.keep_every_epochs = 0
+    train_cli.run(config, tmp_path / "run")
+    _, tuned = load_checkpoint(tmp_path / "run")
+    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), tuned, reference)
+    assert 0 < max(jax.tree.leaves(moved)) < 1e-7
+    config.init_from, config.total_steps = str(tmp_path / "no such file"), 2
+    train_cli.run(config, tmp_path / "run")  # resumed: init_from is not read
+    assert load_checkpoint(tmp_path / "run")  # step 2 saved
+
+
+def test_init_from_another_architecture_is_refused_naming_both(image_dir, tmp_path):
+    from conftest import require_golden
+
+    config = tiny_config(image_dir, total_steps=1)
+    config.init_from = str(require_golden("small_edsr_srno") / "checkpoint.pth")
+    with pytest.raises(
+        ConfigError,
+        match=r"holds EDSR\(n_resblocks=2, .*width 64, heads 4; .*is EDSR\(n_resblocks=1, .*width 16, heads 2: set --config.model",
+    ):
+        train_cli.run(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists() or not os.listdir(
+        tmp_path / "run" / "checkpoints"
+    )
