@@ -692,8 +692,10 @@ def _load_newest(path) -> tuple[epath.Path, dict, SRNO, dict]:
     it was read (by a live run keeping its newest few) makes the folder listed again."""
     root = workdir_lib.resolve(path)
     bad: dict[str, Exception] = {}  # steps that exist and cannot be read
-    for _ in range(10):
+    for _ in range(10):  # each pass lists the folder again, for steps saved meanwhile
         fresh = [d for d in _step_dirs(root) if os.fspath(d) not in bad]
+        if not fresh:
+            break
         for step_dir in fresh:
             try:
                 return (step_dir, *_load_step(step_dir))
@@ -705,8 +707,6 @@ def _load_newest(path) -> tuple[epath.Path, dict, SRNO, dict]:
                 bad[os.fspath(step_dir)] = e
                 if step_dir != fresh[-1]:
                     _warn_unreadable(step_dir, e)
-        else:
-            break
     if not bad:
         raise CheckpointError(
             f"the checkpoints in {path} were deleted while they were read, again and "

@@ -51,8 +51,9 @@ class _Stream:
 class MetricWriter:
     """Progress lines on stderr and TensorBoard scalars and images, from process 0.
 
-    A run resumed at step `start` has TensorBoard hide what earlier runs logged after
-    it (``purge_step``): a run that crashed logged steps its resumed run logs again.
+    A run started at step `start` has TensorBoard hide what earlier runs logged after it
+    (``purge_step``): a run that crashed logged steps its rerun logs again, from its last
+    checkpoint or from step 0.
     """
 
     def __init__(self, workdir, start: int = 0):
@@ -70,7 +71,7 @@ class MetricWriter:
         logdir = workdir_lib.resolve(workdir) / "tensorboard"
         if workdir_lib.is_uri(logdir):
             record_writer.register_writer_factory(str(logdir).split(":")[0], _EpathFiles())
-        self._tb = SummaryWriter(str(logdir), purge_step=start + 1 if start else None)
+        self._tb = SummaryWriter(str(logdir), purge_step=start + 1)
 
     def log(self, msg: str, *args) -> None:
         if jax.process_index() == 0:

@@ -339,7 +339,8 @@ class StopVote:
     """This host's vote to stop: SIGTERM/SIGINT on any host, the time limit measured on
     process 0's clock alone, or an error in what this host does alone (`guard`).
     `votes(mesh)` is the vote as the step's input. A workdir lock that another run took
-    over (`lock`, process 0's) is an error: this run must not save again."""
+    over (`lock`, process 0's) is an error: this run must not save again. Its heartbeat
+    finds that out; before a step that saves, the lock is read at once."""
 
     def __init__(self, max_minutes: float):
         self.deadline = time.time() + 60 * max_minutes if max_minutes else None
@@ -380,12 +381,15 @@ class StopVote:
                     )
                 )
 
-    def votes(self, mesh) -> jax.Array:
-        if self.error is None and self.lock is not None:
-            self.error = self.lock.lost
+    def votes(self, mesh, saving: bool = False) -> jax.Array:
+        """This host's vote for a step; `saving`: the step saves whatever the vote."""
         late = (
             self.deadline is not None and jax.process_index() == 0 and time.time() > self.deadline
         )
+        if self.error is None and self.lock is not None:
+            if saving or late or self.signal:
+                self.lock.check()
+            self.error = self.lock.lost
         vote = (
             (STOP_SIGNAL if self.signal else 0)
             | (STOP_TIME if late else 0)
@@ -513,18 +517,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, data: TrainDa
                     # On an error the step still runs, on the last batch, to carry the vote.
                     with stop.guard("the data loader", step):
                         batch = next(batches)
-                state, metrics = step_fn(state, sharding.to_global(batch, mesh), stop.votes(mesh))
+                periodic = (
+                    step % config.checkpoint.every_steps == 0
+                    or (keep_every and step % keep_every == 0)
+                    or step == total
+                )
+                votes = stop.votes(mesh, saving=periodic)
+                state, metrics = step_fn(state, sharding.to_global(batch, mesh), votes)
                 # The previous step's agreed vote, the same on every host: reading this
                 # step's would wait for it. A save waits anyway, and reads this step's
                 # too, so that no step a host's error spoiled is saved.
                 agreed = int(prev["stop"]) if prev is not None else 0
                 prev = metrics
-                save = (
-                    agreed
-                    or step % config.checkpoint.every_steps == 0
-                    or (keep_every and step % keep_every == 0)
-                    or step == total
-                )
+                save = agreed or periodic
                 if save:
                     agreed |= int(metrics["stop"])
                 stop.raise_if_failed(agreed, step)

@@ -202,8 +202,12 @@ class WorkdirLock:
                     f"workdir {self.path.parent} was just locked by another run "
                     "started at the same time; use another --workdir"
                 ) from None
-            with os.fdopen(fd, "w") as f:
-                f.write(data)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(data)
+            except OSError:  # an empty lock would look like another run's, half-written
+                self.path.unlink(missing_ok=True)
+                raise
             return
         # Buckets have no exclusive create: write, then read back who won.
         self.path.write_text(data)
@@ -214,27 +218,47 @@ class WorkdirLock:
                 "started at the same time; use another --workdir"
             )
 
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
+    def _write(self) -> None:
+        """Refreshes the heartbeat. Locally the file is replaced whole: a write cut short
+        (a full disk) must not leave a lock that reads as nobody's."""
+        data = json.dumps(self._info())
+        if is_uri(self.path):  # an object is replaced whole anyway
+            self.path.write_text(data)
+            return
+        new = self.path.with_name(f"{LOCK_NAME}.{self.token}.new")
+        try:
+            new.write_text(data)
+            os.replace(new, self.path)
+        finally:
+            new.unlink(missing_ok=True)
+
+    def check(self) -> bool:
+        """Whether this run still holds the lock: reads the file, and sets `lost` when it
+        names another run. A file that is missing or unreadable for now proves nothing."""
+        if self.lost is None:
             info = _read(self.path)
-            if info == {}:  # unreadable for now, or half-written by another run: not ours
-                continue
-            if info is None:  # deleted by hand: ours again, unless another run was quicker
-                try:
-                    self._create()
-                    continue
-                except ConfigError:
-                    info = _read(self.path) or {}
-            if info.get("token") != self.token:
+            if info and info.get("token") != self.token:
                 self.lost = ConfigError(
                     f"workdir {self.path.parent} was taken over by process {info.get('pid')} "
-                    f"on host {info.get('host')} (this run was "
-                    f"paused, or its heartbeat stalled, for over {STALE_S:.0f} s); this run "
-                    "stops without saving, so that two runs never write one workdir"
+                    f"on host {info.get('host')} (this run was paused, or its heartbeat "
+                    f"stalled, for over {STALE_S:.0f} s); this run stops without saving "
+                    "again, so that two runs never write one workdir"
                 )
+        return self.lost is None
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                if not self.path.exists():  # deleted or moved by hand: ours again,
+                    self._create()  # unless another run was quicker
+                elif self.check():
+                    self._write()
+            except ConfigError:  # another run created it first
+                self.check()
+            except OSError:  # a full disk, a folder moved: the next beat tries again
+                pass
+            if self.lost is not None:
                 return
-            with contextlib.suppress(OSError):
-                self.path.write_text(json.dumps(self._info()))
 
     def release(self) -> None:
         _HELD.discard(self.token)

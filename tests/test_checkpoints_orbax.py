@@ -327,6 +327,35 @@ def test_steps_deleted_while_read_are_listed_again(tmp_path, run4, image_dir, mo
     assert reads == ["4", "6"]
 
 
+def test_a_last_listed_step_deleted_while_read_gives_way_to_a_new_one(
+    tmp_path, run4, image_dir, monkeypatch
+):
+    """Step 4, the only one listed, is being deleted (its folder still there, as a
+    bucket's for seconds) while the run saves step 6."""
+    wd = tmp_path / "run"
+    shutil.copytree(run4, wd)
+    config = tiny_config(
+        image_dir, total_steps=6, checkpoint=dict(every_steps=2, keep=5, keep_every_epochs=0)
+    )
+    train_cli.run(config, wd)
+    ckpts = wd / "checkpoints"
+    shutil.rmtree(ckpts / "2")
+    (ckpts / "6").rename(tmp_path / "6")
+    real, reads = checkpoints._load_step, []
+
+    def being_deleted(step_dir):
+        reads.append(step_dir.name)
+        if len(reads) == 1:
+            (tmp_path / "6").rename(ckpts / "6")
+            shutil.rmtree(ckpts / "4" / "params")
+            raise FileNotFoundError(step_dir / "params")
+        return real(step_dir)
+
+    monkeypatch.setattr(checkpoints, "_load_step", being_deleted)
+    assert checkpoints.read_checkpoint(wd)[2].endswith("checkpoints/6 (step 6)")
+    assert reads == ["4", "6"]
+
+
 def test_a_step_set_aside_twice_keeps_both_copies(image_dir, tmp_path, run4):
     """Step 4 unreadable, set aside, written again and unreadable again: the second
     set-aside must not collide with the first and block every resume."""

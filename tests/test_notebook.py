@@ -130,3 +130,8 @@ def test_a_resumed_runs_curve_drops_what_the_crashed_run_logged_after_its_start(
     resumed.close()
     curve = plot_curves.read_scalars(str(tmp_path / "tensorboard"))["val/psnr_x2"]
     assert curve == {1: 1, 2: 2, 3: 3, 4: 40, 5: 50}
+    time.sleep(1.1)
+    afresh = MetricWriter(tmp_path)  # crashed before its first checkpoint: from step 0
+    afresh.scalars(2, "val", psnr_x2=7)
+    afresh.close()
+    assert plot_curves.read_scalars(str(tmp_path / "tensorboard"))["val/psnr_x2"] == {2: 7}

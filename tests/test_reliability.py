@@ -1007,16 +1007,13 @@ def test_the_lock_of_the_folder_a_workdir_was_copied_from_is_not_its_own(tmp_pat
 
 def test_a_run_whose_lock_was_taken_over_stops_without_saving(image_dir, tmp_path, monkeypatch):
     class TakenOverAtTheFourthStep(workdir_lib.WorkdirLock):
-        votes = 0
+        checks = 0
 
-        @property
-        def lost(self):
-            self.votes += 1
-            return ConfigError("workdir taken over") if self.votes > 4 else None
-
-        @lost.setter
-        def lost(self, value):
-            pass
+        def check(self):  # read before each step that saves, here every step
+            self.checks += 1
+            if self.checks > 3:
+                self.lost = ConfigError("workdir taken over")
+            return self.lost is None
 
     monkeypatch.setattr(train, "WorkdirLock", TakenOverAtTheFourthStep)
     config = tiny_config(
@@ -1025,3 +1022,69 @@ def test_a_run_whose_lock_was_taken_over_stops_without_saving(image_dir, tmp_pat
     with pytest.raises(ConfigError, match="workdir taken over"):
         train_cli.run(config, tmp_path / "run")
     assert steps_in(tmp_path / "run") == [1, 2, 3]
+
+
+def test_a_taken_over_lock_is_read_before_the_next_save(image_dir, tmp_path, monkeypatch):
+    """Not only at the next heartbeat, up to 30 s and many saves later."""
+    import json
+
+    real = checkpoints.save
+
+    def save_then_lose_the_lock(*args, **kwargs):
+        real(*args, **kwargs)
+        other = {"host": "elsewhere", "pid": 42, "token": "other", "heartbeat": time.time()}
+        (tmp_path / "run" / "LOCK").write_text(json.dumps(other))
+
+    monkeypatch.setattr(checkpoints, "save", save_then_lose_the_lock)
+    config = tiny_config(
+        image_dir, total_steps=10, checkpoint=dict(every_steps=2, keep=20, keep_every_epochs=0)
+    )
+    with pytest.raises(ConfigError, match="taken over by process 42 on host elsewhere"):
+        train_cli.run(config, tmp_path / "run")
+    assert steps_in(tmp_path / "run") == [2]
+    assert "other" in (tmp_path / "run" / "LOCK").read_text()  # the new holder's, kept
+
+
+def test_the_heartbeat_survives_failed_writes_and_never_leaves_a_torn_lock(tmp_path, monkeypatch):
+    """A full disk: the heartbeat write fails after opening; a lock moved away and back
+    (mv run run.bak; mv run.bak run): the re-create fails. Neither may end the heartbeat
+    or leave an empty LOCK, which would read as another run's."""
+    import json
+
+    monkeypatch.setattr(workdir_lib, "HEARTBEAT_S", 0.05)
+    lock = workdir_lib.WorkdirLock(tmp_path)
+    lock.acquire()
+    try:
+        failures = []
+        real_write = workdir_lib.epath.Path.write_text
+
+        def full_disk_at_first(self, *args, **kwargs):
+            if len(failures) < 3:
+                failures.append(self)
+                self.touch()  # opened and truncated, nothing written
+                raise OSError(28, "No space left on device")
+            return real_write(self, *args, **kwargs)
+
+        monkeypatch.setattr(workdir_lib.epath.Path, "write_text", full_disk_at_first)
+        deadline = time.time() + 10
+        while len(failures) < 3 and time.time() < deadline:
+            time.sleep(0.05)
+        beat = json.loads((tmp_path / "LOCK").read_text())["heartbeat"]
+        while json.loads((tmp_path / "LOCK").read_text())["heartbeat"] == beat:
+            assert time.time() < deadline and lock._thread.is_alive()
+            time.sleep(0.05)
+        real_open = os.open
+        monkeypatch.setattr(
+            workdir_lib.os, "open", lambda *a: (_ for _ in ()).throw(FileNotFoundError(a[0]))
+        )
+        (tmp_path / "LOCK").unlink()
+        time.sleep(0.3)
+        assert lock._thread.is_alive() and lock.lost is None
+        monkeypatch.setattr(workdir_lib.os, "open", real_open)
+        while not (tmp_path / "LOCK").exists():
+            assert time.time() < deadline
+            time.sleep(0.05)
+        assert json.loads((tmp_path / "LOCK").read_text())["token"] == lock.token
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["LOCK"]
+    finally:
+        lock.release()
