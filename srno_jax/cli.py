@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -51,6 +52,28 @@ def raise_if_stopped() -> None:
     units of work (before reading or writing each image)."""
     if _stops:
         raise _as_exception(_stops[0])
+
+
+class _Warnings(logging.Handler):
+    """The package's warnings as the running tool's own lines, on the stderr of the
+    moment."""
+
+    prog = "srno-jax"
+
+    def emit(self, record):
+        print_safely(f"{self.prog}: warning: {record.getMessage()}", sys.stderr)
+
+
+_WARNINGS = _Warnings(logging.WARNING)
+
+
+def show_warnings(prog: str) -> None:
+    """Shows the package's warnings (the ``srno_jax`` logger's) on stderr as
+    ``prog: warning: ...``, like the tool's own messages."""
+    _WARNINGS.prog = prog
+    logger = logging.getLogger("srno_jax")
+    if _WARNINGS not in logger.handlers:
+        logger.addHandler(_WARNINGS)
 
 
 def interrupted_status(e: KeyboardInterrupt) -> int:

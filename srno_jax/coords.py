@@ -11,12 +11,15 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from srno_jax.errors import ConfigError
+
 
 def make_coord(shape) -> np.ndarray:
     """Pixel-centre coordinates of a grid, exactly as the reference's ``make_coord``.
 
     Args:
-      shape: the grid size per axis, e.g. (H, W).
+      shape: the grid size per axis, e.g. (H, W), each a whole number >= 1 (else
+        `ConfigError`).
     Returns:
       float32 array of shape (*shape, len(shape)); entry [..., k] is the coordinate along
       axis k. Along an axis of length n the values are
@@ -26,6 +29,8 @@ def make_coord(shape) -> np.ndarray:
       HR centres then no longer coincide with LR centres, and the output moves by up
       to 0.03 (the golden case `grid_x7_mcell`, README "Architecture").
     """
+    if any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 for n in shape):
+        raise ConfigError(f"grid size {tuple(shape)} must be whole numbers >= 1")
     axes = []
     for n in shape:
         r = 1.0 / n

@@ -30,6 +30,7 @@ from srno_jax.cli import (
     positive_int,
     print_safely,
     raise_if_stopped,
+    show_warnings,
     stops_as_interrupts,
 )
 from srno_jax.errors import ConfigError, DataError, SRNOError
@@ -298,6 +299,7 @@ def _evaluate(args, results: list[dict], state: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    show_warnings(_PROG)
     start = time.perf_counter()
     results, state, status = [], {}, 1
     clock = None

@@ -40,8 +40,9 @@ import numpy as np
 
 from srno_jax import compiler
 from srno_jax.errors import ConfigError
+from srno_jax.models import check_variables
 from srno_jax.models.grid import lr_grid
-from srno_jax.models.srno import KERNEL_INTEGRALS
+from srno_jax.models.srno import KERNEL_INTEGRALS, check_queries
 
 DEFAULT_CHUNK = 2**18  # queries per chunk: one chunk keeps 2 x chunk x width floats (512 MB)
 MIN_CHUNK = 2**16  # the smallest chunk compiled for, so that output sizes share compilations
@@ -123,6 +124,8 @@ def _encode_padded(model, variables, inp, tile: int, capacity: int | None = None
     receptive radius, keeping each window's core (one compiled window shape); the
     result then has that axis unpadded.
     """
+    if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile < 1:
+        raise ConfigError(f"tile must be a positive integer, got {tile!r}")
     b, h, w, _ = inp.shape
     pad = [(0, min(lr_bucket(n), tile) - n if n <= tile else 0) for n in (h, w)]
     pad = [(0, 0), *pad, (0, 0)]
@@ -294,7 +297,14 @@ def predict(
     Returns:
       numpy float32 array shaped like `coord` with 3 channels, normalised like `inp`
       (add 1 and halve for [0, 1]); unclamped.
+    Raises:
+      ConfigError for variables that are not the model's (`check_variables`) or a bad
+      chunk_size or tile; DataError for inp, coord and cell that do not fit
+      (`models.check_queries`).
     """
+    check_variables(model, variables)
+    inp, coord, cell = (x if hasattr(x, "dtype") else np.asarray(x) for x in (inp, coord, cell))
+    check_queries(inp, coord, cell)
     inp = np.asarray(inp, np.float32)
     coord = np.asarray(coord, np.float32)
     b, n = coord.shape[0], math.prod(coord.shape[1:-1])

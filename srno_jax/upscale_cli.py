@@ -35,6 +35,7 @@ from srno_jax.cli import (
     positive_int,
     print_safely,
     raise_if_stopped,
+    show_warnings,
     stops_as_interrupts,
 )
 from srno_jax.errors import CheckpointError, ConfigError, DataError, SRNOError
@@ -390,6 +391,7 @@ def _input_pixel_limit(limit: int | None):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    show_warnings("srno-upscale")
     done = 0
     try:
         with stops_as_interrupts(), _input_pixel_limit(args.max_input_pixels):

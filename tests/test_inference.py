@@ -269,3 +269,56 @@ def test_moments_are_the_layer_normed_sums(small):
         {"params": params}, z, mask, method=lambda m, z, mk: m.kernel_integrals[0].moments(z, mk)
     )
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_queries_that_do_not_fit_the_input_are_refused_by_apply_and_predict(small):
+    """A make_coord grid without [None] broadcast against a batch of one and gave an image
+    of the right shape, each row integrated over its own 48 queries; uint8 input gave
+    values up to 274."""
+    model, variables = small
+    inp = np.random.default_rng(0).uniform(-1, 1, (1, 20, 24, 3)).astype(np.float32)
+    coord, cell = make_coord((40, 48)), np.full((1, 2), 2 / 40, np.float32)
+    bad = [
+        ((inp, coord, cell), "coord must be \\(B, ..., 2\\) with inp's batch B = 1"),
+        ((inp, coord[None].repeat(2, 0), cell), "coord must be"),
+        ((inp, coord[None], cell[0]), "cell must be \\(B, 2\\)"),
+        ((inp, coord[None], cell[:, None]), "cell must be"),
+        ((inp.transpose(0, 3, 1, 2), coord[None], cell), "inp must be \\(B, h, w, 3\\)"),
+        ((np.uint8(inp * 127 + 128), coord[None], cell), "inp is uint8; .*normalise"),
+    ]
+    for args, message in bad:
+        with pytest.raises(DataError, match=message):
+            model.apply(variables, *args)
+        with pytest.raises(DataError, match=message):
+            predict(model, variables, *args)
+    with pytest.raises(DataError, match="coord must be"):  # checked while tracing, too
+        jax.jit(model.apply)(variables, inp, coord, cell)
+
+
+def test_predict_refuses_variables_of_another_model_and_bad_tiles(small):
+    model, variables = small
+    inp = np.zeros((1, 8, 8, 3), np.float32)
+    coord, cell = make_coord((16, 16))[None], np.full((1, 2), 2 / 16, np.float32)
+    other = make_model(encoder_args={"n_resblocks": 1, "n_feats": 8}, width=16, heads=2)
+    with pytest.raises(ConfigError, match="the variables do not fit the model"):
+        predict(other, variables, inp, coord, cell)
+    integer = jax.tree.map(lambda x: np.asarray(x).astype(np.int32), variables)
+    with pytest.raises(ConfigError, match="is int32, not floating point"):
+        predict(model, integer, inp, coord, cell)
+    with pytest.raises(ConfigError, match="variables must be"):
+        predict(model, variables["params"], inp, coord, cell)
+    for tile in (None, "64", 50.5, 0):
+        with pytest.raises(ConfigError, match="tile must be a positive integer"):
+            predict(model, variables, inp, coord, cell, tile=tile)
+
+
+@pytest.mark.parametrize("dtype", ["float8", "int32", None, "float64x"])
+def test_make_model_refuses_dtypes_that_are_not_floating_point(dtype):
+    with pytest.raises(ConfigError, match="not a floating-point type"):
+        make_model(dtype=dtype)
+
+
+def test_make_coord_refuses_empty_or_fractional_sizes():
+    for shape in [(0, 5), (4, 2.5), (-1,)]:
+        with pytest.raises(ConfigError, match="whole numbers >= 1"):
+            make_coord(shape)

@@ -601,3 +601,19 @@ def test_a_stop_that_python_drops_still_stops_the_run(
     assert run(*args) == 143
     assert "interrupted; 1 image(s) written" in capsys.readouterr().err
     assert sorted(os.listdir(out)) == ["a_x2.png"]
+
+
+def test_the_packages_warnings_read_as_the_tools_own_lines(capsys):
+    """Not 'WARNING:srno_jax:...' through the root handler Orbax's import used to leave."""
+    import logging
+
+    from srno_jax import cli
+
+    try:
+        cli.show_warnings("srno-upscale")
+        cli.show_warnings("srno-eval")  # the tool of the moment; one line, not two
+        logging.getLogger("srno_jax.data").warning("checkpoint %s is unreadable", 4)
+        logging.getLogger("srno_jax").info("not shown")
+        assert capsys.readouterr().err == "srno-eval: warning: checkpoint 4 is unreadable\n"
+    finally:
+        logging.getLogger("srno_jax").removeHandler(cli._WARNINGS)

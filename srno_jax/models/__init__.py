@@ -13,7 +13,7 @@ import numpy as np
 
 from srno_jax.errors import ConfigError
 from srno_jax.models.encoders import EDSR, RDN, RDN_CONFIGS
-from srno_jax.models.srno import SRNO, GalerkinAttention, Projection, lifting_inputs
+from srno_jax.models.srno import SRNO, GalerkinAttention, Projection, check_queries, lifting_inputs
 
 # The reference's constructor defaults; a checkpoint's args list only what differs.
 ENCODER_DEFAULTS = {
@@ -115,7 +115,7 @@ def _param_shapes(model: SRNO) -> dict[str, tuple[int, ...]]:
 
 def check_variables(model, variables) -> None:
     """Raises `ConfigError` unless `model` is an SRNO and `variables` are its
-    ``{'params': ...}``: the same parameter paths and shapes (any float dtype). Flax
+    ``{'params': ...}``: the same parameter paths and shapes, each floating point. Flax
     would apply a smaller model to a larger model's parameters without a word."""
     fix = "pass the (model, variables) pair that load_checkpoint or make_model gave"
     if not isinstance(model, SRNO):
@@ -137,6 +137,13 @@ def check_variables(model, variables) -> None:
             else f"has shape {got[path]}, the model's {want[path]}"
         )
         raise ConfigError(f"the variables do not fit the model: params{path} {problem}; {fix}")
+    for key, v in jax.tree.leaves_with_path(variables["params"]):
+        dtype = v.dtype if hasattr(v, "dtype") else np.asarray(v).dtype
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ConfigError(
+                f"params{jax.tree_util.keystr(key)} is {dtype}, not floating point: "
+                f"integer weights are other numbers; {fix}"
+            )
 
 
 def make_model(
@@ -151,6 +158,12 @@ def make_model(
     """SRNO from the reference's model args (`blocks` there is `heads` here), each
     checked: `ConfigError` names the first one out of range. `fused`, `mesh`: SRNO's."""
     width, heads = _size("width", width), _size("heads", heads)
+    try:
+        floating = dtype is not None and jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:
+        floating = False
+    if not floating:
+        raise ConfigError(f"dtype {dtype!r} is not a floating-point type such as 'bfloat16'")
     if width % heads:
         raise ConfigError(f"width {width} must be divisible by heads {heads}")
     return SRNO(
@@ -174,5 +187,6 @@ __all__ = [
     "make_model",
     "init_variables",
     "check_variables",
+    "check_queries",
     "ENCODER_DEFAULTS",
 ]

@@ -14,12 +14,35 @@ import jax
 import jax.numpy as jnp
 
 from srno_jax.coords import gather, nearest_flat_index, sample_bilinear_flat
-from srno_jax.errors import ConfigError
+from srno_jax.errors import ConfigError, DataError
 from srno_jax.models import fused
 from srno_jax.models.grid import OFFSETS, lr_grid
 from srno_jax.models.layers import LinearParams, dense, gelu
 
 KERNEL_INTEGRALS = 2  # the paper's two kernel integral layers
+
+
+def check_queries(inp, coord, cell) -> None:
+    """Raises `DataError` unless `inp` is (B, h, w, 3) floating point (normalised),
+    `coord` (B, ..., 2) and `cell` (B, 2) for the same B. A coord without its batch axis
+    would broadcast against a batch of one and give an image of the right shape, each
+    row integrated over its own queries: wrong, and silent."""
+    shapes = f"inp {tuple(inp.shape)}, coord {tuple(coord.shape)}, cell {tuple(cell.shape)}"
+    if len(inp.shape) != 4 or inp.shape[-1] != 3:
+        raise DataError(f"inp must be (B, h, w, 3) RGB, channels last; got {shapes}")
+    if not jnp.issubdtype(inp.dtype, jnp.floating):
+        raise DataError(
+            f"inp is {inp.dtype}; the model takes floats in [-1, 1]: convert uint8 RGB "
+            "with srno_jax.images.normalise"
+        )
+    b = inp.shape[0]
+    if len(coord.shape) < 3 or coord.shape[-1] != 2 or coord.shape[0] != b:
+        raise DataError(
+            f"coord must be (B, ..., 2) with inp's batch B = {b} (a grid from make_coord "
+            f"needs [None]); got {shapes}"
+        )
+    if tuple(cell.shape) != (b, 2):
+        raise DataError(f"cell must be (B, 2) with inp's batch B = {b}; got {shapes}")
 
 
 def neighbours(coord, cell, grid):
@@ -288,6 +311,7 @@ class SRNO(nn.Module):
 
     def query(self, inp, feat, coord, cell):
         """The operator at a set of queries (all at once; see inference.py for chunks)."""
+        check_queries(inp, coord, cell)
         flat = coord.reshape(coord.shape[0], -1, 2)
         z = self.lift(feat, flat, cell)
         for layer in self.kernel_integrals:
@@ -295,4 +319,5 @@ class SRNO(nn.Module):
         return self.project(z, inp, flat).reshape(*coord.shape[:-1], 3)
 
     def __call__(self, inp, coord, cell):
+        check_queries(inp, coord, cell)  # before the encoder fails on them less clearly
         return self.query(inp, self.encode(inp), coord, cell)
