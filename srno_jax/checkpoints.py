@@ -28,10 +28,12 @@ from srno_jax.config_checks import dotted
 from srno_jax.errors import CheckpointError, ConfigError, SRNOError, first_line
 from srno_jax.models import (
     SRNO,
+    check_variables,
     first_shape_mismatch,
     init_variables,
     make_model,
     shapes_by_path,
+    spec_of,
 )
 
 # (pattern on the Flax path, torch name template); the first match wins.
@@ -796,14 +798,31 @@ def saved_config(path) -> dict:
 
 
 def export_for_inference(path, out, dtype: str = "float32") -> epath.Path:
-    """Writes the parameters of an Orbax checkpoint (a workdir, its newest readable step,
-    or a step folder) as an inference-only folder `out` holding the items `params` and
-    `meta`, in `dtype`, one of `EXPORT_DTYPES` (float16 halves the size; loading casts
-    back to float32). Returns `out`. Raises `CheckpointError` when a parameter does not
-    fit `dtype`'s range, before writing anything."""
+    """Writes the parameters of any checkpoint `load_checkpoint` reads (a workdir, its
+    newest readable step, a step folder, an export, a reference .pth) as an
+    inference-only folder `out` (`save_for_inference`). Returns `out`."""
+    p = workdir_lib.resolve(path) if isinstance(path, (str, os.PathLike)) else None
+    if p is not None and p.is_dir():
+        _, meta, model, variables = _load_newest(p)
+        step = meta.get("step", meta.get("from_step"))
+    else:
+        (model, variables, _), step = read_checkpoint(path), None
+    return save_for_inference(model, variables, out, dtype, from_step=step)
+
+
+def save_for_inference(
+    model: SRNO, variables, out, dtype: str = "float32", from_step: int | None = None
+) -> epath.Path:
+    """Writes `variables` (``{'params': ...}`` of `model`, e.g. after fine-tuning in a
+    notebook) as an inference-only folder `out` that `load_checkpoint` reads: the items
+    `params`, in `dtype`, one of `EXPORT_DTYPES` (float16 halves the size; loading casts
+    back to float32), and `meta` (the model's spec, the dtype, `from_step`). Returns
+    `out`. Raises `ConfigError` for a bad dtype or variables that are not `model`'s, and
+    `CheckpointError` when `out` exists or a parameter does not fit `dtype`'s range,
+    before writing anything."""
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"export dtype {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
-    _, meta, _, variables = _load_newest(path)
+    check_variables(model, variables)
     out = workdir_lib.resolve(out)
     if out.exists():
         raise CheckpointError(f"{out} exists; choose a new folder for the export")
@@ -815,17 +834,17 @@ def export_for_inference(path, out, dtype: str = "float32") -> epath.Path:
     with np.errstate(over="ignore"):  # an overflow is reported below, in one line
         params = jax.tree.map(lambda x: np.asarray(x, jnp.dtype(dtype)), variables["params"])
     for key, x in jax.tree.leaves_with_path(params):
-        if not np.isfinite(x).all():  # the checkpoint's own are finite: the cast overflowed
+        if not np.isfinite(x).all():
             raise CheckpointError(
-                f"params{jax.tree_util.keystr(key)} exceeds {dtype}'s range; export it as "
-                "bfloat16 or float32"
+                f"params{jax.tree_util.keystr(key)} exceeds {dtype}'s range or is not "
+                "finite; export finite parameters, as bfloat16 or float32"
             )
     out.mkdir(parents=True)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(out / "params", params)
     (out / "meta").mkdir()
     (out / "meta" / "metadata").write_text(
-        json.dumps({"model": meta["model"], "params_dtype": dtype, "from_step": meta.get("step")})
+        json.dumps({"model": spec_of(model), "params_dtype": dtype, "from_step": from_step})
     )
     return out
 

@@ -382,3 +382,31 @@ def test_a_failed_write_names_the_last_complete_step(run4, tmp_path):
     mngr = checkpoints.manager(run4, keep=10)
     assert checkpoints._last_complete(mngr) == "step 4"
     assert checkpoints._last_complete(mngr, 4) == "step 2"
+
+
+@pytest.mark.parametrize("golden", ["small_edsr_srno", "rdn_srno"])
+def test_parameters_changed_in_a_notebook_are_saved_for_inference(golden, tmp_path):
+    """Fine-tuned or edited in memory, from a reference .pth (EDSR and RDN): saved, they
+    load as the same model with the same numbers; a .pth exports directly too."""
+    from conftest import require_golden
+
+    pth = require_golden(golden) / "checkpoint.pth"
+    model, variables = load_checkpoint(pth)
+    tuned = jax.tree.map(lambda x: x * 1.01, variables)
+    out = checkpoints.save_for_inference(model, tuned, tmp_path / "tuned")
+    again, loaded = load_checkpoint(out)
+    assert again == model
+    assert_same(loaded["params"], tuned["params"], atol=0)
+    half = checkpoints.export_for_inference(pth, tmp_path / "half", dtype="float16")
+    assert_same(load_checkpoint(half)[1]["params"], variables["params"], atol=2e-3)
+    assert checkpoints.read_checkpoint(half)[2] == str(half)  # no step: not from a run
+    other = train.model_from_config(tiny_config("."))
+    with pytest.raises(ConfigError, match="the variables do not fit the model"):
+        checkpoints.save_for_inference(other, variables, tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+
+
+def test_an_export_of_an_export_keeps_the_step_it_came_from(run4, tmp_path):
+    first = checkpoints.export_for_inference(run4, tmp_path / "a", dtype="float16")
+    second = checkpoints.export_for_inference(first, tmp_path / "b")
+    assert checkpoints.read_checkpoint(second)[2].endswith("(exported from step 4)")

@@ -108,6 +108,19 @@ def first_shape_mismatch(got: dict, want: dict) -> str | None:
     return next((p for p in sorted(got.keys() | want.keys()) if got.get(p) != want.get(p)), None)
 
 
+def spec_of(model: SRNO) -> dict:
+    """The `make_model` arguments that build `model` again, as checkpoints record them:
+    {'encoder', 'encoder_args', 'width', 'heads'} (an EDSR as 'edsr-baseline' with all
+    three of its sizes)."""
+    enc = model.encoder
+    if isinstance(enc, RDN):
+        name, args = "rdn", {"G0": enc.g0, "RDNkSize": enc.kernel_size, "RDNconfig": enc.config}
+    else:
+        name = "edsr-baseline"
+        args = {"n_resblocks": enc.n_resblocks, "n_feats": enc.n_feats, "res_scale": enc.res_scale}
+    return {"encoder": name, "encoder_args": args, "width": model.width, "heads": model.heads}
+
+
 @functools.lru_cache(maxsize=8)
 def _param_shapes(model: SRNO) -> dict[str, tuple[int, ...]]:
     return shapes_by_path(jax.eval_shape(lambda: init_variables(model))["params"])
@@ -188,5 +201,6 @@ __all__ = [
     "init_variables",
     "check_variables",
     "check_queries",
+    "spec_of",
     "ENCODER_DEFAULTS",
 ]
