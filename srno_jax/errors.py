@@ -24,17 +24,16 @@ class HostError(SRNOError):
     its validation), or another host did: every host stops at the same point."""
 
 
-# TensorStore (under Orbax) appends its whole spec, kilobytes of JSON, to its messages.
+# TensorStore (under Orbax) appends its whole spec, kilobytes of JSON, to its messages;
+# the cause ("File too large") comes before it.
 _TENSORSTORE_DETAIL = re.compile(r"\s*(\[tensorstore_spec=|See full TensorStore details).*")
-_MAX_LINE = 300
 
 
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its type's name if it has none),
-    without TensorStore's spec, cut to 300 characters."""
+    without TensorStore's spec."""
     text = str(e).strip()
-    line = _TENSORSTORE_DETAIL.sub("", text.splitlines()[0]) if text else type(e).__name__
-    return line if len(line) <= _MAX_LINE else line[: _MAX_LINE - 3] + "..."
+    return _TENSORSTORE_DETAIL.sub("", text.splitlines()[0]) if text else type(e).__name__
 
 
 def summary(e: BaseException) -> str:

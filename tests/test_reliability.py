@@ -556,7 +556,7 @@ def test_a_tensorboard_log_that_cannot_open_ends_the_run_in_one_line(
 ):
     """Process 0 alone opens it: a failure there must end every host, not hang them."""
 
-    def fails(workdir):
+    def fails(workdir, start):
         raise OSError("no space left on device")
 
     monkeypatch.setattr(train, "MetricWriter", fails)
