@@ -614,17 +614,29 @@ def _set_aside(mngr: ocp.CheckpointManager, steps) -> None:
 def _restore_item(path: epath.Path, target, shardings):
     # The handler, not a Checkpointer: a Checkpointer's restore ends in a barrier of all
     # hosts, which a host whose read failed would never reach.
+    handler = ocp.StandardCheckpointHandler()
+    with _reading():
+        try:
+            return handler.restore(
+                path, args=ocp.args.StandardRestore(_abstract(target, shardings))
+            )
+        finally:
+            handler.close()
+
+
+@contextlib.contextmanager
+def _reading():
+    """Around an Orbax read: what a failed one leaves behind is dropped
+    (`_quiet_abandoned_reads`)."""
     _quiet_abandoned_reads()
     _quiet["reads"] += 1  # the first leftovers come while the read fails
-    handler = ocp.StandardCheckpointHandler()
     try:
-        return handler.restore(path, args=ocp.args.StandardRestore(_abstract(target, shardings)))
+        yield
     except Exception:
         # The reads it abandoned end within this, also while a later read succeeds.
         _quiet["until"] = time.monotonic() + 60
         raise
     finally:
-        handler.close()
         _quiet["reads"] -= 1
 
 
@@ -773,10 +785,11 @@ def _check_stored_shapes(step_dir: epath.Path, like) -> None:
     one line, before Orbax's failed read (which leaves TensorStore reads behind that
     print tracebacks when the process exits)."""
     handler = ocp.StandardCheckpointHandler()
-    try:
-        stored = handler.metadata(step_dir / "params").tree
-    finally:
-        handler.close()
+    with _reading():
+        try:
+            stored = handler.metadata(step_dir / "params").tree
+        finally:
+            handler.close()
     stored, expected = shapes_by_path(stored), shapes_by_path(like)
     key = first_shape_mismatch(stored, expected)
     if key is not None:

@@ -68,12 +68,11 @@ _WARNINGS = _Warnings(logging.WARNING)
 
 
 def show_warnings(prog: str) -> None:
-    """Shows the package's warnings (the ``srno_jax`` logger's) on stderr as
-    ``prog: warning: ...``, like the tool's own messages."""
+    """Shows warnings (the package's, Orbax's) on stderr as ``prog: warning: ...``, like
+    the tool's own messages: the root logger's one handler, in place of the one that
+    Orbax's import sets up (absl's ``logging.basicConfig``)."""
     _WARNINGS.prog = prog
-    logger = logging.getLogger("srno_jax")
-    if _WARNINGS not in logger.handlers:
-        logger.addHandler(_WARNINGS)
+    logging.basicConfig(handlers=[_WARNINGS], force=True)
 
 
 def interrupted_status(e: KeyboardInterrupt) -> int:

@@ -337,6 +337,26 @@ def test_steps_deleted_while_read_give_way_to_a_new_one(
     assert reads == ["4", "6"]
 
 
+def test_a_skipped_step_leaves_one_warning_and_no_tracebacks(tmp_path, run4):
+    """Its abandoned TensorStore reads end on a closed event loop; each was printed as a
+    traceback when the metadata read, not the restore, was the one that failed."""
+    from PIL import Image
+
+    wd = tmp_path / "run"
+    shutil.copytree(run4, wd)
+    shutil.rmtree(wd / "checkpoints" / "4" / "params" / "d")
+    Image.new("RGB", (12, 10)).save(tmp_path / "in.png")
+    cmd = [sys.executable, "-m", "srno_jax.upscale_cli", str(tmp_path / "in.png")]
+    cmd += [str(tmp_path / "out.png"), "--scale", "2", "--checkpoint", str(wd)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    lines = p.stderr.splitlines()
+    assert (
+        lines[0].startswith("srno-upscale: warning: checkpoint ") and "4 is unreadable" in lines[0]
+    )
+    assert "Traceback" not in p.stderr and len(lines) == 2, p.stderr  # and "model from ..."
+
+
 def test_a_step_set_aside_twice_keeps_both_copies(image_dir, tmp_path, run4):
     """Step 4 unreadable, set aside, written again and unreadable again: the second
     set-aside must not collide with the first and block every resume."""

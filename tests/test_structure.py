@@ -36,20 +36,6 @@ def test_srno_jax_never_imports_input_pipeline():
     assert out.strip() == "[]", out
 
 
-def test_importing_the_package_leaves_the_root_logger_alone():
-    """Orbax's import calls logging.basicConfig; a notebook's own basicConfig (its format,
-    its level) must still take effect after `import srno_jax`."""
-    code = (
-        "import logging, srno_jax\n"
-        "logging.basicConfig(level=logging.INFO, format='mine: %(message)s')\n"
-        "logging.info('hello')"
-    )
-    p = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert p.returncode == 0 and "mine: hello" in p.stderr, p.stderr
-
-
 def test_workdir_io_goes_through_epath():
     """The modules that touch a workdir or checkpoint never use os.path or open() on it, so
     a gs:// workdir is not turned into a local path."""

@@ -604,16 +604,23 @@ def test_a_stop_that_python_drops_still_stops_the_run(
 
 
 def test_the_packages_warnings_read_as_the_tools_own_lines(capsys):
-    """Not 'WARNING:srno_jax:...' through the root handler Orbax's import used to leave."""
+    """Once each, as the tool's: not also as 'WARNING:srno_jax:...' through the root
+    handler that Orbax's import leaves (and absl sets up again when there is none)."""
     import logging
+
+    from absl import logging as absl_logging
 
     from srno_jax import cli
 
+    before = list(logging.root.handlers)
     try:
         cli.show_warnings("srno-upscale")
         cli.show_warnings("srno-eval")  # the tool of the moment; one line, not two
+        absl_logging.warning("from Orbax")
         logging.getLogger("srno_jax.data").warning("checkpoint %s is unreadable", 4)
         logging.getLogger("srno_jax").info("not shown")
-        assert capsys.readouterr().err == "srno-eval: warning: checkpoint 4 is unreadable\n"
+        assert capsys.readouterr().err == (
+            "srno-eval: warning: from Orbax\nsrno-eval: warning: checkpoint 4 is unreadable\n"
+        )
     finally:
-        logging.getLogger("srno_jax").removeHandler(cli._WARNINGS)
+        logging.basicConfig(handlers=before, force=True)
