@@ -28,9 +28,9 @@ from flax import struct
 
 from srno_jax import checkpoints, compiler, evaluation, sharding
 from srno_jax.config_checks import dotted
-from srno_jax.errors import ConfigError, HostError, SRNOError, summary
+from srno_jax.errors import CheckpointError, ConfigError, HostError, SRNOError, summary
 from srno_jax.metric_writer import MetricWriter
-from srno_jax.models import SRNO, init_variables
+from srno_jax.models import SRNO, init_variables, spec_of
 from srno_jax.models import fused as fused_kernels
 from srno_jax.schedules import lr_at_epoch
 from srno_jax.workdir import WorkdirLock, check_writable, is_uri, lock_token, resolve
@@ -313,26 +313,25 @@ def initial_params(config) -> dict:
     reads: a reference .pth, a workdir, a step folder, an export), for a new run to
     start from (fine-tuning). Raises `ConfigError` where that checkpoint's model is not
     the config's, naming both."""
-    loaded, variables, what = checkpoints.read_checkpoint(config.init_from)
+    try:
+        loaded, variables, what = checkpoints.read_checkpoint(config.init_from)
+    except CheckpointError as e:
+        raise ConfigError(f"config field init_from: {e}") from None
     wanted = checkpoints.model_from_spec(checkpoints.model_spec(config))
     if loaded != wanted:
-        raise ConfigError(
-            f"init_from {what} holds {_architecture(loaded)}; the config's model is "
-            f"{_architecture(wanted)}: set --config.model.* to the checkpoint's"
-        )
+        have, want = spec_of(loaded), spec_of(wanted)
+        if have["encoder"] != want["encoder"]:
+            builtin = "rdn" if have["encoder"] == "rdn" else "default"
+            fix = f"its encoder is {have['encoder']}: start from --config {builtin}"
+        else:
+            have, want = dotted(have), dotted(want)
+            fix = "set " + " ".join(
+                f"--config.model.{k}={v}" for k, v in sorted(have.items()) if want.get(k) != v
+            )
+        raise ConfigError(f"init_from {what} holds another model than the config's; {fix}")
     if jax.process_index() == 0:
         log.info("starting from the parameters of %s", what)
     return variables["params"]
-
-
-def _architecture(model: SRNO) -> str:
-    enc = model.encoder
-    args = ", ".join(
-        f"{f.name}={getattr(enc, f.name)!r}"
-        for f in dataclasses.fields(enc)
-        if f.name not in ("parent", "name", "dtype")
-    )
-    return f"{type(enc).__name__}({args}), width {model.width}, heads {model.heads}"
 
 
 class StopVote:

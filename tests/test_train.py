@@ -451,21 +451,35 @@ def test_a_new_run_starts_from_init_from_and_a_resumed_one_from_its_own(image_di
     _, tuned = load_checkpoint(tmp_path / "run")
     moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), tuned, reference)
     assert 0 < max(jax.tree.leaves(moved)) < 1e-7
-    config.init_from, config.total_steps = str(tmp_path / "no such file"), 2
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    config.init_from, config.total_steps = str(tmp_path / "garbage.pth"), 2
     train_cli.run(config, tmp_path / "run")  # resumed: init_from is not read
     assert load_checkpoint(tmp_path / "run")  # step 2 saved
 
 
-def test_init_from_another_architecture_is_refused_naming_both(image_dir, tmp_path):
+@pytest.mark.parametrize(
+    "golden, message",
+    [
+        (
+            "small_edsr_srno",
+            "holds another model than the config's; set --config.model.encoder_args.n_feats=64 "
+            "--config.model.encoder_args.n_resblocks=2 --config.model.heads=4 "
+            "--config.model.width=64$",
+        ),
+        ("rdn_srno", "its encoder is rdn: start from --config rdn$"),
+        (None, "config field init_from = '.*nope.pth': no such file or folder"),
+    ],
+)
+def test_init_from_another_model_is_refused_with_the_flags_that_fit(
+    image_dir, tmp_path, golden, message
+):
+    """The flags named are the config's own (encoder_args.G0, not the module's g0)."""
     from conftest import require_golden
 
     config = tiny_config(image_dir, total_steps=1)
-    config.init_from = str(require_golden("small_edsr_srno") / "checkpoint.pth")
-    with pytest.raises(
-        ConfigError,
-        match=r"holds EDSR\(n_resblocks=2, .*width 64, heads 4; .*is EDSR\(n_resblocks=1, .*width 16, heads 2: set --config.model",
-    ):
-        train_cli.run(config, tmp_path / "run")
-    assert not (tmp_path / "run" / "checkpoints").exists() or not os.listdir(
-        tmp_path / "run" / "checkpoints"
+    config.init_from = str(
+        require_golden(golden) / "checkpoint.pth" if golden else tmp_path / "nope.pth"
     )
+    with pytest.raises(ConfigError, match=message):
+        train_cli.run(config, tmp_path / "run")
+    assert not list((tmp_path / "run").glob("checkpoints/*"))
