@@ -1061,7 +1061,7 @@ def test_the_heartbeat_survives_failed_writes_and_never_leaves_a_torn_lock(tmp_p
         def full_disk_at_first(self, *args, **kwargs):
             if len(failures) < 3:
                 failures.append(self)
-                self.touch()  # opened and truncated, nothing written
+                real_write(self, "")  # opened and truncated, nothing written
                 raise OSError(28, "No space left on device")
             return real_write(self, *args, **kwargs)
 
