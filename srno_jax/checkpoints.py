@@ -814,12 +814,7 @@ def export_for_inference(path, out, dtype: str = "float32") -> epath.Path:
     """Writes the parameters of any checkpoint `load_checkpoint` reads (a workdir, its
     newest readable step, a step folder, an export, a reference .pth) as an
     inference-only folder `out` (`save_for_inference`). Returns `out`."""
-    p = workdir_lib.resolve(path) if isinstance(path, (str, os.PathLike)) else None
-    if p is not None and p.is_dir():
-        _, meta, model, variables = _load_newest(p)
-        step = meta.get("step", meta.get("from_step"))
-    else:
-        (model, variables, _), step = read_checkpoint(path), None
+    model, variables, _, step = _read(path)
     return save_for_inference(model, variables, out, dtype, from_step=step)
 
 
@@ -881,6 +876,12 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[SRNO, dict, str]:
     step folder and its step (``runs/edsr/checkpoints/12000 (step 12000)``), an export
     folder and the step it was exported from, or the ``.pth`` file and the epoch it
     records."""
+    return _read(path)[:3]
+
+
+def _read(path) -> tuple[SRNO, dict, str, int | None]:
+    """`read_checkpoint`'s triple and the training step the parameters come from (None
+    for a .pth)."""
     if not isinstance(path, (str, os.PathLike)):
         raise CheckpointError(
             f"checkpoint path {path!r} is not a path: give a .pth file or a checkpoint folder"
@@ -888,13 +889,14 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[SRNO, dict, str]:
     p = workdir_lib.resolve(path)
     if p.is_dir():
         step_dir, meta, model, variables = _load_newest(p)
-        if isinstance(meta.get("step"), int):
-            return model, variables, f"{step_dir} (step {meta['step']})"
-        if isinstance(meta.get("from_step"), int):
-            return model, variables, f"{step_dir} (exported from step {meta['from_step']})"
-        return model, variables, str(step_dir)
+        step, exported = meta.get("step"), meta.get("from_step")
+        if isinstance(step, int):
+            return model, variables, f"{step_dir} (step {step})", step
+        if isinstance(exported, int):
+            return model, variables, f"{step_dir} (exported from step {exported})", exported
+        return model, variables, str(step_dir), None
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p}")
     model, variables, epoch = load_torch_checkpoint(os.fspath(p))
     check_finite(variables["params"], os.fspath(p))
-    return model, variables, f"{p}" + ("" if epoch is None else f" (epoch {epoch})")
+    return model, variables, f"{p}" + ("" if epoch is None else f" (epoch {epoch})"), None
