@@ -146,15 +146,6 @@ def check_config(config) -> None:
             f"config field model: {e} (set it with --config.model.<field>=..., an "
             "encoder argument with --config.model.encoder_args.<name>=...)"
         ) from None
-    init_from = config.get("init_from")
-    if init_from:  # read only when the run starts afresh, maybe hours into a job script
-        from srno_jax.workdir import resolve
-
-        if not isinstance(init_from, str) or not resolve(init_from).exists():
-            raise ConfigError(
-                f"config field init_from = {init_from!r}: no such file or folder; give a "
-                "reference .pth, or a workdir, step folder or export (or '' for none)"
-            )
     # The evaluation settings are checked as evaluation itself checks them.
     for s in config.eval.scales:
         _named("eval.scales", metrics.check_scale, s)

@@ -308,6 +308,22 @@ def restore_or_init(mngr, model, tx, config, mesh, order: dict) -> TrainState:
     return jax.device_put(state, shardings)
 
 
+def check_init_from(config, workdir) -> None:
+    """Refuses, before any work, an `init_from` that is not there when the run would
+    read it: when `workdir` holds no step yet. A resuming run does not need it."""
+    init_from = config.get("init_from")
+    if not init_from:
+        return
+    ckpts = resolve(workdir) / "checkpoints"
+    if ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()):
+        return
+    if not resolve(init_from).exists():
+        raise ConfigError(
+            f"config field init_from = {init_from!r}: no such file or folder; give a "
+            "reference .pth, or a workdir, step folder or export (or '' for none)"
+        )
+
+
 def initial_params(config) -> dict:
     """The parameters of the checkpoint `config.init_from` (any that `load_checkpoint`
     reads: a reference .pth, a workdir, a step folder, an export), for a new run to

@@ -227,6 +227,7 @@ def run(config, workdir) -> dict:
     if not os.fspath(workdir).strip():  # a run would write into the current folder
         raise ConfigError("--workdir is empty (an unset shell variable?); name the run's folder")
     check_config(config)
+    train.check_init_from(config, workdir)
     sharding.check_even_devices()  # before any collective, which would fail on it
     sharding.check_same_config(config)
     data, error = None, None

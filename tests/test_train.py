@@ -451,9 +451,9 @@ def test_a_new_run_starts_from_init_from_and_a_resumed_one_from_its_own(image_di
     _, tuned = load_checkpoint(tmp_path / "run")
     moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), tuned, reference)
     assert 0 < max(jax.tree.leaves(moved)) < 1e-7
-    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
-    config.init_from, config.total_steps = str(tmp_path / "garbage.pth"), 2
-    train_cli.run(config, tmp_path / "run")  # resumed: init_from is not read
+    # Resumed: init_from is neither read nor needed (deleted since, say).
+    config.init_from, config.total_steps = str(tmp_path / "deleted.pth"), 2
+    train_cli.run(config, tmp_path / "run")
     assert load_checkpoint(tmp_path / "run")  # step 2 saved
 
 
