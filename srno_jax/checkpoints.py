@@ -647,9 +647,10 @@ _quiet = {"reads": 0, "until": 0.0}
 def _quiet_abandoned_reads() -> None:
     """Drops what a failed Orbax read leaves behind, during a read and for a minute after
     one fails. Its other TensorStore reads end on a closed event loop, and Python reports
-    each as an "unraisable" exception: hundreds of tracebacks around the one line about
-    the unreadable step. Any other unraisable exception, and these at any other time,
-    still reach the hook that was in place."""
+    each as an "unraisable" exception (and asyncio logs their tasks as "never
+    retrieved"): hundreds of tracebacks around the one line about the unreadable step.
+    Any other unraisable exception, and these at any other time, still reach the hook
+    that was in place."""
     if getattr(sys.unraisablehook, "quiets_abandoned_reads", False):
         return
     previous = sys.unraisablehook
@@ -664,6 +665,15 @@ def _quiet_abandoned_reads() -> None:
 
     hook.quiets_abandoned_reads = True
     sys.unraisablehook = hook
+    # The same reads' tasks, collected, are also logged by asyncio as "never retrieved".
+    asyncio_log = logging.getLogger("asyncio")
+    if _not_abandoned not in asyncio_log.filters:
+        asyncio_log.addFilter(_not_abandoned)
+
+
+def _not_abandoned(record: logging.LogRecord) -> bool:
+    quiet = _quiet["reads"] > 0 or time.monotonic() < _quiet["until"]
+    return not (quiet and str(record.msg).startswith("Task exception was never retrieved"))
 
 
 def delete_after(mngr: ocp.CheckpointManager, step: int) -> int | None:

@@ -61,16 +61,17 @@ class _Warnings(logging.Handler):
     prog = "srno-jax"
 
     def emit(self, record):
-        print_safely(f"{self.prog}: warning: {record.getMessage()}", sys.stderr)
+        print_safely(f"{self.prog}: {record.levelname.lower()}: {record.getMessage()}", sys.stderr)
 
 
 _WARNINGS = _Warnings(logging.WARNING)
 
 
 def show_warnings(prog: str) -> None:
-    """Shows warnings (the package's, Orbax's) on stderr as ``prog: warning: ...``, like
-    the tool's own messages: the root logger's one handler, in place of the one that
-    Orbax's import sets up (absl's ``logging.basicConfig``)."""
+    """Shows what the package and the libraries under it (Orbax) log at WARNING and above
+    on stderr as the tool's own lines, ``prog: warning: ...``: the root logger's one
+    handler, in place of the one that Orbax's import sets up (absl's
+    ``logging.basicConfig``)."""
     _WARNINGS.prog = prog
     logging.basicConfig(handlers=[_WARNINGS], force=True)
 

@@ -357,6 +357,19 @@ def test_a_skipped_step_leaves_one_warning_and_no_tracebacks(tmp_path, run4):
     assert "Traceback" not in p.stderr and len(lines) == 2, p.stderr  # and "model from ..."
 
 
+def test_abandoned_read_tasks_are_not_logged_while_reads_are_quiet(caplog, monkeypatch):
+    """asyncio logs a collected task of an abandoned read as "never retrieved", at a time
+    set by the garbage collector; within a failed read's quiet minute it is dropped."""
+    monkeypatch.setitem(checkpoints._quiet, "until", time.monotonic() + 60)
+    checkpoints._quiet_abandoned_reads()
+    message = "Task exception was never retrieved\nfuture: <Task finished>"
+    logging.getLogger("asyncio").error(message)
+    assert not caplog.records
+    monkeypatch.setitem(checkpoints._quiet, "until", 0.0)
+    logging.getLogger("asyncio").error(message)
+    assert [r.getMessage() for r in caplog.records] == [message]
+
+
 def test_a_step_set_aside_twice_keeps_both_copies(image_dir, tmp_path, run4):
     """Step 4 unreadable, set aside, written again and unreadable again: the second
     set-aside must not collide with the first and block every resume."""
