@@ -673,7 +673,8 @@ def _quiet_abandoned_reads() -> None:
 
 def _not_abandoned(record: logging.LogRecord) -> bool:
     quiet = _quiet["reads"] > 0 or time.monotonic() < _quiet["until"]
-    return not (quiet and str(record.msg).startswith("Task exception was never retrieved"))
+    # asyncio's "Task ...", "Future ..." or "_GatheringFuture exception was never retrieved".
+    return not (quiet and "exception was never retrieved" in str(record.msg))
 
 
 def delete_after(mngr: ocp.CheckpointManager, step: int) -> int | None:
@@ -762,7 +763,7 @@ def _load_step(step_dir: epath.Path) -> tuple[dict, SRNO, dict]:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     if (step_dir / "state").exists():  # the older layout: the parameters inside the state
         like = {"params": abstract_variables(model)["params"]}
-        with ocp.PyTreeCheckpointer() as checkpointer:
+        with _reading(), ocp.PyTreeCheckpointer() as checkpointer:
             params = checkpointer.restore(
                 step_dir / "state",
                 args=ocp.args.PyTreeRestore(

@@ -67,13 +67,20 @@ class _Warnings(logging.Handler):
 _WARNINGS = _Warnings(logging.WARNING)
 
 
-def show_warnings(prog: str) -> None:
-    """Shows what the package and the libraries under it (Orbax) log at WARNING and above
-    on stderr as the tool's own lines, ``prog: warning: ...``: the root logger's one
-    handler, in place of the one that Orbax's import sets up (absl's
-    ``logging.basicConfig``)."""
+@contextlib.contextmanager
+def logged_as(prog: str):
+    """Within the block, what the package and the libraries under it (Orbax) log at
+    WARNING and above goes to stderr as the tool's own lines, ``prog: warning: ...``:
+    the root logger's one handler, in place of the one Orbax's import sets up (absl's
+    ``logging.basicConfig``). The handlers before are put back after it, unclosed (a
+    notebook that runs a tool's main() keeps its own)."""
     _WARNINGS.prog = prog
-    logging.basicConfig(handlers=[_WARNINGS], force=True)
+    saved = logging.root.handlers[:]
+    logging.root.handlers[:] = [_WARNINGS]
+    try:
+        yield
+    finally:
+        logging.root.handlers[:] = saved
 
 
 def interrupted_status(e: KeyboardInterrupt) -> int:

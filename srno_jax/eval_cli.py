@@ -27,10 +27,10 @@ import time
 
 from srno_jax.cli import (
     interrupted_status,
+    logged_as,
     positive_int,
     print_safely,
     raise_if_stopped,
-    show_warnings,
     stops_as_interrupts,
 )
 from srno_jax.errors import ConfigError, DataError, SRNOError
@@ -299,7 +299,11 @@ def _evaluate(args, results: list[dict], state: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    show_warnings(_PROG)
+    with logged_as(_PROG):
+        return _run(args)
+
+
+def _run(args) -> int:
     start = time.perf_counter()
     results, state, status = [], {}, 1
     clock = None

@@ -26,7 +26,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from srno_jax.errors import ConfigError, summary
+from srno_jax.errors import ConfigError, SRNOError, summary
 
 BUILTIN_CONFIGS = ("default", "demo", "rdn")
 
@@ -227,9 +227,14 @@ def run(config, workdir) -> dict:
     if not os.fspath(workdir).strip():  # a run would write into the current folder
         raise ConfigError("--workdir is empty (an unset shell variable?); name the run's folder")
     check_config(config)
-    train.check_init_from(config, workdir)
     sharding.check_even_devices()  # before any collective, which would fail on it
     sharding.check_same_config(config)
+    error = None
+    try:  # a path that one host lacks must not leave the others waiting
+        train.check_init_from(config, workdir)
+    except SRNOError as e:
+        error = e
+    sharding.raise_together(error, f"to find init_from {config.get('init_from')}")
     data, error = None, None
     try:
         data = training_data(config)
@@ -249,7 +254,7 @@ def _main(argv):
     from srno_jax import compiler, evaluation, sharding, train
     from srno_jax.checkpoints import CheckpointWriteError
     from srno_jax.config_checks import check_config
-    from srno_jax.errors import SRNOError, first_line
+    from srno_jax.errors import first_line
 
     train.setup_logging()
     # Outside training's own handlers (train.StopVote), a SIGTERM or Ctrl-C ends the run at

@@ -32,10 +32,10 @@ import sys
 
 from srno_jax.cli import (
     interrupted_status,
+    logged_as,
     positive_int,
     print_safely,
     raise_if_stopped,
-    show_warnings,
     stops_as_interrupts,
 )
 from srno_jax.errors import CheckpointError, ConfigError, DataError, SRNOError
@@ -391,7 +391,11 @@ def _input_pixel_limit(limit: int | None):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    show_warnings("srno-upscale")
+    with logged_as("srno-upscale"):
+        return _run(args)
+
+
+def _run(args) -> int:
     done = 0
     try:
         with stops_as_interrupts(), _input_pixel_limit(args.max_input_pixels):

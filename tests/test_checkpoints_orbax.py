@@ -364,6 +364,7 @@ def test_abandoned_read_tasks_are_not_logged_while_reads_are_quiet(caplog, monke
     checkpoints._quiet_abandoned_reads()
     message = "Task exception was never retrieved\nfuture: <Task finished>"
     logging.getLogger("asyncio").error(message)
+    logging.getLogger("asyncio").error("_GatheringFuture exception was never retrieved")
     assert not caplog.records
     monkeypatch.setitem(checkpoints._quiet, "until", 0.0)
     logging.getLogger("asyncio").error(message)

@@ -62,8 +62,18 @@ def _state(image_dir, step):
             "unlockable-workdir",
             ["cannot lock the workdir", "process 0 failed to check or lock the workdir"],
         ),
+        (
+            "--config.init_from={images}",
+            "init-from-on-one-host",
+            ["process 1 failed to find init_from", "init_from: no such file or folder"],
+        ),
     ],
-    ids=["missing-validation-set", "validation-image-on-process-0", "lock-on-process-0"],
+    ids=[
+        "missing-validation-set",
+        "validation-image-on-process-0",
+        "lock-on-process-0",
+        "init-from-on-process-0-only",
+    ],
 )
 def test_a_startup_error_on_one_host_stops_both(env, image_dir, tmp_path, flag, fault, errors):
     rcs, logs = _two_hosts(

@@ -603,24 +603,33 @@ def test_a_stop_that_python_drops_still_stops_the_run(
     assert sorted(os.listdir(out)) == ["a_x2.png"]
 
 
-def test_the_packages_warnings_read_as_the_tools_own_lines(capsys):
+def test_the_packages_warnings_read_as_the_tools_own_lines(ckpt, tmp_path, capsys):
     """Once each, as the tool's: not also as 'WARNING:srno_jax:...' through the root
-    handler that Orbax's import leaves (and absl sets up again when there is none)."""
+    handler that Orbax's import leaves (and absl sets up again when there is none). A
+    notebook that runs a tool's main() keeps its own handlers, open."""
     import logging
 
     from absl import logging as absl_logging
 
     from srno_jax import cli
 
-    before = list(logging.root.handlers)
+    mine = logging.FileHandler(tmp_path / "notebook.log")
+    before = logging.root.handlers[:]
+    logging.root.handlers[:] = [mine]
     try:
-        cli.show_warnings("srno-upscale")
-        cli.show_warnings("srno-eval")  # the tool of the moment; one line, not two
-        absl_logging.warning("from Orbax")
-        logging.getLogger("srno_jax.data").warning("checkpoint %s is unreadable", 4)
-        logging.getLogger("srno_jax").info("not shown")
+        with cli.logged_as("srno-upscale"), cli.logged_as("srno-eval"):
+            absl_logging.warning("from Orbax")
+            logging.getLogger("srno_jax.data").warning("checkpoint %s is unreadable", 4)
+            logging.getLogger("srno_jax").info("not shown")
         assert capsys.readouterr().err == (
             "srno-eval: warning: from Orbax\nsrno-eval: warning: checkpoint 4 is unreadable\n"
         )
+        Image.fromarray(_rgb(1)).save(tmp_path / "a.png")
+        assert run(tmp_path / "a.png", tmp_path / "b.png", "--scale", 2, "--checkpoint", ckpt) == 0
+        assert logging.root.handlers == [mine]
+        logging.getLogger("notebook").warning("after the tool")
+        mine.flush()
+        assert "after the tool" in (tmp_path / "notebook.log").read_text()
     finally:
-        logging.basicConfig(handlers=before, force=True)
+        logging.root.handlers[:] = before
+        mine.close()

@@ -100,6 +100,12 @@ def _stale_listing():
     ocp.CheckpointManager.all_steps = stale
 
 
+def _init_from_on_one_host():
+    from srno_jax.errors import ConfigError
+
+    _fail_on(1, train, "check_init_from", ConfigError("init_from: no such file or folder"))
+
+
 FAULTS = {
     "unreadable-validation": _unreadable_validation,  # process 0 reads a bad image
     "unlockable-workdir": _unlockable_workdir,  # process 0 cannot create the lock file
@@ -107,6 +113,7 @@ FAULTS = {
     "dead-loader": _dead_loader,  # process 1's loader workers die at step 3
     "lost-peer": _lost_peer,  # a collective of process 0 times out (a host 30 s late)
     "stale-listing": _stale_listing,  # process 0 lists one checkpoint fewer at first
+    "init-from-on-one-host": _init_from_on_one_host,  # process 1 lacks init_from's file
 }
 
 
