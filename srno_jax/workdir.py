@@ -186,11 +186,14 @@ class WorkdirLock:
             with contextlib.suppress(FileExistsError):
                 os.link(aside, self.path)
             aside.unlink()
-            raise ConfigError(
-                f"workdir {self.path.parent} was just locked by another run "
-                "started at the same time; use another --workdir"
-            )
+            raise self._just_locked()
         aside.unlink()
+
+    def _just_locked(self) -> ConfigError:
+        return ConfigError(
+            f"workdir {self.path.parent} was just locked by another run started at the "
+            "same time; use another --workdir"
+        )
 
     def _create(self) -> None:
         data = json.dumps(self._info())
@@ -198,10 +201,7 @@ class WorkdirLock:
             try:  # local: atomic, so two runs started together cannot both win
                 fd = os.open(os.fspath(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
-                raise ConfigError(
-                    f"workdir {self.path.parent} was just locked by another run "
-                    "started at the same time; use another --workdir"
-                ) from None
+                raise self._just_locked() from None
             try:
                 with os.fdopen(fd, "w") as f:
                     f.write(data)
@@ -213,10 +213,7 @@ class WorkdirLock:
         self.path.write_text(data)
         time.sleep(1.0)
         if (_read(self.path) or {}).get("token") != self.token:
-            raise ConfigError(
-                f"workdir {self.path.parent} was just locked by another run "
-                "started at the same time; use another --workdir"
-            )
+            raise self._just_locked()
 
     def _write(self) -> None:
         """Refreshes the heartbeat. Locally the file is replaced whole: a write cut short
