@@ -325,18 +325,24 @@ def _kept_for_good(folder: epath.Path) -> list[int]:
     which saved them kept (its ``checkpoint.keep_every_epochs`` times its steps per
     epoch, read from each step's metadata; unreadable steps are left to the restore)."""
     steps = []
-    for step_dir in folder.iterdir() if folder.is_dir() else ():
-        if not _STEP.fullmatch(step_dir.name):
-            continue
+    for step in steps_in(folder):
         try:
-            meta = _read_meta(step_dir)
+            meta = _read_meta(folder / str(step))
             every = meta["config"]["checkpoint"].get("keep_every_epochs", 0)
             every *= meta["data"].get("steps_per_epoch") or 0
         except Exception:  # the restore names what is wrong with it
             continue
-        if every and int(step_dir.name) % every == 0:
-            steps.append(int(step_dir.name))
+        if every and step % every == 0:
+            steps.append(step)
     return sorted(steps)
+
+
+def steps_in(folder: epath.Path) -> list[int]:
+    """The steps saved in a checkpoints/ `folder` (none if it does not exist), newest
+    first: Orbax's names, ASCII digits without leading zeros ('²' and '0010' are not)."""
+    if not folder.is_dir():
+        return []
+    return sorted((int(p.name) for p in folder.iterdir() if _STEP.fullmatch(p.name)), reverse=True)
 
 
 @contextlib.contextmanager
@@ -693,12 +699,7 @@ def _step_dirs(path: epath.Path) -> list[epath.Path]:
     if (path / "meta").is_dir():
         return [path]
     ckpts = path if path.name == "checkpoints" else path / "checkpoints"
-    steps = (
-        # Orbax's names: ASCII digits without leading zeros ('²' and '0010' are not steps).
-        sorted((int(p.name) for p in ckpts.iterdir() if _STEP.fullmatch(p.name)), reverse=True)
-        if ckpts.is_dir()
-        else []
-    )
+    steps = steps_in(ckpts)
     if not steps:
         pth = sorted(f.name for f in path.glob("*.pth"))
         raise CheckpointError(

@@ -314,8 +314,7 @@ def check_init_from(config, workdir) -> None:
     init_from = config.get("init_from")
     if not init_from:
         return
-    ckpts = resolve(workdir) / "checkpoints"
-    if ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()):
+    if checkpoints.steps_in(resolve(workdir) / "checkpoints"):
         return
     if not resolve(init_from).exists():
         raise ConfigError(
